@@ -1,0 +1,41 @@
+"""Pieces every `fedretina` sub-command shares: the config options and the one-line error exit.
+
+Kept free of torch and flwr imports so `fedretina --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shared.config import ExperimentConfig, load_config, parse_overrides
+from shared.errors import UserError
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Experiment YAML; its `profile:` key picks the base profile."),
+]
+ProfileOpt = Annotated[
+    str | None, typer.Option("--profile", "-p", help="tiny (tests), cpu (laptop demo) or paper (GPU).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one key, e.g. --set pretrain.epochs=3 (repeatable)."),
+]
+
+
+def resolve_config(config: Path | None, profile: str | None, overrides: list[str] | None) -> ExperimentConfig:
+    """Profile + YAML + overrides, validated; errors surface as `ConfigError` (exit code 2)."""
+    return load_config(config, profile=profile, overrides=parse_overrides(overrides or []))
+
+
+def run_cli(app: typer.Typer, prog: str = "fedretina") -> None:
+    """Run a typer app; a `UserError` prints `prog: error: <one line>` to stderr and exits with its code."""
+    try:
+        app(prog_name=prog)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

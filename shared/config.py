@@ -1,0 +1,263 @@
+"""The one typed experiment configuration, its tiny/cpu/paper profiles, and strict YAML loading.
+
+A configuration is built in three layers, later ones winning: the profile's YAML
+(`shared/profiles/<profile>.yaml`), the user's experiment YAML, then dotted overrides from the command line
+or Flower's run config (`pretrain.epochs=3`). The result is validated once, here; below this point code takes
+the frozen `ExperimentConfig` (or plain arguments), never a raw dict.
+
+Any problem (missing file, YAML syntax, unknown key, wrong type) raises `ConfigError` with one line naming the
+file and the key, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.errors import ConfigError
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+PROFILES = ("tiny", "cpu", "paper")
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors and values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Strict):
+    arch: Literal["nnmobilenet", "resnet50"] = "nnmobilenet"
+    # nn-MobileNet width multiplier: 3.0 is the paper's 30.9M-parameter encoder.
+    width_mult: float = Field(3.0, gt=0)
+    # "bn" = BatchNorm (SparK's sparse BN in pretraining); "gn" = per-sample masked GroupNorm (DP-ready).
+    norm: Literal["bn", "gn"] = "bn"
+    # nn-MobileNet's spatial dropout after every block (its CLI's drop_path; not stochastic depth).
+    dropout2d: float = Field(0.0, ge=0, lt=1)
+    head_dropout: float = Field(0.2, ge=0, lt=1)
+
+
+class DataConfig(Strict):
+    # Pretraining input side; a multiple of 32 (SparK's mask grid is image_size / 32).
+    image_size: int = 224
+    # Fine-tuning input side (the seed fine-tunes at 512 on the GPU); defaults to image_size when null.
+    finetune_image_size: int | None = None
+    # Keep decoded, fundus-cropped, resized images per site so CPU epochs are not dominated by JPEG decoding.
+    cache: bool = True
+    workers: int = Field(0, ge=0)
+
+    @field_validator("image_size", "finetune_image_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int | None) -> int | None:
+        if v is not None and (v < 32 or v % 32):
+            raise ValueError(f"must be a positive multiple of 32 (SparK's patch size), got {v}")
+        return v
+
+
+class PretrainConfig(Strict):
+    epochs: int = Field(1600, ge=1)
+    batch_size: int = Field(64, ge=2)  # SE blocks hold BatchNorm on a (B, C, 1, 1) vector: B >= 2
+    optimizer: Literal["lamb", "adamw"] = "lamb"
+    # SparK's rule: lr = base_lr * batch_size / 256.
+    base_lr: float = Field(2e-4, gt=0)
+    warmup_epochs: float = Field(40, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = Field(5.0, gt=0)
+    mask_ratio: float = Field(0.6, gt=0, lt=1)
+    decoder_width: int = Field(768, ge=8)
+    # "batch": SparK's mean over all masked patches of the batch; "sample": per-sample mean (needed under DP).
+    loss_reduction: Literal["batch", "sample"] = "batch"
+    preview_every: int = Field(1, ge=0)  # epochs between reconstruction PNGs; 0 = only at the end
+    checkpoint_every: int = Field(1, ge=1)
+    amp: bool = True  # bf16 autocast, used only on CUDA
+    channels_last: bool = True  # used only on CUDA
+
+
+class FinetuneConfig(Strict):
+    task: str = "dr"
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(32, ge=2)
+    optimizer: Literal["adamw", "lamb", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    folds: int = Field(5, ge=2)
+    # Folds actually run (1..folds); the seed runs all 5, quick looks run fewer.
+    run_folds: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    label_fractions: tuple[float, ...] = (1.0,)
+    augment: Literal["heavy", "light", "none"] = "heavy"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    early_stopping: int = Field(0, ge=0)  # patience in epochs; 0 = off
+    class_weighting: bool = False
+    referable_threshold: int = Field(2, ge=1, le=4)
+    bootstrap: int = Field(1000, ge=0)
+
+    @field_validator("label_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError("every label fraction must lie in (0, 1]")
+        return tuple(sorted(set(v), reverse=True))
+
+
+class FederationConfig(Strict):
+    rounds_pretrain: int = Field(100, ge=0)
+    rounds_finetune: int = Field(50, ge=0)
+    strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam"] = "fedavg"
+    local_epochs: int = Field(1, ge=1)
+    proximal_mu: float = Field(0.01, ge=0)
+    server_lr: float = Field(0.01, gt=0)  # FedAdam's eta
+    min_sites: int = Field(1, ge=1)
+    reply_timeout_s: float = Field(3600, gt=0)
+    connect_deadline_s: float = Field(600, gt=0)
+    max_update_norm: float = Field(1e4, gt=0)
+    keep_optimizer_state: bool = True
+
+
+class ExperimentConfig(Strict):
+    name: str = "run"
+    profile: Literal["tiny", "cpu", "paper"] = "cpu"
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    runs_dir: str = "runs"
+    sites: tuple[str, ...] = ()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    federation: FederationConfig = FederationConfig()
+
+    @property
+    def finetune_image_size(self) -> int:
+        return self.data.finetune_image_size or self.data.image_size
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file, a syntax error or a non-mapping is a one-line `ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def validate(model: type[Model], data: Mapping[str, Any], source: str) -> Model:
+    """Build `model` from `data`, turning the first validation problem into one line naming the key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, model, source)) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Resolve profile, experiment YAML and dotted overrides into one validated `ExperimentConfig`.
+
+    The profile comes from `profile` if given, else from the YAML's `profile:` key, else "cpu".
+    """
+    user = read_yaml(path) if path else {}
+    source = str(path) if path else "config"
+    name = profile or user.get("profile") or "cpu"
+    if name not in PROFILES:
+        raise ConfigError(f"{source}: profile: unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    merged = deep_merge(read_yaml(PROFILES_DIR / f"{name}.yaml"), user)
+    merged["profile"] = name
+    for key, value in (overrides or {}).items():
+        set_dotted(merged, key, value, source)
+    return validate(ExperimentConfig, merged, source)
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: mappings merge key by key, anything else in `over` replaces `base`."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str = "override") -> None:
+    """Set `a.b.c = value` in nested dicts, creating levels; validation catches unknown keys later."""
+    *parents, leaf = dotted.replace("-", "_").split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse `key=value` strings from the command line; values are YAML scalars (`3`, `true`, `[1, 0.1]`)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. pretrain.epochs=3")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value is not a YAML scalar or list") from None
+    return out
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved configuration as YAML, for the run directory (tuples become lists)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _one_line(exc: ValidationError, model: type[BaseModel], source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(model, err["loc"][:-1])
+        hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else f"known keys here: {', '.join(sorted(known))}"
+        return f"{source}: {loc}: unknown key; {fix}{more}"
+    got = err.get("input")
+    shown = err["type"] != "value_error" and not isinstance(got, dict | list)
+    got_txt = f", got {got!r}" if shown else ""
+    return f"{source}: {loc}: {err['msg'][0].lower()}{err['msg'][1:]}{got_txt}{more}"
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section at `loc`, to suggest the key that was meant."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,59 @@
+"""One log format for every command, and progress bars that stay quiet in non-interactive logs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+DATEFMT = "%H:%M:%S"
+LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
+
+
+def setup_logging(verbosity: int = 0, logfile: Path | None = None) -> None:
+    """Configure the root logger once: -q (-1) warnings only, default info, -v (1) debug.
+
+    Replaces earlier handlers so calling it again (a second command in one process, a test) does not
+    duplicate lines. Noisy third-party loggers stay at warning unless -v.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    level = LEVELS[max(-1, min(1, verbosity))]
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    root.addHandler(stream)
+    root.setLevel(level)
+    if logfile is not None:
+        add_logfile(logfile)
+    for name in ("PIL", "matplotlib", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
+
+
+def add_logfile(path: Path) -> None:
+    """Also write every log line (at debug level) into `path`, e.g. `runs/<name>/log.txt`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """A progress bar on an interactive terminal, nothing in CI or log files (tqdm's disable=None)."""
+    return iter(
+        tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+    )
+
+
+def progress_bar(desc: str, total: int | None = None, unit: str = "it") -> tqdm:
+    """A manually updated bar (`bar.update(n)`, `bar.set_postfix(...)`) with the same TTY rule."""
+    return tqdm(desc=desc, total=total, unit=unit, disable=None, leave=False, dynamic_ncols=True)

@@ -1,0 +1,63 @@
+"""The environment every Flower command of this project runs in.
+
+- `FLWR_HOME` is project-local (`.flwr/`, git-ignored): its config, the local SuperLink's state and log, and
+  the installed app copies stay with this checkout.
+- Runtime dependency installation is off: otherwise the SuperLink `uv sync`s the app for every run and pulls a
+  CUDA torch from the index.
+- The local SuperLink's two ports are derived from the `FLWR_HOME` path, so two checkouts (or the tests
+  beside a running demo) never talk to each other's SuperLink.
+- Ray puts the SuperLink's working directory first on every actor's import path; with top-level packages
+  named client/server/shared that directory must be this project, so start `flwr run .` from the project root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def flower_env(home: Path | None = None) -> dict[str, str]:
+    """Variables to export before any `flwr` command (only those; merge with `os.environ` yourself)."""
+    home = (home or PROJECT_ROOT / ".flwr").resolve()
+    digest = int.from_bytes(hashlib.blake2b(str(home).encode(), digest_size=4).digest(), "little")
+    http_port = 40000 + 2 * (digest % 4000)  # 40000..47998, even; control API on the next port
+    return {
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(http_port + 1),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+
+
+def shell_exports(env: dict[str, str]) -> str:
+    """`export K=V ...` for `eval "$(fedretina env)"`."""
+    return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+
+
+def stop_local_superlink(env: dict[str, str]) -> bool:
+    """Stop the detached local SuperLink that `flwr run` started for this `FLWR_HOME` (True if one ran).
+
+    The SuperLink runs in its own session; killing its process group also ends the SuperExec and any
+    simulation it spawned.
+    """
+    port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+    found = subprocess.run(
+        ["pgrep", "-f", f"flower-superlink --insecure --simulation .*--port {port}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    pids = [int(p) for p in found.stdout.split()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+    return bool(pids)

@@ -1,0 +1,90 @@
+"""The experiment configuration: profiles, layering, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.config import PROFILES, ConfigError, load_config, parse_overrides
+from tests.conftest import FEDRETINA
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FEDRETINA, *args], capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_resolves_to_a_valid_config(profile: str) -> None:
+    cfg = load_config(profile=profile)
+    assert cfg.profile == profile
+    assert cfg.data.image_size % 32 == 0
+    assert cfg.pretrain.batch_size >= 2
+
+
+def test_profiles_differ_where_they_should() -> None:
+    tiny, cpu, paper = (load_config(profile=p) for p in PROFILES)
+    assert tiny.data.image_size < cpu.data.image_size < paper.data.image_size
+    assert paper.model.width_mult == 3.0 and paper.pretrain.decoder_width == 768
+    assert paper.finetune_image_size == 512
+    assert tiny.model.width_mult < cpu.model.width_mult < paper.model.width_mult
+
+
+def test_layers_profile_then_yaml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"profile": "tiny", "pretrain": {"epochs": 5, "batch_size": 4}}))
+    cfg = load_config(
+        path, overrides=parse_overrides(["pretrain.epochs=7", "finetune.label-fractions=[1, 0.1]"])
+    )
+    assert cfg.profile == "tiny"
+    assert cfg.data.image_size == 64  # from the profile
+    assert cfg.pretrain.batch_size == 4  # from the YAML
+    assert cfg.pretrain.epochs == 7  # from the override
+    assert cfg.finetune.label_fractions == (1.0, 0.1)
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config(profile="tiny")
+    with pytest.raises(Exception, match="frozen"):
+        cfg.pretrain.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("pretrain:\n  epoch: 3\n", "pretrain.epoch: unknown key; did you mean 'epochs'?"),
+        ("pretrain:\n  epochs: ten\n", "pretrain.epochs: input should be a valid integer"),
+        ("data:\n  image_size: 100\n", "data.image_size: value error, must be a positive multiple of 32"),
+        ("profile: huge\n", "profile: unknown profile 'huge'"),
+        ("pretrain: [\n", "not valid YAML (line 2)"),
+        ("- a\n- b\n", "expected a mapping"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line_naming_the_problem(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = run_cli("config", "--config", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"fedretina: error: {path}: ")
+    assert expected in lines[0]
+    assert result.stdout == ""
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = run_cli("config", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"fedretina: error: {tmp_path / 'nope.yaml'}: no such config file"
+
+
+def test_bad_override_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["pretrain.epochs"])
+    result = run_cli("config", "--profile", "tiny", "--set", "model.width_mult=wide")
+    assert result.returncode == 2
+    assert "config: model.width_mult: input should be a valid number" in result.stderr
