@@ -19,3 +19,47 @@ def _seeded() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+def write_site(
+    root: Path,
+    fmt: str,
+    count: int,
+    *,
+    seed: int = 0,
+    height: int = 96,
+    styles: tuple[str, ...] = ("topcon",),
+    **extra: int,
+) -> Path:
+    """Render a small synthetic dataset in `fmt`'s real layout under `root` and write its site YAML beside it.
+
+    Returns the YAML path. Uses the same writers as `fedretina synth`.
+    """
+    import yaml
+
+    from shared.data.synth.layouts import WRITERS, render_jobs
+
+    data = root / fmt
+    jobs = WRITERS[fmt](data, count, seed, height, styles, **extra)
+    render_jobs(jobs, workers=1)
+    options = {"ukb": {"outcomes": "outcomes.csv"}}.get(fmt, {})
+    site = {
+        "name": fmt,
+        "format": fmt,
+        "root": str(data),
+        "state_dir": str(root / "state" / fmt),
+        "options": options,
+    }
+    path = root / f"{fmt}.yaml"
+    path.write_text(yaml.safe_dump(site))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small synthetic site per format (rendered once per test session), by format name."""
+    root = tmp_path_factory.mktemp("sites")
+    counts = {"eyepacs": 10, "mmac": 20, "ukb": 8, "messidor2": 6, "aptos": 15, "folder": 12}
+    sites = {fmt: write_site(root, fmt, n) for fmt, n in counts.items()}
+    sites["idrid"] = write_site(root, "idrid", 6, grading_images=10)
+    return sites

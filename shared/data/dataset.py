@@ -1,0 +1,125 @@
+"""Images for training: manifest rows -> (normalised image, FOV mask, label), reproducibly augmented.
+
+Each item's augmentation is drawn from a generator seeded by (epoch seed, image id), and each epoch's order
+from a generator seeded by the epoch seed, so a run is reproducible whatever the number of loader workers,
+and a federated round draws exactly what the matching centralised epoch draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from shared.data import transforms as T
+from shared.data.cache import ImageCache
+from shared.data.fundus import preprocess
+from shared.data.labels import label_column
+from shared.seeding import derive_seed, generator
+
+
+class FundusDataset(Dataset):
+    """One site's images at `size` px (the cache size), augmented by `recipe` and output at `out` px."""
+
+    def __init__(
+        self,
+        manifest: pd.DataFrame,
+        size: int,
+        recipe: T.Recipe,
+        *,
+        task: str | None = None,
+        cache: ImageCache | None = None,
+        out: int | None = None,
+        mean: Sequence[float] = T.FUNDUS_MEAN,
+        std: Sequence[float] = T.FUNDUS_STD,
+    ) -> None:
+        self.rows = manifest.reset_index(drop=True)
+        self.size, self.out, self.recipe = size, out or size, recipe
+        self.cache = cache
+        self.mean, self.std = tuple(mean), tuple(std)
+        column = label_column(task) if task else None
+        labels = self.rows[column] if column and column in self.rows else pd.Series([pd.NA] * len(self.rows))
+        self.labels = torch.tensor(labels.fillna(-1).astype("int64").to_numpy())
+        self.epoch_seed = 0
+
+    def set_epoch_seed(self, seed: int) -> None:
+        """Seed this epoch's augmentations (call before iterating; loader workers see it at iterator start)."""
+        self.epoch_seed = seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.item(i, self.epoch_seed)
+
+    def item(self, i: int, seed: int) -> dict[str, torch.Tensor]:
+        """Image `i` augmented with the draws of `seed` (two seeds give MoCo its two views)."""
+        row = self.rows.iloc[i]
+        if self.cache is not None:
+            rgb, fov = self.cache.get(row.image_id)
+        else:
+            pre = preprocess(Path(row.path), self.size)
+            rgb, fov = pre.rgb, pre.fov
+        image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0)
+        mask = torch.from_numpy(np.array(fov)).unsqueeze(0)
+        params = T.draw(self.recipe, self.size, self.out, generator(derive_seed(seed, row.image_id)))
+        image, mask = T.apply(image, mask, params, self.out)
+        image = T.erase(T.normalise(image, self.mean, self.std), params)
+        return {"image": image, "fov": mask, "label": self.labels[i], "index": torch.tensor(i)}
+
+
+class TwoViews(Dataset):
+    """Two independently augmented views of each image, for contrastive pretraining."""
+
+    def __init__(self, base: FundusDataset) -> None:
+        self.base = base
+        self.epoch_seed = 0
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.epoch_seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        query = self.base.item(i, derive_seed(self.epoch_seed, "query"))
+        key = self.base.item(i, derive_seed(self.epoch_seed, "key"))
+        return {"image": query["image"], "key_image": key["image"], "index": query["index"]}
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of `n` drawn from `seed` (or the identity when seed is None); no hidden global state."""
+
+    def __init__(self, n: int, seed: int | None) -> None:
+        self.n, self.seed = n, seed
+
+    def __iter__(self) -> Iterator[int]:
+        if self.seed is None:
+            return iter(range(self.n))
+        return iter(torch.randperm(self.n, generator=generator(self.seed)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int | None,
+    train: bool,
+    workers: int = 0,
+) -> DataLoader:
+    """Batches in the order of `EpochSampler(seed)`; training drops the last short batch (BN needs B >= 2)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), seed),
+        drop_last=train and len(dataset) >= batch_size,
+        num_workers=workers,
+        persistent_workers=False,
+    )

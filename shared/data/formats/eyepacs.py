@@ -1,0 +1,69 @@
+"""EyePACS / Kaggle DR 2015: `train/<patient>_<left|right>.jpeg` + `trainLabels.csv` (image,level), and
+`test/*.jpeg` + `retinopathy_solution.csv` (image,level,Usage) where Usage Public -> val, Private -> test.
+
+Patients have two eyes, so patient_id is the number before `_left`/`_right`. Some images are stored inverted
+(a notch on the rim marks the upright ones); the eye always comes from the file name, never from a flip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.config import Strict
+from shared.data.formats.common import (
+    FormatReader,
+    Rows,
+    add_row,
+    drop_conflicts,
+    parse_label,
+    read_csv,
+    unnamed_images,
+)
+from shared.data.labels import label_column
+
+USAGE_SPLIT = {"Public": "val", "Private": "test"}
+
+
+class Options(Strict):
+    labels: str = "trainLabels.csv"
+    train_dir: str = "train"
+    solution: str | None = "retinopathy_solution.csv"  # test labels; None or absent file = no test split
+    test_dir: str = "test"
+    extension: str = ".jpeg"
+
+
+def read(root: Path, opt: Options) -> Rows:
+    out = Rows(root)
+    named: set[Path] = set()
+    sources = [(opt.labels, opt.train_dir, ("image", "level"))]
+    if opt.solution and (root / opt.solution).exists():
+        sources.append((opt.solution, opt.test_dir, ("image", "level", "Usage")))
+    for csv_name, folder, required in sources:
+        df = read_csv(out, root / csv_name, required)
+        if df is None:
+            continue
+        for rec in df.itertuples(index=False):
+            name = rec.image
+            patient, _, eye = name.rpartition("_")
+            path = root / folder / f"{name}{opt.extension}"
+            named.add(path)
+            if eye not in ("left", "right") or not patient:
+                out.problem("bad-name", root / csv_name, f"image {name!r} is not <patient>_<left|right>")
+                continue
+            usage = getattr(rec, "Usage", None)
+            split = USAGE_SPLIT.get(usage, "") if usage is not None else "train"
+            if usage is not None and not split:
+                out.problem("bad-usage", path, f"Usage {usage!r} is neither Public nor Private")
+                continue
+            row = {"image_id": name, "patient_id": patient, "eye": eye, "split": split}
+            add_row(
+                out, path, row, lambda r=rec, p=path: {label_column("dr"): parse_label(out, r.level, "dr", p)}
+            )
+        unnamed_images(out, root / folder, named, csv_name)
+    drop_conflicts(out)
+    return out
+
+
+READER = FormatReader(
+    "eyepacs", Options, read, "EyePACS / Kaggle DR 2015 (DR grades 0-4, two eyes per patient)"
+)

@@ -1,0 +1,97 @@
+"""A site's YAML: which dataset format it holds, where, and where its private state lives.
+
+Example (`sites/templates/eyepacs.yaml`):
+
+    name: eyepacs
+    format: eyepacs
+    root: /data/eyepacs          # relative paths are resolved against this YAML's folder
+    options: {labels: trainLabels.csv}
+    state_dir: /var/lib/fedretina/eyepacs   # default: <root>/.fedretina
+
+The state directory holds everything the site keeps for itself between rounds and runs (check reports,
+the preprocessed-image cache, optimiser state, later the DP ledger). Nothing in it is ever sent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pydantic import Field, field_validator
+
+from shared.config import Strict, read_yaml, validate
+from shared.errors import ConfigError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
+
+
+class SiteConfig(Strict):
+    name: str
+    format: str
+    root: Path
+    options: dict[str, Any] = Field(default_factory=dict)
+    state_dir: Path | None = None
+    # Refuse the site when more than this fraction of its images had to be excluded.
+    max_excluded_fraction: float = 0.1
+    source: Path | None = None  # the YAML this came from (set by the loader)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("use lower-case letters, digits, '-' or '_' (at most 48), e.g. 'eyepacs-a'")
+        return v
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        from shared.data.formats import FORMATS
+
+        if v not in FORMATS:
+            raise ValueError(f"unknown format {v!r}; known formats: {', '.join(sorted(FORMATS))}")
+        return v
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir or self.root / ".fedretina"
+
+    @property
+    def check_dir(self) -> Path:
+        return self.state / "check"
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate a site YAML; relative `root`/`state_dir` are taken from the YAML's folder."""
+    path = Path(path)
+    data = read_yaml(path)
+    base = path.parent.resolve()
+    for key in ("root", "state_dir"):
+        if isinstance(data.get(key), str):
+            data[key] = str((base / data[key]).resolve())
+    data["source"] = str(path)
+    cfg = validate(SiteConfig, data, str(path))
+    if not cfg.root.is_dir():
+        raise ConfigError(f"{path}: root: {cfg.root} is not a directory; point it at the dataset's folder")
+    return cfg
+
+
+@dataclass(frozen=True)
+class Site:
+    """A site as training sees it: a name, the real site's config (its cache, its state) and its images.
+
+    A scenario's virtual site (part of a split) shares the source's config and cache but has its own name,
+    rows and state folder.
+    """
+
+    name: str
+    config: SiteConfig
+    rows: pd.DataFrame
+
+    @property
+    def state(self) -> Path:
+        base = self.config.state / "federation"
+        return base if self.name == self.config.name else base / self.name

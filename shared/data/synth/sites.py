@@ -1,0 +1,118 @@
+"""`fedretina synth`: the synthetic sites of a profile, written in their real layouts, plus their site YAMLs.
+
+The natural demo federation is an EyePACS-like DR site, an MMAC-like myopia site and two UK Biobank-like
+unlabelled shards (each with its own camera style), plus an IDRiD-like lesion-mask set for the relevance
+analyses. A dataset already written with the same plan and seed is kept (re-running is instant).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from shared.data.synth.layouts import WRITERS, Job, render_jobs
+from shared.rundir import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    format: str
+    count: int  # in the writer's unit: patients (eyepacs), images (mmac), participants (ukb), ...
+    height: int
+    styles: tuple[str, ...]
+    options: tuple[tuple[str, str], ...] = ()
+    extra: tuple[tuple[str, int], ...] = ()  # further writer arguments (idrid: grading_images)
+
+
+def _sites(scale: float, height: int) -> list[Plan]:
+    def n(k: int) -> int:
+        return max(4, round(k * scale))
+
+    eyepacs_styles = ("eyepacs-mixed-a", "eyepacs-mixed-b")
+    return [
+        Plan("eyepacs", "eyepacs", n(240), height, eyepacs_styles),
+        Plan("mmac", "mmac", n(480), height, ("mmac",)),
+        Plan("ukb-a", "ukb", n(200), height, ("topcon",), (("outcomes", "outcomes.csv"),)),
+        Plan(
+            "ukb-b",
+            "ukb",
+            n(200),
+            height,
+            ("topcon",),
+            (("outcomes", "outcomes.csv"),),
+            (("first_eid", 2000001),),
+        ),
+        Plan("idrid", "idrid", n(27), max(height, 256), ("idrid",), (), (("grading_images", n(60)),)),
+    ]
+
+
+PLANS: dict[str, list[Plan]] = {
+    "tiny": _sites(0.05, 96),
+    "cpu": _sites(1.0, 192),
+    "paper": _sites(10.0, 512),
+}
+
+
+def synthesize(
+    profile: str, data_dir: Path, sites_dir: Path, seed: int = 0, workers: int = 2, only: tuple[str, ...] = ()
+) -> list[Path]:
+    """Write every site of `profile` under `data_dir/<site>/` and its YAML under `sites_dir/`.
+
+    Returns the site YAML paths."""
+    plans = [p for p in PLANS[profile] if not only or p.name in only]
+    jobs: list[Job] = []
+    fresh: list[tuple[Plan, Path]] = []
+    for plan in plans:
+        root = data_dir / plan.name
+        stamp = {"plan": asdict(plan), "seed": seed}
+        marker = root / ".synth.json"
+        if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(stamp)):
+            log.info("site %s already synthesised at %s", plan.name, root)
+            continue
+        if root.exists():
+            shutil.rmtree(root)
+        writer = WRITERS[plan.format]
+        jobs += writer(
+            root, plan.count, seed + len(fresh) * 101, plan.height, plan.styles, **dict(plan.extra)
+        )
+        fresh.append((plan, root))
+    if jobs:
+        log.info(
+            "rendering %d synthetic fundus images for %s", len(jobs), ", ".join(p.name for p, _ in fresh)
+        )
+        render_jobs(jobs, workers)
+    for plan, root in fresh:
+        atomic_write_text(root / ".synth.json", json.dumps({"plan": asdict(plan), "seed": seed}))
+    return [write_site_yaml(plan, data_dir, sites_dir) for plan in plans]
+
+
+def write_site_yaml(plan: Plan, data_dir: Path, sites_dir: Path) -> Path:
+    """`sites_dir/<name>.yaml` pointing at the data (paths relative to the YAML, so the tree can move)."""
+    sites_dir.mkdir(parents=True, exist_ok=True)
+    root = (data_dir / plan.name).resolve()
+    state = (data_dir.parent / "state" / plan.name).resolve()
+    site = {
+        "name": plan.name,
+        "format": plan.format,
+        "root": _relative(root, sites_dir.resolve()),
+        "state_dir": _relative(state, sites_dir.resolve()),
+        "options": dict(plan.options),
+    }
+    path = sites_dir / f"{plan.name}.yaml"
+    cameras = ", ".join(plan.styles)
+    header = f"# synthetic {plan.format}-layout site written by `fedretina synth`; camera {cameras}\n"
+    atomic_write_text(path, header + yaml.safe_dump(site, sort_keys=False))
+    return path
+
+
+def _relative(target: Path, base: Path) -> str:
+    return os.path.relpath(target, base)
