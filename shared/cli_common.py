@@ -32,6 +32,16 @@ def resolve_config(config: Path | None, profile: str | None, overrides: list[str
     return load_config(config, profile=profile, overrides=parse_overrides(overrides or []))
 
 
+def with_sites(cfg: ExperimentConfig, sites: list[Path] | None, name: str | None) -> ExperimentConfig:
+    """Add command-line site YAMLs (after the config's own) and set the run name."""
+    update: dict[str, object] = {}
+    if sites:
+        update["sites"] = tuple(dict.fromkeys([*cfg.sites, *(str(s.resolve()) for s in sites)]))
+    if name:
+        update["name"] = name
+    return cfg.model_copy(update=update)
+
+
 def run_cli(app: typer.Typer, prog: str = "fedretina") -> None:
     """Run a typer app; a `UserError` prints `prog: error: <one line>` to stderr and exits with its code."""
     try:

@@ -12,12 +12,13 @@ file and the key, which the CLI turns into exit code 2.
 from __future__ import annotations
 
 import difflib
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import ConfigError
 
@@ -62,6 +63,8 @@ class DataConfig(Strict):
 
 
 class PretrainConfig(Strict):
+    # "spark": masked image modelling (the first seed); "moco": MoCo v2 contrastive (the second seed).
+    method: Literal["spark", "moco"] = "spark"
     epochs: int = Field(1600, ge=1)
     batch_size: int = Field(64, ge=2)  # SE blocks hold BatchNorm on a (B, C, 1, 1) vector: B >= 2
     optimizer: Literal["lamb", "adamw"] = "lamb"
@@ -80,10 +83,32 @@ class PretrainConfig(Strict):
     checkpoint_every: int = Field(1, ge=1)
     amp: bool = True  # bf16 autocast, used only on CUDA
     channels_last: bool = True  # used only on CUDA
+    # MoCo v2 (Chen et al. 2020): 128-d projection, momentum key encoder, queue of negatives, temperature.
+    moco_dim: int = Field(128, ge=8)
+    moco_queue: int = Field(4096, ge=8)
+    moco_momentum: float = Field(0.999, gt=0, lt=1)
+    moco_temperature: float = Field(0.2, gt=0)
+
+
+class InitConfig(Strict):
+    """Where the encoder starts: random, one of our SparK / MoCo exports, or local ImageNet weights."""
+
+    kind: Literal["scratch", "spark", "moco", "imagenet"] = "scratch"
+    weights: str | None = None  # a path (relative to the experiment YAML)
+
+    @model_validator(mode="after")
+    def _needs_weights(self) -> InitConfig:
+        if self.kind != "scratch" and not self.weights:
+            raise ValueError(f"init kind {self.kind!r} needs `weights:` (a local file path)")
+        return self
 
 
 class FinetuneConfig(Strict):
     task: str = "dr"
+    # Setups to compare, by name; each runs every label fraction and fold into one table.
+    inits: dict[str, InitConfig] = Field(default_factory=lambda: {"scratch": InitConfig()})
+    # Validation metric that picks the best epoch (higher is better; "loss" is lower-better).
+    select_metric: str = "auc"
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=2)
     optimizer: Literal["adamw", "lamb", "sgd"] = "adamw"
@@ -115,6 +140,8 @@ class FinetuneConfig(Strict):
 
 
 class FederationConfig(Strict):
+    # Tasks fine-tuned in phase 2 (one head each); empty = every task some site holds labels for.
+    tasks: tuple[str, ...] = ()
     rounds_pretrain: int = Field(100, ge=0)
     rounds_finetune: int = Field(50, ge=0)
     strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam"] = "fedavg"
@@ -125,7 +152,8 @@ class FederationConfig(Strict):
     reply_timeout_s: float = Field(3600, gt=0)
     connect_deadline_s: float = Field(600, gt=0)
     max_update_norm: float = Field(1e4, gt=0)
-    keep_optimizer_state: bool = True
+    keep_optimizer_state: bool = True  # persist each site's optimiser state across rounds (its state dir)
+    keep_checkpoints: int = Field(3, ge=1)  # server checkpoints kept per phase (the phase's last always)
 
 
 class ExperimentConfig(Strict):
@@ -188,11 +216,23 @@ def load_config(
     name = profile or user.get("profile") or "cpu"
     if name not in PROFILES:
         raise ConfigError(f"{source}: profile: unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    if path:
+        _resolve_paths(user, Path(path).parent)
     merged = deep_merge(read_yaml(PROFILES_DIR / f"{name}.yaml"), user)
     merged["profile"] = name
     for key, value in (overrides or {}).items():
         set_dotted(merged, key, value, source)
     return validate(ExperimentConfig, merged, source)
+
+
+def _resolve_paths(user: dict[str, Any], base: Path) -> None:
+    """Paths in an experiment YAML (sites, init weights) are relative to the YAML's folder."""
+    if isinstance(user.get("sites"), list):
+        user["sites"] = [str((base / s).resolve()) for s in user["sites"]]
+    inits = user.get("finetune", {}).get("inits") if isinstance(user.get("finetune"), dict) else None
+    for spec in (inits or {}).values():
+        if isinstance(spec, dict) and isinstance(spec.get("weights"), str):
+            spec["weights"] = str((base / spec["weights"]).resolve())
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -261,3 +301,40 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
             return []
         model = annotation
     return list(model.model_fields)
+
+
+class RunOptions(Strict):
+    """What a federated run needs beyond the experiment config, from Flower's run config."""
+
+    scenario: str = ""  # simulation: scenario name or YAML; "" = deployment (site from each node's config)
+    run_name: str = "flwr"
+    resume: bool = False
+
+
+RUN_CONFIG_KEYS = ("config", "profile", "scenario", "run-name", "seed", "resume", "set")
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> tuple[ExperimentConfig, RunOptions]:
+    """Flower's run config (kebab-case, scalars only) -> (ExperimentConfig, RunOptions).
+
+    `config` names an experiment YAML, `profile` its base profile, and `set` carries any other key as
+    space-separated `key=value` overrides (`set = "federation.rounds_pretrain=2 model.width_mult=0.5"`),
+    since a run config holds no lists or tables.
+    """
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"run config: unknown keys {unknown}; known: {list(RUN_CONFIG_KEYS)}")
+    overrides = parse_overrides(shlex.split(str(run_config.get("set", ""))))
+    name = str(run_config.get("run-name", "flwr"))
+    overrides |= {"seed": int(run_config.get("seed", 0)), "name": name}
+    cfg = load_config(
+        str(run_config.get("config") or "") or None,
+        profile=run_config.get("profile") or None,
+        overrides=overrides,
+    )
+    options = RunOptions(
+        scenario=str(run_config.get("scenario", "")),
+        run_name=name,
+        resume=bool(run_config.get("resume", False)),
+    )
+    return cfg, options

@@ -3,11 +3,13 @@ beyond `config`; every command parses its options, calls one library function an
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from shared.cli_common import ConfigOpt, ProfileOpt, SetOpt, resolve_config, run_cli
+from client.cli import app as site_app
+from shared.cli_common import ConfigOpt, ProfileOpt, SetOpt, resolve_config, run_cli, with_sites
 from shared.config import dump_config
 from shared.logs import setup_logging
 
@@ -21,7 +23,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="markdown",
 )
+
+
+app.add_typer(site_app, name="site")
 
 
 @app.callback()
@@ -41,6 +47,87 @@ def show_config(config: ConfigOpt = None, profile: ProfileOpt = None, overrides:
     Example: fedretina config --profile tiny --set pretrain.epochs=3
     """
     typer.echo(dump_config(resolve_config(config, profile, overrides)), nl=False)
+
+
+@app.command("synth")
+def synth(
+    profile: ProfileOpt = None,
+    data_dir: Annotated[Path, typer.Option(help="Where the datasets are written.")] = Path("data/synth"),
+    sites_dir: Annotated[Path, typer.Option(help="Where the site YAMLs are written.")] = Path(
+        "sites/generated"
+    ),
+    seed: Annotated[int, typer.Option(help="Dataset seed (same seed, same bytes).")] = 0,
+    workers: Annotated[int, typer.Option(help="Rendering processes.")] = 2,
+    only: Annotated[list[str] | None, typer.Option(help="Only these sites (repeatable).")] = None,
+) -> None:
+    """Render synthetic fundus datasets in the real datasets' layouts, and their site YAMLs.
+
+    The profile sets the size: tiny (tests, ~100 images), cpu (the demo: an EyePACS-like DR site, an
+    MMAC-like myopia site, two UK Biobank-like shards, an IDRiD-like lesion-mask set; ~3,500 images), paper.
+    Sites already written with the same plan and seed are kept.
+
+    Example: fedretina synth --profile cpu && fedretina site check sites/generated/*.yaml
+    """
+    from shared.data.synth.sites import synthesize
+
+    for path in synthesize(profile or "cpu", data_dir, sites_dir, seed, workers, tuple(only or ())):
+        typer.echo(path)
+
+
+@app.command("pretrain")
+def pretrain(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    overrides: SetOpt = None,
+    site: Annotated[
+        list[Path] | None, typer.Option(help="Site YAML to train on (repeatable; adds to config).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Run name: outputs go to runs/<name>/pretrain/.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run's last checkpoint.")] = False,
+) -> None:
+    """Pretrain the encoder on one or more sites' images, centralised: SparK masked modelling (default) or
+    MoCo v2 (`--set pretrain.method=moco`).
+
+    Writes runs/<name>/pretrain/: checkpoint.safetensors (resumable with --resume), previews/epoch*.png
+    (input, masked input, reconstruction; SparK), history.csv and loss.png, and encoder.safetensors, the
+    initialisation `fedretina finetune` takes.
+
+    Example: fedretina pretrain --profile tiny --site sites/generated/ukb-a.yaml --name spark-tiny
+    """
+    from simulation.centralised import run_pretraining
+
+    cfg = with_sites(resolve_config(config, profile, overrides), site, name)
+    outputs = run_pretraining(cfg, resume=resume)
+    typer.echo(f"encoder: {outputs.encoder}")
+    typer.echo(f"masked-patch loss by epoch: {', '.join(f'{x:.4f}' for x in outputs.losses)}")
+
+
+@app.command("finetune")
+def finetune(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    overrides: SetOpt = None,
+    site: Annotated[
+        list[Path] | None, typer.Option(help="Site YAML holding the task's labels (repeatable).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Run name: outputs go to runs/<name>/finetune/.")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip the folds already finished in this run.")] = False,
+) -> None:
+    """Fine-tune and evaluate by patient-grouped, stratified k-fold CV, for every configured initialisation
+    (finetune.inits: scratch, spark, moco, imagenet) and label fraction.
+
+    Model selection uses an inner validation split only; a site's own test split is scored by every fold's
+    model with bootstrap 95% CIs. Writes runs/<name>/finetune/: folds.csv, summary.json, table.md, ROC,
+    confusion-matrix and AUC-vs-label-fraction PNGs, and each fold's best model (safetensors).
+
+    Example: fedretina finetune -c experiment.yaml --set finetune.label_fractions=[0.1]
+    """
+    from simulation.finetune_run import run_finetuning
+
+    cfg = with_sites(resolve_config(config, profile, overrides), site, name)
+    outputs = run_finetuning(cfg, resume=resume)
+    typer.echo(outputs.table)
+    typer.echo(f"results: {outputs.directory}")
 
 
 @app.command("env")

@@ -4,6 +4,8 @@
 - "heavy": nn-MobileNet's fine-tuning recipe, RandomResizedCrop(scale 0.08-1), horizontal and vertical
   flips, rotation +-180 deg, colour jitter 0.4 (brightness, contrast, saturation and hue, random order),
   then normalisation and random erasing (p 0.4).
+- "contrastive": MoCo v2's recipe for its two views, RandomResizedCrop(scale 0.2-1), horizontal flip, colour
+  jitter (0.4, 0.4, 0.4, hue 0.1); the heavy recipe makes two views of one fundus almost unrelated.
 - "none": evaluation; the cached image is already the FOV crop at the target size.
 
 Parameters come from an explicit `torch.Generator` (seeded per image and epoch by the dataset), so the
@@ -21,15 +23,16 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-Recipe = Literal["light", "heavy", "none"]
+Recipe = Literal["light", "heavy", "contrastive", "none"]
 
 # Fundus statistics (RGB, on [0, 1]) used by nn-MobileNet for MMAC; `site check` reports a site's own.
 FUNDUS_MEAN = (0.4258, 0.2974, 0.2129)
 FUNDUS_STD = (0.2767, 0.2024, 0.1686)
 
-CROP_SCALE = {"light": (0.67, 1.0), "heavy": (0.08, 1.0)}
+CROP_SCALE = {"light": (0.67, 1.0), "heavy": (0.08, 1.0), "contrastive": (0.2, 1.0)}
 RATIO = (3 / 4, 4 / 3)
 JITTER = 0.4
+HUE = {"heavy": 0.4, "contrastive": 0.1}
 ERASE_P, ERASE_SCALE, ERASE_RATIO = 0.4, (0.02, 0.33), (0.3, 3.3)
 
 
@@ -51,15 +54,16 @@ def draw(recipe: Recipe, src: int, out: int, g: torch.Generator) -> Params:
     hflip = _uniform(g) < 0.5
     if recipe == "light":
         return Params(crop, hflip=hflip)
-    vflip = _uniform(g) < 0.5
-    angle = _uniform(g, -180.0, 180.0)
+    heavy = recipe == "heavy"
+    vflip = heavy and _uniform(g) < 0.5
+    angle = _uniform(g, -180.0, 180.0) if heavy else 0.0
     order = torch.randperm(4, generator=g).tolist()
     ops = ("brightness", "contrast", "saturation", "hue")
+    hue = HUE[recipe]
     jitter = tuple(
-        (ops[i], _uniform(g, -JITTER, JITTER) if ops[i] == "hue" else _uniform(g, 1 - JITTER, 1 + JITTER))
-        for i in order
+        (ops[i], _uniform(g, -hue, hue) if ops[i] == "hue" else _uniform(g, 1 - JITTER, 1 + JITTER)) for i in order
     )
-    erase = _random_box(out, ERASE_SCALE, ERASE_RATIO, g) if _uniform(g) < ERASE_P else None
+    erase = _random_box(out, ERASE_SCALE, ERASE_RATIO, g) if heavy and _uniform(g) < ERASE_P else None
     return Params(crop, hflip, vflip, angle, jitter, erase)
 
 

@@ -1,0 +1,152 @@
+"""Evaluation metrics, defined once on scikit-learn, with one fixed key schema for every task and site.
+
+Every evaluation returns exactly `metric_keys(task)`; undefined values (AUC with one class present) are NaN,
+never missing keys, because Flower's FedAvg ends a run when sites report different metric keys.
+
+- accuracy; AUC (binary, or macro one-vs-rest over classes); quadratic-weighted Cohen's kappa (the DR and
+  MMAC grading standard); weighted and macro F1; sensitivity and specificity at the operating point (binary
+  tasks: P(positive) >= 0.5); for DR also the referable view: P(referable) = the sum of the referable grades'
+  probabilities, with its own AUC, sensitivity and specificity.
+- `bootstrap_ci`: percentile 95% interval by resampling images with a seeded generator.
+
+Note: nn-MobileNet's own code reports micro-averaged F1 and "specificity" (both equal accuracy for
+single-label data) and a micro AUC; we do not, and say so in the docs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    recall_score,
+    roc_auc_score,
+)
+
+from shared.data.labels import referable, referable_probability
+
+BASE_KEYS = ("loss", "accuracy", "auc", "kappa", "f1_weighted", "f1_macro", "sensitivity", "specificity")
+REFERABLE_KEYS = ("referable_auc", "referable_sensitivity", "referable_specificity")
+
+
+def metric_keys(task: str) -> tuple[str, ...]:
+    return BASE_KEYS + (REFERABLE_KEYS if task == "dr" else ())
+
+
+def auc_score(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Binary AUC on P(class 1), or macro one-vs-rest AUC; NaN when a class needed is absent."""
+    y_true = np.asarray(y_true)
+    k = probs.shape[1]
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return math.nan
+    if k == 2:
+        return float(roc_auc_score(y_true, probs[:, 1]))
+    if len(present) < k:  # sklearn's OvR needs every class: average over the classes present
+        return float(np.mean([roc_auc_score(y_true == c, probs[:, c]) for c in present]))
+    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro"))
+
+
+def quadratic_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    if len(np.unique(np.concatenate([y_true, y_pred]))) < 2:
+        return math.nan
+    return float(cohen_kappa_score(y_true, y_pred, labels=list(range(num_classes)), weights="quadratic"))
+
+
+def sensitivity_specificity(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
+    """Recall of the positive class and of the negative class (binary labels)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    sens = (
+        float(recall_score(y_true, y_pred, pos_label=1, zero_division=np.nan))
+        if (y_true == 1).any()
+        else math.nan
+    )
+    spec = (
+        float(recall_score(y_true, y_pred, pos_label=0, zero_division=np.nan))
+        if (y_true == 0).any()
+        else math.nan
+    )
+    return sens, spec
+
+
+def evaluate_predictions(
+    y_true: np.ndarray, probs: np.ndarray, task: str, *, referable_threshold: int = 2
+) -> dict[str, float]:
+    """All metrics of `metric_keys(task)` from labels (N,) and class probabilities (N, K)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = probs.shape[1]
+    y_pred = probs.argmax(axis=1)
+    out = {
+        "loss": float(log_loss(y_true, np.clip(probs, 1e-12, 1.0), labels=list(range(k)))),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "auc": auc_score(y_true, probs),
+        "kappa": quadratic_kappa(y_true, y_pred, k),
+        "f1_weighted": float(
+            f1_score(y_true, y_pred, average="weighted", labels=list(range(k)), zero_division=0)
+        ),
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", labels=list(range(k)), zero_division=0)),
+    }
+    if k == 2:
+        out["sensitivity"], out["specificity"] = sensitivity_specificity(
+            y_true, (probs[:, 1] >= 0.5).astype(int)
+        )
+    else:
+        out["sensitivity"], out["specificity"] = math.nan, math.nan
+    if task == "dr":
+        y_ref = referable(y_true, referable_threshold)
+        p_ref = referable_probability(probs, referable_threshold)
+        two = np.stack([1 - p_ref, p_ref], axis=1)
+        out["referable_auc"] = auc_score(y_ref, two)
+        sens, spec = sensitivity_specificity(y_ref, (p_ref >= 0.5).astype(int))
+        out["referable_sensitivity"], out["referable_specificity"] = sens, spec
+    return {key: out[key] for key in metric_keys(task)}
+
+
+def confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    return confusion_matrix(
+        y_true, np.asarray(probs).argmax(axis=1), labels=list(range(np.asarray(probs).shape[1]))
+    )
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    *,
+    rounds: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile 95% interval of `metric(y, probs)` over `rounds` resamples of the images (NaNs skipped)."""
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    values = []
+    for _ in range(rounds):
+        idx = rng.integers(0, n, n)
+        value = metric(np.asarray(y_true)[idx], np.asarray(probs)[idx])
+        if not math.isnan(value):
+            values.append(value)
+    if not values:
+        return math.nan, math.nan
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def mean_std(rows: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """Per key, mean and sample standard deviation over folds (NaNs ignored)."""
+    out = {}
+    for key in rows[0]:
+        values = np.array([r[key] for r in rows], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        out[key] = (
+            (float(values.mean()), float(values.std(ddof=1)))
+            if len(values) > 1
+            else ((float(values[0]), math.nan) if len(values) else (math.nan, math.nan))
+        )
+    return out

@@ -1,0 +1,28 @@
+"""Encoders for SparK and fine-tuning. Every encoder provides `downsample_ratio` (32), `feature_channels`
+(five scales, largest map first, known without a forward pass) and `forward_features(x, mask=None)`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from shared.config import ModelConfig
+from shared.models.heads import ClassifierHead, TaskModel
+from shared.models.nnmobilenet import NNMobileNet, nnmobilenet
+from shared.models.resnet import ResNetEncoder, resnet50
+
+__all__ = [
+    "ClassifierHead",
+    "NNMobileNet",
+    "ResNetEncoder",
+    "TaskModel",
+    "build_encoder",
+    "nnmobilenet",
+    "resnet50",
+]
+
+
+def build_encoder(cfg: ModelConfig) -> nn.Module:
+    """The configured encoder, without a head."""
+    if cfg.arch == "nnmobilenet":
+        return nnmobilenet(cfg.width_mult, None, norm=cfg.norm, dropout2d=cfg.dropout2d)
+    return resnet50(None, norm=cfg.norm)

@@ -1,0 +1,200 @@
+"""Fine-tuning: the task model, its optimiser (with layer-wise lr decay), one training epoch, prediction.
+
+The same `finetune_epoch` and `predict` serve centralised cross-validation and federated phase 2.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from shared.config import ExperimentConfig
+from shared.data.dataset import loader
+from shared.data.labels import label_column
+from shared.data.manifest import labelled
+from shared.data.splits import inner_split
+from shared.device import autocast
+from shared.models import TaskModel, build_encoder
+from shared.seeding import derive_seed
+from shared.training.loop import EpochResult, EpochSeeds, train_epoch
+from shared.training.optim import Schedule, make_optimizer, param_groups
+from shared.training.pretrain import steps_per_epoch
+
+PHASE = "finetune"
+
+
+def build_task_model(cfg: ExperimentConfig, tasks: dict[str, int]) -> TaskModel:
+    return TaskModel(build_encoder(cfg.model), tasks, cfg.model.head_dropout)
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Depth of a parameter for layer-wise lr decay: stem 0 .. last encoder stage depth-1, heads `depth`."""
+    if name.startswith("heads."):
+        return depth
+    if m := re.match(r"encoder\.features\.(\d+)\.", name):  # nn-MobileNet: one id per features entry
+        return min(int(m.group(1)), depth - 1)
+    if m := re.match(r"encoder\.layer(\d)\.", name):  # ResNet: one id per stage
+        return int(m.group(1))
+    return 0
+
+
+def finetune_optimizer(model: TaskModel, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    f = cfg.finetune
+    optimizer = make_optimizer(model, f.optimizer, f.lr, f.weight_decay, (0.9, 0.999), 5.0)
+    if f.layer_decay < 1.0:
+        depth = 23 if cfg.model.arch == "nnmobilenet" else 5
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = []
+        for group in param_groups(model, f.weight_decay):
+            by_layer: dict[int, list] = {}
+            for p in group["params"]:
+                by_layer.setdefault(layer_id(names[id(p)], depth), []).append(p)
+            for lid, params in sorted(by_layer.items()):
+                groups.append({**group, "params": params, "lr_scale": f.layer_decay ** (depth - lid)})
+        optimizer = type(optimizer)(groups, **optimizer.defaults)
+    return optimizer
+
+
+def finetune_schedule(cfg: ExperimentConfig, steps_per_epoch: int, epochs: int) -> Schedule:
+    f = cfg.finetune
+    total = max(steps_per_epoch * epochs, 1)
+    return Schedule(
+        f.lr,
+        total,
+        round(f.warmup_epochs * steps_per_epoch),
+        f.weight_decay,
+        f.weight_decay,
+        start_ratio=0.0,
+        end_ratio=f.min_lr / f.lr,
+    )
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised to mean 1 (classes absent from the data get weight 1)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 1.0)
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+
+def finetune_epoch(
+    model: TaskModel,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    dataset: Dataset,
+    cfg: ExperimentConfig,
+    *,
+    task: str,
+    epoch: int,
+    key: str,
+    step: int,
+    device: torch.device,
+    weights: torch.Tensor | None = None,
+    desc: str = "finetune",
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> EpochResult:
+    f = cfg.finetune
+    seeds = EpochSeeds.of(cfg.seed, PHASE, epoch, key)
+    mixing = seeds.start(dataset)
+    model.train()
+    classes = model.heads[task][1].out_channels
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+        images, labels = batch["image"].to(device), batch["label"].to(device)
+        if images.shape[0] < 2:
+            return None
+        targets = F.one_hot(labels, classes).float()
+        targets = targets * (1 - f.label_smoothing) + f.label_smoothing / classes
+        images, targets = _mix(images, targets, f.mixup, f.cutmix, mixing)
+        with autocast(device, cfg.pretrain.amp):
+            logits = model(images, task)
+        per_sample = -(targets * F.log_softmax(logits.float(), dim=1))
+        if weights is not None:
+            per_sample = per_sample * weights.to(device)[None, :]
+        return per_sample.sum(1).mean(), images.shape[0]
+
+    batches = loader(dataset, f.batch_size, seed=seeds.order, train=True, workers=cfg.data.workers)
+    return train_epoch(
+        batches,
+        loss_of,
+        optimizer,
+        schedule.apply,
+        step=step,
+        clip=None,
+        desc=f"{desc} epoch {epoch + 1}",
+        total=steps_per_epoch(len(dataset), f.batch_size),
+        penalty=penalty,
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: TaskModel,
+    dataset: Dataset,
+    task: str,
+    device: torch.device,
+    batch_size: int = 32,
+    workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), class probabilities (N, K)) in dataset order, eval mode, no augmentation."""
+    model.eval()
+    labels, probs = [], []
+    for batch in loader(dataset, batch_size, seed=None, train=False, workers=workers):
+        logits = model(batch["image"].to(device), task)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(batch["label"])
+    return torch.cat(labels).numpy(), torch.cat(probs).double().numpy()
+
+
+def _mix(
+    images: torch.Tensor, targets: torch.Tensor, mixup: float, cutmix: float, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix (half the batches each when both are on), with a Beta(alpha, alpha) mixing ratio."""
+    if mixup <= 0 and cutmix <= 0:
+        return images, targets
+    use_cutmix = cutmix > 0 and (mixup <= 0 or float(torch.rand((), generator=g)) < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = _beta(alpha, g)
+    perm = torch.randperm(images.shape[0], generator=g).to(images.device)
+    if use_cutmix:
+        h, w = images.shape[-2:]
+        ch, cw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+        cy, cx = int(torch.randint(0, h, (), generator=g)), int(torch.randint(0, w, (), generator=g))
+        y0, y1, x0, x1 = (
+            max(cy - ch // 2, 0),
+            min(cy + ch // 2, h),
+            max(cx - cw // 2, 0),
+            min(cx + cw // 2, w),
+        )
+        images = images.clone()
+        images[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        images = lam * images + (1 - lam) * images[perm]
+    return images, lam * targets + (1 - lam) * targets[perm]
+
+
+def _beta(alpha: float, g: torch.Generator) -> float:
+    """Beta(alpha, alpha), seeded from `g` (torch's Beta distribution takes no generator)."""
+    return float(np.random.default_rng(int(torch.randint(0, 2**31, (), generator=g))).beta(alpha, alpha))
+
+
+def finetune_split(rows: pd.DataFrame, task: str, cfg: ExperimentConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A federated site's (train, validation) images for `task`: its labelled development images split by
+    patient; its test split (if any) is left out. Pooling per-site splits gives the centralised reference
+    exactly the same images."""
+    column = label_column(task)
+    dev = labelled(rows, task)
+    dev = dev[dev["split"] != "test"]
+    train, val = inner_split(dev, column, cfg.finetune.val_fraction, derive_seed(cfg.seed, "federated-val"))
+    return train.sort_values("image_id").reset_index(drop=True), val.reset_index(drop=True)
+
+
+def site_tasks(rows: pd.DataFrame, tasks: tuple[str, ...]) -> list[str]:
+    """The tasks among `tasks` this site holds labels for."""
+    return [t for t in tasks if len(labelled(rows, t))]

@@ -1,0 +1,83 @@
+"""Where a fine-tuned encoder starts: scratch, a SparK or MoCo export of ours, or ImageNet weights.
+
+Our exports are safetensors files that record their architecture, so a file from another architecture is
+refused in one line. ImageNet weights are read from a local file in torchvision's format (`resnet50`'s
+`.pth` state dict) or ReXNet's (`rexnet_3.0.pth` for nn-MobileNet at width 3.0), with
+`torch.load(weights_only=True)`: nothing is downloaded and nothing is unpickled beyond tensors.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shared.config import ModelConfig
+from shared.errors import CheckpointError
+from shared.weights import check_meta, load_into, load_weights, model_meta
+
+KINDS = ("scratch", "spark", "moco", "imagenet")
+HEAD_PREFIXES = ("fc.", "output.", "out.", "classifier.")
+
+
+def check_init(kind: str, weights: str | None, model_cfg: ModelConfig) -> None:
+    """Fail fast, before any data work: the file exists, and our exports are for this architecture."""
+    if kind == "scratch":
+        return
+    if kind == "imagenet":
+        _imagenet_state(Path(weights or ""))
+        return
+    _our_export(Path(weights or ""), kind, model_cfg)
+
+
+def initialise(encoder: nn.Module, kind: str, weights: str | None, model_cfg: ModelConfig) -> str:
+    """Load the encoder's starting weights in place; returns a one-line description for logs and reports."""
+    if kind == "scratch":
+        return "random initialisation"
+    if not weights:
+        raise CheckpointError(f"init {kind!r} needs a weights file (finetune.inits.<name>.weights)")
+    path = Path(weights)
+    if kind == "imagenet":
+        tensors = _imagenet_state(path)
+        load_into(encoder, tensors, path, strict=True)
+        return f"ImageNet weights from {path}"
+    tensors, meta = _our_export(path, kind, model_cfg)
+    load_into(encoder, tensors, path, strict=True)
+    return f"{kind} encoder from {path} ({meta.get('epochs', '?')} epochs)"
+
+
+def _our_export(path: Path, kind: str, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = load_weights(path)
+    expected_kind = f"{kind}-encoder"
+    if meta.get("kind") != expected_kind:
+        raise CheckpointError(
+            f"{path}: holds {meta.get('kind', 'unknown weights')!r}, not a {expected_kind} export"
+        )
+    check_meta(path, meta, model_meta(model_cfg))
+    return tensors, meta
+
+
+def _imagenet_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: ImageNet weights file not found; download it once (e.g. torchvision's resnet50 "
+            "IMAGENET1K_V1 .pth) on a connected machine and give its local path"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: not a tensors-only PyTorch state dict ({str(exc).splitlines()[0]})"
+        ) from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return {
+        k.removeprefix("module."): v
+        for k, v in state.items()
+        if not k.removeprefix("module.").startswith(HEAD_PREFIXES)
+    }

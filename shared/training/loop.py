@@ -1,0 +1,137 @@
+"""What every training epoch shares, centralised or federated: its random streams and its bookkeeping.
+
+An epoch's randomness (data order, augmentation, SparK masks, dropout) is derived from (run seed, phase,
+global epoch, data key). The data key is the site name, or the sorted site names joined by "+" for pooled
+data, so one site holding everything draws exactly what centralised training on it draws.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from shared.logs import progress_bar
+from shared.seeding import derive_seed, generator, seed_everything
+
+
+@dataclass(frozen=True)
+class EpochSeeds:
+    order: int
+    augment: int
+    mask: int
+    torch: int
+
+    @classmethod
+    def of(cls, run_seed: int, phase: str, epoch: int, key: str) -> EpochSeeds:
+        return cls(
+            *(
+                derive_seed(run_seed, phase, epoch, key, stream)
+                for stream in ("order", "augment", "mask", "torch")
+            )
+        )
+
+    def start(self, dataset: Dataset) -> torch.Generator:
+        """Seed the dataset's augmentations and torch's global generator (dropout); return the mask one."""
+        for part in dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]:
+            part.set_epoch_seed(self.augment)
+        seed_everything(self.torch)
+        return generator(self.mask)
+
+
+def data_key(site_names: list[str]) -> str:
+    return "+".join(sorted(site_names))
+
+
+@dataclass
+class Meter:
+    """Running mean of a loss over an epoch, with throughput."""
+
+    total: float = 0.0
+    images: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, n: int) -> None:
+        self.total += loss * n
+        self.images += n
+        self.steps += 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.images, 1)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def rate(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    loss: float
+    images: int
+    steps: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def train_epoch(
+    batches: Iterable[dict[str, torch.Tensor]],
+    loss_of: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int] | None],
+    optimizer: torch.optim.Optimizer,
+    schedule: Callable[[torch.optim.Optimizer, int], float],
+    *,
+    step: int,
+    clip: tuple[Iterable[torch.nn.Parameter], float] | None,
+    desc: str,
+    total: int,
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> EpochResult:
+    """The step loop every method shares: schedule, loss, backward, optional clipping, step, bookkeeping.
+
+    `loss_of(batch)` returns (loss, images in the batch) or None to skip a batch (e.g. a single image, which
+    BatchNorm cannot normalise). `step` is the global step at the epoch's start (it drives the schedule).
+    `penalty()`, when given, is added to every step's loss (FedProx's proximal term).
+    """
+    meter = Meter()
+    bar = progress_bar(desc, total=total, unit="batch")
+    for batch in batches:
+        schedule(optimizer, step)
+        out = loss_of(batch)
+        if out is None:
+            continue
+        loss, n = out
+        optimizer.zero_grad(set_to_none=True)
+        (loss + penalty() if penalty is not None else loss).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(clip[0]), clip[1])
+        optimizer.step()
+        step += 1
+        meter.add(float(loss.detach()), n)
+        bar.update(1)
+        bar.set_postfix(loss=f"{meter.mean:.4f}", img_s=f"{meter.rate:.1f}")
+    bar.close()
+    return EpochResult(meter.mean, meter.images, meter.steps, meter.seconds)
+
+
+def proximal_penalty(model: torch.nn.Module, mu: float) -> Callable[[], torch.Tensor] | None:
+    """FedProx (Li et al. 2020): mu/2 * ||w - w_start||^2, w_start being the weights the round began with."""
+    if mu <= 0:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True))
+
+    return penalty

@@ -1,0 +1,130 @@
+"""Centralised training on pooled site data: the `fedretina pretrain` / `finetune` commands, and the
+reference the federated simulation must reproduce (same functions, same seeds, same number of steps)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.config import ExperimentConfig
+from shared.data.dataset import TwoViews
+from shared.data.site import Site
+from shared.data.transforms import FUNDUS_MEAN, FUNDUS_STD
+from shared.device import pick_device
+from shared.errors import CheckpointError
+from shared.moco import build_moco, moco_epoch
+from shared.plots import curve
+from shared.rundir import RunDir
+from shared.seeding import derive_seed, seed_everything, set_deterministic
+from shared.spark.preview import save_preview
+from shared.training.checkpoint import load_checkpoint, save_checkpoint
+from shared.training.data import load_sites, pooled, site_images
+from shared.training.loop import data_key
+from shared.training.pretrain import (
+    build_spark,
+    pretrain_epoch,
+    pretrain_optimizer,
+    pretrain_schedule,
+    steps_per_epoch,
+)
+from shared.weights import model_meta, save_weights
+
+log = logging.getLogger(__name__)
+PREVIEW_IMAGES = 6
+
+
+@dataclass(frozen=True)
+class PretrainOutputs:
+    encoder: Path
+    losses: list[float]
+    directory: Path
+
+
+def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainOutputs:
+    """Pretrain (SparK, or MoCo v2) on the pooled images of `cfg.sites`; resumable at epoch boundaries."""
+    run = RunDir.create(cfg)
+    out = run.sub("pretrain")
+    checkpoint = out / "checkpoint.safetensors"
+    if checkpoint.exists() and not resume:
+        raise CheckpointError(
+            f"{checkpoint} exists: pass --resume to continue that run, or pick another --name"
+        )
+    sites = load_sites(cfg.sites)
+    spark = cfg.pretrain.method == "spark"
+    views = [site_images(s, cfg, cfg.data.image_size, "light" if spark else "contrastive") for s in sites]
+    dataset = pooled(views if spark else [TwoViews(v) for v in views])
+    key = data_key([s.name for s in sites])
+    device = pick_device(cfg.device)
+    set_deterministic(cfg.deterministic)
+    seed_everything(derive_seed(cfg.seed, "init"))
+    model = (build_spark(cfg) if spark else build_moco(cfg)).to(device)
+    optimizer = pretrain_optimizer(model, cfg)
+    per_epoch = steps_per_epoch(len(dataset), cfg.pretrain.batch_size)
+    schedule = pretrain_schedule(cfg, per_epoch, cfg.pretrain.epochs)
+    method = cfg.pretrain.method
+    meta = {**model_meta(cfg.model), "method": method, "image_size": cfg.data.image_size}
+    start, step, losses = 0, 0, []
+    if resume and checkpoint.exists():
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, expected=meta)
+        start, step, losses = state["epoch"], state["step"], state["losses"]
+        log.info("resuming %s after epoch %d (step %d)", run.path, start, step)
+    preview = _preview_batch(sites, cfg).to(device) if spark else None
+    log.info(
+        "%s pretraining on %d images from %s, %d steps per epoch, device %s",
+        method,
+        len(dataset),
+        key,
+        per_epoch,
+        device,
+    )
+    epoch_fn = pretrain_epoch if spark else moco_epoch
+    for epoch in range(start, cfg.pretrain.epochs):
+        result = epoch_fn(
+            model, optimizer, schedule, dataset, cfg, epoch=epoch, key=key, step=step, device=device
+        )
+        step += result.steps
+        losses.append(result.loss)
+        log.info(
+            "epoch %d/%d  loss %.4f  %.1f img/s", epoch + 1, cfg.pretrain.epochs, result.loss, result.rate
+        )
+        last = epoch + 1 == cfg.pretrain.epochs
+        if last or (epoch + 1) % cfg.pretrain.checkpoint_every == 0:
+            state = {
+                **meta,
+                "kind": f"{method}-checkpoint",
+                "epoch": epoch + 1,
+                "step": step,
+                "losses": losses,
+            }
+            save_checkpoint(checkpoint, state, model=model, optimizer=optimizer)
+        every = cfg.pretrain.preview_every
+        if preview is not None and (last or (every and (epoch + 1) % every == 0)):
+            save_preview(
+                out / "previews" / f"epoch{epoch + 1:04d}.png", model, preview, FUNDUS_MEAN, FUNDUS_STD
+            )
+    encoder = out / "encoder.safetensors"
+    save_weights(
+        encoder, model.encoder.state_dict(), {**meta, "kind": f"{method}-encoder", "epochs": len(losses)}
+    )
+    _history(out, losses, "masked-patch loss" if spark else "InfoNCE loss")
+    log.info("encoder exported to %s", encoder)
+    return PretrainOutputs(encoder, losses, out)
+
+
+def _preview_batch(sites: list[Site], cfg: ExperimentConfig) -> torch.Tensor:
+    """The same few images every time (the first of the first site), unaugmented."""
+    rows = sites[0].rows.head(PREVIEW_IMAGES)
+    data = site_images(sites[0], cfg, cfg.data.image_size, "none", rows=rows)
+    return torch.stack([data[i]["image"] for i in range(len(data))])
+
+
+def _history(out: Path, losses: list[float], label: str) -> None:
+    with open(out / "history.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["epoch", label.replace(" ", "_")])
+        writer.writerows((i + 1, f"{loss:.6f}") for i, loss in enumerate(losses))
+    curve(out / "loss.png", {label: losses}, xlabel="epoch", ylabel="loss", title="pretraining")

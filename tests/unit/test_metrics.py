@@ -1,0 +1,105 @@
+"""Metrics equal scikit-learn's (and independent formulas) on random inputs; keys never vary."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
+
+from shared.data.labels import referable_probability
+from shared.metrics import bootstrap_ci, evaluate_predictions, mean_std, metric_keys
+
+RNG = np.random.default_rng(0)
+
+
+def random_case(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    y[:k] = np.arange(k)  # every class present
+    logits = rng.normal(size=(n, k)) + np.eye(k)[y] * rng.uniform(0, 2)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, probs
+
+
+def mann_whitney_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """AUC as the probability that a positive outranks a negative (ties count half)."""
+    pos, neg = score[y == 1], score[y == 0]
+    return float(
+        ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    )
+
+
+def explicit_quadratic_kappa(y: np.ndarray, p: np.ndarray, k: int) -> float:
+    observed = np.zeros((k, k))
+    np.add.at(observed, (y, p), 1)
+    expected = np.outer(observed.sum(1), observed.sum(0)) / observed.sum()
+    w = np.array([[(i - j) ** 2 for j in range(k)] for i in range(k)]) / (k - 1) ** 2
+    return 1 - (w * observed).sum() / (w * expected).sum()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_five_class_metrics_equal_sklearn_and_explicit_formulas(seed: int) -> None:
+    y, probs = random_case(200, 5, seed)
+    pred = probs.argmax(1)
+    m = evaluate_predictions(y, probs, "mmac")
+    assert set(m) == set(metric_keys("mmac"))
+    assert m["accuracy"] == pytest.approx((pred == y).mean())
+    assert m["auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert m["auc"] == pytest.approx(
+        np.mean([mann_whitney_auc((y == c).astype(int), probs[:, c]) for c in range(5)])
+    )
+    assert m["kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert m["kappa"] == pytest.approx(explicit_quadratic_kappa(y, pred, 5))
+    assert m["f1_weighted"] == pytest.approx(f1_score(y, pred, average="weighted"))
+    assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert math.isnan(m["sensitivity"]) and math.isnan(m["specificity"])  # binary views only
+
+
+@pytest.mark.parametrize(("seed", "threshold"), [(0, 2), (1, 2), (2, 3), (3, 3)])
+def test_referable_dr_is_the_sum_of_referable_grade_probabilities(seed: int, threshold: int) -> None:
+    y, probs = random_case(300, 5, seed)
+    m = evaluate_predictions(y, probs, "dr", referable_threshold=threshold)
+    y_ref = (y >= threshold).astype(int)
+    p_ref = probs[:, threshold:].sum(1)
+    assert np.allclose(referable_probability(probs, threshold), p_ref)
+    assert m["referable_auc"] == pytest.approx(roc_auc_score(y_ref, p_ref))
+    assert m["referable_auc"] == pytest.approx(mann_whitney_auc(y_ref, p_ref))
+    called = p_ref >= 0.5
+    assert m["referable_sensitivity"] == pytest.approx(called[y_ref == 1].mean())
+    assert m["referable_specificity"] == pytest.approx((~called)[y_ref == 0].mean())
+
+
+def test_binary_task_sensitivity_specificity_and_auc() -> None:
+    y, probs = random_case(150, 2, 7)
+    m = evaluate_predictions(y, probs, "ad")
+    assert m["auc"] == pytest.approx(roc_auc_score(y, probs[:, 1]))
+    assert m["sensitivity"] == pytest.approx((probs[y == 1, 1] >= 0.5).mean())
+    assert m["specificity"] == pytest.approx((probs[y == 0, 1] < 0.5).mean())
+
+
+def test_keys_are_fixed_even_when_a_value_is_undefined() -> None:
+    y = np.zeros(10, dtype=int)  # one class only: AUC undefined
+    probs = np.tile([0.9, 0.05, 0.05, 0.0, 0.0], (10, 1))
+    m = evaluate_predictions(y, probs, "dr")
+    assert tuple(m) == metric_keys("dr")
+    assert math.isnan(m["auc"]) and m["accuracy"] == 1.0
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_is_seeded() -> None:
+    y, probs = random_case(300, 2, 3)
+    point = roc_auc_score(y, probs[:, 1])
+
+    def auc(a: np.ndarray, b: np.ndarray) -> float:
+        return roc_auc_score(a, b[:, 1]) if len(np.unique(a)) == 2 else math.nan
+
+    low, high = bootstrap_ci(y, probs, auc, rounds=300, seed=1)
+    assert low < point < high and high - low < 0.2
+    assert (low, high) == bootstrap_ci(y, probs, auc, rounds=300, seed=1)
+
+
+def test_mean_std_over_folds_ignores_nan() -> None:
+    summary = mean_std([{"auc": 0.8}, {"auc": 0.9}, {"auc": math.nan}])
+    assert summary["auc"][0] == pytest.approx(0.85)
+    assert summary["auc"][1] == pytest.approx(np.std([0.8, 0.9], ddof=1))
