@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
@@ -23,14 +25,22 @@ def patient_labels(df: pd.DataFrame, column: str) -> pd.Series:
 
 
 def assign_folds(df: pd.DataFrame, column: str, k: int, seed: int) -> np.ndarray:
-    """Fold index (0..k-1) per row; rows of one patient share a fold."""
+    """Fold index (0..k-1) per row; rows of one patient share a fold. Stratified when every class could fill
+    the folds' strata at all; otherwise patients are dealt at random (seeded)."""
     strat = patient_labels(df, column).reindex(df["patient_id"]).to_numpy()
     if df["patient_id"].nunique() < k:
         raise ValueError(f"{df['patient_id'].nunique()} patients cannot fill {k} folds; lower finetune.folds")
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=derive_seed(seed, "folds") % 2**32)
     folds = np.full(len(df), -1, dtype=np.int64)
-    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(df)), strat.astype(int), df["patient_id"])):
-        folds[test] = fold
+    if pd.Series(strat).value_counts().max() < k:  # too few patients per class to stratify (tiny label fractions)
+        patients = np.array(sorted(df["patient_id"].unique()))
+        order = np.random.default_rng(derive_seed(seed, "folds") % 2**32).permutation(len(patients))
+        owner = dict(zip(patients[order], np.arange(len(patients)) % k, strict=True))
+        return df["patient_id"].map(owner).to_numpy(np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=derive_seed(seed, "folds") % 2**32)
+    with warnings.catch_warnings():  # "least populated class has only n members": approximate is fine
+        warnings.simplefilter("ignore", UserWarning)
+        for fold, (_, test) in enumerate(splitter.split(np.zeros(len(df)), strat.astype(int), df["patient_id"])):
+            folds[test] = fold
     return folds
 
 
