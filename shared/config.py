@@ -162,6 +162,9 @@ class ExperimentConfig(Strict):
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads for torch (0 = torch's default; Flower's Ray actors default to one per CPU they hold).
+    # Bitwise reproduction across processes needs the same number: float sums depend on it.
+    threads: int = Field(0, ge=0)
     runs_dir: str = "runs"
     sites: tuple[str, ...] = ()
     model: ModelConfig = ModelConfig()

@@ -7,7 +7,21 @@ from collections.abc import Iterator
 
 import torch
 
+from shared.config import ExperimentConfig
 from shared.errors import ConfigError
+from shared.seeding import set_deterministic
+
+
+def configure_torch(cfg: ExperimentConfig) -> torch.device:
+    """Apply the run's compute settings (threads, deterministic kernels) and return its device.
+
+    Every entry point that trains calls this, so a federated site and the centralised reference compute the
+    same floats when they are given the same settings.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_deterministic(cfg.deterministic)
+    return pick_device(cfg.device)
 
 
 def pick_device(preference: str = "auto") -> torch.device:

@@ -34,7 +34,7 @@ def setup_logging(verbosity: int = 0, logfile: Path | None = None) -> None:
     root.setLevel(level)
     if logfile is not None:
         add_logfile(logfile)
-    for name in ("PIL", "matplotlib", "urllib3", "filelock"):
+    for name in ("PIL", "matplotlib", "urllib3", "filelock", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
 
 

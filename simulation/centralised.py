@@ -12,17 +12,27 @@ import torch
 
 from shared.config import ExperimentConfig
 from shared.data.dataset import TwoViews
+from shared.data.labels import TASKS
+from shared.data.manifest import held_tasks
 from shared.data.site import Site
 from shared.data.transforms import FUNDUS_MEAN, FUNDUS_STD
-from shared.device import pick_device
+from shared.device import configure_torch
 from shared.errors import CheckpointError
 from shared.moco import build_moco, moco_epoch
 from shared.plots import curve
 from shared.rundir import RunDir
-from shared.seeding import derive_seed, seed_everything, set_deterministic
+from shared.seeding import derive_seed, seed_everything
 from shared.spark.preview import save_preview
 from shared.training.checkpoint import load_checkpoint, save_checkpoint
 from shared.training.data import load_sites, pooled, site_images
+from shared.training.finetune import (
+    build_task_model,
+    finetune_epoch,
+    finetune_optimizer,
+    finetune_schedule,
+    finetune_split,
+    site_tasks,
+)
 from shared.training.loop import data_key
 from shared.training.pretrain import (
     build_spark,
@@ -58,8 +68,7 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
     views = [site_images(s, cfg, cfg.data.image_size, "light" if spark else "contrastive") for s in sites]
     dataset = pooled(views if spark else [TwoViews(v) for v in views])
     key = data_key([s.name for s in sites])
-    device = pick_device(cfg.device)
-    set_deterministic(cfg.deterministic)
+    device = configure_torch(cfg)
     seed_everything(derive_seed(cfg.seed, "init"))
     model = (build_spark(cfg) if spark else build_moco(cfg)).to(device)
     optimizer = pretrain_optimizer(model, cfg)
@@ -128,3 +137,80 @@ def _history(out: Path, losses: list[float], label: str) -> None:
         writer.writerow(["epoch", label.replace(" ", "_")])
         writer.writerows((i + 1, f"{loss:.6f}") for i, loss in enumerate(losses))
     curve(out / "loss.png", {label: losses}, xlabel="epoch", ylabel="loss", title="pretraining")
+
+
+@dataclass(frozen=True)
+class ReferenceOutputs:
+    pretrained: dict[str, torch.Tensor]  # SparK state after phase 1
+    finetuned: dict[str, torch.Tensor]  # task-model state after phase 2
+    tasks: dict[str, int]
+
+
+def reference_run(cfg: ExperimentConfig, sites: list[Site]) -> ReferenceOutputs:
+    """Both federated phases, centralised: the pooled images of `sites`, the same functions, seeds, initial
+    weights and number of steps as `flwr run .` with every site in every round. One site holding all the data
+    with one local epoch per round must give bitwise what the federation gives (the exactness check)."""
+    f = cfg.federation
+    device = configure_torch(cfg)
+    key = data_key([s.name for s in sites])
+    seed_everything(derive_seed(cfg.seed, "init"))
+    spark = build_spark(cfg).to(device)
+    optimizer = pretrain_optimizer(spark, cfg)
+    dataset = pooled([site_images(s, cfg, cfg.data.image_size, "light") for s in sites])
+    epochs = f.rounds_pretrain * f.local_epochs
+    schedule = pretrain_schedule(cfg, steps_per_epoch(len(dataset), cfg.pretrain.batch_size), epochs)
+    step = 0
+    for epoch in range(epochs):
+        step += pretrain_epoch(
+            spark, optimizer, schedule, dataset, cfg, epoch=epoch, key=key, step=step, device=device
+        ).steps
+    tasks = _held_tasks(cfg, sites)
+    seed_everything(derive_seed(cfg.seed, "init-finetune"))
+    model = build_task_model(cfg, tasks).to(device)
+    encoder = {k: v for k, v in spark.state_dict().items() if k.startswith("encoder.")}
+    model.load_state_dict({**model.state_dict(), **encoder})
+    optimizer = finetune_optimizer(model, cfg)
+    data = {}
+    for task in tasks:
+        parts = [
+            site_images(
+                s,
+                cfg,
+                cfg.finetune_image_size,
+                cfg.finetune.augment,
+                rows=finetune_split(s.rows, task, cfg)[0],
+                task=task,
+            )
+            for s in sites
+            if task in site_tasks(s.rows, (task,))
+        ]
+        data[task] = pooled(parts)
+    per_epoch = sum(steps_per_epoch(len(d), cfg.finetune.batch_size) for d in data.values())
+    schedule = finetune_schedule(cfg, per_epoch, f.rounds_finetune * f.local_epochs)
+    step = 0
+    for epoch in range(f.rounds_finetune * f.local_epochs):
+        for task, dataset in data.items():
+            step += finetune_epoch(
+                model,
+                optimizer,
+                schedule,
+                dataset,
+                cfg,
+                task=task,
+                epoch=epoch,
+                key=f"{key}:{task}",
+                step=step,
+                device=device,
+            ).steps
+    return ReferenceOutputs(_cpu(spark), _cpu(model), tasks)
+
+
+def _cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _held_tasks(cfg: ExperimentConfig, sites: list[Site]) -> dict[str, int]:
+    """Phase 2's tasks as the server picks them: configured, or every task some site holds labels for."""
+    held = sorted({t for s in sites for t in held_tasks(s.rows)})
+    wanted = cfg.federation.tasks or tuple(held)
+    return {t: TASKS[t].num_classes for t in wanted}

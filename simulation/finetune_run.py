@@ -28,12 +28,12 @@ from shared.data.manifest import labelled
 from shared.data.site import Site
 from shared.data.splits import assign_folds, inner_split, label_subset
 from shared.data.transforms import Recipe
-from shared.device import pick_device
+from shared.device import configure_torch
 from shared.errors import ConfigError
 from shared.metrics import bootstrap_ci, evaluate_predictions, mean_std, metric_keys
 from shared.plots import auc_vs_fraction, confusion_plot, roc_plot
 from shared.rundir import RunDir, atomic_write_text
-from shared.seeding import derive_seed, seed_everything, set_deterministic
+from shared.seeding import derive_seed, seed_everything
 from shared.training.data import load_sites, pooled, site_images
 from shared.training.finetune import (
     build_task_model,
@@ -79,8 +79,7 @@ def run_finetuning(cfg: ExperimentConfig, *, resume: bool = False) -> FinetuneOu
     run = RunDir.create(cfg)
     out = run.sub("finetune")
     cohort = _cohort(cfg)
-    device = pick_device(cfg.device)
-    set_deterministic(cfg.deterministic)
+    device = configure_torch(cfg)
     folds = assign_folds(cohort.dev, cohort.column, f.folds, cfg.seed)
     done = pd.read_csv(out / "folds.csv") if resume and (out / "folds.csv").exists() else pd.DataFrame()
     rows = done.to_dict("records")

@@ -8,6 +8,9 @@
   beside a running demo) never talk to each other's SuperLink.
 - Ray puts the SuperLink's working directory first on every actor's import path; with top-level packages
   named client/server/shared that directory must be this project, so start `flwr run .` from the project root.
+  That directory is also every ServerApp's and ClientApp's working directory: relative data paths in run
+  configs and scenarios are read from it.
+- The venv's `bin` leads PATH: `flwr run` starts `flower-superlink` by name.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
 
 
 def flower_env(home: Path | None = None) -> dict[str, str]:
@@ -35,12 +40,15 @@ def flower_env(home: Path | None = None) -> dict[str, str]:
         "FLWR_LOCAL_CONTROL_API_PORT": str(http_port + 1),
         "FLWR_TELEMETRY_ENABLED": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 
 
 def shell_exports(env: dict[str, str]) -> str:
-    """`export K=V ...` for `eval "$(fedretina env)"`."""
-    return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    """`export K=V ...` for `eval "$(fedretina env)"`; PATH keeps the shell's own `$PATH` after the venv."""
+    parts = [f"{k}={shlex.quote(v)}" for k, v in env.items() if k != "PATH"]
+    parts.append(f'PATH={shlex.quote(str(VENV_BIN))}:"$PATH"')
+    return "export " + " ".join(parts)
 
 
 def stop_local_superlink(env: dict[str, str]) -> bool:

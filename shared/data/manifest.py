@@ -125,3 +125,9 @@ def read_manifest_csv(path: Path) -> pd.DataFrame:
             df[column] = df[column].replace("", pd.NA)
     site = df["site"].iloc[0] if len(df) else path.parent.name
     return new_manifest(df.to_dict("records"), site)
+
+
+def held_tasks(df: pd.DataFrame) -> dict[str, int]:
+    """Tasks with at least one usable label in the manifest, and how many labelled images each has."""
+    counts = {c[len(LABEL_PREFIX) :]: len(labelled(df, c[len(LABEL_PREFIX) :])) for c in df if c.startswith(LABEL_PREFIX)}
+    return {t: n for t, n in sorted(counts.items()) if n}

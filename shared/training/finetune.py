@@ -5,6 +5,7 @@ The same `finetune_epoch` and `predict` serve centralised cross-validation and f
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ from shared.training.optim import Schedule, make_optimizer, param_groups
 from shared.training.pretrain import steps_per_epoch
 
 PHASE = "finetune"
+log = logging.getLogger(__name__)
 
 
 def build_task_model(cfg: ExperimentConfig, tasks: dict[str, int]) -> TaskModel:
@@ -146,7 +148,7 @@ def predict(
     labels, probs = [], []
     for batch in loader(dataset, batch_size, seed=None, train=False, workers=workers):
         logits = model(batch["image"].to(device), task)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        probs.append(torch.softmax(logits.double(), dim=1).cpu())  # float64: rows sum to 1 for sklearn
         labels.append(batch["label"])
     return torch.cat(labels).numpy(), torch.cat(probs).double().numpy()
 
@@ -191,7 +193,17 @@ def finetune_split(rows: pd.DataFrame, task: str, cfg: ExperimentConfig) -> tupl
     column = label_column(task)
     dev = labelled(rows, task)
     dev = dev[dev["split"] != "test"]
-    train, val = inner_split(dev, column, cfg.finetune.val_fraction, derive_seed(cfg.seed, "federated-val"))
+    try:
+        train, val = inner_split(
+            dev, column, cfg.finetune.val_fraction, derive_seed(cfg.seed, "federated-val")
+        )
+    except ValueError:  # too few patients to hold some out: train on all, report no validation metrics
+        log.warning(
+            "%d patients hold %s labels here: too few for a validation split",
+            dev["patient_id"].nunique(),
+            task,
+        )
+        train, val = dev, dev.iloc[0:0]
     return train.sort_values("image_id").reset_index(drop=True), val.reset_index(drop=True)
 
 

@@ -1,0 +1,249 @@
+"""What a site does in one federated round, without Flower: the same epoch functions as centralised
+training, plus the state the site keeps between rounds in its own folder.
+
+Site state (`<site state>/federation/<run name>/`, never sent): the optimiser state after each round (so a
+site continues its LAMB/AdamW moments as a centralised run would, and a restarted node loses nothing), and
+under FedBN the site's own BatchNorm parameters and statistics. Data order needs no state: each epoch's
+order, augmentations and masks are derived from (run seed, phase, global epoch, site).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.aggregation import bn_keys
+from shared.config import ExperimentConfig
+from shared.data.site import Site
+from shared.device import configure_torch
+from shared.metrics import evaluate_predictions, metric_keys
+from shared.training.checkpoint import load_checkpoint, save_checkpoint
+from shared.training.data import site_images
+from shared.training.finetune import (
+    build_task_model,
+    finetune_epoch,
+    finetune_optimizer,
+    finetune_schedule,
+    finetune_split,
+    predict,
+    site_tasks,
+)
+from shared.training.loop import proximal_penalty
+from shared.training.pretrain import (
+    build_spark,
+    pretrain_epoch,
+    pretrain_optimizer,
+    pretrain_schedule,
+    steps_per_epoch,
+)
+from shared.weights import load_into, load_weights, save_weights
+
+log = logging.getLogger(__name__)
+KEEP_ROUNDS = 3  # optimiser states kept per phase (a server resumed from an earlier checkpoint finds them)
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What the server asks for this round (from the message's ConfigRecord)."""
+
+    phase: str  # "pretrain" or "finetune"
+    round: int  # 1-based round within the phase
+    total_rounds: int
+    local_epochs: int
+    proximal_mu: float
+    strategy: str
+    run_name: str
+    tasks: tuple[str, ...] = ()  # phase 2: the federation's tasks (one head each) ...
+    classes: tuple[int, ...] = ()  # ... and their class counts
+
+    @property
+    def first_epoch(self) -> int:
+        return (self.round - 1) * self.local_epochs
+
+
+class SiteState:
+    """Files a site keeps for one federated run."""
+
+    def __init__(self, site: Site, run_name: str) -> None:
+        self.dir = site.state / run_name
+
+    def _optimizer(self, phase: str, rnd: int) -> Path:
+        return self.dir / f"{phase}-optimizer-r{rnd:04d}.safetensors"
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, phase: str, rnd: int) -> None:
+        path = self._optimizer(phase, rnd)
+        if rnd >= 1 and path.exists():
+            load_checkpoint(path, optimizer=optimizer)
+        elif rnd >= 1:
+            log.warning("no optimiser state for %s round %d in %s: starting it afresh", phase, rnd, self.dir)
+
+    def save_optimizer(self, optimizer: torch.optim.Optimizer, phase: str, rnd: int) -> None:
+        save_checkpoint(self._optimizer(phase, rnd), {"phase": phase, "round": rnd}, optimizer=optimizer)
+        self._optimizer(phase, rnd - KEEP_ROUNDS).unlink(missing_ok=True)
+
+    def load_bn(self, model: nn.Module, phase: str) -> None:
+        """FedBN: replace the server's BatchNorm entries by this site's own, once it has some."""
+        path = self.dir / f"{phase}-bn.safetensors"
+        if path.exists():
+            tensors, _ = load_weights(path)
+            load_into(model, {**model.state_dict(), **tensors}, path)
+
+    def save_bn(self, model: nn.Module, phase: str) -> None:
+        keys = bn_keys(model)
+        save_weights(
+            self.dir / f"{phase}-bn.safetensors",
+            {k: v for k, v in model.state_dict().items() if k in keys},
+            {"phase": phase},
+        )
+
+
+def pretrain_round(
+    site: Site, cfg: ExperimentConfig, spec: RoundSpec, arrays: Tensors
+) -> tuple[Tensors, dict]:
+    """Local SparK epochs from the global weights; returns (all weights, train metrics)."""
+    started = time.perf_counter()
+    device = configure_torch(cfg)
+    model = build_spark(cfg)
+    load_into(model, arrays, Path("global model"))
+    state = SiteState(site, spec.run_name)
+    if spec.strategy == "fedbn":
+        state.load_bn(model, spec.phase)
+    model.to(device)
+    dataset = site_images(site, cfg, cfg.data.image_size, "light")
+    optimizer = pretrain_optimizer(model, cfg)
+    if cfg.federation.keep_optimizer_state:
+        state.load_optimizer(optimizer, spec.phase, spec.round - 1)
+    per_epoch = steps_per_epoch(len(dataset), cfg.pretrain.batch_size)
+    schedule = pretrain_schedule(cfg, per_epoch, spec.total_rounds * spec.local_epochs)
+    step, penalty, losses = spec.first_epoch * per_epoch, proximal_penalty(model, spec.proximal_mu), []
+    for e in range(spec.local_epochs):
+        result = pretrain_epoch(
+            model,
+            optimizer,
+            schedule,
+            dataset,
+            cfg,
+            epoch=spec.first_epoch + e,
+            key=site.name,
+            step=step,
+            device=device,
+            desc=site.name,
+            penalty=penalty,
+        )
+        step += result.steps
+        losses.append(result.loss)
+    _persist(state, model, optimizer, spec)
+    metrics = _train_metrics(
+        len(dataset), float(np.mean(losses)), step - spec.first_epoch * per_epoch, started
+    )
+    return _cpu(model.state_dict()), metrics
+
+
+def finetune_round(
+    site: Site, cfg: ExperimentConfig, spec: RoundSpec, arrays: Tensors
+) -> tuple[Tensors, dict]:
+    """Local fine-tuning of the encoder and this site's heads; returns (encoder + those heads, metrics)."""
+    started = time.perf_counter()
+    device = configure_torch(cfg)
+    model = build_task_model(cfg, dict(zip(spec.tasks, spec.classes, strict=True)))
+    load_into(model, arrays, Path("global model"))
+    state = SiteState(site, spec.run_name)
+    if spec.strategy == "fedbn":
+        state.load_bn(model, spec.phase)
+    model.to(device)
+    tasks = site_tasks(site.rows, spec.tasks)
+    data = {
+        t: site_images(
+            site,
+            cfg,
+            cfg.finetune_image_size,
+            cfg.finetune.augment,
+            rows=finetune_split(site.rows, t, cfg)[0],
+            task=t,
+        )
+        for t in tasks
+    }
+    optimizer = finetune_optimizer(model, cfg)
+    if cfg.federation.keep_optimizer_state:
+        state.load_optimizer(optimizer, spec.phase, spec.round - 1)
+    per_epoch = sum(steps_per_epoch(len(d), cfg.finetune.batch_size) for d in data.values())
+    schedule = finetune_schedule(cfg, per_epoch, spec.total_rounds * spec.local_epochs)
+    step, penalty, losses = spec.first_epoch * per_epoch, proximal_penalty(model, spec.proximal_mu), []
+    for e in range(spec.local_epochs):
+        for task in tasks:
+            result = finetune_epoch(
+                model,
+                optimizer,
+                schedule,
+                data[task],
+                cfg,
+                task=task,
+                epoch=spec.first_epoch + e,
+                key=f"{site.name}:{task}",
+                step=step,
+                device=device,
+                desc=f"{site.name} {task}",
+                penalty=penalty,
+            )
+            step += result.steps
+            losses.append(result.loss)
+    _persist(state, model, optimizer, spec)
+    images = sum(len(d) for d in data.values())
+    metrics = _train_metrics(images, float(np.mean(losses)), step - spec.first_epoch * per_epoch, started)
+    sent = ("encoder.", *(f"heads.{t}." for t in tasks))
+    return {k: v for k, v in _cpu(model.state_dict()).items() if k.startswith(sent)}, metrics
+
+
+def evaluate_round(site: Site, cfg: ExperimentConfig, spec: RoundSpec, arrays: Tensors) -> dict[str, float]:
+    """The global model on this site's validation images: `<task>-<metric>` for EVERY federation task (NaN
+    and 0 examples for tasks the site lacks), so all sites reply with the same keys."""
+    device = configure_torch(cfg)
+    model = build_task_model(cfg, dict(zip(spec.tasks, spec.classes, strict=True)))
+    load_into(model, arrays, Path("global model"))
+    if spec.strategy == "fedbn":
+        SiteState(site, spec.run_name).load_bn(model, spec.phase)
+    model.to(device)
+    held = site_tasks(site.rows, spec.tasks)
+    out: dict[str, float] = {}
+    for task in spec.tasks:
+        keys = metric_keys(task)
+        val_rows = finetune_split(site.rows, task, cfg)[1] if task in held else site.rows.iloc[0:0]
+        if len(val_rows):
+            val = site_images(site, cfg, cfg.finetune_image_size, "none", rows=val_rows, task=task)
+            y, p = predict(model, val, task, device, cfg.finetune.batch_size)
+            values = evaluate_predictions(y, p, task, referable_threshold=cfg.finetune.referable_threshold)
+            out[f"{task}-num-examples"] = len(y)
+        else:
+            values = dict.fromkeys(keys, float("nan"))
+            out[f"{task}-num-examples"] = 0
+        out |= {f"{task}-{k}": float(v) for k, v in values.items()}
+    return out
+
+
+def _persist(state: SiteState, model: nn.Module, optimizer: torch.optim.Optimizer, spec: RoundSpec) -> None:
+    if spec.strategy == "fedbn":
+        state.save_bn(model, spec.phase)
+    state.save_optimizer(optimizer, spec.phase, spec.round)
+
+
+def _train_metrics(images: int, loss: float, steps: int, started: float) -> dict[str, float]:
+    seconds = time.perf_counter() - started
+    return {
+        "num-examples": images,
+        "train-loss": loss,
+        "steps": steps,
+        "duration-s": seconds,
+        "images-per-s": images / max(seconds, 1e-9),
+    }
+
+
+def _cpu(state: Tensors) -> Tensors:
+    return {k: v.detach().cpu() for k, v in state.items()}

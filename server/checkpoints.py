@@ -1,0 +1,75 @@
+"""Server checkpoints: after every round, the global weights (and FedAdam's moments) as safetensors with a
+JSON record (phase, round, seed, strategy). The newest few per phase are kept, the last of a phase always.
+A server restarted with resume continues after the newest one; all other randomness is derived from
+(run seed, round, site), so the continued run computes what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.aggregation import Arrays, FedAdamState
+from shared.weights import load_weights, save_weights
+
+PHASES = ("pretrain", "finetune")
+NAME = re.compile(r"^(pretrain|finetune)-r(\d{4})\.safetensors$")
+
+
+@dataclass(frozen=True)
+class Saved:
+    phase: str
+    round: int
+    arrays: Arrays
+    adam: FedAdamState | None
+    meta: dict[str, Any]
+
+
+class Checkpoints:
+    def __init__(self, directory: Path, keep: int = 3) -> None:
+        self.dir, self.keep = directory, keep
+
+    def path(self, phase: str, rnd: int) -> Path:
+        return self.dir / f"{phase}-r{rnd:04d}.safetensors"
+
+    def save(
+        self, phase: str, rnd: int, arrays: Arrays, adam: FedAdamState | None, meta: dict[str, Any]
+    ) -> Path:
+        tensors = {
+            f"global.{k}": torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()
+        }
+        if adam is not None:
+            tensors |= {f"adam.m.{k}": torch.from_numpy(v) for k, v in adam.m.items()}
+            tensors |= {f"adam.v.{k}": torch.from_numpy(v) for k, v in adam.v.items()}
+        record = {**meta, "phase": phase, "round": rnd, "adam_step": adam.step if adam else None}
+        path = self.path(phase, rnd)
+        save_weights(path, tensors, record)
+        for old in self.rounds(phase)[: -self.keep]:
+            self.path(phase, old).unlink(missing_ok=True)
+        return path
+
+    def rounds(self, phase: str) -> list[int]:
+        found = [NAME.match(p.name) for p in self.dir.glob("*.safetensors")] if self.dir.is_dir() else []
+        return sorted(int(m.group(2)) for m in found if m and m.group(1) == phase)
+
+    def latest(self) -> Saved | None:
+        for phase in reversed(PHASES):
+            rounds = self.rounds(phase)
+            if rounds:
+                return self.load(phase, rounds[-1])
+        return None
+
+    def load(self, phase: str, rnd: int) -> Saved:
+        tensors, meta = load_weights(self.path(phase, rnd))
+        arrays = {k[7:]: v.numpy() for k, v in tensors.items() if k.startswith("global.")}
+        adam = None
+        if meta.get("adam_step") is not None:
+            m = {k[7:]: v.numpy() for k, v in tensors.items() if k.startswith("adam.m.")}
+            v = {k[7:]: t.numpy() for k, t in tensors.items() if k.startswith("adam.v.")}
+            adam = FedAdamState(m, v, int(meta["adam_step"]))
+        return Saved(phase, rnd, arrays, adam, meta)

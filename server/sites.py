@@ -1,0 +1,115 @@
+"""Which sites are in the federation: a `query` round maps Flower node ids to site names, tasks and sizes,
+and our own deadline replaces Flower's wait-forever for sites that never connect."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from server.store import RunStore
+from shared.errors import UserError
+
+log = logging.getLogger(__name__)
+POLL_S = 1.0
+
+
+class FederationError(UserError):
+    """The federation cannot proceed (too few sites within the deadline, nothing left to aggregate)."""
+
+    exit_code = 5
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    node_id: int
+    name: str
+    partition: int
+    images: int
+    labelled: dict[str, int]  # task -> labelled images
+    classes: dict[str, int]  # task -> number of classes
+
+
+class SiteDirectory:
+    def __init__(
+        self, store: RunStore, *, expected: int, min_sites: int, deadline_s: float, timeout_s: float
+    ):
+        self.store, self.expected, self.min_sites = store, expected, min_sites
+        self.deadline_s, self.timeout_s = deadline_s, timeout_s
+        self.known: dict[int, SiteInfo] = {}
+        self.failed: set[int] = set()  # nodes that could not say which site they are (not asked again)
+
+    def name(self, node_id: int) -> str:
+        info = self.known.get(node_id)
+        return info.name if info else f"node-{node_id}"
+
+    def refresh(self, grid: Grid) -> None:
+        """Ask every connected node not yet known who it is."""
+        unknown = [n for n in grid.get_node_ids() if n not in self.known and n not in self.failed]
+        if not unknown:
+            return
+        messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in sorted(unknown)]
+        for reply in grid.send_and_receive(messages, timeout=self.timeout_s):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.store.event(
+                    "site-error", f"node {node} could not describe its site: {reply.error.reason}", "error"
+                )
+                self.failed.add(node)
+                continue
+            c = reply.content["site"]
+            tasks = list(c["tasks"])
+            info = SiteInfo(
+                node,
+                str(c["site"]),
+                int(c["partition"]),
+                int(c["images"]),
+                dict(zip(tasks, map(int, c["labelled"]), strict=True)),
+                dict(zip(tasks, map(int, c["classes"]), strict=True)),
+            )
+            self.known[node] = info
+            self.store.add_site(node, info.name, info.partition, info.images, tasks)
+            log.info(
+                "site %s joined (node %s): %d images, labels %s",
+                info.name,
+                node,
+                info.images,
+                info.labelled or "none",
+            )
+
+    def wait(
+        self, grid: Grid, eligible: Callable[[SiteInfo], bool] = lambda s: True, needed: int | None = None
+    ) -> list[SiteInfo]:
+        """Connected, known, eligible sites sorted by name, once `expected` nodes are here or the deadline
+        passes; fewer than `needed` (default min_sites) by then is a recorded, one-line failure."""
+        needed = self.min_sites if needed is None else needed
+        deadline = time.monotonic() + self.deadline_s
+        while True:
+            self.refresh(grid)
+            connected = set(grid.get_node_ids())
+            live = sorted(
+                (s for n, s in self.known.items() if n in connected and eligible(s)), key=lambda s: s.name
+            )
+            if len(connected & set(self.known)) >= self.expected and len(live) >= needed:
+                return live
+            if time.monotonic() >= deadline:
+                if len(live) >= needed:
+                    log.warning(
+                        "deadline passed with %d of %d sites: continuing with %s",
+                        len(connected),
+                        self.expected,
+                        ", ".join(s.name for s in live),
+                    )
+                    return live
+                message = (
+                    f"only {len(live)} eligible site(s) connected within {self.deadline_s:.0f} s "
+                    f"({', '.join(s.name for s in live) or 'none'}); at least {needed} needed"
+                )
+                self.store.event("deadline", message, "error")
+                raise FederationError(message)
+            log.info("waiting for sites: %d of %d connected", len(connected), self.expected)
+            time.sleep(POLL_S)

@@ -1,0 +1,172 @@
+"""The run store: one SQLite file per run directory, written by the ServerApp, read by people and tools.
+
+Tables: runs, sites, rounds, replies (one row per site per round: site name, node id as TEXT since Flower's
+node ids are uint64, examples, metrics, duration, bytes, update norm, cosine to the aggregate, accepted or
+rejected with the reason), metrics (global, per round and source), checkpoints and events. Every write is
+its own transaction, so a killed server leaves a consistent store.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, name TEXT, started REAL, finished REAL, status TEXT, scenario TEXT,
+    strategy TEXT, config TEXT);
+CREATE TABLE IF NOT EXISTS sites (
+    run_id TEXT, node_id TEXT, site TEXT, partition INTEGER, images INTEGER, tasks TEXT, joined REAL,
+    PRIMARY KEY (run_id, node_id));
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT, phase TEXT, round INTEGER, started REAL, finished REAL, sampled INTEGER, replied INTEGER,
+    accepted INTEGER, status TEXT, PRIMARY KEY (run_id, phase, round));
+CREATE TABLE IF NOT EXISTS replies (
+    run_id TEXT, phase TEXT, round INTEGER, kind TEXT, site TEXT, node_id TEXT, num_examples INTEGER,
+    metrics TEXT, duration REAL, bytes INTEGER, update_norm REAL, cosine REAL, accepted INTEGER, reason TEXT);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT, phase TEXT, round INTEGER, source TEXT, key TEXT, value REAL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT, phase TEXT, round INTEGER, path TEXT, created REAL, PRIMARY KEY (run_id, phase, round));
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT, time REAL, level TEXT, kind TEXT, message TEXT);
+"""
+
+
+@dataclass(frozen=True)
+class Reply:
+    phase: str
+    round: int
+    kind: str  # "train" or "evaluate"
+    site: str
+    node_id: int
+    num_examples: int
+    metrics: dict[str, float]
+    duration: float
+    bytes: int
+    update_norm: float | None = None
+    cosine: float | None = None
+    accepted: bool = True
+    reason: str = ""
+
+
+class RunStore:
+    def __init__(self, path: Path, run_id: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.run_id = path, str(run_id)
+        with self._db() as db:
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            with db:  # one transaction
+                yield db
+        finally:
+            db.close()
+
+    def start_run(self, name: str, scenario: str, strategy: str, config: dict[str, Any]) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, NULL, 'running', ?, ?, ?)",
+                (self.run_id, name, time.time(), scenario, strategy, json.dumps(config)),
+            )
+
+    def finish_run(self, status: str) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE runs SET finished = ?, status = ? WHERE run_id = ?",
+                (time.time(), status, self.run_id),
+            )
+
+    def add_site(self, node_id: int, site: str, partition: int, images: int, tasks: list[str]) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO sites VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (self.run_id, str(node_id), site, partition, images, ",".join(tasks), time.time()),
+            )
+
+    def round_started(self, phase: str, rnd: int, sampled: int) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, NULL, ?, NULL, NULL, 'running')",
+                (self.run_id, phase, rnd, time.time(), sampled),
+            )
+
+    def round_finished(self, phase: str, rnd: int, replied: int, accepted: int, status: str) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE rounds SET finished = ?, replied = ?, accepted = ?, status = ? "
+                "WHERE run_id = ? AND phase = ? AND round = ?",
+                (time.time(), replied, accepted, status, self.run_id, phase, rnd),
+            )
+
+    def add_reply(self, r: Reply) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.run_id,
+                    r.phase,
+                    r.round,
+                    r.kind,
+                    r.site,
+                    str(r.node_id),
+                    r.num_examples,
+                    json.dumps(r.metrics),
+                    r.duration,
+                    r.bytes,
+                    r.update_norm,
+                    r.cosine,
+                    int(r.accepted),
+                    r.reason,
+                ),
+            )
+
+    def add_metrics(self, phase: str, rnd: int, source: str, values: dict[str, float]) -> None:
+        with self._db() as db:
+            db.executemany(
+                "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)",
+                [(self.run_id, phase, rnd, source, k, float(v)) for k, v in values.items()],
+            )
+
+    def add_checkpoint(self, phase: str, rnd: int, path: Path) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                (self.run_id, phase, rnd, str(path), time.time()),
+            )
+
+    def event(self, kind: str, message: str, level: str = "info") -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?)", (self.run_id, time.time(), level, kind, message)
+            )
+
+    def forget_after(self, phase: str, rnd: int) -> None:
+        """On resume: drop what rounds after the checkpoint recorded (the resumed run records them again)."""
+        later = ("finetune",) if phase == "pretrain" else ()
+        with self._db() as db:
+            for table in ("rounds", "replies", "metrics", "checkpoints"):
+                db.execute(
+                    f"DELETE FROM {table} WHERE run_id = ? AND ((phase = ? AND round > ?) OR phase IN "
+                    f"({','.join('?' * len(later)) or 'NULL'}))",
+                    (self.run_id, phase, rnd, *later),
+                )
+
+    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """Read-only helper for reports and tests."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()

@@ -1,0 +1,142 @@
+"""Aggregation as pure functions: dicts of arrays and weights in, one dict out (no Flower, no I/O).
+
+- `check_update`: the reason an update must be rejected (wrong keys, shapes or dtypes, NaN/Inf, a norm
+  above the bound), or None.
+- `average`: each key is averaged over the sites whose update holds it, weighted by their example counts,
+  accumulated in float64 over updates sorted by site, then cast back. So the encoder is averaged over every
+  participant while a task head is averaged only among the sites of that task. Integer buffers (BatchNorm's
+  `num_batches_tracked`) are never averaged as floats: the largest count is kept.
+- FedBN: `bn_keys` names BatchNorm parameters and buffers, which such sites keep local.
+- FedAdam (Reddi et al. 2021): the averaged change is a pseudo-gradient for a server-side Adam step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Update:
+    site: str
+    arrays: Arrays
+    weight: float  # number of training examples
+
+
+def check_update(
+    arrays: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    *,
+    required: Iterable[str],
+    max_norm: float,
+) -> str | None:
+    """Why `arrays` cannot be aggregated against the current global `reference`, or None if it can."""
+    unexpected = sorted(set(arrays) - set(reference))
+    if unexpected:
+        return f"unexpected keys, e.g. {unexpected[:2]}"
+    missing = sorted(set(required) - set(arrays))
+    if missing:
+        return f"missing keys, e.g. {missing[:2]}"
+    for key, value in arrays.items():
+        ref = reference[key]
+        if value.shape != ref.shape:
+            return f"{key}: shape {value.shape} instead of {ref.shape}"
+        if value.dtype != ref.dtype:
+            return f"{key}: dtype {value.dtype} instead of {ref.dtype}"
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            return f"{key}: holds NaN or Inf"
+    norm = update_norm(arrays, reference)
+    if norm > max_norm:
+        return f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}"
+    return None
+
+
+def average(updates: list[Update], reference: Mapping[str, np.ndarray]) -> Arrays:
+    """Per-key weighted mean over the updates holding that key; keys nobody sent keep the reference value."""
+    ordered = sorted(updates, key=lambda u: u.site)
+    out: Arrays = {}
+    for key, ref in reference.items():
+        holders = [u for u in ordered if key in u.arrays]
+        if not holders:
+            out[key] = ref
+        elif not np.issubdtype(ref.dtype, np.floating):
+            out[key] = np.max(np.stack([u.arrays[key] for u in holders]), axis=0).astype(ref.dtype)
+        else:
+            total = sum(u.weight for u in holders)
+            acc = np.zeros(ref.shape, dtype=np.float64)
+            for u in holders:
+                acc += u.arrays[key].astype(np.float64) * (u.weight / total)
+            out[key] = acc.astype(ref.dtype)
+    return out
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of (arrays - reference) over the floating-point keys both hold."""
+    total = 0.0
+    for key, value in arrays.items():
+        if key in reference and np.issubdtype(value.dtype, np.floating):
+            diff = value.astype(np.float64) - reference[key].astype(np.float64)
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return total**0.5
+
+
+def cosine(
+    arrays: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> float:
+    """Cosine between a site's change and the aggregate's change (over the keys the site sent)."""
+    dot = na = nb = 0.0
+    for key, value in arrays.items():
+        if key in reference and np.issubdtype(value.dtype, np.floating):
+            a = (value.astype(np.float64) - reference[key]).ravel()
+            b = (aggregate[key].astype(np.float64) - reference[key]).ravel()
+            dot, na, nb = dot + float(a @ b), na + float(a @ a), nb + float(b @ b)
+    return dot / (na * nb) ** 0.5 if na > 0 and nb > 0 else 0.0
+
+
+def bn_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of every BatchNorm (weights, biases, running statistics, counters)."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            prefix = f"{name}." if name else ""
+            keys |= {prefix + k for k in module.state_dict()}
+    return keys
+
+
+@dataclass
+class FedAdamState:
+    m: Arrays
+    v: Arrays
+    step: int = 0
+
+
+def fedadam(
+    reference: Mapping[str, np.ndarray],
+    averaged: Mapping[str, np.ndarray],
+    state: FedAdamState | None,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+) -> tuple[Arrays, FedAdamState]:
+    """One server Adam step on the pseudo-gradient (averaged - reference); non-float keys pass through."""
+    if state is None:
+        state = FedAdamState({}, {})
+    out: Arrays = {}
+    for key, ref in reference.items():
+        if not np.issubdtype(ref.dtype, np.floating):
+            out[key] = averaged[key]
+            continue
+        delta = averaged[key].astype(np.float64) - ref.astype(np.float64)
+        m = beta1 * state.m.get(key, np.zeros_like(delta)) + (1 - beta1) * delta
+        v = beta2 * state.v.get(key, np.zeros_like(delta)) + (1 - beta2) * delta * delta
+        state.m[key], state.v[key] = m, v
+        out[key] = (ref.astype(np.float64) + lr * m / (np.sqrt(v) + tau)).astype(ref.dtype)
+    state.step += 1
+    return out, state

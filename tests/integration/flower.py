@@ -1,0 +1,98 @@
+"""Running the real `flwr run .` from tests: an isolated FLWR_HOME (and so its own local SuperLink and
+ports) per test module, started from the app's directory, stopped afterwards."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from simulation.flower_env import VENV_BIN, flower_env, stop_local_superlink
+
+
+@dataclass(frozen=True)
+class Flower:
+    home: Path
+    app: Path  # the app directory `flwr run .` starts from (the project root, or a test app)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **flower_env(self.home)}
+
+    def command(self, nodes: int, run_config: dict[str, object]) -> list[str]:
+        config = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        return [
+            str(VENV_BIN / "flwr"),
+            "run",
+            ".",
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={nodes} client-resources-num-cpus=1",
+            "--run-config",
+            config,
+        ]
+
+    def run(
+        self, nodes: int, run_config: dict[str, object], timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(nodes, run_config),
+            cwd=self.app,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def run_and_kill(
+        self, nodes: int, run_config: dict[str, object], when: Callable[[], bool], timeout: float = 600
+    ) -> bool:
+        """Start a run, SIGKILL its server process (flwr-simulation) once `when()` holds; True if killed."""
+        process = subprocess.Popen(
+            self.command(nodes, run_config),
+            cwd=self.app,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        port = flower_env(self.home)["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+        deadline, killed = time.monotonic() + timeout, False
+        try:
+            while time.monotonic() < deadline and process.poll() is None:
+                if when():
+                    found = subprocess.run(
+                        ["pkill", "-9", "-f", f"flwr-simulation --runtime-api-address 127.0.0.1:{port}"],
+                        check=False,
+                    )
+                    killed = found.returncode == 0
+                    break
+                time.sleep(0.05)
+        finally:
+            os.killpg(
+                process.pid, signal.SIGTERM
+            )  # the `flwr run --stream` client, left streaming a dead run
+            process.wait()
+        return killed
+
+    def stop(self) -> None:
+        stop_local_superlink(flower_env(self.home))
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return '"' + str(value).replace('"', '\\"') + '"'
+
+
+def sets(**overrides: object) -> str:
+    """The run config's `set` string from keyword overrides (dots as double underscores)."""
+    return " ".join(f"{k.replace('__', '.')}={shlex.quote(str(v))}" for k, v in overrides.items())

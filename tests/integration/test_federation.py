@@ -1,0 +1,238 @@
+"""The federation through real Flower processes (`flwr run .`, local SuperLink, Ray actors), tiny profile.
+
+- two virtual sites, 1+1 rounds: both phases complete and everything lands in the run store;
+- one site holding all the data: final weights of both phases equal centralised training bitwise, two
+  identical runs are bitwise identical, and a server killed mid-run resumes to the same weights.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from shared.config import load_config
+from shared.data.checks import load_checked_manifest
+from shared.data.site import Site, load_site_config
+from shared.models import TaskModel, nnmobilenet
+from shared.weights import load_weights
+from simulation.centralised import reference_run
+from tests.conftest import ROOT, write_site
+from tests.integration.flower import Flower, sets
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def flower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flower]:
+    fl = Flower(tmp_path_factory.mktemp("flwr-home"), ROOT)
+    yield fl
+    fl.stop()
+
+
+def scenario(path: Path, sites: list[Path]) -> Path:
+    path.write_text(yaml.safe_dump({"name": path.stem, "sites": [str(s) for s in sites]}))
+    return path
+
+
+def store_rows(run_dir: Path, sql: str) -> list[tuple]:
+    db = sqlite3.connect(run_dir / "federation" / "store.sqlite")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def test_two_virtual_sites_run_both_phases_through_flwr_run(
+    flower: Flower, tiny_sites: dict[str, Path], tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    plan = scenario(tmp_path / "two.yaml", [tiny_sites["eyepacs"], tiny_sites["mmac"]])
+    result = flower.run(
+        2,
+        {
+            "profile": "tiny",
+            "scenario": str(plan),
+            "run-name": "two",
+            "set": sets(runs_dir=runs, federation__min_sites=1),
+        },
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = runs / "two"
+    assert store_rows(run, "SELECT status FROM runs") == [("completed",)]
+    assert sorted(store_rows(run, "SELECT site FROM sites")) == [("eyepacs",), ("mmac",)]
+    rounds = store_rows(run, "SELECT phase, round, sampled, accepted, status FROM rounds ORDER BY phase DESC")
+    assert rounds == [("pretrain", 1, 2, 2, "ok"), ("finetune", 1, 2, 2, "ok")]
+    replies = store_rows(
+        run,
+        "SELECT phase, site, node_id, num_examples, bytes, update_norm, cosine, accepted "
+        "FROM replies WHERE kind = 'train'",
+    )
+    assert len(replies) == 4 and all(r[7] == 1 and r[4] > 0 and r[5] > 0 and -1 <= r[6] <= 1 for r in replies)
+    assert all(isinstance(r[2], str) and int(r[2]) > 0 for r in replies)  # uint64 node ids kept as text
+    keys = {k for (k,) in store_rows(run, "SELECT key FROM metrics WHERE source = 'federated-eval'")}
+    assert {"dr-auc", "mmac-kappa"} <= keys
+    assert (
+        store_rows(run, "SELECT count(*) FROM metrics WHERE source = 'server-probe'")[0][0] == 2
+    )  # rounds 0, 1
+    fed = run / "federation"
+    assert (fed / "probes" / "pretrain-r0001.png").is_file() and (fed / "summary.md").is_file()
+    encoder, meta = load_weights(fed / "encoder.safetensors")
+    cfg = load_config(profile="tiny")
+    TaskModel(nnmobilenet(cfg.model.width_mult), {"dr": 5}).encoder.load_state_dict(encoder, strict=True)
+    model, meta = load_weights(fed / "model.safetensors")
+    assert meta["tasks"] == ["dr", "mmac"] and "heads.mmac.1.weight" in model
+    assert (
+        "pretrain round 1" in result.stdout + result.stderr
+        and "| pretrain | 1 | 2/2 |" in (fed / "summary.md").read_text()
+    )
+
+
+# ---------------------------------------------------------------------------------------- one site holds all
+# One torch thread on both sides: the same floats need the same summation order (Ray actors default to 1).
+ROUNDS = {
+    "threads": 1,
+    "federation__rounds_pretrain": 3,
+    "federation__rounds_finetune": 2,
+    "federation__local_epochs": 1,
+    "federation__min_sites": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def single_site(flower: Flower, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three runs of one single-site federation: two uninterrupted, one killed after a round and resumed."""
+    root = tmp_path_factory.mktemp("single")
+    site = write_site(root, "eyepacs", 40, seed=3, height=96, styles=("eyepacs-mixed-a", "eyepacs-mixed-b"))
+    plan = scenario(root / "single.yaml", [site])
+    runs = root / "runs"
+
+    def config(name: str, **extra: object) -> dict[str, object]:
+        return {
+            "profile": "tiny",
+            "scenario": str(plan),
+            "run-name": name,
+            "set": sets(runs_dir=runs, **ROUNDS),
+            **extra,
+        }
+
+    for name in ("a", "b"):
+        result = flower.run(1, config(name))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    first = runs / "killed" / "federation" / "checkpoints" / "pretrain-r0001.safetensors"
+    assert flower.run_and_kill(1, config("killed"), first.exists), "the server was not killed mid-run"
+    assert not (runs / "killed" / "federation" / "model.safetensors").exists()
+    resumed = flower.run(1, config("killed", resume=True))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming after pretrain round" in resumed.stdout + resumed.stderr
+    return {"site": site, "runs": runs}
+
+
+def final(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    encoder, _ = load_weights(run / "federation" / "encoder.safetensors")
+    model, _ = load_weights(run / "federation" / "model.safetensors")
+    return encoder, model
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_federated_simulation_equals_centralised_training_bitwise(single_site: dict[str, Path]) -> None:
+    cfg = load_config(profile="tiny", overrides={k.replace("__", "."): v for k, v in ROUNDS.items()})
+    config = load_site_config(single_site["site"])
+    reference = reference_run(cfg, [Site(config.name, config, load_checked_manifest(config))])
+    encoder, model = final(single_site["runs"] / "a")
+    central_encoder = {
+        k.removeprefix("encoder."): v for k, v in reference.pretrained.items() if k.startswith("encoder.")
+    }
+    assert same(encoder, central_encoder), "phase 1 differs from centralised SparK pretraining"
+    assert same(model, reference.finetuned), "phase 2 differs from centralised fine-tuning"
+
+
+def test_two_identical_simulations_give_bitwise_identical_weights(single_site: dict[str, Path]) -> None:
+    a, b = final(single_site["runs"] / "a"), final(single_site["runs"] / "b")
+    assert same(a[0], b[0]) and same(a[1], b[1])
+
+
+def test_a_killed_server_resumes_to_the_uninterrupted_runs_weights(single_site: dict[str, Path]) -> None:
+    a, killed = final(single_site["runs"] / "a"), final(single_site["runs"] / "killed")
+    assert same(a[0], killed[0]) and same(a[1], killed[1])
+    rounds = store_rows(
+        single_site["runs"] / "killed", "SELECT phase, round, status FROM rounds ORDER BY phase DESC, round"
+    )
+    assert rounds == [
+        ("pretrain", 1, "ok"),
+        ("pretrain", 2, "ok"),
+        ("pretrain", 3, "ok"),
+        ("finetune", 1, "ok"),
+        ("finetune", 2, "ok"),
+    ]
+
+
+# -------------------------------------------------------------------------------------------- faulty sites
+def faulty_app(tmp_path: Path) -> Path:
+    """A copy of this app whose clientapp is `faulty_client.py` (its server is ours, unchanged)."""
+    import shutil
+
+    app = tmp_path / "faulty-app"
+    for package in ("server", "client", "shared", "simulation"):
+        shutil.copytree(ROOT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "tests" / "integration" / "faulty_client.py", app / "faulty_client.py")
+    text = (
+        (ROOT / "pyproject.toml")
+        .read_text()
+        .replace('clientapp = "client.app:app"', 'clientapp = "faulty_client:app"')
+    )
+    (app / "pyproject.toml").write_text(text)
+    (app / "README.md").write_text("faulty sites for a test\n")
+    return app
+
+
+def test_faulty_sites_are_rejected_with_their_reasons_and_the_run_completes(
+    tiny_sites: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    fl = Flower(tmp_path_factory.mktemp("flwr-home-faulty"), faulty_app(tmp_path))
+    plan = tmp_path / "iid4.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {"name": "iid4", "split": {"kind": "iid", "source": str(tiny_sites["aptos"]), "parts": 4}}
+        )
+    )
+    runs = tmp_path / "runs"
+    try:
+        result = fl.run(
+            4,
+            {
+                "profile": "tiny",
+                "scenario": str(plan),
+                "run-name": "faulty",
+                "set": sets(
+                    runs_dir=runs,
+                    federation__min_sites=1,
+                    federation__rounds_finetune=1,
+                    federation__max_update_norm=1e5,
+                ),
+            },
+        )
+    finally:
+        fl.stop()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = runs / "faulty"
+    assert store_rows(run, "SELECT status FROM runs") == [("completed",)]
+    rows = store_rows(
+        run, "SELECT phase, site, accepted, reason FROM replies WHERE kind = 'train' ORDER BY site"
+    )
+    for phase in ("pretrain", "finetune"):
+        by_site = {site: (accepted, reason) for p, site, accepted, reason in rows if p == phase}
+        assert by_site["aptos-iid0"] == (1, "")
+        assert by_site["aptos-iid1"][0] == 0 and "holds NaN or Inf" in by_site["aptos-iid1"][1]
+        assert by_site["aptos-iid2"][0] == 0 and "shape" in by_site["aptos-iid2"][1]
+        assert by_site["aptos-iid3"][0] == 0 and "exceeds the bound" in by_site["aptos-iid3"][1]
+    assert store_rows(run, "SELECT accepted, status FROM rounds") == [(1, "ok"), (1, "ok")]
+    model, _ = load_weights(run / "federation" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())

@@ -1,0 +1,96 @@
+"""Aggregation properties: order invariance, weights, head routing, integer buffers, validation, FedAdam."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from torch import nn
+
+from shared.aggregation import Update, average, bn_keys, check_update, cosine, fedadam, update_norm
+
+
+def arrays(seed: int, keys: tuple[str, ...] = ("enc.w", "enc.b", "heads.dr.w")) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {k: rng.normal(size=(3, 4)).astype(np.float32) for k in keys}
+    out["bn.num_batches_tracked"] = np.array(seed, dtype=np.int64)
+    return out
+
+
+REF = arrays(0)
+
+
+def test_average_equals_a_numpy_weighted_mean_and_ignores_reply_order() -> None:
+    ups = [Update("b", arrays(1), 10), Update("a", arrays(2), 30), Update("c", arrays(3), 60)]
+    out = average(ups, REF)
+    expected = (
+        10 * arrays(1)["enc.w"].astype(np.float64) + 30 * arrays(2)["enc.w"] + 60 * arrays(3)["enc.w"]
+    ) / 100
+    assert np.allclose(out["enc.w"], expected, atol=1e-7)
+    assert out["enc.w"].dtype == np.float32
+    for perm in ([2, 0, 1], [1, 2, 0]):
+        again = average([ups[i] for i in perm], REF)
+        assert all(np.array_equal(again[k], out[k]) for k in out)  # bitwise, not just close
+
+
+def test_one_site_returns_its_weights_bitwise() -> None:
+    only = arrays(5)
+    out = average([Update("solo", only, 123)], REF)
+    assert all(np.array_equal(out[k], only[k]) for k in only)
+
+
+def test_head_is_averaged_only_among_sites_that_sent_it() -> None:
+    with_head = Update("eyepacs", arrays(1), 1)
+    without = Update("mmac", {k: v for k, v in arrays(2).items() if not k.startswith("heads.dr")}, 3)
+    out = average([with_head, without], REF)
+    assert np.array_equal(out["heads.dr.w"], arrays(1)["heads.dr.w"])
+    assert np.allclose(out["enc.w"], (arrays(1)["enc.w"] + 3 * arrays(2)["enc.w"].astype(np.float64)) / 4)
+
+
+def test_integer_buffers_are_never_averaged_as_floats() -> None:
+    out = average([Update("a", arrays(3), 1), Update("b", arrays(8), 1)], REF)
+    assert out["bn.num_batches_tracked"].dtype == np.int64
+    assert int(out["bn.num_batches_tracked"]) == 8
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda a: a.update({"extra": np.zeros(1, np.float32)}), "unexpected keys"),
+        (lambda a: a.pop("enc.b"), "missing keys"),
+        (lambda a: a.update({"enc.w": np.zeros((4, 3), np.float32)}), "shape"),
+        (lambda a: a.update({"enc.w": a["enc.w"].astype(np.float64)}), "dtype"),
+        (lambda a: a["enc.w"].__setitem__((0, 0), np.nan), "NaN"),
+        (lambda a: a.update({"enc.w": a["enc.w"] + 1e6}), "exceeds the bound"),
+    ],
+)
+def test_bad_updates_are_rejected_with_a_reason(mutate, reason: str) -> None:
+    update = {k: v.copy() for k, v in REF.items()}
+    mutate(update)
+    got = check_update(update, REF, required=("enc.w", "enc.b"), max_norm=1e3)
+    assert got is not None and reason in got
+
+
+def test_a_good_update_passes_and_norms_and_cosines_are_right() -> None:
+    update = {k: v.copy() for k, v in REF.items()}
+    update["enc.w"] = update["enc.w"] + 1.0
+    assert check_update(update, REF, required=REF, max_norm=100) is None
+    assert update_norm(update, REF) == pytest.approx(np.sqrt(12))
+    assert cosine(update, update, REF) == pytest.approx(1.0)
+    opposite = {**REF, "enc.w": REF["enc.w"] - 1.0}
+    assert cosine(update, opposite, REF) == pytest.approx(-1.0)
+
+
+def test_bn_keys_name_parameters_buffers_and_counters() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4))
+    assert bn_keys(model) == {
+        f"1.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    }
+
+
+def test_fedadam_moves_along_the_pseudo_gradient() -> None:
+    averaged = {k: (v + 0.1 if v.dtype == np.float32 else v) for k, v in REF.items()}
+    out, state = fedadam(REF, averaged, None, lr=0.01)
+    step = out["enc.w"].astype(np.float64) - REF["enc.w"]
+    # first step: m = 0.1 * delta, v = 0.01 * delta^2 -> lr * 0.1 * 0.1 / (0.1 * 0.1 + tau) along +delta
+    assert np.allclose(step, 0.01 * 0.01 / (0.01 + 1e-3), atol=1e-6)
+    assert state.step == 1 and int(out["bn.num_batches_tracked"]) == 0
