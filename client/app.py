@@ -29,6 +29,7 @@ def _inputs(msg: Message, context: Context) -> tuple[Site, ExperimentConfig, Rou
         round=int(c["round"]),
         total_rounds=int(c["total-rounds"]),
         local_epochs=int(c["local-epochs"]),
+        local_steps=int(c.get("local-steps", 0)),
         proximal_mu=float(c.get("proximal-mu", 0.0)),
         strategy=str(c["strategy"]),
         run_name=options.run_name,

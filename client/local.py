@@ -9,6 +9,7 @@ order, augmentations and masks are derived from (run seed, phase, global epoch, 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from shared.config import ExperimentConfig
 from shared.data.site import Site
 from shared.device import configure_torch
 from shared.metrics import evaluate_predictions, metric_keys
+from shared.rundir import atomic_write_text
 from shared.training.checkpoint import load_checkpoint, save_checkpoint
 from shared.training.data import site_images
 from shared.training.finetune import (
@@ -34,7 +36,7 @@ from shared.training.finetune import (
     predict,
     site_tasks,
 )
-from shared.training.loop import proximal_penalty
+from shared.training.loop import proximal_penalty, step_plan
 from shared.training.pretrain import (
     build_spark,
     pretrain_epoch,
@@ -58,6 +60,7 @@ class RoundSpec:
     round: int  # 1-based round within the phase
     total_rounds: int
     local_epochs: int
+    local_steps: int
     proximal_mu: float
     strategy: str
     run_name: str
@@ -89,6 +92,11 @@ class SiteState:
         save_checkpoint(self._optimizer(phase, rnd), {"phase": phase, "round": rnd}, optimizer=optimizer)
         self._optimizer(phase, rnd - KEEP_ROUNDS).unlink(missing_ok=True)
 
+    def save_progress(self, spec: RoundSpec, step: int) -> None:
+        """Where this site stands (round, global step): for people and audits; training derives it anyway."""
+        record = {"round": spec.round, "total_rounds": spec.total_rounds, "step": step}
+        atomic_write_text(self.dir / f"{spec.phase}-progress.json", json.dumps(record))
+
     def load_bn(self, model: nn.Module, phase: str) -> None:
         """FedBN: replace the server's BatchNorm entries by this site's own, once it has some."""
         path = self.dir / f"{phase}-bn.safetensors"
@@ -108,7 +116,7 @@ class SiteState:
 def pretrain_round(
     site: Site, cfg: ExperimentConfig, spec: RoundSpec, arrays: Tensors
 ) -> tuple[Tensors, dict]:
-    """Local SparK epochs from the global weights; returns (all weights, train metrics)."""
+    """Local SparK epochs (or steps) from the global weights; returns (all weights, train metrics)."""
     started = time.perf_counter()
     device = configure_torch(cfg)
     model = build_spark(cfg)
@@ -121,30 +129,31 @@ def pretrain_round(
     optimizer = pretrain_optimizer(model, cfg)
     if cfg.federation.keep_optimizer_state:
         state.load_optimizer(optimizer, spec.phase, spec.round - 1)
-    per_epoch = steps_per_epoch(len(dataset), cfg.pretrain.batch_size)
-    schedule = pretrain_schedule(cfg, per_epoch, spec.total_rounds * spec.local_epochs)
-    step, penalty, losses = spec.first_epoch * per_epoch, proximal_penalty(model, spec.proximal_mu), []
-    for e in range(spec.local_epochs):
+    per_epoch = {"": steps_per_epoch(len(dataset), cfg.pretrain.batch_size)}
+    plan, step, total = work_plan(spec, per_epoch)
+    schedule = pretrain_schedule(cfg, per_epoch[""], total)
+    penalty, losses, first = proximal_penalty(model, spec.proximal_mu), [], step
+    for _, epoch, batches in plan:
         result = pretrain_epoch(
             model,
             optimizer,
             schedule,
             dataset,
             cfg,
-            epoch=spec.first_epoch + e,
+            epoch=epoch,
             key=site.name,
             step=step,
             device=device,
             desc=site.name,
             penalty=penalty,
+            batches=batches,
         )
         step += result.steps
         losses.append(result.loss)
-    _persist(state, model, optimizer, spec)
-    metrics = _train_metrics(
-        len(dataset), float(np.mean(losses)), step - spec.first_epoch * per_epoch, started
+    _persist(state, model, optimizer, spec, step)
+    return _cpu(model.state_dict()), _train_metrics(
+        len(dataset), float(np.mean(losses)), step - first, started
     )
-    return _cpu(model.state_dict()), metrics
 
 
 def finetune_round(
@@ -160,46 +169,68 @@ def finetune_round(
         state.load_bn(model, spec.phase)
     model.to(device)
     tasks = site_tasks(site.rows, spec.tasks)
+    f = cfg.finetune
     data = {
         t: site_images(
-            site,
-            cfg,
-            cfg.finetune_image_size,
-            cfg.finetune.augment,
-            rows=finetune_split(site.rows, t, cfg)[0],
-            task=t,
+            site, cfg, cfg.finetune_image_size, f.augment, rows=finetune_split(site.rows, t, cfg)[0], task=t
         )
         for t in tasks
     }
     optimizer = finetune_optimizer(model, cfg)
     if cfg.federation.keep_optimizer_state:
         state.load_optimizer(optimizer, spec.phase, spec.round - 1)
-    per_epoch = sum(steps_per_epoch(len(d), cfg.finetune.batch_size) for d in data.values())
-    schedule = finetune_schedule(cfg, per_epoch, spec.total_rounds * spec.local_epochs)
-    step, penalty, losses = spec.first_epoch * per_epoch, proximal_penalty(model, spec.proximal_mu), []
-    for e in range(spec.local_epochs):
-        for task in tasks:
-            result = finetune_epoch(
-                model,
-                optimizer,
-                schedule,
-                data[task],
-                cfg,
-                task=task,
-                epoch=spec.first_epoch + e,
-                key=f"{site.name}:{task}",
-                step=step,
-                device=device,
-                desc=f"{site.name} {task}",
-                penalty=penalty,
-            )
-            step += result.steps
-            losses.append(result.loss)
-    _persist(state, model, optimizer, spec)
+    per_epoch = {t: steps_per_epoch(len(d), f.batch_size) for t, d in data.items()}
+    plan, step, total = work_plan(spec, per_epoch)
+    schedule = finetune_schedule(cfg, sum(per_epoch.values()), total)
+    penalty, losses, first = proximal_penalty(model, spec.proximal_mu), [], step
+    for task, epoch, batches in plan:
+        result = finetune_epoch(
+            model,
+            optimizer,
+            schedule,
+            data[task],
+            cfg,
+            task=task,
+            epoch=epoch,
+            key=f"{site.name}:{task}",
+            step=step,
+            device=device,
+            desc=f"{site.name} {task}",
+            penalty=penalty,
+            batches=batches,
+        )
+        step += result.steps
+        losses.append(result.loss)
+    _persist(state, model, optimizer, spec, step)
     images = sum(len(d) for d in data.values())
-    metrics = _train_metrics(images, float(np.mean(losses)), step - spec.first_epoch * per_epoch, started)
+    metrics = _train_metrics(images, float(np.mean(losses)), step - first, started)
     sent = ("encoder.", *(f"heads.{t}." for t in tasks))
     return {k: v for k, v in _cpu(model.state_dict()).items() if k.startswith(sent)}, metrics
+
+
+def work_plan(
+    spec: RoundSpec, per_epoch: dict[str, int]
+) -> tuple[list[tuple[str, int, tuple[int, int]]], int, int]:
+    """This round's (task, epoch, (first batch, batches)) in training order, the global step it starts at, and
+    the phase's total steps (for the schedule).
+
+    Epochs (the default): every task's whole epoch, epoch by epoch, the order centralised training uses.
+    Steps (`local_steps` > 0): that many batches per task, continuing each task's epochs where the previous
+    round stopped (the position follows from the round number: nothing to remember but the optimiser).
+    """
+    count = {t: spec.local_steps or spec.local_epochs * n for t, n in per_epoch.items()}
+    per_round = sum(count.values())
+    if spec.local_steps:
+        plan = [
+            (t, e, (first, n))
+            for t in per_epoch
+            for e, first, n in step_plan((spec.round - 1) * count[t], count[t], per_epoch[t])
+        ]
+    else:
+        plan = [
+            (t, spec.first_epoch + e, (0, per_epoch[t])) for e in range(spec.local_epochs) for t in per_epoch
+        ]
+    return plan, (spec.round - 1) * per_round, spec.total_rounds * per_round
 
 
 def evaluate_round(site: Site, cfg: ExperimentConfig, spec: RoundSpec, arrays: Tensors) -> dict[str, float]:
@@ -228,10 +259,13 @@ def evaluate_round(site: Site, cfg: ExperimentConfig, spec: RoundSpec, arrays: T
     return out
 
 
-def _persist(state: SiteState, model: nn.Module, optimizer: torch.optim.Optimizer, spec: RoundSpec) -> None:
+def _persist(
+    state: SiteState, model: nn.Module, optimizer: torch.optim.Optimizer, spec: RoundSpec, step: int
+) -> None:
     if spec.strategy == "fedbn":
         state.save_bn(model, spec.phase)
     state.save_optimizer(optimizer, spec.phase, spec.round)
+    state.save_progress(spec, step)
 
 
 def _train_metrics(images: int, loss: float, steps: int, started: float) -> dict[str, float]:

@@ -31,6 +31,7 @@ from shared.data.scenario import load_scenario
 from shared.rundir import RunDir, atomic_write_text
 from shared.seeding import derive_seed, seed_everything
 from shared.training.finetune import build_task_model
+from shared.training.init import pretraining_start
 from shared.training.pretrain import build_spark
 from shared.weights import load_into, model_meta, save_weights
 
@@ -39,8 +40,7 @@ log = logging.getLogger(__name__)
 
 def initial_spark(cfg: ExperimentConfig) -> Arrays:
     """Phase 1's starting weights: the seeded SparK model (the centralised reference builds the same)."""
-    seed_everything(derive_seed(cfg.seed, "init"))
-    return {k: v.numpy() for k, v in build_spark(cfg).state_dict().items()}
+    return {k: v.numpy() for k, v in pretraining_start(cfg).state_dict().items()}
 
 
 def initial_task_model(cfg: ExperimentConfig, tasks: dict[str, int], pretrained: Arrays | None) -> Arrays:
@@ -59,6 +59,8 @@ class FederatedRun:
         self.store = RunStore(self.dir / "store.sqlite", options.run_name)
         self.checkpoints = Checkpoints(self.dir / "checkpoints", cfg.federation.keep_checkpoints)
         self.flower_run_id = flower_run_id
+        if cfg.pretrain.method != "spark":
+            raise FederationError("pretrain.method: federated phase 1 is SparK; MoCo pretraining runs centralised only")
         f = cfg.federation
         expected = load_scenario(options.scenario).size if options.scenario else f.min_sites
         self.directory = SiteDirectory(

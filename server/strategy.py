@@ -228,6 +228,7 @@ class FedRetina(Strategy):
                 "round": rnd,
                 "total-rounds": self.plan.total,
                 "local-epochs": f.local_epochs,
+                "local-steps": f.local_steps,
                 "strategy": f.strategy,
                 "proximal-mu": f.proximal_mu if f.strategy == "fedprox" else 0.0,
                 "tasks": list(self.plan.tasks),

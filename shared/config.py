@@ -62,6 +62,19 @@ class DataConfig(Strict):
         return v
 
 
+class InitConfig(Strict):
+    """Where the encoder starts: random, one of our SparK / MoCo exports, or local ImageNet weights."""
+
+    kind: Literal["scratch", "spark", "moco", "imagenet"] = "scratch"
+    weights: str | None = None  # a path (relative to the experiment YAML)
+
+    @model_validator(mode="after")
+    def _needs_weights(self) -> InitConfig:
+        if self.kind != "scratch" and not self.weights:
+            raise ValueError(f"init kind {self.kind!r} needs `weights:` (a local file path)")
+        return self
+
+
 class PretrainConfig(Strict):
     # "spark": masked image modelling (the first seed); "moco": MoCo v2 contrastive (the second seed).
     method: Literal["spark", "moco"] = "spark"
@@ -83,24 +96,13 @@ class PretrainConfig(Strict):
     checkpoint_every: int = Field(1, ge=1)
     amp: bool = True  # bf16 autocast, used only on CUDA
     channels_last: bool = True  # used only on CUDA
+    # Where the encoder starts (scratch; imagenet or an earlier export, e.g. MoCo from ImageNet weights).
+    init: InitConfig = InitConfig()
     # MoCo v2 (Chen et al. 2020): 128-d projection, momentum key encoder, queue of negatives, temperature.
     moco_dim: int = Field(128, ge=8)
     moco_queue: int = Field(4096, ge=8)
     moco_momentum: float = Field(0.999, gt=0, lt=1)
     moco_temperature: float = Field(0.2, gt=0)
-
-
-class InitConfig(Strict):
-    """Where the encoder starts: random, one of our SparK / MoCo exports, or local ImageNet weights."""
-
-    kind: Literal["scratch", "spark", "moco", "imagenet"] = "scratch"
-    weights: str | None = None  # a path (relative to the experiment YAML)
-
-    @model_validator(mode="after")
-    def _needs_weights(self) -> InitConfig:
-        if self.kind != "scratch" and not self.weights:
-            raise ValueError(f"init kind {self.kind!r} needs `weights:` (a local file path)")
-        return self
 
 
 class FinetuneConfig(Strict):
@@ -146,6 +148,8 @@ class FederationConfig(Strict):
     rounds_finetune: int = Field(50, ge=0)
     strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam"] = "fedavg"
     local_epochs: int = Field(1, ge=1)
+    # Local steps (batches) per round instead of epochs when > 0; sites continue their epochs across rounds.
+    local_steps: int = Field(0, ge=0)
     proximal_mu: float = Field(0.01, ge=0)
     server_lr: float = Field(0.01, gt=0)  # FedAdam's eta
     min_sites: int = Field(1, ge=1)
@@ -229,11 +233,15 @@ def load_config(
 
 
 def _resolve_paths(user: dict[str, Any], base: Path) -> None:
-    """Paths in an experiment YAML (sites, init weights) are relative to the YAML's folder."""
+    """Paths in an experiment YAML (sites, weights of initialisations) are relative to the YAML's folder."""
     if isinstance(user.get("sites"), list):
         user["sites"] = [str((base / s).resolve()) for s in user["sites"]]
-    inits = user.get("finetune", {}).get("inits") if isinstance(user.get("finetune"), dict) else None
-    for spec in (inits or {}).values():
+    finetune, pretrain = user.get("finetune"), user.get("pretrain")
+    specs = list((finetune.get("inits") or {}).values()) if isinstance(finetune, dict) else []
+    specs += (
+        [pretrain["init"]] if isinstance(pretrain, dict) and isinstance(pretrain.get("init"), dict) else []
+    )
+    for spec in specs:
         if isinstance(spec, dict) and isinstance(spec.get("weights"), str):
             spec["weights"] = str((base / spec["weights"]).resolve())
 

@@ -21,7 +21,6 @@ from shared.device import autocast
 from shared.models import build_encoder
 from shared.training.loop import EpochResult, EpochSeeds, train_epoch
 from shared.training.optim import Schedule
-from shared.training.pretrain import steps_per_epoch
 
 
 class Projector(nn.Module):
@@ -91,9 +90,10 @@ class MoCo(nn.Module):
         self.queue_ptr.fill_((int(self.queue_ptr) + n) % size)
 
 
-def build_moco(cfg: ExperimentConfig) -> MoCo:
+def build_moco(cfg: ExperimentConfig, encoder: nn.Module | None = None) -> MoCo:
     p = cfg.pretrain
-    return MoCo(build_encoder(cfg.model), p.moco_dim, p.moco_queue, p.moco_momentum, p.moco_temperature)
+    encoder = encoder if encoder is not None else build_encoder(cfg.model)
+    return MoCo(encoder, p.moco_dim, p.moco_queue, p.moco_momentum, p.moco_temperature)
 
 
 def moco_epoch(
@@ -112,25 +112,27 @@ def moco_epoch(
     """One pass of two-view contrastive training over `dataset` (a `TwoViews`)."""
     p = cfg.pretrain
     seeds = EpochSeeds.of(cfg.seed, "moco", epoch, key)
-    shuffles = seeds.start(dataset)
+    seeds.start(dataset)
     model.train()
 
-    def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+    def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
         x_q, x_k = batch["image"].to(device), batch["key_image"].to(device)
         if len(x_q) < 2:
             return None
         with autocast(device, p.amp):
-            return model(x_q, x_k, shuffles), len(x_q)
+            return model(x_q, x_k, g), len(x_q)
 
-    batches = loader(dataset, p.batch_size, seed=seeds.order, train=True, workers=cfg.data.workers)
+    data = loader(dataset, p.batch_size, seed=seeds.order, train=True, workers=cfg.data.workers)
     clip = None if p.optimizer == "lamb" else (model.query.parameters(), p.clip_grad)
     return train_epoch(
-        batches,
+        data,
         loss_of,
         optimizer,
         schedule.apply,
+        seeds=seeds,
+        first_batch=0,
         step=step,
         clip=clip,
         desc=f"{desc} epoch {epoch + 1}",
-        total=steps_per_epoch(len(dataset), p.batch_size),
+        total=len(data),
     )

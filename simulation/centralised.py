@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from shared.data.site import Site
 from shared.data.transforms import FUNDUS_MEAN, FUNDUS_STD
 from shared.device import configure_torch
 from shared.errors import CheckpointError
-from shared.moco import build_moco, moco_epoch
+from shared.moco import moco_epoch
 from shared.plots import curve
 from shared.rundir import RunDir
 from shared.seeding import derive_seed, seed_everything
@@ -33,9 +34,9 @@ from shared.training.finetune import (
     finetune_split,
     site_tasks,
 )
+from shared.training.init import check_init, pretraining_start
 from shared.training.loop import data_key
 from shared.training.pretrain import (
-    build_spark,
     pretrain_epoch,
     pretrain_optimizer,
     pretrain_schedule,
@@ -69,11 +70,11 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
     dataset = pooled(views if spark else [TwoViews(v) for v in views])
     key = data_key([s.name for s in sites])
     device = configure_torch(cfg)
-    seed_everything(derive_seed(cfg.seed, "init"))
-    model = (build_spark(cfg) if spark else build_moco(cfg)).to(device)
+    check_init(cfg.pretrain.init.kind, cfg.pretrain.init.weights, cfg.model)
+    model = pretraining_start(cfg).to(device)
     optimizer = pretrain_optimizer(model, cfg)
     per_epoch = steps_per_epoch(len(dataset), cfg.pretrain.batch_size)
-    schedule = pretrain_schedule(cfg, per_epoch, cfg.pretrain.epochs)
+    schedule = pretrain_schedule(cfg, per_epoch, per_epoch * cfg.pretrain.epochs)
     method = cfg.pretrain.method
     meta = {**model_meta(cfg.model), "method": method, "image_size": cfg.data.image_size}
     start, step, losses = 0, 0, []
@@ -144,6 +145,7 @@ class ReferenceOutputs:
     pretrained: dict[str, torch.Tensor]  # SparK state after phase 1
     finetuned: dict[str, torch.Tensor]  # task-model state after phase 2
     tasks: dict[str, int]
+    seconds: dict[str, list[float]]  # wall time of each epoch, by phase
 
 
 def reference_run(cfg: ExperimentConfig, sites: list[Site]) -> ReferenceOutputs:
@@ -153,17 +155,19 @@ def reference_run(cfg: ExperimentConfig, sites: list[Site]) -> ReferenceOutputs:
     f = cfg.federation
     device = configure_torch(cfg)
     key = data_key([s.name for s in sites])
-    seed_everything(derive_seed(cfg.seed, "init"))
-    spark = build_spark(cfg).to(device)
+    spark = pretraining_start(cfg).to(device)
     optimizer = pretrain_optimizer(spark, cfg)
     dataset = pooled([site_images(s, cfg, cfg.data.image_size, "light") for s in sites])
     epochs = f.rounds_pretrain * f.local_epochs
-    schedule = pretrain_schedule(cfg, steps_per_epoch(len(dataset), cfg.pretrain.batch_size), epochs)
-    step = 0
+    per_epoch = steps_per_epoch(len(dataset), cfg.pretrain.batch_size)
+    schedule = pretrain_schedule(cfg, per_epoch, per_epoch * epochs)
+    step, seconds = 0, {"pretrain": [], "finetune": []}
     for epoch in range(epochs):
-        step += pretrain_epoch(
+        result = pretrain_epoch(
             spark, optimizer, schedule, dataset, cfg, epoch=epoch, key=key, step=step, device=device
-        ).steps
+        )
+        step += result.steps
+        seconds["pretrain"].append(result.seconds)
     tasks = _held_tasks(cfg, sites)
     seed_everything(derive_seed(cfg.seed, "init-finetune"))
     model = build_task_model(cfg, tasks).to(device)
@@ -186,9 +190,10 @@ def reference_run(cfg: ExperimentConfig, sites: list[Site]) -> ReferenceOutputs:
         ]
         data[task] = pooled(parts)
     per_epoch = sum(steps_per_epoch(len(d), cfg.finetune.batch_size) for d in data.values())
-    schedule = finetune_schedule(cfg, per_epoch, f.rounds_finetune * f.local_epochs)
+    schedule = finetune_schedule(cfg, per_epoch, per_epoch * f.rounds_finetune * f.local_epochs)
     step = 0
     for epoch in range(f.rounds_finetune * f.local_epochs):
+        started = time.perf_counter()
         for task, dataset in data.items():
             step += finetune_epoch(
                 model,
@@ -202,7 +207,8 @@ def reference_run(cfg: ExperimentConfig, sites: list[Site]) -> ReferenceOutputs:
                 step=step,
                 device=device,
             ).steps
-    return ReferenceOutputs(_cpu(spark), _cpu(model), tasks)
+        seconds["finetune"].append(time.perf_counter() - started)
+    return ReferenceOutputs(_cpu(spark), _cpu(model), tasks, seconds)
 
 
 def _cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -167,7 +167,7 @@ def _run_fold(
     val_ds = images(cohort, cfg, val, "none")
     optimizer = finetune_optimizer(model, cfg)
     per_epoch = steps_per_epoch(len(train_ds), f.batch_size)
-    schedule = finetune_schedule(cfg, per_epoch, f.epochs)
+    schedule = finetune_schedule(cfg, per_epoch, per_epoch * f.epochs)
     weights = (
         class_weights(train[cohort.column].to_numpy(int), cohort.num_classes) if f.class_weighting else None
     )

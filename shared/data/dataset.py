@@ -92,18 +92,22 @@ class TwoViews(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation of `n` drawn from `seed` (or the identity when seed is None); no hidden global state."""
+    """A permutation of `n` drawn from `seed` (or the identity when seed is None); no hidden global state.
 
-    def __init__(self, n: int, seed: int | None) -> None:
+    `start`/`stop` cut a window out of that permutation, so a run can train part of an epoch (local steps)
+    and a later round continue exactly where it stopped.
+    """
+
+    def __init__(self, n: int, seed: int | None, start: int = 0, stop: int | None = None) -> None:
         self.n, self.seed = n, seed
+        self.start, self.stop = start, n if stop is None else min(stop, n)
 
     def __iter__(self) -> Iterator[int]:
-        if self.seed is None:
-            return iter(range(self.n))
-        return iter(torch.randperm(self.n, generator=generator(self.seed)).tolist())
+        order = range(self.n) if self.seed is None else torch.randperm(self.n, generator=generator(self.seed)).tolist()
+        return iter(list(order)[self.start : self.stop])
 
     def __len__(self) -> int:
-        return self.n
+        return max(self.stop - self.start, 0)
 
 
 def loader(
@@ -113,12 +117,18 @@ def loader(
     seed: int | None,
     train: bool,
     workers: int = 0,
+    batches: tuple[int, int | None] = (0, None),
 ) -> DataLoader:
-    """Batches in the order of `EpochSampler(seed)`; training drops the last short batch (BN needs B >= 2)."""
+    """Batches in the order of `EpochSampler(seed)`; training drops the last short batch (BN needs B >= 2).
+
+    `batches` = (first, count) trains only that window of the epoch's batches (count None: to the end).
+    """
+    first, count = batches
+    stop = None if count is None else (first + count) * batch_size
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed),
+        sampler=EpochSampler(len(dataset), seed, first * batch_size, stop),
         drop_last=train and len(dataset) >= batch_size,
         num_workers=workers,
         persistent_workers=False,

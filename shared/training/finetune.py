@@ -25,7 +25,6 @@ from shared.models import TaskModel, build_encoder
 from shared.seeding import derive_seed
 from shared.training.loop import EpochResult, EpochSeeds, train_epoch
 from shared.training.optim import Schedule, make_optimizer, param_groups
-from shared.training.pretrain import steps_per_epoch
 
 PHASE = "finetune"
 log = logging.getLogger(__name__)
@@ -63,13 +62,14 @@ def finetune_optimizer(model: TaskModel, cfg: ExperimentConfig) -> torch.optim.O
     return optimizer
 
 
-def finetune_schedule(cfg: ExperimentConfig, steps_per_epoch: int, epochs: int) -> Schedule:
+def finetune_schedule(cfg: ExperimentConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
+    """Warm-up in epochs of `steps_per_epoch`, then cosine down to min_lr at the end of `total_steps`."""
     f = cfg.finetune
-    total = max(steps_per_epoch * epochs, 1)
+    warmup = round(f.warmup_epochs * steps_per_epoch)
     return Schedule(
         f.lr,
-        total,
-        round(f.warmup_epochs * steps_per_epoch),
+        max(total_steps, 1),
+        warmup,
         f.weight_decay,
         f.weight_decay,
         start_ratio=0.0,
@@ -99,20 +99,21 @@ def finetune_epoch(
     weights: torch.Tensor | None = None,
     desc: str = "finetune",
     penalty: Callable[[], torch.Tensor] | None = None,
+    batches: tuple[int, int | None] = (0, None),
 ) -> EpochResult:
     f = cfg.finetune
     seeds = EpochSeeds.of(cfg.seed, PHASE, epoch, key)
-    mixing = seeds.start(dataset)
+    seeds.start(dataset)
     model.train()
     classes = model.heads[task][1].out_channels
 
-    def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+    def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
         images, labels = batch["image"].to(device), batch["label"].to(device)
         if images.shape[0] < 2:
             return None
         targets = F.one_hot(labels, classes).float()
         targets = targets * (1 - f.label_smoothing) + f.label_smoothing / classes
-        images, targets = _mix(images, targets, f.mixup, f.cutmix, mixing)
+        images, targets = _mix(images, targets, f.mixup, f.cutmix, g)
         with autocast(device, cfg.pretrain.amp):
             logits = model(images, task)
         per_sample = -(targets * F.log_softmax(logits.float(), dim=1))
@@ -120,16 +121,20 @@ def finetune_epoch(
             per_sample = per_sample * weights.to(device)[None, :]
         return per_sample.sum(1).mean(), images.shape[0]
 
-    batches = loader(dataset, f.batch_size, seed=seeds.order, train=True, workers=cfg.data.workers)
+    data = loader(
+        dataset, f.batch_size, seed=seeds.order, train=True, workers=cfg.data.workers, batches=batches
+    )
     return train_epoch(
-        batches,
+        data,
         loss_of,
         optimizer,
         schedule.apply,
+        seeds=seeds,
+        first_batch=batches[0],
         step=step,
         clip=None,
         desc=f"{desc} epoch {epoch + 1}",
-        total=steps_per_epoch(len(dataset), f.batch_size),
+        total=len(data),
         penalty=penalty,
     )
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.config import ModelConfig
+from shared.config import ExperimentConfig, ModelConfig
 from shared.errors import CheckpointError
+from shared.models import build_encoder
+from shared.seeding import derive_seed, seed_everything
 from shared.weights import check_meta, load_into, load_weights, model_meta
 
 KINDS = ("scratch", "spark", "moco", "imagenet")
@@ -81,3 +83,17 @@ def _imagenet_state(path: Path) -> dict[str, torch.Tensor]:
         for k, v in state.items()
         if not k.removeprefix("module.").startswith(HEAD_PREFIXES)
     }
+
+
+def pretraining_start(cfg: ExperimentConfig) -> nn.Module:
+    """The seeded model a pretraining run starts from, its encoder initialised as `pretrain.init` says
+    (scratch, ImageNet, or an earlier export: MoCo from ImageNet is the second seed's fourth setup).
+    Centralised runs, the federated server and the centralised reference all start here."""
+    from shared.moco import build_moco
+    from shared.training.pretrain import build_spark
+
+    seed_everything(derive_seed(cfg.seed, "init"))
+    encoder = build_encoder(cfg.model)
+    init = cfg.pretrain.init
+    initialise(encoder, init.kind, init.weights, cfg.model)
+    return build_spark(cfg, encoder) if cfg.pretrain.method == "spark" else build_moco(cfg, encoder)

@@ -34,12 +34,16 @@ class EpochSeeds:
             )
         )
 
-    def start(self, dataset: Dataset) -> torch.Generator:
-        """Seed the dataset's augmentations and torch's global generator (dropout); return the mask one."""
+    def start(self, dataset: Dataset) -> None:
+        """Seed the dataset's augmentations for this epoch (per image: see FundusDataset)."""
         for part in dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]:
             part.set_epoch_seed(self.augment)
-        seed_everything(self.torch)
-        return generator(self.mask)
+
+    def batch(self, index: int) -> torch.Generator:
+        """Batch `index`'s draws (masks, mixup, key shuffles) and torch's global generator (dropout), seeded
+        by the batch's place in its epoch: any window of an epoch draws what the whole epoch would."""
+        seed_everything(derive_seed(self.torch, index))
+        return generator(derive_seed(self.mask, index))
 
 
 def data_key(site_names: list[str]) -> str:
@@ -87,10 +91,12 @@ class EpochResult:
 
 def train_epoch(
     batches: Iterable[dict[str, torch.Tensor]],
-    loss_of: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int] | None],
+    loss_of: Callable[[dict[str, torch.Tensor], torch.Generator], tuple[torch.Tensor, int] | None],
     optimizer: torch.optim.Optimizer,
     schedule: Callable[[torch.optim.Optimizer, int], float],
     *,
+    seeds: EpochSeeds,
+    first_batch: int,
     step: int,
     clip: tuple[Iterable[torch.nn.Parameter], float] | None,
     desc: str,
@@ -99,15 +105,16 @@ def train_epoch(
 ) -> EpochResult:
     """The step loop every method shares: schedule, loss, backward, optional clipping, step, bookkeeping.
 
-    `loss_of(batch)` returns (loss, images in the batch) or None to skip a batch (e.g. a single image, which
-    BatchNorm cannot normalise). `step` is the global step at the epoch's start (it drives the schedule).
+    `loss_of(batch, g)` returns (loss, images in the batch) or None to skip a batch (a single image, which
+    BatchNorm cannot normalise); `g` holds the batch's own random draws. `first_batch` is the index in its
+    epoch of the first batch given; `step` the global step there (it drives the schedule).
     `penalty()`, when given, is added to every step's loss (FedProx's proximal term).
     """
     meter = Meter()
     bar = progress_bar(desc, total=total, unit="batch")
-    for batch in batches:
+    for index, batch in enumerate(batches, start=first_batch):
         schedule(optimizer, step)
-        out = loss_of(batch)
+        out = loss_of(batch, seeds.batch(index))
         if out is None:
             continue
         loss, n = out
@@ -135,3 +142,15 @@ def proximal_penalty(model: torch.nn.Module, mu: float) -> Callable[[], torch.Te
         return 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True))
 
     return penalty
+
+
+def step_plan(start: int, count: int, per_epoch: int) -> list[tuple[int, int, int]]:
+    """(epoch, first batch, batches) windows covering the global batches [start, start + count) of a run of
+    epochs of `per_epoch` batches each: how a site trains `count` local steps from where it stopped."""
+    plan, position, end = [], start, start + count
+    while position < end and per_epoch > 0:
+        epoch, first = divmod(position, per_epoch)
+        n = min(per_epoch - first, end - position)
+        plan.append((epoch, first, n))
+        position += n
+    return plan

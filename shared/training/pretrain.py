@@ -22,10 +22,10 @@ from shared.training.optim import Schedule, make_optimizer
 PHASE = "pretrain"
 
 
-def build_spark(cfg: ExperimentConfig) -> SparK:
+def build_spark(cfg: ExperimentConfig, encoder: torch.nn.Module | None = None) -> SparK:
     p = cfg.pretrain
     return SparK(
-        build_encoder(cfg.model),
+        encoder if encoder is not None else build_encoder(cfg.model),
         decoder_width=p.decoder_width,
         mask_ratio=p.mask_ratio,
         norm=cfg.model.norm,
@@ -43,9 +43,10 @@ def peak_lr(cfg: ExperimentConfig) -> float:
     return cfg.pretrain.base_lr * cfg.pretrain.batch_size / 256
 
 
-def pretrain_schedule(cfg: ExperimentConfig, steps_per_epoch: int, epochs: int) -> Schedule:
+def pretrain_schedule(cfg: ExperimentConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
+    """Warm-up in epochs of `steps_per_epoch`, then cosine to the end of `total_steps`."""
     p = cfg.pretrain
-    total = max(steps_per_epoch * epochs, 1)
+    total = max(total_steps, 1)
     return Schedule(
         peak_lr(cfg), total, round(p.warmup_epochs * steps_per_epoch), p.weight_decay, p.weight_decay_end
     )
@@ -69,14 +70,16 @@ def pretrain_epoch(
     device: torch.device,
     desc: str = "pretrain",
     penalty: Callable[[], torch.Tensor] | None = None,
+    batches: tuple[int, int | None] = (0, None),
 ) -> EpochResult:
-    """One pass over `dataset` (every image, labelled or not); `step` is the global step at its start."""
+    """One pass over `dataset` (every image, labelled or not), or the window `batches` = (first, count) of
+    it; `step` is the global step at its start."""
     p = cfg.pretrain
     seeds = EpochSeeds.of(cfg.seed, PHASE, epoch, key)
-    masks = seeds.start(dataset)
+    seeds.start(dataset)
     model.train()
 
-    def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+    def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
         images = batch["image"].to(device, non_blocking=True)
         if (
             images.shape[0] < 2
@@ -85,19 +88,23 @@ def pretrain_epoch(
         if device.type == "cuda" and p.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, p.amp):
-            loss, _, _ = model(images, fov=batch["fov"].to(device, non_blocking=True), generator=masks)
+            loss, _, _ = model(images, fov=batch["fov"].to(device, non_blocking=True), generator=g)
         return loss, images.shape[0]
 
-    batches = loader(dataset, p.batch_size, seed=seeds.order, train=True, workers=cfg.data.workers)
+    data = loader(
+        dataset, p.batch_size, seed=seeds.order, train=True, workers=cfg.data.workers, batches=batches
+    )
     clip = None if p.optimizer == "lamb" else (model.parameters(), p.clip_grad)  # LAMB clips by itself
     return train_epoch(
-        batches,
+        data,
         loss_of,
         optimizer,
         schedule.apply,
+        seeds=seeds,
+        first_batch=batches[0],
         step=step,
         clip=clip,
         desc=f"{desc} epoch {epoch + 1}",
-        total=steps_per_epoch(len(dataset), p.batch_size),
+        total=len(data),
         penalty=penalty,
     )

@@ -154,3 +154,24 @@ def test_imagenet_weights_in_torchvisions_format_load_strictly(tmp_path: Path) -
     )
     assert torch.equal(encoder.conv1.weight, reference.conv1.weight)
     assert not hasattr(encoder, "fc")
+
+
+def test_moco_can_start_from_imagenet_weights_the_second_seeds_fourth_setup(tmp_path: Path) -> None:
+    from shared.training.init import pretraining_start
+
+    reference = torchvision.models.resnet50()
+    path = tmp_path / "resnet50-imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    cfg = load_config(
+        profile="tiny",
+        overrides={
+            "model.arch": "resnet50",
+            "pretrain.method": "moco",
+            "pretrain.init": {"kind": "imagenet", "weights": str(path)},
+        },
+    )
+    moco = pretraining_start(cfg)
+    assert torch.equal(moco.encoder.conv1.weight, reference.conv1.weight)
+    assert torch.equal(
+        moco.key.encoder.layer4[0].conv1.weight, reference.layer4[0].conv1.weight
+    )  # key starts equal
