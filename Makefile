@@ -8,6 +8,11 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 VENV := .venv/bin
 FR := $(VENV)/fedretina
 PROFILE ?= cpu
+ifndef DEMO_RUN
+DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
+endif
+# the natural scenario's four sites, one Ray actor per CPU
+DEMO_NODES := 4
 
 .PHONY: help uv sync demo test test-fast bench lint format clean
 
@@ -20,8 +25,13 @@ uv:  # bootstrap uv from pip when it is missing
 sync: uv  ## install the locked environment into .venv
 	@$(UV) sync --locked --extra dev --quiet
 
-demo: sync  ## the main job on the embedded synthetic default (cpu profile)
-	$(FR) config --profile $(PROFILE)
+demo: sync  ## the main job on the embedded synthetic default (cpu profile, about 10 minutes on 2 cores)
+	$(FR) synth --profile $(PROFILE)
+	$(FR) site check sites/generated/*.yaml | grep -E "^site |images listed|^  (FATAL|excluded)"
+	eval "$$($(FR) env)" && flwr run . --stream \
+		--federation-config "num-supernodes=$(DEMO_NODES) client-resources-num-cpus=1" \
+		--run-config 'profile="$(PROFILE)" scenario="natural" run-name="$(DEMO_RUN)" set="federation.tasks=[dr,mmac]"'
+	$(FR) server summary runs/$(DEMO_RUN)
 
 test: sync  ## the whole test suite (what CI runs)
 	$(VENV)/pytest -q

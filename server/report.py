@@ -7,7 +7,7 @@ from collections import defaultdict
 
 from server.store import RunStore
 
-SHOWN = ("auc", "kappa", "accuracy")
+SHOWN = ("auc", "kappa")
 
 
 def summary_table(store: RunStore) -> str:

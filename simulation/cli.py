@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from client.cli import app as site_app
+from server.cli import app as server_app
 from shared.cli_common import ConfigOpt, ProfileOpt, SetOpt, resolve_config, run_cli, with_sites
 from shared.config import dump_config
 from shared.logs import setup_logging
@@ -28,6 +29,7 @@ app = typer.Typer(
 
 
 app.add_typer(site_app, name="site")
+app.add_typer(server_app, name="server")
 
 
 @app.callback()
@@ -63,7 +65,7 @@ def synth(
     """Render synthetic fundus datasets in the real datasets' layouts, and their site YAMLs.
 
     The profile sets the size: tiny (tests, ~100 images), cpu (the demo: an EyePACS-like DR site, an
-    MMAC-like myopia site, two UK Biobank-like shards, an IDRiD-like lesion-mask set; ~3,500 images), paper.
+    MMAC-like myopia site, two UK Biobank-like shards, an IDRiD-like lesion-mask set; ~2,000 images), paper.
     Sites already written with the same plan and seed are kept.
 
     Example: fedretina synth --profile cpu && fedretina site check sites/generated/*.yaml

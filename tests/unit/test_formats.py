@@ -10,6 +10,7 @@ import pytest
 
 from shared.data.formats import read_site
 from shared.data.site import load_site_config
+from tests.conftest import ROOT
 
 
 def read(path: Path) -> pd.DataFrame:
@@ -120,3 +121,23 @@ def test_unnamed_files_are_reported_not_used(tiny_sites: dict[str, Path], fmt: s
     notes = [p for p in data.problems if p.kind == "unnamed-file"]
     assert len(notes) == 1 and notes[0].file.endswith("stray" + Path(first).suffix) and not notes[0].excluded
     assert not data.manifest.path.str.contains("stray").any()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sites" / "templates").glob("*.yaml")), ids=lambda p: p.stem)
+def test_site_templates_validate(path: Path) -> None:
+    from shared.config import read_yaml, validate
+    from shared.data.formats import FORMATS
+    from shared.data.site import SiteConfig
+
+    site = validate(SiteConfig, read_yaml(path), str(path))
+    FORMATS[site.format].options.model_validate(site.options)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "simulation" / "scenarios").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_scenarios_validate(path: Path) -> None:
+    from shared.data.scenario import load_scenario
+
+    scenario = load_scenario(str(path))
+    assert scenario.name == path.stem and scenario.size >= 1
