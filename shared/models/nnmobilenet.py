@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from shared.spark.sparse import MaskAware, MaskedGroupNorm, SparseMask, masked_mean, sparse
+from shared.spark.sparse import MaskAware, MaskedGroupNorm, SparseMask, masked_mean, sparse, sparse_chain
 
 LAYERS = (1, 2, 2, 3, 3, 5)
 STRIDES = (1, 2, 2, 2, 1, 2)
@@ -151,11 +151,11 @@ class NNMobileNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor, mask: SparseMask | None = None) -> list[torch.Tensor]:
         """Five feature maps H/2 .. H/32, largest first; sparse (masked positions exactly 0) when masked."""
-        feats = []
-        for i, layer in enumerate(self.features[:-1]):
-            x = sparse(layer, x, mask)
-            if i in self.taps:
-                feats.append(x)
+        feats, start = [], 0
+        for tap in self.taps:
+            x = sparse_chain(list(self.features[start : tap + 1]), x, mask)
+            feats.append(x)
+            start = tap + 1
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from shared.models.nnmobilenet import norm_factory
-from shared.spark.sparse import MaskedGroupNorm, SparseMask, sparse
+from shared.spark.sparse import MaskedGroupNorm, SparseMask, sparse, sparse_chain
 
 
 class ResNetEncoder(ResNet):
@@ -41,7 +41,7 @@ class ResNetEncoder(ResNet):
         return list(self._channels)
 
     def forward_features(self, x: torch.Tensor, mask: SparseMask | None = None) -> list[torch.Tensor]:
-        x = self.relu(sparse(self.bn1, sparse(self.conv1, x, mask), mask))
+        x = self.relu(sparse_chain([self.conv1, self.bn1], x, mask))
         feats = [x]
         x = sparse(self.maxpool, x, mask)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -59,9 +59,9 @@ class ResNetEncoder(ResNet):
 def _bottleneck(b: Bottleneck, x: torch.Tensor, mask: SparseMask | None) -> torch.Tensor:
     if mask is None:
         return b(x)
-    out = b.relu(sparse(b.bn1, sparse(b.conv1, x, mask), mask))
-    out = b.relu(sparse(b.bn2, sparse(b.conv2, out, mask), mask))
-    out = sparse(b.bn3, sparse(b.conv3, out, mask), mask)
+    out = b.relu(sparse_chain([b.conv1, b.bn1], x, mask))
+    out = b.relu(sparse_chain([b.conv2, b.bn2], out, mask))
+    out = sparse_chain([b.conv3, b.bn3], out, mask)
     identity = sparse(b.downsample, x, mask) if b.downsample is not None else x
     return b.relu(out + identity)
 

@@ -72,9 +72,7 @@ def sparse(module: nn.Module, x: torch.Tensor, mask: SparseMask | None) -> torch
     if isinstance(module, MaskAware):
         return module(x, mask)
     if isinstance(module, nn.Sequential):
-        for child in module:
-            x = sparse(child, x, mask)
-        return x
+        return sparse_chain(list(module), x, mask)
     if isinstance(module, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
         y = module(x)
         return y * mask.like(y)
@@ -87,36 +85,107 @@ def sparse(module: nn.Module, x: torch.Tensor, mask: SparseMask | None) -> torch
     raise TypeError(f"no sparse rule for {type(module).__name__}; make it MaskAware or add a rule here")
 
 
+def sparse_chain(modules: list[nn.Module], x: torch.Tensor, mask: SparseMask | None) -> torch.Tensor:
+    """Apply `modules` in order; a convolution followed by a masked norm skips its own re-masking, since the
+    norm takes its statistics over visible positions and masks its output (one full pass less each way)."""
+    i = 0
+    while i < len(modules):
+        module = modules[i]
+        following = modules[i + 1] if i + 1 < len(modules) else None
+        if mask is not None and isinstance(module, nn.Conv2d) and isinstance(following, _masked_norms()):
+            x = sparse(following, module(x), mask)
+            i += 2
+        else:
+            x = sparse(module, x, mask)
+            i += 1
+    return x
+
+
 def masked_mean(x: torch.Tensor, mask: SparseMask) -> torch.Tensor:
-    """Per-sample, per-channel mean over visible positions: sum(x * M) / sum(M), shape (B, C, 1, 1)."""
+    """Per-sample, per-channel mean over visible positions, shape (B, C, 1, 1).
+
+    `x` is a sparse feature map (0 at hidden positions, as every sparse layer leaves it), so summing all of it
+    sums the visible positions: sum(x) / sum(M).
+    """
     m = mask.like(x)
-    return (x * m).sum(dim=(2, 3), keepdim=True) / m.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    return x.sum(dim=(2, 3), keepdim=True) / m.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
 
 
 def masked_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, mask: SparseMask) -> torch.Tensor:
     """BatchNorm over the visible positions of the whole batch; 0 at masked positions.
 
+    `x` may hold anything at masked positions (a convolution's raw output): statistics are mask-weighted.
     Training: biased batch statistics normalise, running statistics take the unbiased variance with
     `bn.momentum`, as nn.BatchNorm does, but over visible positions only. Eval: running statistics.
     """
     m = mask.like(x)
     if bn.training or not bn.track_running_stats:
-        n = m.sum() * 1.0
-        mean = (x * m).sum(dim=(0, 2, 3)) / n
-        centred = (x - mean[None, :, None, None]) * m
-        var = (centred * centred).sum(dim=(0, 2, 3)) / n
+        weight = bn.weight if bn.affine else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        bias = bn.bias if bn.affine else torch.zeros_like(weight)
+        y, mean, var, n = _MaskedBatchNorm.apply(x, m, weight, bias, bn.eps)
         if bn.training and bn.track_running_stats:
-            _update_running(bn, mean.detach(), var.detach(), float(n))
-    else:
-        mean, var = bn.running_mean, bn.running_var
-    scale = torch.rsqrt(var + bn.eps)
-    y = (x - mean[None, :, None, None]) * scale[None, :, None, None]
-    if bn.affine:
-        y = y * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
-    return y * m
+            _update_running(bn, mean, var, n)
+        return y
+    scale = torch.rsqrt(bn.running_var + bn.eps) * (bn.weight if bn.affine else 1.0)
+    shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
+    return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None]) * m
 
 
-def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
+class _MaskedBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm over visible positions, with a hand-written backward.
+
+    Autograd of the plain formula takes about ten full-size passes each way; here the forward is two
+    reductions and one fused multiply-add, the backward a few passes with per-channel coefficients (the
+    standard BatchNorm gradient restricted to visible positions: hidden ones get 0).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        m: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = m.sum()  # visible positions over the batch
+        mean = _visible_sum(x, m) / n
+        var = (_visible_sum(x * x, m) / n - mean * mean).clamp_min(0)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd * weight
+        shift = bias - mean * scale
+        y = torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None]).mul_(m)
+        ctx.save_for_backward(x, m, weight, mean, invstd)
+        ctx.n = n
+        ctx.mark_non_differentiable(mean, var, n)
+        return y, mean, var, n
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor, *_: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, m, weight, mean, invstd = ctx.saved_tensors
+        n = ctx.n
+        sum_dy = _visible_sum(dy, m)  # dy is not 0 where hidden (later convs spread it): weigh by the mask
+        sum_dy_xhat = (_visible_sum(dy * x, m) - mean * sum_dy) * invstd  # sum of dy * xhat over visible
+        k = weight * invstd
+        # dx = k * (dy - sum_dy / n - xhat * sum_dy_xhat / n), at visible positions
+        coef_x = -k * invstd * sum_dy_xhat / n
+        const = -k * sum_dy / n - coef_x * mean
+        dx = torch.addcmul(const[None, :, None, None], x, coef_x[None, :, None, None])
+        dx.addcmul_(dy, k[None, :, None, None]).mul_(m)
+        return dx, None, sum_dy_xhat, sum_dy, None
+
+
+def _visible_sum(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per-channel sum of x over visible positions, as a batched matrix-vector product: no (B, C, H, W)
+    temporary for x * m (channels_last inputs are copied to NCHW first)."""
+    b, c, h, w = x.shape
+    return torch.bmm(x.reshape(b, c, h * w), m.reshape(b, h * w, 1)).sum(dim=(0, 2))
+
+
+def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+    n = float(n)
     bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     unbiased = var * (n / max(n - 1.0, 1.0))
@@ -154,3 +223,8 @@ class MaskedGroupNorm(MaskAware):
         var = (centred * centred).sum(dim=(2, 3, 4), keepdim=True) / n
         y = (centred * torch.rsqrt(var + self.eps)).reshape(b, c, h, w)
         return self.affine(y) * m
+
+
+def _masked_norms() -> tuple[type[nn.Module], ...]:
+    """Norms that take mask-weighted statistics and mask their output."""
+    return (nn.BatchNorm2d, MaskedGroupNorm)
