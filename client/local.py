@@ -81,12 +81,20 @@ class SiteState:
     def _optimizer(self, phase: str, rnd: int) -> Path:
         return self.dir / f"{phase}-optimizer-r{rnd:04d}.safetensors"
 
-    def load_optimizer(self, optimizer: torch.optim.Optimizer, phase: str, rnd: int) -> None:
-        path = self._optimizer(phase, rnd)
-        if rnd >= 1 and path.exists():
+    def resume(
+        self, optimizer: torch.optim.Optimizer, cfg: ExperimentConfig, spec: RoundSpec
+    ) -> torch.optim.Optimizer:
+        """The optimiser with the state this site saved after the previous round, when configured to."""
+        rnd, path = spec.round - 1, self._optimizer(spec.phase, spec.round - 1)
+        if not cfg.federation.keep_optimizer_state or rnd < 1:
+            return optimizer
+        if path.exists():
             load_checkpoint(path, optimizer=optimizer)
-        elif rnd >= 1:
-            log.warning("no optimiser state for %s round %d in %s: starting it afresh", phase, rnd, self.dir)
+        else:
+            log.warning(
+                "no optimiser state for %s round %d in %s: starting it afresh", spec.phase, rnd, self.dir
+            )
+        return optimizer
 
     def save_optimizer(self, optimizer: torch.optim.Optimizer, phase: str, rnd: int) -> None:
         save_checkpoint(self._optimizer(phase, rnd), {"phase": phase, "round": rnd}, optimizer=optimizer)
@@ -118,17 +126,9 @@ def pretrain_round(
 ) -> tuple[Tensors, dict]:
     """Local SparK epochs (or steps) from the global weights; returns (all weights, train metrics)."""
     started = time.perf_counter()
-    device = configure_torch(cfg)
-    model = build_spark(cfg)
-    load_into(model, arrays, Path("global model"))
-    state = SiteState(site, spec.run_name)
-    if spec.strategy == "fedbn":
-        state.load_bn(model, spec.phase)
-    model.to(device)
+    model, device, state = global_model(site, cfg, spec, build_spark(cfg), arrays)
     dataset = site_images(site, cfg, cfg.data.image_size, "light")
-    optimizer = pretrain_optimizer(model, cfg)
-    if cfg.federation.keep_optimizer_state:
-        state.load_optimizer(optimizer, spec.phase, spec.round - 1)
+    optimizer = state.resume(pretrain_optimizer(model, cfg), cfg, spec)
     per_epoch = {"": steps_per_epoch(len(dataset), cfg.pretrain.batch_size)}
     plan, step, total = work_plan(spec, per_epoch)
     schedule = pretrain_schedule(cfg, per_epoch[""], total)
@@ -161,13 +161,7 @@ def finetune_round(
 ) -> tuple[Tensors, dict]:
     """Local fine-tuning of the encoder and this site's heads; returns (encoder + those heads, metrics)."""
     started = time.perf_counter()
-    device = configure_torch(cfg)
-    model = build_task_model(cfg, dict(zip(spec.tasks, spec.classes, strict=True)))
-    load_into(model, arrays, Path("global model"))
-    state = SiteState(site, spec.run_name)
-    if spec.strategy == "fedbn":
-        state.load_bn(model, spec.phase)
-    model.to(device)
+    model, device, state = global_model(site, cfg, spec, _task_model(cfg, spec), arrays)
     tasks = site_tasks(site.rows, spec.tasks)
     f = cfg.finetune
     data = {
@@ -176,9 +170,7 @@ def finetune_round(
         )
         for t in tasks
     }
-    optimizer = finetune_optimizer(model, cfg)
-    if cfg.federation.keep_optimizer_state:
-        state.load_optimizer(optimizer, spec.phase, spec.round - 1)
+    optimizer = state.resume(finetune_optimizer(model, cfg), cfg, spec)
     per_epoch = {t: steps_per_epoch(len(d), f.batch_size) for t, d in data.items()}
     plan, step, total = work_plan(spec, per_epoch)
     schedule = finetune_schedule(cfg, sum(per_epoch.values()), total)
@@ -206,6 +198,23 @@ def finetune_round(
     metrics = _train_metrics(images, float(np.mean(losses)), step - first, started)
     sent = ("encoder.", *(f"heads.{t}." for t in tasks))
     return {k: v for k, v in _cpu(model.state_dict()).items() if k.startswith(sent)}, metrics
+
+
+def global_model(
+    site: Site, cfg: ExperimentConfig, spec: RoundSpec, model: nn.Module, arrays: Tensors
+) -> tuple[nn.Module, torch.device, SiteState]:
+    """What every round starts with: the global weights loaded strictly (this site's own BatchNorm under
+    FedBN), on this run's device with its compute settings, and the site's state folder."""
+    device = configure_torch(cfg)
+    load_into(model, arrays, Path("global model"))
+    state = SiteState(site, spec.run_name)
+    if spec.strategy == "fedbn":
+        state.load_bn(model, spec.phase)
+    return model.to(device), device, state
+
+
+def _task_model(cfg: ExperimentConfig, spec: RoundSpec) -> nn.Module:
+    return build_task_model(cfg, dict(zip(spec.tasks, spec.classes, strict=True)))
 
 
 def work_plan(
@@ -236,12 +245,7 @@ def work_plan(
 def evaluate_round(site: Site, cfg: ExperimentConfig, spec: RoundSpec, arrays: Tensors) -> dict[str, float]:
     """The global model on this site's validation images: `<task>-<metric>` for EVERY federation task (NaN
     and 0 examples for tasks the site lacks), so all sites reply with the same keys."""
-    device = configure_torch(cfg)
-    model = build_task_model(cfg, dict(zip(spec.tasks, spec.classes, strict=True)))
-    load_into(model, arrays, Path("global model"))
-    if spec.strategy == "fedbn":
-        SiteState(site, spec.run_name).load_bn(model, spec.phase)
-    model.to(device)
+    model, device, _ = global_model(site, cfg, spec, _task_model(cfg, spec), arrays)
     held = site_tasks(site.rows, spec.tasks)
     out: dict[str, float] = {}
     for task in spec.tasks:

@@ -35,19 +35,23 @@ def write_site(
 
     Returns the YAML path. Uses the same writers as `fedretina synth`.
     """
-    import yaml
-
     from shared.data.synth.layouts import WRITERS, render_jobs
 
     data = root / fmt
-    jobs = WRITERS[fmt](data, count, seed, height, styles, **extra)
-    render_jobs(jobs, workers=1)
+    render_jobs(WRITERS[fmt](data, count, seed, height, styles, **extra), workers=1)
+    return site_yaml(root, fmt, data)
+
+
+def site_yaml(root: Path, fmt: str, data: Path) -> Path:
+    """`root/<fmt>.yaml` for a dataset in `data`, with its state under `root/state/<fmt>`."""
+    import yaml
+
     options = {"ukb": {"outcomes": "outcomes.csv"}}.get(fmt, {})
     site = {
         "name": fmt,
         "format": fmt,
-        "root": str(data),
-        "state_dir": str(root / "state" / fmt),
+        "root": str(data.resolve()),
+        "state_dir": str((root / "state" / fmt).resolve()),
         "options": options,
     }
     path = root / f"{fmt}.yaml"

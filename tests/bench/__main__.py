@@ -1,0 +1,63 @@
+"""`make bench`: the project's numbers, as ratios measured in one run (these machines are noisy).
+
+    python -m tests.bench                  # everything (about 15-20 minutes on 2 CPU cores)
+    python -m tests.bench data spark       # some groups: data, spark, federation
+
+Results go to runs/bench/results.json and a table on stdout. Nothing here is asserted: targets are printed
+beside the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.bench import data, federation, spark
+
+GROUPS = {"data": data.run, "spark": spark.run, "federation": federation.run}
+OUT = Path("runs/bench")
+
+
+def main(argv: list[str]) -> None:
+    chosen = argv or list(GROUPS)
+    unknown = [g for g in chosen if g not in GROUPS]
+    if unknown:
+        sys.exit(f"unknown benchmark group(s) {unknown}; choose from {list(GROUPS)}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {
+        "machine": {
+            "cpus": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(),
+        }
+    }
+    for name in chosen:
+        started = time.perf_counter()
+        results[name] = GROUPS[name](OUT / name)
+        results[name]["bench_seconds"] = round(time.perf_counter() - started, 1)
+        (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    print(_table(results))
+
+
+def _table(results: dict) -> str:
+    lines = ["| group | measure | value | target |", "|---|---|---|---|"]
+    for group, values in results.items():
+        if group == "machine":
+            continue
+        for key, value in values.items():
+            if key.endswith("_target"):
+                continue
+            target = values.get(f"{key}_target", "")
+            shown = f"{value:.3g}" if isinstance(value, float) else value
+            lines.append(f"| {group} | {key} | {shown} | {target} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

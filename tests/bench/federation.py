@@ -1,0 +1,118 @@
+"""Federation at the cpu profile: the IID 4-site simulation (real `flwr run .`) against centralised training
+on the same data with the same number of sample-gradient steps.
+
+Reports: federated round time / centralised epoch time (rounds after the first, which starts Ray and fills
+caches), bytes per round per site, and the downstream gap: DR AUC and referable-DR AUC of both final models on
+the EyePACS-like site's held-out test split.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from shared.config import ExperimentConfig, load_config
+from shared.data.checks import check_site
+from shared.data.manifest import labelled
+from shared.data.site import Site, load_site_config
+from shared.data.synth.layouts import render_jobs, write_eyepacs
+from shared.data.synth.sites import PLANS
+from shared.metrics import evaluate_predictions
+from shared.training.data import site_images
+from shared.training.finetune import build_task_model, predict
+from shared.weights import load_weights
+from simulation.centralised import reference_run
+from tests.conftest import ROOT, site_yaml
+from tests.integration.flower import Flower, sets
+
+# Long enough for both models to level off, on a test split (~300 images) large enough to read an AUC from.
+ROUNDS = {"federation.rounds_pretrain": 3, "federation.rounds_finetune": 8, "federation.min_sites": 4}
+PATIENTS = 600
+
+
+def run(out: Path) -> dict:
+    plan = next(p for p in PLANS["cpu"] if p.name == "eyepacs")
+    render_jobs(write_eyepacs(out / "eyepacs", PATIENTS, 0, plan.height, plan.styles), workers=2)
+    site_path = site_yaml(out, "eyepacs", out / "eyepacs")
+    config = load_site_config(site_path)
+    site = Site(config.name, config, check_site(config).manifest)
+    scenario = out / "iid4.yaml"
+    scenario.write_text(
+        yaml.safe_dump({"name": "iid4", "split": {"kind": "iid", "source": str(site_path), "parts": 4}})
+    )
+    flower = Flower(out / "flwr-home", ROOT)
+    try:
+        done = flower.run(
+            4,
+            {
+                "profile": "cpu",
+                "scenario": str(scenario),
+                "run-name": "iid4",
+                "set": sets(runs_dir=out / "runs", **{k.replace(".", "__"): v for k, v in ROUNDS.items()}),
+            },
+        )
+    finally:
+        flower.stop()
+    if done.returncode != 0:
+        raise RuntimeError(f"flwr run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    cfg = load_config(profile="cpu", overrides=ROUNDS)
+    central = reference_run(cfg, [site])
+    fed_store = out / "runs" / "iid4" / "federation" / "store.sqlite"
+    rounds = _round_seconds(fed_store)
+    result: dict = {
+        "federated_round_over_centralised_epoch_pretrain": statistics.median(rounds["pretrain"][1:])
+        / statistics.median(central.seconds["pretrain"]),
+        "federated_round_over_centralised_epoch_pretrain_target": "<= 1.15",
+        "federated_round_over_centralised_epoch_finetune": statistics.median(rounds["finetune"][1:])
+        / statistics.median(central.seconds["finetune"]),
+        "centralised_pretrain_epoch_s": statistics.median(central.seconds["pretrain"]),
+        **_bytes(fed_store),
+    }
+    fed_model, _ = load_weights(out / "runs" / "iid4" / "federation" / "model.safetensors")
+    test = labelled(site.rows, "dr")
+    test = test[test["split"] == "test"]
+    for name, state in (("federated", fed_model), ("centralised", central.finetuned)):
+        metrics = _evaluate(cfg, site, test, state)
+        result[f"dr_auc_{name}"], result[f"referable_auc_{name}"] = metrics["auc"], metrics["referable_auc"]
+    result["dr_auc_gap"] = abs(result["dr_auc_federated"] - result["dr_auc_centralised"])
+    result["dr_auc_gap_target"] = "<= 0.01"
+    result["referable_auc_gap"] = abs(result["referable_auc_federated"] - result["referable_auc_centralised"])
+    result["test_images"] = len(test)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def _round_seconds(store: Path) -> dict[str, list[float]]:
+    db = sqlite3.connect(store)
+    try:
+        rows = db.execute("SELECT phase, finished - started FROM rounds ORDER BY phase, round").fetchall()
+    finally:
+        db.close()
+    out: dict[str, list[float]] = {"pretrain": [], "finetune": []}
+    for phase, seconds in rows:
+        out[phase].append(seconds)
+    return out
+
+
+def _bytes(store: Path) -> dict[str, float]:
+    db = sqlite3.connect(store)
+    try:
+        rows = db.execute(
+            "SELECT phase, avg(bytes) FROM replies WHERE kind = 'train' AND accepted = 1 GROUP BY phase"
+        )
+        return {f"reply_mb_per_site_per_round_{phase}": value / 1e6 for phase, value in rows.fetchall()}
+    finally:
+        db.close()
+
+
+def _evaluate(
+    cfg: ExperimentConfig, site: Site, rows: pd.DataFrame, state: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    model = build_task_model(cfg, {"dr": 5})
+    model.load_state_dict(state)
+    data = site_images(site, cfg, cfg.finetune_image_size, "none", rows=rows, task="dr")
+    return evaluate_predictions(*predict(model, data, "dr", torch.device("cpu")), "dr")
