@@ -64,6 +64,7 @@ class RoundSpec:
     proximal_mu: float
     strategy: str
     run_name: str
+    run_uid: str = "run"  # the federated run's identity: state from another run is never picked up
     tasks: tuple[str, ...] = ()  # phase 2: the federation's tasks (one head each) ...
     classes: tuple[int, ...] = ()  # ... and their class counts
 
@@ -75,8 +76,8 @@ class RoundSpec:
 class SiteState:
     """Files a site keeps for one federated run."""
 
-    def __init__(self, site: Site, run_name: str) -> None:
-        self.dir = site.state / run_name
+    def __init__(self, site: Site, spec: RoundSpec) -> None:
+        self.dir = site.state / spec.run_name / spec.run_uid
 
     def _optimizer(self, phase: str, rnd: int) -> Path:
         return self.dir / f"{phase}-optimizer-r{rnd:04d}.safetensors"
@@ -105,20 +106,18 @@ class SiteState:
         record = {"round": spec.round, "total_rounds": spec.total_rounds, "step": step}
         atomic_write_text(self.dir / f"{spec.phase}-progress.json", json.dumps(record))
 
-    def load_bn(self, model: nn.Module, phase: str) -> None:
-        """FedBN: replace the server's BatchNorm entries by this site's own, once it has some."""
-        path = self.dir / f"{phase}-bn.safetensors"
+    def load_bn(self, model: nn.Module, phase: str, rnd: int) -> None:
+        """FedBN: replace the server's BatchNorm entries by this site's own after round `rnd`, if any."""
+        path = self.dir / f"{phase}-bn-r{rnd:04d}.safetensors"
         if path.exists():
             tensors, _ = load_weights(path)
             load_into(model, {**model.state_dict(), **tensors}, path)
 
-    def save_bn(self, model: nn.Module, phase: str) -> None:
+    def save_bn(self, model: nn.Module, phase: str, rnd: int) -> None:
         keys = bn_keys(model)
-        save_weights(
-            self.dir / f"{phase}-bn.safetensors",
-            {k: v for k, v in model.state_dict().items() if k in keys},
-            {"phase": phase},
-        )
+        tensors = {k: v for k, v in model.state_dict().items() if k in keys}
+        save_weights(self.dir / f"{phase}-bn-r{rnd:04d}.safetensors", tensors, {"phase": phase, "round": rnd})
+        (self.dir / f"{phase}-bn-r{rnd - KEEP_ROUNDS:04d}.safetensors").unlink(missing_ok=True)
 
 
 def pretrain_round(
@@ -196,20 +195,27 @@ def finetune_round(
     _persist(state, model, optimizer, spec, step)
     images = sum(len(d) for d in data.values())
     metrics = _train_metrics(images, float(np.mean(losses)), step - first, started)
+    metrics |= {f"examples-{t}": len(data[t]) if t in data else 0 for t in spec.tasks}  # weights of the heads
     sent = ("encoder.", *(f"heads.{t}." for t in tasks))
     return {k: v for k, v in _cpu(model.state_dict()).items() if k.startswith(sent)}, metrics
 
 
 def global_model(
-    site: Site, cfg: ExperimentConfig, spec: RoundSpec, model: nn.Module, arrays: Tensors
+    site: Site,
+    cfg: ExperimentConfig,
+    spec: RoundSpec,
+    model: nn.Module,
+    arrays: Tensors,
+    evaluating: bool = False,
 ) -> tuple[nn.Module, torch.device, SiteState]:
     """What every round starts with: the global weights loaded strictly (this site's own BatchNorm under
-    FedBN), on this run's device with its compute settings, and the site's state folder."""
+    FedBN: the previous round's to train, this round's to evaluate), on this run's device with its compute
+    settings, and the site's state folder."""
     device = configure_torch(cfg)
     load_into(model, arrays, Path("global model"))
-    state = SiteState(site, spec.run_name)
+    state = SiteState(site, spec)
     if spec.strategy == "fedbn":
-        state.load_bn(model, spec.phase)
+        state.load_bn(model, spec.phase, spec.round if evaluating else spec.round - 1)
     return model.to(device), device, state
 
 
@@ -245,7 +251,7 @@ def work_plan(
 def evaluate_round(site: Site, cfg: ExperimentConfig, spec: RoundSpec, arrays: Tensors) -> dict[str, float]:
     """The global model on this site's validation images: `<task>-<metric>` for EVERY federation task (NaN
     and 0 examples for tasks the site lacks), so all sites reply with the same keys."""
-    model, device, _ = global_model(site, cfg, spec, _task_model(cfg, spec), arrays)
+    model, device, _ = global_model(site, cfg, spec, _task_model(cfg, spec), arrays, evaluating=True)
     held = site_tasks(site.rows, spec.tasks)
     out: dict[str, float] = {}
     for task in spec.tasks:
@@ -267,7 +273,7 @@ def _persist(
     state: SiteState, model: nn.Module, optimizer: torch.optim.Optimizer, spec: RoundSpec, step: int
 ) -> None:
     if spec.strategy == "fedbn":
-        state.save_bn(model, spec.phase)
+        state.save_bn(model, spec.phase, spec.round)
     state.save_optimizer(optimizer, spec.phase, spec.round)
     state.save_progress(spec, step)
 

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared.config import RunOptions
-from shared.data.checks import load_checked_manifest
+from shared.data.checks import load_site
 from shared.data.scenario import load_scenario, scenario_sites
-from shared.data.site import Site, load_site_config
+from shared.data.site import Site
 from shared.errors import ConfigError
 
 SITE_KEY = "site-config"
@@ -17,8 +17,7 @@ SITE_KEY = "site-config"
 
 def resolve_site(node_config: Mapping[str, Any], options: RunOptions, seed: int) -> Site:
     if SITE_KEY in node_config:
-        config = load_site_config(str(node_config[SITE_KEY]))
-        return Site(config.name, config, load_checked_manifest(config))
+        return load_site(str(node_config[SITE_KEY]))
     if not options.scenario:
         raise ConfigError(
             f"this node has no `{SITE_KEY}` in its node config and the run names no scenario; start the "

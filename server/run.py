@@ -13,6 +13,7 @@ refused rather than overwritten.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from server.strategy import FedRetina, PhasePlan, encoder_arrays, to_record
 from shared.aggregation import Arrays, FedAdamState
 from shared.config import ExperimentConfig, RunOptions
 from shared.data.scenario import load_scenario
-from shared.rundir import RunDir, atomic_write_text
+from shared.rundir import atomic_write_text, run_dir, start_run_dir
 from shared.seeding import derive_seed, seed_everything
 from shared.training.finetune import build_task_model
 from shared.training.init import pretraining_start
@@ -36,6 +37,20 @@ from shared.training.pretrain import build_spark
 from shared.weights import load_into, model_meta, save_weights
 
 log = logging.getLogger(__name__)
+
+
+def run_identity(cfg: ExperimentConfig) -> dict:
+    """The settings a resumed run must share with its checkpoints (anything else would mix two runs)."""
+    f = cfg.federation
+    return {
+        **model_meta(cfg.model),
+        "seed": cfg.seed,
+        "strategy": f.strategy,
+        "local_epochs": f.local_epochs,
+        "local_steps": f.local_steps,
+        "image_size": cfg.data.image_size,
+        "decoder_width": cfg.pretrain.decoder_width,
+    }
 
 
 def initial_spark(cfg: ExperimentConfig) -> Arrays:
@@ -54,15 +69,19 @@ def initial_task_model(cfg: ExperimentConfig, tasks: dict[str, int], pretrained:
 
 class FederatedRun:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, options: RunOptions, flower_run_id: int) -> None:
-        self.grid, self.cfg, self.options = grid, cfg, options
-        self.dir = RunDir.create(cfg, options.run_name).sub("federation")
-        self.store = RunStore(self.dir / "store.sqlite", options.run_name)
-        self.checkpoints = Checkpoints(self.dir / "checkpoints", cfg.federation.keep_checkpoints)
-        self.flower_run_id = flower_run_id
+        # Bad settings are refused before anything is written (the run folder, its store).
         if cfg.pretrain.method != "spark":
-            raise FederationError("pretrain.method: federated phase 1 is SparK; MoCo pretraining runs centralised only")
+            raise FederationError(
+                "pretrain.method: federated phase 1 is SparK; MoCo pretraining is centralised"
+            )
         f = cfg.federation
         expected = load_scenario(options.scenario).size if options.scenario else f.min_sites
+        self.grid, self.cfg, self.options = grid, cfg, options
+        self.dir = run_dir(cfg, "federation", options.run_name)
+        self.store = RunStore(self.dir / "store.sqlite", options.run_name)
+        self.checkpoints = Checkpoints(self.dir / "checkpoints", f.keep_checkpoints)
+        self.flower_run_id = flower_run_id
+        self.run_uid = uuid.uuid4().hex[:12]  # replaced by the checkpoints' own on resume
         self.directory = SiteDirectory(
             self.store,
             expected=expected,
@@ -74,6 +93,7 @@ class FederatedRun:
 
     def execute(self) -> None:
         saved = self._starting_point()
+        start_run_dir(self.cfg, "federation", self.options.run_name)
         f = self.cfg.federation
         self.store.start_run(
             self.options.run_name,
@@ -130,7 +150,17 @@ class FederatedRun:
                 f"{self.dir} already holds checkpoints (last: {saved.phase} round {saved.round}); "
                 "set resume=true to continue that run, or choose another run-name"
             )
+        identity = run_identity(self.cfg)
+        differs = [
+            f"{k}={saved.meta.get(k)!r} (now {v!r})" for k, v in identity.items() if saved.meta.get(k) != v
+        ]
+        if differs:
+            raise FederationError(
+                f"{self.checkpoints.path(saved.phase, saved.round)} was made with other settings: "
+                f"{', '.join(differs)}; resume with the run's own settings, or start another run"
+            )
         self.store.forget_after(saved.phase, saved.round)
+        self.run_uid = str(saved.meta.get("run_uid", self.run_uid))
         log.info("resuming after %s round %d", saved.phase, saved.round)
         return saved
 
@@ -142,14 +172,18 @@ class FederatedRun:
         if done < total:
             start = saved.arrays if saved and saved.phase == "pretrain" else initial_spark(self.cfg)
             adam = saved.adam if saved and saved.phase == "pretrain" else None
-            plan = PhasePlan("pretrain", done, total, {}, self.options.run_name)
+            plan = PhasePlan(
+                "pretrain", done, total, {}, self.options.run_name, self.run_uid, run_identity(self.cfg)
+            )
             self._run_phase(plan, start, adam, probe=self._probe_pretrain)
         final = self.checkpoints.load("pretrain", total).arrays
         encoder = {k.removeprefix("encoder."): v for k, v in encoder_arrays(final).items()}
         meta = {
             **model_meta(self.cfg.model),
             "kind": "spark-encoder",
-            "epochs": total * self.cfg.federation.local_epochs,
+            "rounds": total,  # each: local_steps batches per site if set, else local_epochs epochs
+            "local_epochs": self.cfg.federation.local_epochs,
+            "local_steps": self.cfg.federation.local_steps,
             "federated": True,
             "image_size": self.cfg.data.image_size,
         }
@@ -171,7 +205,18 @@ class FederatedRun:
             )
             adam = saved.adam if saved and saved.phase == "finetune" else None
             self._run_phase(
-                PhasePlan("finetune", done, total, tasks, self.options.run_name), start, adam, probe=None
+                PhasePlan(
+                    "finetune",
+                    done,
+                    total,
+                    tasks,
+                    self.options.run_name,
+                    self.run_uid,
+                    run_identity(self.cfg),
+                ),
+                start,
+                adam,
+                probe=None,
             )
         final = self.checkpoints.load("finetune", total).arrays
         meta = {

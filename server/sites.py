@@ -47,13 +47,14 @@ class SiteDirectory:
         info = self.known.get(node_id)
         return info.name if info else f"node-{node_id}"
 
-    def refresh(self, grid: Grid) -> None:
-        """Ask every connected node not yet known who it is."""
+    def refresh(self, grid: Grid, timeout_s: float | None = None) -> None:
+        """Ask every connected node not yet known who it is (waiting at most `timeout_s` for answers)."""
         unknown = [n for n in grid.get_node_ids() if n not in self.known and n not in self.failed]
         if not unknown:
             return
         messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in sorted(unknown)]
-        for reply in grid.send_and_receive(messages, timeout=self.timeout_s):
+        wait = self.timeout_s if timeout_s is None else min(self.timeout_s, timeout_s)
+        for reply in grid.send_and_receive(messages, timeout=wait):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.store.event(
@@ -89,7 +90,7 @@ class SiteDirectory:
         needed = self.min_sites if needed is None else needed
         deadline = time.monotonic() + self.deadline_s
         while True:
-            self.refresh(grid)
+            self.refresh(grid, max(POLL_S, deadline - time.monotonic()))  # a silent node cannot outlast it
             connected = set(grid.get_node_ids())
             live = sorted(
                 (s for n, s in self.known.items() if n in connected and eligible(s)), key=lambda s: s.name

@@ -34,11 +34,12 @@ from shared.aggregation import (
     Arrays,
     FedAdamState,
     Update,
+    Verdict,
     average,
+    buffer_keys,
     check_update,
     cosine,
     fedadam,
-    update_norm,
 )
 from shared.config import ExperimentConfig
 
@@ -52,6 +53,8 @@ class PhasePlan:
     total: int  # rounds in this phase
     tasks: dict[str, int]  # phase 2: task -> classes (one head each)
     run_name: str
+    run_uid: str  # this run's identity, kept across resumes: sites file their state under it
+    identity: dict  # what a checkpoint must match to be resumed (see server/run.py:run_identity)
 
 
 class FedRetina(Strategy):
@@ -91,20 +94,19 @@ class FedRetina(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self.plan.offset + server_round
-        candidates: list[tuple[SiteInfo, Arrays, dict, int, str | None]] = []
+        candidates: list[Candidate] = []
         for msg, site in self._match(replies, rnd, "train"):
             arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
             metrics = dict(msg.content["metrics"])
-            reason = check_update(
+            verdict = check_update(
                 arrays,
                 self.reference,
                 required=self._required(site),
                 max_norm=self.cfg.federation.max_update_norm,
+                examples=metrics.get("num-examples"),
             )
-            candidates.append((site, arrays, metrics, msg.content["arrays"].count_bytes(), reason))
-        accepted = [
-            Update(s.name, a, float(m["num-examples"])) for s, a, m, _, why in candidates if why is None
-        ]
+            candidates.append(Candidate(site, arrays, metrics, msg.content["arrays"].count_bytes(), verdict))
+        accepted = [c.update(self.plan.tasks) for c in candidates if c.verdict.reason is None]
         if len(accepted) < self.directory.min_sites:
             status = f"skipped: {len(accepted)} accepted update(s), {self.directory.min_sites} needed"
             self._record(candidates, rnd, None)
@@ -116,9 +118,15 @@ class FedRetina(Strategy):
             return None, None
         new = average(accepted, self.reference)
         if self.cfg.federation.strategy == "fedadam":
-            new, self.adam = fedadam(self.reference, new, self.adam, lr=self.cfg.federation.server_lr)
+            new, self.adam = fedadam(
+                self.reference,
+                new,
+                self.adam,
+                lr=self.cfg.federation.server_lr,
+                buffers=buffer_keys(self.reference),
+            )
         self._record(candidates, rnd, new)
-        merged = _weighted(c[2] for c in candidates if c[4] is None)
+        merged = _weighted(c.metrics for c in candidates if c.verdict.reason is None)
         self.store.add_metrics(self.plan.phase, rnd, "train", merged)
         self.store.round_finished(self.plan.phase, rnd, len(candidates), len(accepted), "ok")
         return to_record(new), MetricRecord(merged)
@@ -201,11 +209,7 @@ class FedRetina(Strategy):
         if metrics:
             self.store.add_metrics(self.plan.phase, rnd, "server-probe", metrics)
         if server_round > 0:
-            meta = {
-                "seed": self.cfg.seed,
-                "strategy": self.cfg.federation.strategy,
-                "run": self.plan.run_name,
-            }
+            meta = {"run": self.plan.run_name, "run_uid": self.plan.run_uid, **self.plan.identity}
             path = self.checkpoints.save(self.plan.phase, rnd, numpy, self.adam, meta)
             self.store.add_checkpoint(self.plan.phase, rnd, path)
         return MetricRecord(metrics) if metrics else None
@@ -233,6 +237,7 @@ class FedRetina(Strategy):
                 "proximal-mu": f.proximal_mu if f.strategy == "fedprox" else 0.0,
                 "tasks": list(self.plan.tasks),
                 "classes": list(self.plan.tasks.values()),
+                "run-uid": self.plan.run_uid,
             }
         )
         content = RecordDict({"arrays": arrays, "config": config})
@@ -242,18 +247,15 @@ class FedRetina(Strategy):
         ]
 
     def _match(self, replies: Iterable[Message], rnd: int, kind: str) -> list[tuple[Message, SiteInfo]]:
-        """Replies with content, paired with their sites; errors and silent sites are recorded as failures."""
+        """Replies with content, paired with their sites; error replies and silent sites are recorded as
+        failures (a dead node's error carries the SuperLink's id, so it shows as silent)."""
         by_node = {s.node_id: s for s in self.sent}
-        good, answered = [], set()
+        good, failed = [], {}
         for msg in replies:
             node = msg.metadata.src_node_id
             site = by_node.get(node)
-            if msg.has_error() or site is None:
-                reason = (
-                    f"error reply: {_last_line(msg.error.reason)}"
-                    if msg.has_error()
-                    else "reply from an unknown node"
-                )
+            if msg.has_error():
+                reason = f"error reply: {_last_line(msg.error.reason)}"
                 self.store.event(
                     "reply-error",
                     f"{self.plan.phase} round {rnd} {kind}: {self.directory.name(node)}: {reason}",
@@ -262,11 +264,14 @@ class FedRetina(Strategy):
                 log.warning(
                     "%s round %d: %s from %s", self.plan.phase, rnd, reason, self.directory.name(node)
                 )
-                continue
-            answered.add(node)
-            good.append((msg, site))
+                if site is not None:
+                    failed[node] = reason
+            elif site is not None:
+                good.append((msg, site))
+        answered = {site.node_id for _, site in good}
         for site in self.sent:
             if site.node_id not in answered:
+                reason = failed.get(site.node_id, "no reply (node failed or timed out)")
                 self.store.add_reply(
                     Reply(
                         self.plan.phase,
@@ -279,39 +284,57 @@ class FedRetina(Strategy):
                         float("nan"),
                         0,
                         accepted=False,
-                        reason="no reply (node failed or timed out)",
+                        reason=reason,
                     )
                 )
         return sorted(good, key=lambda pair: pair[1].name)
 
-    def _record(self, candidates: list, rnd: int, aggregate: Arrays | None) -> None:
-        for site, arrays, metrics, nbytes, reason in candidates:
-            finite = reason is None or "NaN" not in reason
-            norm = update_norm(arrays, self.reference) if finite else None
+    def _record(self, candidates: list[Candidate], rnd: int, aggregate: Arrays | None) -> None:
+        for c in candidates:
+            reason = c.verdict.reason
             cos = (
-                cosine(arrays, aggregate, self.reference)
+                cosine(c.arrays, aggregate, self.reference)
                 if aggregate is not None and reason is None
                 else None
             )
+            examples = c.metrics.get("num-examples", 0)
             self.store.add_reply(
                 Reply(
                     self.plan.phase,
                     rnd,
                     "train",
-                    site.name,
-                    site.node_id,
-                    int(metrics.get("num-examples", 0)),
-                    metrics,
-                    float(metrics.get("duration-s", math.nan)),
-                    nbytes,
-                    norm,
+                    c.site.name,
+                    c.site.node_id,
+                    int(examples) if isinstance(examples, int | float) and math.isfinite(examples) else 0,
+                    c.metrics,
+                    float(c.metrics.get("duration-s", math.nan)),
+                    c.nbytes,
+                    c.verdict.norm,
                     cos,
                     accepted=reason is None,
                     reason=reason or "",
                 )
             )
             if reason:
-                log.warning("%s round %d: rejected %s's update: %s", self.plan.phase, rnd, site.name, reason)
+                log.warning(
+                    "%s round %d: rejected %s's update: %s", self.plan.phase, rnd, c.site.name, reason
+                )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One site's train reply, with the verdict of its validation."""
+
+    site: SiteInfo
+    arrays: Arrays
+    metrics: dict
+    nbytes: int
+    verdict: Verdict
+
+    def update(self, tasks: dict[str, int]) -> Update:
+        """The update to aggregate: weighted by its examples, each task head by that task's examples."""
+        heads = {f"heads.{t}.": float(self.metrics.get(f"examples-{t}", 0)) for t in tasks}
+        return Update(self.site.name, self.arrays, float(self.metrics["num-examples"]), heads)
 
 
 def _last_line(text: str) -> str:

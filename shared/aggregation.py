@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
@@ -26,6 +26,17 @@ class Update:
     site: str
     arrays: Arrays
     weight: float  # number of training examples
+    # Keys under a prefix weighted by another count: a task head by that task's examples at this site.
+    prefix_weights: dict[str, float] = field(default_factory=dict)
+
+    def weight_of(self, key: str) -> float:
+        return next((w for prefix, w in self.prefix_weights.items() if key.startswith(prefix)), self.weight)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    reason: str | None  # why the update is rejected, None if accepted
+    norm: float | None  # its L2 distance from the reference, when its shapes allowed computing it
 
 
 def check_update(
@@ -34,43 +45,52 @@ def check_update(
     *,
     required: Iterable[str],
     max_norm: float,
-) -> str | None:
-    """Why `arrays` cannot be aggregated against the current global `reference`, or None if it can."""
+    examples: object,
+) -> Verdict:
+    """Whether `arrays` can be aggregated against the current global `reference`, and why not.
+
+    Rejects unexpected or missing keys, wrong shapes or dtypes, NaN/Inf, a norm above `max_norm`, and an
+    example count (the weight) that is missing, not finite or not positive. Never raises on bad input.
+    """
     unexpected = sorted(set(arrays) - set(reference))
     if unexpected:
-        return f"unexpected keys, e.g. {unexpected[:2]}"
+        return Verdict(f"unexpected keys, e.g. {unexpected[:2]}", None)
     missing = sorted(set(required) - set(arrays))
     if missing:
-        return f"missing keys, e.g. {missing[:2]}"
+        return Verdict(f"missing keys, e.g. {missing[:2]}", None)
     for key, value in arrays.items():
         ref = reference[key]
         if value.shape != ref.shape:
-            return f"{key}: shape {value.shape} instead of {ref.shape}"
+            return Verdict(f"{key}: shape {value.shape} instead of {ref.shape}", None)
         if value.dtype != ref.dtype:
-            return f"{key}: dtype {value.dtype} instead of {ref.dtype}"
+            return Verdict(f"{key}: dtype {value.dtype} instead of {ref.dtype}", None)
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            return f"{key}: holds NaN or Inf"
+            return Verdict(f"{key}: holds NaN or Inf", None)
     norm = update_norm(arrays, reference)
     if norm > max_norm:
-        return f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}"
-    return None
+        return Verdict(f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}", norm)
+    if not isinstance(examples, int | float) or not np.isfinite(examples) or examples <= 0:
+        return Verdict(f"num-examples is {examples!r}, not a positive count", norm)
+    return Verdict(None, norm)
 
 
 def average(updates: list[Update], reference: Mapping[str, np.ndarray]) -> Arrays:
-    """Per-key weighted mean over the updates holding that key; keys nobody sent keep the reference value."""
+    """Per-key weighted mean over the updates holding that key (with a positive weight for it); keys nobody
+    sent keep the reference value."""
     ordered = sorted(updates, key=lambda u: u.site)
     out: Arrays = {}
     for key, ref in reference.items():
-        holders = [u for u in ordered if key in u.arrays]
+        holders = [(u, u.weight_of(key)) for u in ordered if key in u.arrays]
+        holders = [(u, w) for u, w in holders if w > 0]
         if not holders:
             out[key] = ref
         elif not np.issubdtype(ref.dtype, np.floating):
-            out[key] = np.max(np.stack([u.arrays[key] for u in holders]), axis=0).astype(ref.dtype)
+            out[key] = np.max(np.stack([u.arrays[key] for u, _ in holders]), axis=0).astype(ref.dtype)
         else:
-            total = sum(u.weight for u in holders)
+            total = sum(w for _, w in holders)
             acc = np.zeros(ref.shape, dtype=np.float64)
-            for u in holders:
-                acc += u.arrays[key].astype(np.float64) * (u.weight / total)
+            for u, w in holders:
+                acc += u.arrays[key].astype(np.float64) * (w / total)
             out[key] = acc.astype(ref.dtype)
     return out
 
@@ -98,6 +118,14 @@ def cosine(
     return dot / (na * nb) ** 0.5 if na > 0 and nb > 0 else 0.0
 
 
+BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def buffer_keys(keys: Iterable[str]) -> set[str]:
+    """The state-dict keys that are BatchNorm buffers (statistics and counters), not parameters."""
+    return {k for k in keys if k.rsplit(".", 1)[-1] in BUFFER_NAMES}
+
+
 def bn_keys(model: nn.Module) -> set[str]:
     """State-dict keys of every BatchNorm (weights, biases, running statistics, counters)."""
     keys = set()
@@ -121,16 +149,20 @@ def fedadam(
     state: FedAdamState | None,
     *,
     lr: float,
+    buffers: Iterable[str] = (),
     beta1: float = 0.9,
     beta2: float = 0.99,
     tau: float = 1e-3,
 ) -> tuple[Arrays, FedAdamState]:
-    """One server Adam step on the pseudo-gradient (averaged - reference); non-float keys pass through."""
+    """One server Adam step (Reddi et al. 2021) on the pseudo-gradient (averaged - reference) of the
+    parameters. Buffers (BatchNorm running statistics and counters, named in `buffers`) and non-float keys
+    take the plain average: an Adam step would move a variance by about `lr` whatever it should be."""
+    plain = set(buffers)
     if state is None:
         state = FedAdamState({}, {})
     out: Arrays = {}
     for key, ref in reference.items():
-        if not np.issubdtype(ref.dtype, np.floating):
+        if key in plain or not np.issubdtype(ref.dtype, np.floating):
             out[key] = averaged[key]
             continue
         delta = averaged[key].astype(np.float64) - ref.astype(np.float64)

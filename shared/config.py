@@ -132,6 +132,7 @@ class FinetuneConfig(Strict):
     class_weighting: bool = False
     referable_threshold: int = Field(2, ge=1, le=4)
     bootstrap: int = Field(1000, ge=0)
+    amp: bool = True  # bf16 autocast, used only on CUDA
 
     @field_validator("label_fractions")
     @classmethod
@@ -139,6 +140,12 @@ class FinetuneConfig(Strict):
         if not v or any(not 0 < f <= 1 for f in v):
             raise ValueError("every label fraction must lie in (0, 1]")
         return tuple(sorted(set(v), reverse=True))
+
+    @model_validator(mode="after")
+    def _run_folds_fit(self) -> FinetuneConfig:
+        if self.run_folds is not None and self.run_folds > self.folds:
+            raise ValueError(f"run_folds ({self.run_folds}) cannot exceed folds ({self.folds})")
+        return self
 
 
 class FederationConfig(Strict):
@@ -335,9 +342,10 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[ExperimentConfig, Ru
     unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
     if unknown:
         raise ConfigError(f"run config: unknown keys {unknown}; known: {list(RUN_CONFIG_KEYS)}")
-    overrides = parse_overrides(shlex.split(str(run_config.get("set", ""))))
     name = str(run_config.get("run-name", "flwr"))
-    overrides |= {"seed": int(run_config.get("seed", 0)), "name": name}
+    seed = int(run_config.get("seed", -1))
+    overrides: dict[str, Any] = {"name": name} | ({"seed": seed} if seed >= 0 else {})
+    overrides |= parse_overrides(shlex.split(str(run_config.get("set", ""))))  # applied last: it wins
     cfg = load_config(
         str(run_config.get("config") or "") or None,
         profile=run_config.get("profile") or None,

@@ -39,12 +39,17 @@ def setup_logging(verbosity: int = 0, logfile: Path | None = None) -> None:
 
 
 def add_logfile(path: Path) -> None:
-    """Also write every log line (at debug level) into `path`, e.g. `runs/<name>/log.txt`."""
+    """Also write every line the root logger passes into `path` (a run's `log.txt`), instead of the previous
+    run's file if one was open: runs in one process never write into each other's logs."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "fedretina_run_log", False)]:
+        root.removeHandler(old)
+        old.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
-    handler.setLevel(logging.DEBUG)
-    logging.getLogger().addHandler(handler)
+    handler.fedretina_run_log = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:

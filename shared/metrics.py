@@ -22,7 +22,6 @@ import numpy as np
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
-    confusion_matrix,
     f1_score,
     log_loss,
     recall_score,
@@ -107,12 +106,6 @@ def evaluate_predictions(
         sens, spec = sensitivity_specificity(y_ref, (p_ref >= 0.5).astype(int))
         out["referable_sensitivity"], out["referable_specificity"] = sens, spec
     return {key: out[key] for key in metric_keys(task)}
-
-
-def confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    return confusion_matrix(
-        y_true, np.asarray(probs).argmax(axis=1), labels=list(range(np.asarray(probs).shape[1]))
-    )
 
 
 def bootstrap_ci(

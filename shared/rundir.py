@@ -4,31 +4,25 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import ExperimentConfig, dump_config
 from shared.logs import add_logfile
 
 
-@dataclass(frozen=True)
-class RunDir:
-    path: Path
+def run_dir(config: ExperimentConfig, part: str, name: str | None = None) -> Path:
+    """`runs/<name>/<part>/`: where one command's outputs (pretrain, finetune, federation) go."""
+    return Path(config.runs_dir) / (name or config.name) / part
 
-    @classmethod
-    def create(cls, config: ExperimentConfig, name: str | None = None) -> RunDir:
-        """Make `runs/<name>/`, write `config.yaml` (the resolved config) and start `log.txt`."""
-        run = cls(Path(config.runs_dir) / (name or config.name))
-        run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.path / "config.yaml", dump_config(config))
-        add_logfile(run.path / "log.txt")
-        return run
 
-    def sub(self, *parts: str) -> Path:
-        """A subdirectory of the run, created on demand."""
-        path = self.path.joinpath(*parts)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+def start_run_dir(config: ExperimentConfig, part: str, name: str | None = None) -> Path:
+    """Create the part's folder and record the resolved config and the log there (call after any refusal to
+    overwrite, so a refused command leaves the earlier run's record alone)."""
+    path = run_dir(config, part, name)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path / "config.yaml", dump_config(config))
+    add_logfile(path / "log.txt")
+    return path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -3,7 +3,6 @@ reference the federated simulation must reproduce (same functions, same seeds, s
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from dataclasses import dataclass
@@ -13,15 +12,14 @@ import torch
 
 from shared.config import ExperimentConfig
 from shared.data.dataset import TwoViews
-from shared.data.labels import TASKS
-from shared.data.manifest import held_tasks
+from shared.data.manifest import held_tasks, task_classes
 from shared.data.site import Site
 from shared.data.transforms import FUNDUS_MEAN, FUNDUS_STD
 from shared.device import configure_torch
 from shared.errors import CheckpointError
 from shared.moco import moco_epoch
 from shared.plots import curve
-from shared.rundir import RunDir
+from shared.rundir import atomic_write_text, run_dir, start_run_dir
 from shared.seeding import derive_seed, seed_everything
 from shared.spark.preview import save_preview
 from shared.training.checkpoint import load_checkpoint, save_checkpoint
@@ -57,20 +55,19 @@ class PretrainOutputs:
 
 def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainOutputs:
     """Pretrain (SparK, or MoCo v2) on the pooled images of `cfg.sites`; resumable at epoch boundaries."""
-    run = RunDir.create(cfg)
-    out = run.sub("pretrain")
-    checkpoint = out / "checkpoint.safetensors"
+    checkpoint = run_dir(cfg, "pretrain") / "checkpoint.safetensors"
     if checkpoint.exists() and not resume:
         raise CheckpointError(
             f"{checkpoint} exists: pass --resume to continue that run, or pick another --name"
         )
+    check_init(cfg.pretrain.init.kind, cfg.pretrain.init.weights, cfg.model)
+    out = start_run_dir(cfg, "pretrain")
     sites = load_sites(cfg.sites)
     spark = cfg.pretrain.method == "spark"
     views = [site_images(s, cfg, cfg.data.image_size, "light" if spark else "contrastive") for s in sites]
     dataset = pooled(views if spark else [TwoViews(v) for v in views])
     key = data_key([s.name for s in sites])
     device = configure_torch(cfg)
-    check_init(cfg.pretrain.init.kind, cfg.pretrain.init.weights, cfg.model)
     model = pretraining_start(cfg).to(device)
     optimizer = pretrain_optimizer(model, cfg)
     per_epoch = steps_per_epoch(len(dataset), cfg.pretrain.batch_size)
@@ -81,7 +78,7 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
     if resume and checkpoint.exists():
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, expected=meta)
         start, step, losses = state["epoch"], state["step"], state["losses"]
-        log.info("resuming %s after epoch %d (step %d)", run.path, start, step)
+        log.info("resuming %s after epoch %d (step %d)", out, start, step)
     preview = _preview_batch(sites, cfg).to(device) if spark else None
     log.info(
         "%s pretraining on %d images from %s, %d steps per epoch, device %s",
@@ -133,10 +130,8 @@ def _preview_batch(sites: list[Site], cfg: ExperimentConfig) -> torch.Tensor:
 
 
 def _history(out: Path, losses: list[float], label: str) -> None:
-    with open(out / "history.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["epoch", label.replace(" ", "_")])
-        writer.writerows((i + 1, f"{loss:.6f}") for i, loss in enumerate(losses))
+    lines = [f"epoch,{label.replace(' ', '_')}", *(f"{i + 1},{loss:.6f}" for i, loss in enumerate(losses))]
+    atomic_write_text(out / "history.csv", "\n".join(lines) + "\n")
     curve(out / "loss.png", {label: losses}, xlabel="epoch", ylabel="loss", title="pretraining")
 
 
@@ -217,6 +212,6 @@ def _cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _held_tasks(cfg: ExperimentConfig, sites: list[Site]) -> dict[str, int]:
     """Phase 2's tasks as the server picks them: configured, or every task some site holds labels for."""
-    held = sorted({t for s in sites for t in held_tasks(s.rows)})
-    wanted = cfg.federation.tasks or tuple(held)
-    return {t: TASKS[t].num_classes for t in wanted}
+    classes = {t: k for s in sites for t, k in task_classes(s.rows).items() if t in held_tasks(s.rows)}
+    wanted = cfg.federation.tasks or tuple(sorted(classes))
+    return {t: classes[t] for t in wanted}

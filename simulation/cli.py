@@ -84,13 +84,13 @@ def pretrain(
     site: Annotated[
         list[Path] | None, typer.Option(help="Site YAML to train on (repeatable; adds to config).")
     ] = None,
-    name: Annotated[str | None, typer.Option(help="Run name: outputs go to runs/<name>/pretrain/.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name: outputs go to runs/NAME/pretrain/.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run's last checkpoint.")] = False,
 ) -> None:
     """Pretrain the encoder on one or more sites' images, centralised: SparK masked modelling (default) or
     MoCo v2 (`--set pretrain.method=moco`).
 
-    Writes runs/<name>/pretrain/: checkpoint.safetensors (resumable with --resume), previews/epoch*.png
+    Writes runs/NAME/pretrain/: checkpoint.safetensors (resumable with --resume), previews/epoch*.png
     (input, masked input, reconstruction; SparK), history.csv and loss.png, and encoder.safetensors, the
     initialisation `fedretina finetune` takes.
 
@@ -112,15 +112,16 @@ def finetune(
     site: Annotated[
         list[Path] | None, typer.Option(help="Site YAML holding the task's labels (repeatable).")
     ] = None,
-    name: Annotated[str | None, typer.Option(help="Run name: outputs go to runs/<name>/finetune/.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name: outputs go to runs/NAME/finetune/.")] = None,
     resume: Annotated[bool, typer.Option(help="Skip the folds already finished in this run.")] = False,
 ) -> None:
     """Fine-tune and evaluate by patient-grouped, stratified k-fold CV, for every configured initialisation
     (finetune.inits: scratch, spark, moco, imagenet) and label fraction.
 
     Model selection uses an inner validation split only; a site's own test split is scored by every fold's
-    model with bootstrap 95% CIs. Writes runs/<name>/finetune/: folds.csv, summary.json, table.md, ROC,
-    confusion-matrix and AUC-vs-label-fraction PNGs, and each fold's best model (safetensors).
+    model with bootstrap 95% CIs. Writes runs/NAME/finetune/: folds.csv, summary.json, table.md, ROC,
+    confusion-matrix and AUC-vs-label-fraction PNGs, each fold's best model (safetensors) and its CV
+    predictions (npz). --resume skips finished folds.
 
     Example: fedretina finetune -c experiment.yaml --set finetune.label_fractions=[0.1]
     """

@@ -5,12 +5,14 @@ development images (each fold's model is selected on an inner, patient-disjoint 
 test data), the held-out fold reports the CV metrics, and a site's own test split (EyePACS Private, IDRiD
 test) is evaluated by every fold's selected model, with bootstrap 95% intervals. Label fractions are nested
 subsets of each fold's training patients. Results: folds.csv, summary.json, table.md, ROC / confusion /
-AUC-vs-fraction PNGs, and each fold's best model as safetensors. Finished folds are skipped on --resume.
+AUC-vs-fraction PNGs, each fold's best model as safetensors and its CV predictions (predictions/*.npz, so
+the plots after a --resume still cover every fold). Finished folds are skipped on --resume.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -23,16 +25,16 @@ import torch
 from torch.utils.data import Dataset
 
 from shared.config import ExperimentConfig, InitConfig
-from shared.data.labels import TASKS, label_column
-from shared.data.manifest import labelled
+from shared.data.labels import label_column
+from shared.data.manifest import labelled, task_classes
 from shared.data.site import Site
 from shared.data.splits import assign_folds, inner_split, label_subset
 from shared.data.transforms import Recipe
 from shared.device import configure_torch
-from shared.errors import ConfigError
+from shared.errors import CheckpointError, ConfigError
 from shared.metrics import bootstrap_ci, evaluate_predictions, mean_std, metric_keys
 from shared.plots import auc_vs_fraction, confusion_plot, roc_plot
-from shared.rundir import RunDir, atomic_write_text
+from shared.rundir import atomic_write_bytes, atomic_write_text, run_dir, start_run_dir
 from shared.seeding import derive_seed, seed_everything
 from shared.training.data import load_sites, pooled, site_images
 from shared.training.finetune import (
@@ -76,14 +78,15 @@ def run_finetuning(cfg: ExperimentConfig, *, resume: bool = False) -> FinetuneOu
         )
     for init in f.inits.values():
         check_init(init.kind, init.weights, cfg.model)
-    run = RunDir.create(cfg)
-    out = run.sub("finetune")
+    folds_csv = run_dir(cfg, "finetune") / "folds.csv"
+    if folds_csv.exists() and not resume:
+        raise CheckpointError(f"{folds_csv} exists: pass --resume to finish that run, or pick another --name")
+    out = start_run_dir(cfg, "finetune")
     cohort = _cohort(cfg)
     device = configure_torch(cfg)
     folds = assign_folds(cohort.dev, cohort.column, f.folds, cfg.seed)
     done = pd.read_csv(out / "folds.csv") if resume and (out / "folds.csv").exists() else pd.DataFrame()
     rows = done.to_dict("records")
-    predictions: dict[tuple[str, float], list[tuple[np.ndarray, np.ndarray]]] = {}
     for init_name, init in f.inits.items():
         for fraction in f.label_fractions:
             for fold in range(f.run_folds or f.folds):
@@ -92,15 +95,13 @@ def run_finetuning(cfg: ExperimentConfig, *, resume: bool = False) -> FinetuneOu
                         "skipping finished %s / %.0f%% labels / fold %d", init_name, 100 * fraction, fold
                     )
                     continue
-                result = _run_fold(cfg, cohort, folds, init_name, init, fraction, fold, device, out)
-                rows += result[0]
-                predictions.setdefault((init_name, fraction), []).append(result[1])
-                pd.DataFrame(rows).to_csv(out / "folds.csv", index=False)
+                rows += _run_fold(cfg, cohort, folds, init_name, init, fraction, fold, device, out)
+                atomic_write_text(out / "folds.csv", pd.DataFrame(rows).to_csv(index=False))
     summary = _summarise(cfg, pd.DataFrame(rows))
     table = _table(summary, metric_keys(f.task))
     atomic_write_text(out / "summary.json", json.dumps(_no_nan(summary), indent=2))
     atomic_write_text(out / "table.md", table)
-    _plots(out, summary, predictions, cohort, f.task)
+    _plots(out, summary, f.task)
     return FinetuneOutputs(out, table, summary)
 
 
@@ -118,7 +119,7 @@ def _cohort(cfg: ExperimentConfig) -> Cohort:
         rows["patient_id"] = name + "/" + rows["patient_id"]
         frames.append(rows)
     data = pd.concat(frames, ignore_index=True)
-    num_classes = TASKS[task].num_classes if task in TASKS else int(data[column].max()) + 1
+    num_classes = task_classes(data)[task]
     dev, test = data[data["split"] != "test"], data[data["split"] == "test"]
     log.info(
         "task %s: %d development images (%d patients), %d test images, sites %s",
@@ -152,7 +153,8 @@ def _run_fold(
     fold: int,
     device: torch.device,
     out: Path,
-) -> tuple[list[dict], tuple[np.ndarray, np.ndarray]]:
+) -> list[dict]:
+    """Train, select and score one fold; returns its folds.csv rows (CV, and the sites' test split)."""
     f, task = cfg.finetune, cfg.finetune.task
     outer_train, outer_test = cohort.dev[folds != fold], cohort.dev[folds == fold]
     subset = label_subset(outer_train, cohort.column, fraction, derive_seed(cfg.seed, "fraction", fold))
@@ -163,7 +165,7 @@ def _run_fold(
     model = build_task_model(cfg, {task: cohort.num_classes})
     origin = initialise(model.encoder, init.kind, init.weights, cfg.model)
     model.to(device)
-    train_ds = images(cohort, cfg, train, "heavy" if f.augment == "heavy" else f.augment)
+    train_ds = images(cohort, cfg, train, f.augment)
     val_ds = images(cohort, cfg, val, "none")
     optimizer = finetune_optimizer(model, cfg)
     per_epoch = steps_per_epoch(len(train_ds), f.batch_size)
@@ -243,6 +245,7 @@ def _run_fold(
         "val_images": len(val),
     }
     cv_true, cv_probs = predict(model, images(cohort, cfg, outer_test, "none"), task, device, f.batch_size)
+    _save_predictions(out / "predictions" / f"{name}.npz", cv_true, cv_probs)
     rows = [
         {
             **base,
@@ -262,7 +265,7 @@ def _run_fold(
         rows.append(
             {**base, "split": "test", "images": len(y), **test, "auc_ci_low": low, "auc_ci_high": high}
         )
-    return rows, (cv_true, cv_probs)
+    return rows
 
 
 def _tag(init: str, fraction: float) -> str:
@@ -314,13 +317,28 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def _plots(out: Path, summary: dict, predictions: dict, cohort: Cohort, task: str) -> None:
-    for (init, fraction), runs in predictions.items():
-        y = np.concatenate([r[0] for r in runs])
-        p = np.concatenate([r[1] for r in runs])
-        tag = _tag(init, fraction)
-        roc_plot(out / f"roc_{tag}.png", y, p, title=f"{task} ROC, {init}, {fraction:.0%} labels (CV folds)")
-        confusion_plot(out / f"confusion_{tag}.png", y, p, title=f"{task}, {init}, {fraction:.0%} labels")
+def _save_predictions(path: Path, y_true: np.ndarray, probs: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, y_true=y_true, probs=probs)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _plots(out: Path, summary: dict, task: str) -> None:
+    """ROC and confusion per (init, fraction) over every finished fold's CV predictions, AUC vs fraction."""
+    for r in summary["results"]:
+        if r["split"] != "cv":
+            continue
+        tag = _tag(r["init"], r["fraction"])
+        runs = []
+        for path in sorted((out / "predictions").glob(f"{tag}_fold*.npz")):
+            with np.load(path, allow_pickle=False) as saved:
+                runs.append((saved["y_true"], saved["probs"]))
+        if not runs:
+            continue
+        y, p = np.concatenate([a for a, _ in runs]), np.concatenate([b for _, b in runs])
+        about = f"{r['init']}, {r['fraction']:.0%} labels"
+        roc_plot(out / f"roc_{tag}.png", y, p, title=f"{task} ROC, {about} (CV folds)")
+        confusion_plot(out / f"confusion_{tag}.png", y, p, title=f"{task}, {about}")
     cv = [r for r in summary["results"] if r["split"] == "cv"]
     auc_vs_fraction(out / "auc_vs_fraction.png", cv, title=f"{task}: AUC vs label fraction (CV)")
 

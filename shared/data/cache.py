@@ -46,7 +46,11 @@ class ImageCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         with _locked(self.dir / ".lock"):
             state = self._read_index()
-            todo = [r for r in manifest.itertuples(index=False) if state["files"].get(r.image_id) != _stamp(r.path)]
+            todo = [
+                r
+                for r in manifest.itertuples(index=False)
+                if state["files"].get(r.image_id) != _stamp(r.path)
+            ]
             if todo:
                 self._build(state, todo, workers)
         self._open()

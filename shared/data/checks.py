@@ -28,7 +28,7 @@ from shared.data.formats.common import Problem
 from shared.data.fundus import preprocess
 from shared.data.images import ImageProblem
 from shared.data.manifest import label_tasks, read_manifest_csv, write_manifest_csv
-from shared.data.site import SiteConfig
+from shared.data.site import Site, SiteConfig, load_site_config
 from shared.errors import DataError
 from shared.logs import progress
 from shared.rundir import atomic_write_text
@@ -92,14 +92,25 @@ def check_site(site: SiteConfig, out_dir: Path | None = None, workers: int = 2) 
 
 def load_checked_manifest(site: SiteConfig) -> pd.DataFrame:
     """The usable images of a site: its last check's manifest.csv, or (unchecked) the reader's listing."""
-    checked = site.check_dir / "manifest.csv"
+    checked, report = site.check_dir / "manifest.csv", site.check_dir / "report.json"
     if checked.exists():
+        if report.exists() and json.loads(report.read_text()).get("verdict") == "unusable":
+            raise DataError(
+                f"{site.name}: its last check found it unusable ({site.check_dir / 'summary.txt'}); "
+                f"fix what it lists and run `fedretina site check {site.source or ''}` again"
+            )
         return read_manifest_csv(checked)
     log.warning("site %s has not been checked; run `fedretina site check %s`", site.name, site.source or "")
     data = read_site(site)
     if data.fatal:
         raise DataError(data.fatal[0].line())
     return data.manifest
+
+
+def load_site(path: str | Path) -> Site:
+    """A site YAML and its usable images, ready for training."""
+    config = load_site_config(path)
+    return Site(config.name, config, load_checked_manifest(config))
 
 
 def _inspect(manifest: pd.DataFrame, workers: int) -> list[ImageFacts]:
@@ -131,7 +142,9 @@ def _facts(path: str) -> ImageFacts:
     )
 
 
-def _duplicates(manifest: pd.DataFrame, facts: list[ImageFacts], root: Path, problems: list[Problem]) -> set[str]:
+def _duplicates(
+    manifest: pd.DataFrame, facts: list[ImageFacts], root: Path, problems: list[Problem]
+) -> set[str]:
     """Identical files under different names: keep the first (by image id), exclude the rest."""
     groups: dict[str, list[tuple[str, str]]] = {}
     for image_id, path, fact in zip(manifest["image_id"], manifest["path"], facts, strict=True):
@@ -141,26 +154,37 @@ def _duplicates(manifest: pd.DataFrame, facts: list[ImageFacts], root: Path, pro
     for members in groups.values():
         keep, *rest = sorted(members)
         for image_id, path in rest:
-            reason = f"duplicate of {_rel(root, keep[1])} (identical content); excluded so it cannot leak across folds"
+            reason = f"same content as {_rel(root, keep[1])}; excluded so it cannot leak across folds"
             problems.append(Problem("duplicate", _rel(root, path), reason))
             dropped.add(image_id)
     return dropped
 
 
+def excluded_files(problems: list[Problem]) -> set[str]:
+    """Image files excluded by a recoverable problem, each once however many problems it has (a row that is
+    no file name at all, `bad-name`, has no file to count)."""
+    return {p.file for p in problems if p.excluded and not p.fatal and p.kind != "bad-name"}
+
+
 def _verdict(site: SiteConfig, listed: pd.DataFrame, usable: pd.DataFrame, problems: list[Problem]) -> None:
     """Site-level fatal problems: nothing usable, or more excluded than the site allows."""
-    excluded = sum(1 for p in problems if p.excluded and not p.fatal)
-    total = len(listed) + sum(1 for p in problems if p.kind in ("missing-file", "bad-label", "conflicting-labels"))
+    excluded = excluded_files(problems)
+    in_manifest = {_rel(site.root, p) for p in listed["path"]}
+    total = len(listed) + len(excluded - in_manifest)  # readers drop some before the manifest
+    share = len(excluded) / total if total else 0.0
     if usable.empty and not any(p.fatal for p in problems):
         problems.append(Problem("empty", str(site.root), "no usable images found", fatal=True))
-    elif total and excluded / total > site.max_excluded_fraction:
-        reason = (f"{excluded} of {total} images excluded ({excluded / total:.0%}), more than max_excluded_fraction "
-                  f"{site.max_excluded_fraction:.0%}; fix the files listed above or raise the limit in the site YAML")
+    elif share > site.max_excluded_fraction:
+        reason = (
+            f"{len(excluded)} of {total} images excluded ({share:.0%}), more than max_excluded_fraction "
+            f"{site.max_excluded_fraction:.0%}; fix the files above or raise the limit in the site YAML"
+        )
         problems.append(Problem("too-many-excluded", str(site.source or site.root), reason, fatal=True))
 
 
-def _report(site: SiteConfig, usable: pd.DataFrame, facts: list[ImageFacts], problems: list[Problem],
-            listed: int) -> dict[str, Any]:
+def _report(
+    site: SiteConfig, usable: pd.DataFrame, facts: list[ImageFacts], problems: list[Problem], listed: int
+) -> dict[str, Any]:
     good = [f for f in facts if not f.kind]
     sums = np.array([f.sums for f in good]).sum(axis=0) if good else np.zeros(7)
     count = max(sums[6], 1.0)
@@ -175,14 +199,16 @@ def _report(site: SiteConfig, usable: pd.DataFrame, facts: list[ImageFacts], pro
         "counts": {
             "listed": listed,
             "usable": len(usable),
-            "excluded": sum(1 for p in problems if p.excluded and not p.fatal),
+            "excluded": len(excluded_files(problems)),
             "notes": sum(1 for p in problems if not p.excluded),
             "patients": int(usable["patient_id"].nunique()),
             "by_split": {k or "none": int(v) for k, v in Counter(usable["split"]).items()},
             "by_eye": {k or "unknown": int(v) for k, v in Counter(usable["eye"]).items()},
         },
         "labels": {
-            t.name: {str(k): int(v) for k, v in sorted(Counter(usable[t.column].dropna().astype(int)).items())}
+            t.name: {
+                str(k): int(v) for k, v in sorted(Counter(usable[t.column].dropna().astype(int)).items())
+            }
             for t in label_tasks(usable)
         },
         "images": {

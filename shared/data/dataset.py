@@ -47,7 +47,7 @@ class FundusDataset(Dataset):
         self.epoch_seed = 0
 
     def set_epoch_seed(self, seed: int) -> None:
-        """Seed this epoch's augmentations (call before iterating; loader workers see it at iterator start)."""
+        """Seed this epoch's augmentations (before iterating: loader workers copy it when they start)."""
         self.epoch_seed = seed
 
     def __len__(self) -> int:
@@ -103,7 +103,11 @@ class EpochSampler(Sampler[int]):
         self.start, self.stop = start, n if stop is None else min(stop, n)
 
     def __iter__(self) -> Iterator[int]:
-        order = range(self.n) if self.seed is None else torch.randperm(self.n, generator=generator(self.seed)).tolist()
+        order = (
+            range(self.n)
+            if self.seed is None
+            else torch.randperm(self.n, generator=generator(self.seed)).tolist()
+        )
         return iter(list(order)[self.start : self.stop])
 
     def __len__(self) -> int:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-Image.MAX_IMAGE_PIXELS = 200_000_000  # fundus photographs reach 20 MP; refuse decompression bombs beyond
+# Pillow's own defaults protect us (set nothing globally): truncated files raise, and images beyond
+# 2 x Image.MAX_IMAGE_PIXELS (~179 MP, far above a 20 MP fundus photograph) raise DecompressionBombError.
 
 
 class ImageProblem(Exception):

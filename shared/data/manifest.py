@@ -116,9 +116,16 @@ def write_manifest_csv(df: pd.DataFrame, path: Path) -> None:
     atomic_write_text(path, df.to_csv(index=False))
 
 
+def empty_manifest(site: str) -> pd.DataFrame:
+    """A manifest with no rows but every base column, typed."""
+    return new_manifest([{"image_id": "_", "path": "", "patient_id": "_"}], site).iloc[0:0]
+
+
 def read_manifest_csv(path: Path) -> pd.DataFrame:
     """Load a manifest saved by `write_manifest_csv`, restoring its column types."""
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if df.empty:
+        return empty_manifest(path.parent.name)
     df["gradable"] = df["gradable"].map({"True": True, "False": False, "": pd.NA})
     for column in df.columns:
         if column.startswith(LABEL_PREFIX):
@@ -127,7 +134,17 @@ def read_manifest_csv(path: Path) -> pd.DataFrame:
     return new_manifest(df.to_dict("records"), site)
 
 
+def task_classes(df: pd.DataFrame) -> dict[str, int]:
+    """Class count of every task the manifest has a label column for: known tasks' own; for a generic
+    (folder) task, its highest label + 1."""
+    return {t.name: t.num_classes for t in label_tasks(df)}
+
+
 def held_tasks(df: pd.DataFrame) -> dict[str, int]:
     """Tasks with at least one usable label in the manifest, and how many labelled images each has."""
-    counts = {c[len(LABEL_PREFIX) :]: len(labelled(df, c[len(LABEL_PREFIX) :])) for c in df if c.startswith(LABEL_PREFIX)}
+    counts = {
+        c[len(LABEL_PREFIX) :]: len(labelled(df, c[len(LABEL_PREFIX) :]))
+        for c in df
+        if c.startswith(LABEL_PREFIX)
+    }
     return {t: n for t, n in sorted(counts.items()) if n}

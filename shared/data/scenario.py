@@ -2,27 +2,29 @@
 
 A scenario YAML (`simulation/scenarios/<name>.yaml`) either lists site YAMLs, each one federation site as it
 is (the natural split), or splits one source site into parts by patient (`iid`, `dirichlet`, `camera`).
-Paths are relative to the working directory, which for Flower apps is where the local SuperLink started:
-the project root.
+Site paths inside a scenario are relative to the scenario file. A bare name (`natural`) is looked up in
+`simulation/scenarios/` under the working directory, which for Flower apps is where the local SuperLink
+started: the project root.
 
     name: iid-4
     description: the EyePACS-like site dealt at random into 4 sites
-    split: {kind: iid, source: sites/generated/eyepacs.yaml, parts: 4}
+    split: {kind: iid, source: ../../sites/generated/eyepacs.yaml, parts: 4}
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from shared.config import Strict, read_yaml, validate
 from shared.data import partition
 from shared.data.cache import ImageCache
-from shared.data.checks import load_checked_manifest
+from shared.data.checks import load_checked_manifest, load_site
 from shared.data.labels import label_column
 from shared.data.site import Site, SiteConfig, load_site_config
 from shared.errors import ConfigError
@@ -34,8 +36,8 @@ COLOUR_SIZE = 64  # image side used for the camera split's colour statistics
 class SplitSpec(Strict):
     kind: Literal["iid", "dirichlet", "camera"]
     source: str
-    parts: int = 4
-    alpha: float = 0.5  # dirichlet concentration: smaller is more skewed
+    parts: int = Field(4, ge=1)
+    alpha: float = Field(0.5, gt=0)  # dirichlet concentration: smaller is more skewed
     task: str = "dr"  # dirichlet: whose labels are skewed
 
 
@@ -67,18 +69,21 @@ def load_scenario(name: str) -> Scenario:
     if not path.is_file():
         known = sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml")) if SCENARIO_DIR.is_dir() else []
         raise ConfigError(f"scenario {name!r}: {path} not found (from {Path.cwd()}); known: {known}")
-    return validate(Scenario, read_yaml(path), str(path))
+    scenario = validate(Scenario, read_yaml(path), str(path))
+
+    def beside(entry: str) -> str:  # relative to the scenario file; absolute paths stay as they are
+        return os.path.normpath(path.parent / entry)
+
+    sites = tuple(beside(p) for p in scenario.sites)
+    split = scenario.split and scenario.split.model_copy(update={"source": beside(scenario.split.source)})
+    return scenario.model_copy(update={"sites": sites, "split": split})
 
 
 def scenario_sites(scenario: Scenario, seed: int, only: int | None = None) -> list[Site]:
     """The federation's sites in partition order; `only` builds just that partition's site (cheaper)."""
     if scenario.sites:
         picks = range(len(scenario.sites)) if only is None else [_index(only, len(scenario.sites))]
-        out = []
-        for i in picks:
-            config = load_site_config(scenario.sites[i])
-            out.append(Site(config.name, config, load_checked_manifest(config)))
-        return out
+        return [load_site(scenario.sites[i]) for i in picks]
     spec = scenario.split
     assert spec is not None
     config = load_site_config(spec.source)
@@ -90,7 +95,9 @@ def scenario_sites(scenario: Scenario, seed: int, only: int | None = None) -> li
     else:
         masks = partition.camera(rows, _colour(config, rows), spec.parts, seed)
     picks = range(spec.parts) if only is None else [_index(only, spec.parts)]
-    return [Site(f"{config.name}-{spec.kind}{k}", config, rows[masks[k]].reset_index(drop=True)) for k in picks]
+    return [
+        Site(f"{config.name}-{spec.kind}{k}", config, rows[masks[k]].reset_index(drop=True)) for k in picks
+    ]
 
 
 def _index(partition_id: int, size: int) -> int:

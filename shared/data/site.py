@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
 from pydantic import Field, field_validator
 
 from shared.config import Strict, read_yaml, validate
@@ -36,7 +35,7 @@ class SiteConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     state_dir: Path | None = None
     # Refuse the site when more than this fraction of its images had to be excluded.
-    max_excluded_fraction: float = 0.1
+    max_excluded_fraction: float = Field(0.1, ge=0, le=1)
     source: Path | None = None  # the YAML this came from (set by the loader)
 
     @field_validator("name")

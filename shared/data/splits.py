@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from shared.errors import DataError
 from shared.seeding import derive_seed
 
 
@@ -25,13 +26,14 @@ def patient_labels(df: pd.DataFrame, column: str) -> pd.Series:
 
 
 def assign_folds(df: pd.DataFrame, column: str, k: int, seed: int) -> np.ndarray:
-    """Fold index (0..k-1) per row; rows of one patient share a fold. Stratified when every class could fill
-    the folds' strata at all; otherwise patients are dealt at random (seeded)."""
+    """Fold index (0..k-1) per row; rows of one patient share a fold. Stratified by StratifiedGroupKFold
+    (approximately balanced when patients are few) unless even the commonest class has fewer than k images,
+    as at tiny label fractions; then patients are dealt at random (seeded), so every fold gets some."""
     strat = patient_labels(df, column).reindex(df["patient_id"]).to_numpy()
-    if df["patient_id"].nunique() < k:
-        raise ValueError(f"{df['patient_id'].nunique()} patients cannot fill {k} folds; lower finetune.folds")
+    if (count := df["patient_id"].nunique()) < k:
+        raise DataError(f"{count} patients cannot fill {k} folds; lower finetune.folds")
     folds = np.full(len(df), -1, dtype=np.int64)
-    if pd.Series(strat).value_counts().max() < k:  # too few patients per class to stratify (tiny label fractions)
+    if pd.Series(strat).value_counts().max() < k:
         patients = np.array(sorted(df["patient_id"].unique()))
         order = np.random.default_rng(derive_seed(seed, "folds") % 2**32).permutation(len(patients))
         owner = dict(zip(patients[order], np.arange(len(patients)) % k, strict=True))
@@ -39,16 +41,22 @@ def assign_folds(df: pd.DataFrame, column: str, k: int, seed: int) -> np.ndarray
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=derive_seed(seed, "folds") % 2**32)
     with warnings.catch_warnings():  # "least populated class has only n members": approximate is fine
         warnings.simplefilter("ignore", UserWarning)
-        for fold, (_, test) in enumerate(splitter.split(np.zeros(len(df)), strat.astype(int), df["patient_id"])):
+        for fold, (_, test) in enumerate(
+            splitter.split(np.zeros(len(df)), strat.astype(int), df["patient_id"])
+        ):
             folds[test] = fold
     return folds
 
 
-def inner_split(df: pd.DataFrame, column: str, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def inner_split(
+    df: pd.DataFrame, column: str, val_fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, validation) by patients, stratified; validation holds about `val_fraction` of them."""
     k = max(2, round(1 / val_fraction))
     if df["patient_id"].nunique() < k:
-        raise ValueError(f"too few patients ({df['patient_id'].nunique()}) for a {val_fraction:.0%} validation split")
+        raise DataError(
+            f"too few patients ({df['patient_id'].nunique()}) for a {val_fraction:.0%} validation split"
+        )
     folds = assign_folds(df, column, k, derive_seed(seed, "inner"))
     return df[folds != 0], df[folds == 0]
 

@@ -61,7 +61,8 @@ def draw(recipe: Recipe, src: int, out: int, g: torch.Generator) -> Params:
     ops = ("brightness", "contrast", "saturation", "hue")
     hue = HUE[recipe]
     jitter = tuple(
-        (ops[i], _uniform(g, -hue, hue) if ops[i] == "hue" else _uniform(g, 1 - JITTER, 1 + JITTER)) for i in order
+        (ops[i], _uniform(g, -hue, hue) if ops[i] == "hue" else _uniform(g, 1 - JITTER, 1 + JITTER))
+        for i in order
     )
     erase = _random_box(out, ERASE_SCALE, ERASE_RATIO, g) if heavy and _uniform(g) < ERASE_P else None
     return Params(crop, hflip, vflip, angle, jitter, erase)

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 from torch.utils.data import ConcatDataset, Dataset
 
 from shared.config import ExperimentConfig
 from shared.data.cache import ImageCache
-from shared.data.checks import load_checked_manifest
+from shared.data.checks import load_site
 from shared.data.dataset import FundusDataset
-from shared.data.site import Site, load_site_config
+from shared.data.site import Site
 from shared.data.transforms import Recipe
 from shared.errors import ConfigError
-
-
-def load_site(path: str | Path) -> Site:
-    config = load_site_config(path)
-    return Site(config.name, config, load_checked_manifest(config))
 
 
 def load_sites(paths: tuple[str, ...] | list[str]) -> list[Site]:

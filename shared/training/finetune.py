@@ -21,6 +21,7 @@ from shared.data.labels import label_column
 from shared.data.manifest import labelled
 from shared.data.splits import inner_split
 from shared.device import autocast
+from shared.errors import DataError
 from shared.models import TaskModel, build_encoder
 from shared.seeding import derive_seed
 from shared.training.loop import EpochResult, EpochSeeds, train_epoch
@@ -114,7 +115,7 @@ def finetune_epoch(
         targets = F.one_hot(labels, classes).float()
         targets = targets * (1 - f.label_smoothing) + f.label_smoothing / classes
         images, targets = _mix(images, targets, f.mixup, f.cutmix, g)
-        with autocast(device, cfg.pretrain.amp):
+        with autocast(device, f.amp):
             logits = model(images, task)
         per_sample = -(targets * F.log_softmax(logits.float(), dim=1))
         if weights is not None:
@@ -202,7 +203,7 @@ def finetune_split(rows: pd.DataFrame, task: str, cfg: ExperimentConfig) -> tupl
         train, val = inner_split(
             dev, column, cfg.finetune.val_fraction, derive_seed(cfg.seed, "federated-val")
         )
-    except ValueError:  # too few patients to hold some out: train on all, report no validation metrics
+    except DataError:  # too few patients to hold some out: train on all, report no validation metrics
         log.warning(
             "%d patients hold %s labels here: too few for a validation split",
             dev["patient_id"].nunique(),

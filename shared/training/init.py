@@ -20,7 +20,6 @@ from shared.models import build_encoder
 from shared.seeding import derive_seed, seed_everything
 from shared.weights import check_meta, load_into, load_weights, model_meta
 
-KINDS = ("scratch", "spark", "moco", "imagenet")
 HEAD_PREFIXES = ("fc.", "output.", "out.", "classifier.")
 
 

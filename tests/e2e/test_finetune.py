@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -105,6 +106,23 @@ def test_one_command_compares_spark_and_scratch_at_ten_percent_labels(
         "checkpoints/spark_10pct_fold0.safetensors",
     ):
         assert (out / name).is_file(), name
+    first = (out / "checkpoints" / "spark_10pct_fold0.safetensors").stat().st_mtime_ns
+    # Resume with one more fold: fold 0 is kept, and the plots cover both folds' saved CV predictions.
+    only_spark = f"finetune.inits={{spark: {{kind: spark, weights: {encoder}}}}}"
+    command = [FEDRETINA, "-q", "finetune", "-c", str(experiment), "--name", "ft", "--resume"]
+    again = subprocess.run(
+        [*command, "--set", "finetune.run_folds=2", "--set", only_spark],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert (out / "checkpoints" / "spark_10pct_fold0.safetensors").stat().st_mtime_ns == first
+    folds = pd.read_csv(out / "folds.csv")
+    cv = folds[(folds.init == "spark") & (folds.split == "cv")]
+    assert sorted(cv.fold) == [0, 1]
+    saved = [np.load(out / "predictions" / f"spark_10pct_fold{k}.npz") for k in (0, 1)]
+    assert [len(s["y_true"]) for s in saved] == cv.sort_values("fold").images.tolist()
 
 
 def test_missing_imagenet_file_fails_in_one_line(eyepacs60: Path, tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """A ClientApp with deliberately faulty sites, for the server's update validation.
 
 It runs the real handlers of `client/app.py` and corrupts the train reply of some partitions: 1 sends a
-NaN, 2 a tensor of the wrong shape, 3 an update of enormous norm; partition 0 is honest. Only the test
+NaN, 2 a tensor of the wrong shape, 3 an update of enormous norm in pretraining and, in fine-tuning, fails
+inside the handler on a site YAML whose path names a patient (which must not reach the server); partition 0
+is honest. Only the test
 that needs faulty participants installs it (as its app's clientapp); nothing in the product uses it.
 """
 
@@ -13,10 +15,17 @@ from flwr.clientapp import ClientApp
 
 from client.app import describe, evaluate_finetune, train_finetune, train_pretrain
 
+PATIENT_PATH = "/hospital/Jane-Doe-1961-04-02/site.yaml"
+
 
 def _corrupt(msg: Message, context: Context, call_next) -> Message:
-    reply = call_next(msg, context)
     partition = int(context.node_config.get("partition-id", 0))
+    if partition == 3 and msg.metadata.message_type == "train.finetune":
+        lost = Context(
+            context.run_id, context.node_id, {"site-config": PATIENT_PATH}, context.state, context.run_config
+        )
+        return call_next(msg, lost)
+    reply = call_next(msg, context)
     if not msg.metadata.message_type.startswith("train") or partition == 0 or reply.has_error():
         return reply
     arrays = {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
@@ -24,7 +33,7 @@ def _corrupt(msg: Message, context: Context, call_next) -> Message:
     if partition == 1:
         arrays[key].flat[0] = np.nan
     elif partition == 2:
-        arrays[key] = arrays[key][:1]
+        arrays[key] = arrays[key][:-1]  # one output channel short: does not broadcast against the reference
     else:
         arrays[key] = arrays[key] * 1e7
     reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})

@@ -174,6 +174,16 @@ def test_a_killed_server_resumes_to_the_uninterrupted_runs_weights(single_site: 
     ]
 
 
+def test_bad_run_config_fails_the_run_with_one_line_naming_the_fix(flower: Flower, tmp_path: Path) -> None:
+    result = flower.run(
+        1, {"profile": "tiny", "scenario": "no-such-scenario", "set": sets(runs_dir=tmp_path)}
+    )
+    output = result.stdout + result.stderr
+    assert "fedretina: error: scenario 'no-such-scenario':" in output and "known: ['camera-skew'," in output
+    assert "Traceback" not in output, output[-3000:]
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
 # -------------------------------------------------------------------------------------------- faulty sites
 def faulty_app(tmp_path: Path) -> Path:
     """A copy of this app whose clientapp is `faulty_client.py` (its server is ours, unchanged)."""
@@ -227,12 +237,22 @@ def test_faulty_sites_are_rejected_with_their_reasons_and_the_run_completes(
     rows = store_rows(
         run, "SELECT phase, site, accepted, reason FROM replies WHERE kind = 'train' ORDER BY site"
     )
-    for phase in ("pretrain", "finetune"):
-        by_site = {site: (accepted, reason) for p, site, accepted, reason in rows if p == phase}
+    by_phase = {
+        phase: {site: (accepted, reason) for p, site, accepted, reason in rows if p == phase}
+        for phase in ("pretrain", "finetune")
+    }
+    for by_site in by_phase.values():
         assert by_site["aptos-iid0"] == (1, "")
         assert by_site["aptos-iid1"][0] == 0 and "holds NaN or Inf" in by_site["aptos-iid1"][1]
         assert by_site["aptos-iid2"][0] == 0 and "shape" in by_site["aptos-iid2"][1]
-        assert by_site["aptos-iid3"][0] == 0 and "exceeds the bound" in by_site["aptos-iid3"][1]
+        assert by_site["aptos-iid3"][0] == 0
+    assert "exceeds the bound" in by_phase["pretrain"]["aptos-iid3"][1]
+    # failed inside its handler: the server learns the error's class, not the patient's path
+    assert "ConfigError at this site" in by_phase["finetune"]["aptos-iid3"][1]
+    server_side = store_rows(run, "SELECT reason FROM replies") + store_rows(
+        run, "SELECT message FROM events"
+    )
+    assert not any("Jane-Doe" in text for (text,) in server_side)
     assert store_rows(run, "SELECT accepted, status FROM rounds") == [(1, "ok"), (1, "ok")]
     model, _ = load_weights(run / "federation" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 from torch import nn
 
-from shared.aggregation import Update, average, bn_keys, check_update, cosine, fedadam, update_norm
+from shared.aggregation import (
+    Update,
+    average,
+    bn_keys,
+    buffer_keys,
+    check_update,
+    cosine,
+    fedadam,
+    update_norm,
+)
 
 
 def arrays(seed: int, keys: tuple[str, ...] = ("enc.w", "enc.b", "heads.dr.w")) -> dict[str, np.ndarray]:
@@ -58,26 +67,45 @@ def test_integer_buffers_are_never_averaged_as_floats() -> None:
         (lambda a: a.update({"extra": np.zeros(1, np.float32)}), "unexpected keys"),
         (lambda a: a.pop("enc.b"), "missing keys"),
         (lambda a: a.update({"enc.w": np.zeros((4, 3), np.float32)}), "shape"),
+        (lambda a: a.update({"enc.w": np.zeros((2, 4), np.float32)}), "shape"),  # would not even broadcast
         (lambda a: a.update({"enc.w": a["enc.w"].astype(np.float64)}), "dtype"),
         (lambda a: a["enc.w"].__setitem__((0, 0), np.nan), "NaN"),
         (lambda a: a.update({"enc.w": a["enc.w"] + 1e6}), "exceeds the bound"),
     ],
 )
-def test_bad_updates_are_rejected_with_a_reason(mutate, reason: str) -> None:
+def test_bad_updates_are_rejected_with_a_reason_and_never_raise(mutate, reason: str) -> None:
     update = {k: v.copy() for k, v in REF.items()}
     mutate(update)
-    got = check_update(update, REF, required=("enc.w", "enc.b"), max_norm=1e3)
-    assert got is not None and reason in got
+    verdict = check_update(update, REF, required=("enc.w", "enc.b"), max_norm=1e3, examples=10)
+    assert verdict.reason is not None and reason in verdict.reason
+
+
+@pytest.mark.parametrize("examples", [None, 0, -3, float("nan"), "12"])
+def test_a_missing_or_meaningless_example_count_is_rejected(examples: object) -> None:
+    verdict = check_update(dict(REF), REF, required=REF, max_norm=1e3, examples=examples)
+    assert verdict.reason is not None and "num-examples" in verdict.reason
 
 
 def test_a_good_update_passes_and_norms_and_cosines_are_right() -> None:
     update = {k: v.copy() for k, v in REF.items()}
     update["enc.w"] = update["enc.w"] + 1.0
-    assert check_update(update, REF, required=REF, max_norm=100) is None
+    verdict = check_update(update, REF, required=REF, max_norm=100, examples=5)
+    assert verdict.reason is None and verdict.norm == pytest.approx(np.sqrt(12))
     assert update_norm(update, REF) == pytest.approx(np.sqrt(12))
     assert cosine(update, update, REF) == pytest.approx(1.0)
     opposite = {**REF, "enc.w": REF["enc.w"] - 1.0}
     assert cosine(update, opposite, REF) == pytest.approx(-1.0)
+
+
+def test_a_head_is_weighted_by_its_own_tasks_examples() -> None:
+    big_dr = Update("a", arrays(1), 1000, {"heads.dr.": 10})  # 1000 images, only 10 of them for this head
+    small = Update("b", arrays(2), 100, {"heads.dr.": 90})
+    out = average([big_dr, small], REF)
+    head = (10 * arrays(1)["heads.dr.w"].astype(np.float64) + 90 * arrays(2)["heads.dr.w"]) / 100
+    enc = (1000 * arrays(1)["enc.w"].astype(np.float64) + 100 * arrays(2)["enc.w"]) / 1100
+    assert np.allclose(out["heads.dr.w"], head, atol=1e-7) and np.allclose(out["enc.w"], enc, atol=1e-7)
+    none = average([Update("a", arrays(1), 5, {"heads.dr.": 0})], REF)  # nobody trained the head
+    assert np.array_equal(none["heads.dr.w"], REF["heads.dr.w"])
 
 
 def test_bn_keys_name_parameters_buffers_and_counters() -> None:
@@ -87,9 +115,11 @@ def test_bn_keys_name_parameters_buffers_and_counters() -> None:
     }
 
 
-def test_fedadam_moves_along_the_pseudo_gradient() -> None:
-    averaged = {k: (v + 0.1 if v.dtype == np.float32 else v) for k, v in REF.items()}
-    out, state = fedadam(REF, averaged, None, lr=0.01)
+def test_fedadam_moves_parameters_along_the_pseudo_gradient_and_leaves_buffers_averaged() -> None:
+    ref = {**REF, "bn.running_var": np.full(3, 0.001, np.float32)}
+    averaged = {k: (v + 0.1 if v.dtype == np.float32 else v) for k, v in ref.items()}
+    out, state = fedadam(ref, averaged, None, lr=0.01, buffers=buffer_keys(ref))
+    assert np.array_equal(out["bn.running_var"], averaged["bn.running_var"])  # a variance is not stepped
     step = out["enc.w"].astype(np.float64) - REF["enc.w"]
     # first step: m = 0.1 * delta, v = 0.01 * delta^2 -> lr * 0.1 * 0.1 / (0.1 * 0.1 + tau) along +delta
     assert np.allclose(step, 0.01 * 0.01 / (0.01 + 1e-3), atol=1e-6)

@@ -88,3 +88,25 @@ def test_bad_override_is_a_config_error() -> None:
     result = run_cli("config", "--profile", "tiny", "--set", "model.width_mult=wide")
     assert result.returncode == 2
     assert "config: model.width_mult: input should be a valid number" in result.stderr
+
+
+def test_run_config_defaults_leave_the_experiment_yamls_own_values(tmp_path: Path) -> None:
+    from shared.config import from_run_config
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"profile": "tiny", "seed": 5}))
+    defaults = {
+        "config": str(path),
+        "profile": "",
+        "scenario": "natural",
+        "run-name": "r",
+        "seed": -1,
+        "resume": False,
+        "set": "",
+    }
+    cfg, options = from_run_config(defaults)
+    assert (cfg.profile, cfg.seed, cfg.name, options.run_name) == ("tiny", 5, "r", "r")
+    cfg, _ = from_run_config(defaults | {"seed": 7, "set": "seed=9 pretrain.epochs=3"})
+    assert cfg.seed == 9 and cfg.pretrain.epochs == 3  # `set` applies last
+    cfg, _ = from_run_config(defaults | {"profile": "cpu"})
+    assert cfg.profile == "cpu"

@@ -102,6 +102,15 @@ def test_folder_classes(tiny_sites: dict[str, Path]) -> None:
     assert all(("1_referable" in p) == (lab == 1) for p, lab in zip(m.path, m.label_label, strict=True))
 
 
+def test_folder_csv_without_class_numbers_is_one_fatal_problem(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("path,label\na.png,cataract\nb.png,normal\n")
+    site = tmp_path / "site.yaml"
+    site.write_text(f"name: other\nformat: folder\nroot: {tmp_path}\noptions: {{csv: labels.csv}}\n")
+    data = read_site(load_site_config(site))
+    assert [(p.kind, p.file) for p in data.fatal] == [("labels", "labels.csv")]
+    assert "class numbers" in data.fatal[0].reason
+
+
 @pytest.mark.parametrize("fmt", ["eyepacs", "mmac", "aptos"])
 def test_unnamed_files_are_reported_not_used(tiny_sites: dict[str, Path], fmt: str, tmp_path: Path) -> None:
     import shutil
@@ -141,3 +150,5 @@ def test_scenarios_validate(path: Path) -> None:
 
     scenario = load_scenario(str(path))
     assert scenario.name == path.stem and scenario.size >= 1
+    entries = scenario.sites or (scenario.split.source,)  # type: ignore[union-attr]
+    assert all(Path(e).parent == ROOT / "sites" / "generated" for e in entries)  # beside the scenario file

@@ -10,8 +10,8 @@ import torch
 
 from client.local import RoundSpec, pretrain_round, work_plan
 from shared.config import load_config
+from shared.data.checks import load_site
 from shared.seeding import derive_seed, seed_everything
-from shared.training.data import load_site
 from shared.training.loop import proximal_penalty, step_plan
 from shared.training.pretrain import build_spark
 
@@ -54,7 +54,7 @@ def test_two_rounds_of_half_an_epoch_equal_one_round_of_one_epoch(
     )  # the optimiser state travels through the site's folder
     two_halves, _ = pretrain_round(site, cfg, replace(half, round=2), middle)
     assert all(torch.equal(one_epoch[k], two_halves[k]) for k in one_epoch)
-    progress = (site.state / "b" / "pretrain-progress.json").read_text()
+    progress = (site.state / "b" / half.run_uid / "pretrain-progress.json").read_text()
     assert '"round": 2' in progress and '"step": 2' in progress
 
 

@@ -90,9 +90,10 @@ def test_cache_gives_exactly_what_decoding_gives_and_only_processes_new_files(
     rows = read_site(site).manifest
     cache = ImageCache(site.state / "cache-test", 64)
     cache.ensure(rows.iloc[:5], workers=1)
-    index = (cache.dir / "index.json").read_text()
+    stored = [(cache.dir / name).stat().st_mtime_ns for name in ("index.json", "images.npy", "fov.npy")]
     cache.ensure(rows.iloc[:5], workers=1)
-    assert (cache.dir / "index.json").read_text() == index  # nothing redone
+    again = [(cache.dir / name).stat().st_mtime_ns for name in ("index.json", "images.npy", "fov.npy")]
+    assert again == stored  # nothing redone, nothing rewritten
     cache.ensure(rows, workers=2)  # grows, in parallel
     cached = FundusDataset(rows, 64, "heavy", cache=cache)
     direct = FundusDataset(rows, 64, "heavy")

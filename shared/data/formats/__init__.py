@@ -12,7 +12,7 @@ import pandas as pd
 from shared.config import validate
 from shared.data.formats import aptos, eyepacs, folder, idrid, messidor2, mmac, ukb
 from shared.data.formats.common import FormatReader, Problem, drop_eye_conflicts
-from shared.data.manifest import new_manifest
+from shared.data.manifest import empty_manifest, new_manifest
 
 FORMATS: dict[str, FormatReader] = {
     m.READER.name: m.READER for m in (eyepacs, messidor2, aptos, idrid, mmac, ukb, folder)
@@ -36,9 +36,5 @@ def read_site(site) -> SiteData:  # site: shared.data.site.SiteConfig (imported 
     options = validate(reader.options, site.options, f"{site.source or site.name}: options")
     rows = reader.read(site.root, options)
     drop_eye_conflicts(rows)
-    manifest = new_manifest(rows.rows, site.name, rows.tasks) if rows.rows else _empty(site.name)
+    manifest = new_manifest(rows.rows, site.name, rows.tasks) if rows.rows else empty_manifest(site.name)
     return SiteData(manifest, tuple(rows.problems), dict(rows.tasks))
-
-
-def _empty(site: str) -> pd.DataFrame:
-    return new_manifest([{"image_id": "_", "path": "", "patient_id": "_"}], site).iloc[0:0]

@@ -40,7 +40,16 @@ def _from_csv(out: Rows, root: Path, opt: Options) -> None:
     df = read_csv(out, root / opt.csv, ("path", "label"))
     if df is None:
         return
-    k = opt.num_classes or _known_classes(opt.task) or max(int(v) for v in df["label"] if v.isdigit()) + 1
+    numbers = [int(v) for v in df["label"] if v.isdigit()]
+    k = opt.num_classes or _known_classes(opt.task) or (max(numbers) + 1 if numbers else 0)
+    if not k:
+        out.problem(
+            "labels",
+            root / opt.csv,
+            "no integer in column `label`; labels are class numbers 0, 1, ...",
+            fatal=True,
+        )
+        return
     out.tasks[opt.task] = k
     named: set[Path] = set()
     for rec in df.to_dict("records"):

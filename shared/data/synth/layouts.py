@@ -42,8 +42,9 @@ def render_jobs(jobs: list[Job], workers: int = 2, desc: str = "rendering") -> N
             mask.parent.mkdir(parents=True, exist_ok=True)
     if workers > 1 and len(jobs) > 4:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for _ in progress(pool.map(_render_one, jobs, chunksize=8), desc, len(jobs), "img"):
-                pass
+            list(
+                progress(pool.map(_render_one, jobs, chunksize=8), desc, len(jobs), "img")
+            )  # drain: results are None
     else:
         for job in progress(jobs, desc, len(jobs), "img"):
             _render_one(job)

@@ -2,7 +2,9 @@
 
 The natural demo federation is an EyePACS-like DR site, an MMAC-like myopia site and two UK Biobank-like
 unlabelled shards (each with its own camera style), plus an IDRiD-like lesion-mask set for the relevance
-analyses. A dataset already written with the same plan and seed is kept (re-running is instant).
+analyses. A dataset already written with the same plan, seed and generator version is kept (re-running is
+instant); each site's images depend only on (seed, site name), so `--only` rewrites exactly what a full run
+would have written. A folder is only ever replaced if our marker says we wrote it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,15 @@ from pathlib import Path
 import yaml
 
 from shared.data.synth.layouts import WRITERS, Job, render_jobs
+from shared.errors import DataError
 from shared.rundir import atomic_write_text
+from shared.seeding import derive_seed
 
 log = logging.getLogger(__name__)
+
+# Bump when the renderer or a layout writer changes what a (plan, seed) produces, so old folders regenerate.
+GENERATOR_VERSION = 2
+MARKER = ".synth.json"
 
 
 @dataclass(frozen=True)
@@ -73,16 +81,15 @@ def synthesize(
     fresh: list[tuple[Plan, Path]] = []
     for plan in plans:
         root = data_dir / plan.name
-        stamp = {"plan": asdict(plan), "seed": seed}
-        marker = root / ".synth.json"
-        if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(stamp)):
+        stamp = _stamp(plan, seed)
+        marker = root / MARKER
+        if marker.exists() and json.loads(marker.read_text()) == stamp:
             log.info("site %s already synthesised at %s", plan.name, root)
             continue
-        if root.exists():
-            shutil.rmtree(root)
+        _clear(root)
         writer = WRITERS[plan.format]
         jobs += writer(
-            root, plan.count, seed + len(fresh) * 101, plan.height, plan.styles, **dict(plan.extra)
+            root, plan.count, derive_seed(seed, plan.name), plan.height, plan.styles, **dict(plan.extra)
         )
         fresh.append((plan, root))
     if jobs:
@@ -91,8 +98,25 @@ def synthesize(
         )
         render_jobs(jobs, workers)
     for plan, root in fresh:
-        atomic_write_text(root / ".synth.json", json.dumps({"plan": asdict(plan), "seed": seed}))
+        atomic_write_text(root / MARKER, json.dumps(_stamp(plan, seed)))
     return [write_site_yaml(plan, data_dir, sites_dir) for plan in plans]
+
+
+def _stamp(plan: Plan, seed: int) -> dict:
+    """What the marker records, in the form it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps({"plan": asdict(plan), "seed": seed, "version": GENERATOR_VERSION}))
+
+
+def _clear(root: Path) -> None:
+    """Remove a previous synthetic site; refuse a non-empty folder we did not write (it may be real data)."""
+    if not root.exists():
+        return
+    if not (root / MARKER).exists() and any(root.iterdir()):
+        raise DataError(
+            f"{root}: not empty and not written by `fedretina synth` (no {MARKER}); "
+            "choose another --data-dir or move the folder away"
+        )
+    shutil.rmtree(root)
 
 
 def write_site_yaml(plan: Plan, data_dir: Path, sites_dir: Path) -> Path:
