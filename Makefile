@@ -25,7 +25,7 @@ uv:  # bootstrap uv from pip when it is missing
 sync: uv  ## install the locked environment into .venv
 	@$(UV) sync --locked --extra dev --quiet
 
-demo: sync  ## the main job on the embedded synthetic default (cpu profile, about 10 minutes on 2 cores)
+demo: sync  ## the main job on the embedded synthetic default (cpu profile, about 6 minutes on 2 cores)
 	$(FR) synth --profile $(PROFILE)
 	$(FR) site check sites/generated/*.yaml | grep -E "^site |images listed|^  (FATAL|excluded)"
 	eval "$$($(FR) env)" && flwr run . --stream \

@@ -1,10 +1,10 @@
 """`make bench`: the project's numbers, as ratios measured in one run (these machines are noisy).
 
-    python -m tests.bench                  # everything (about 15-20 minutes on 2 CPU cores)
+    python -m tests.bench                  # everything (about 25-30 minutes on 2 CPU cores)
     python -m tests.bench data spark       # some groups: data, spark, federation
 
-Results go to runs/bench/results.json and a table on stdout. Nothing here is asserted: targets are printed
-beside the figures.
+Results go to runs/bench/results.json (a group run alone replaces only its own entry) and a table on stdout.
+Nothing here is asserted: targets are printed beside the figures.
 """
 
 from __future__ import annotations
@@ -29,19 +29,22 @@ def main(argv: list[str]) -> None:
     if unknown:
         sys.exit(f"unknown benchmark group(s) {unknown}; choose from {list(GROUPS)}")
     OUT.mkdir(parents=True, exist_ok=True)
+    store = OUT / "results.json"
+    earlier = json.loads(store.read_text()) if store.exists() else {}  # groups not rerun keep their figures
     results: dict[str, dict] = {
+        **earlier,
         "machine": {
             "cpus": torch.get_num_threads(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "cuda": torch.cuda.is_available(),
-        }
+        },
     }
     for name in chosen:
         started = time.perf_counter()
         results[name] = GROUPS[name](OUT / name)
         results[name]["bench_seconds"] = round(time.perf_counter() - started, 1)
-        (OUT / "results.json").write_text(json.dumps(results, indent=2))
+        store.write_text(json.dumps(results, indent=2))
     print(_table(results))
 
 
