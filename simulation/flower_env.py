@@ -5,7 +5,8 @@
 - Runtime dependency installation is off: otherwise the SuperLink `uv sync`s the app for every run and pulls a
   CUDA torch from the index.
 - The local SuperLink's two ports are derived from the `FLWR_HOME` path, so two checkouts (or the tests
-  beside a running demo) never talk to each other's SuperLink.
+  beside a running demo) never talk to each other's SuperLink; they sit outside the ranges the kernel and Ray
+  hand out, which would otherwise make a start fail now and then with the port in use.
 - Ray puts the SuperLink's working directory first on every actor's import path; with top-level packages
   named client/server/shared that directory must be this project, so start `flwr run .` from the project root.
   That directory is also every ServerApp's and ClientApp's working directory: relative data paths in run
@@ -32,7 +33,9 @@ def flower_env(home: Path | None = None) -> dict[str, str]:
     """Variables to export before any `flwr` command (only those; merge with `os.environ` yourself)."""
     home = (home or PROJECT_ROOT / ".flwr").resolve()
     digest = int.from_bytes(hashlib.blake2b(str(home).encode(), digest_size=4).digest(), "little")
-    http_port = 40000 + 2 * (digest % 4000)  # 40000..47998, even; control API on the next port
+    # 20000..31998, even (control API on the next port): below Linux's ephemeral range (32768+), where any
+    # outgoing connection (Ray opens many) can hold a port, and above Ray's worker ports (10002..19999)
+    http_port = 20000 + 2 * (digest % 6000)
     return {
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
