@@ -6,16 +6,18 @@ from __future__ import annotations
 from torch import nn
 
 from shared.config import ModelConfig
-from shared.models.heads import ClassifierHead, TaskModel
+from shared.models.heads import ENCODER, ClassifierHead, TaskModel, head_prefix
 from shared.models.nnmobilenet import NNMobileNet, nnmobilenet
 from shared.models.resnet import ResNetEncoder, resnet50
 
 __all__ = [
+    "ENCODER",
     "ClassifierHead",
     "NNMobileNet",
     "ResNetEncoder",
     "TaskModel",
     "build_encoder",
+    "head_prefix",
     "nnmobilenet",
     "resnet50",
 ]

@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+ENCODER = "encoder."  # the state-dict prefix of a TaskModel's (and a SparK or MoCo model's) encoder
+
+
+def head_prefix(task: str) -> str:
+    """The state-dict prefix of `task`'s head in a TaskModel."""
+    return f"heads.{task}."
+
 
 class ClassifierHead(nn.Sequential):
     def __init__(self, channels: int, num_classes: int, dropout: float = 0.2) -> None:

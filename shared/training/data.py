@@ -7,9 +7,8 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from shared.config import ExperimentConfig
 from shared.data.cache import ImageCache
-from shared.data.checks import load_site
 from shared.data.dataset import FundusDataset
-from shared.data.site import Site
+from shared.data.site import Site, load_site
 from shared.data.transforms import Recipe
 from shared.errors import ConfigError
 
@@ -38,9 +37,15 @@ def site_images(
     rows = site.rows if rows is None else rows
     cache = None
     if cfg.data.cache:
-        cache = ImageCache(site.config.state / "cache", size)
+        cache = ImageCache(site.config.cache_dir, size)
         cache.ensure(rows, workers)
     return FundusDataset(rows, size, recipe, task=task, cache=cache)
+
+
+def data_key(sites: list[Site]) -> str:
+    """The name of pooled data in its random streams: the sorted site names joined by "+", so one site
+    holding everything draws exactly what that site draws in a federation."""
+    return "+".join(sorted(s.name for s in sites))
 
 
 def pooled(datasets: list[Dataset]) -> Dataset:

@@ -1,13 +1,14 @@
-"""Fine-tuning: the task model, its optimiser (with layer-wise lr decay), one training epoch, prediction.
+"""Fine-tuning: the task model, its optimiser (with layer-wise lr decay), the method `run_phase` trains,
+prediction, and a federated site's split of its images.
 
-The same `finetune_epoch` and `predict` serve centralised cross-validation and federated phase 2.
+The same `classifier_method` and `predict` serve `fedretina finetune` (cross-validation or hold-out) and
+federated phase 2.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -24,8 +25,8 @@ from shared.device import autocast
 from shared.errors import DataError
 from shared.models import TaskModel, build_encoder
 from shared.seeding import derive_seed
-from shared.training.loop import EpochResult, EpochSeeds, train_epoch
 from shared.training.optim import Schedule, make_optimizer, param_groups
+from shared.training.phase import Method
 
 PHASE = "finetune"
 log = logging.getLogger(__name__)
@@ -85,59 +86,49 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
 
-def finetune_epoch(
+def classifier_method(
     model: TaskModel,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    dataset: Dataset,
     cfg: ExperimentConfig,
-    *,
-    task: str,
-    epoch: int,
-    key: str,
-    step: int,
     device: torch.device,
-    weights: torch.Tensor | None = None,
-    desc: str = "finetune",
-    penalty: Callable[[], torch.Tensor] | None = None,
-    batches: tuple[int, int | None] = (0, None),
-) -> EpochResult:
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Method:
+    """Cross-entropy of a task's head (label smoothing, mixup / CutMix, optional class weights per task)."""
     f = cfg.finetune
-    seeds = EpochSeeds.of(cfg.seed, PHASE, epoch, key)
-    seeds.start(dataset)
-    model.train()
-    classes = model.heads[task][1].out_channels
 
-    def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
+    def loss(
+        batch: dict[str, torch.Tensor], g: torch.Generator, task: str
+    ) -> tuple[torch.Tensor, int] | None:
         images, labels = batch["image"].to(device), batch["label"].to(device)
         if images.shape[0] < 2:
             return None
+        classes = model.heads[task][1].out_channels
         targets = F.one_hot(labels, classes).float()
         targets = targets * (1 - f.label_smoothing) + f.label_smoothing / classes
         images, targets = _mix(images, targets, f.mixup, f.cutmix, g)
         with autocast(device, f.amp):
             logits = model(images, task)
         per_sample = -(targets * F.log_softmax(logits.float(), dim=1))
-        if weights is not None:
-            per_sample = per_sample * weights.to(device)[None, :]
+        if weights is not None and task in weights:
+            per_sample = per_sample * weights[task].to(device)[None, :]
         return per_sample.sum(1).mean(), images.shape[0]
 
-    data = loader(
-        dataset, f.batch_size, seed=seeds.order, train=True, workers=cfg.data.workers, batches=batches
+    return Method(
+        streams=PHASE,
+        model=model,
+        batch_size=f.batch_size,
+        loss=loss,
+        optimizer=lambda: finetune_optimizer(model, cfg),
+        schedule=lambda per_epoch, total: finetune_schedule(cfg, per_epoch, total),
     )
-    return train_epoch(
-        data,
-        loss_of,
-        optimizer,
-        schedule.apply,
-        seeds=seeds,
-        first_batch=batches[0],
-        step=step,
-        clip=None,
-        desc=f"{desc} epoch {epoch + 1}",
-        total=len(data),
-        penalty=penalty,
-    )
+
+
+def task_weights(
+    rows: dict[str, pd.DataFrame], classes: dict[str, int], cfg: ExperimentConfig
+) -> dict[str, torch.Tensor] | None:
+    """Each task's inverse-frequency class weights from its training rows, when `class_weighting` is on."""
+    if not cfg.finetune.class_weighting:
+        return None
+    return {t: class_weights(r[label_column(t)].to_numpy(int), classes[t]) for t, r in rows.items()}
 
 
 @torch.no_grad()

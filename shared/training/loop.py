@@ -1,8 +1,7 @@
-"""What every training epoch shares, centralised or federated: its random streams and its bookkeeping.
+"""What every training epoch shares, centralised or federated: its random streams and its step loop.
 
-An epoch's randomness (data order, augmentation, SparK masks, dropout) is derived from (run seed, phase,
-global epoch, data key). The data key is the site name, or the sorted site names joined by "+" for pooled
-data, so one site holding everything draws exactly what centralised training on it draws.
+An epoch's randomness (data order, augmentation, SparK masks, dropout) is derived from (run seed, method,
+global epoch, data key); see `shared.training.phase`, the one caller of `train_epoch`.
 """
 
 from __future__ import annotations
@@ -44,10 +43,6 @@ class EpochSeeds:
         by the batch's place in its epoch: any window of an epoch draws what the whole epoch would."""
         seed_everything(derive_seed(self.torch, index))
         return generator(derive_seed(self.mask, index))
-
-
-def data_key(site_names: list[str]) -> str:
-    return "+".join(sorted(site_names))
 
 
 @dataclass

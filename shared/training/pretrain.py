@@ -1,23 +1,19 @@
-"""SparK pretraining: building the model and optimiser from the config, and one epoch of training.
+"""SparK pretraining: the model, optimiser and schedule from the config, and the method `run_phase` trains.
 
-`pretrain_epoch` is the whole of phase 1: the centralised command calls it once per epoch, the Flower client
-once per local epoch of a round, with the same seeds when the data is the same.
+`spark_method` is the whole of phase 1: `fedretina pretrain` and a federated site's round both hand it to
+`shared.training.phase.run_phase`, with the same seeds when the data is the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch.utils.data import Dataset
 
 from shared.config import ExperimentConfig
-from shared.data.dataset import loader
 from shared.device import autocast
 from shared.models import build_encoder
 from shared.spark.spark import SparK
-from shared.training.loop import EpochResult, EpochSeeds, train_epoch
 from shared.training.optim import Schedule, make_optimizer
+from shared.training.phase import Method
 
 PHASE = "pretrain"
 
@@ -52,34 +48,13 @@ def pretrain_schedule(cfg: ExperimentConfig, steps_per_epoch: int, total_steps: 
     )
 
 
-def steps_per_epoch(n_images: int, batch_size: int) -> int:
-    """Full batches per epoch (the last short batch is dropped; at least one batch of >= 2 images)."""
-    return max(n_images // batch_size, 1 if n_images >= 2 else 0)
-
-
-def pretrain_epoch(
-    model: SparK,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    dataset: Dataset,
-    cfg: ExperimentConfig,
-    *,
-    epoch: int,
-    key: str,
-    step: int,
-    device: torch.device,
-    desc: str = "pretrain",
-    penalty: Callable[[], torch.Tensor] | None = None,
-    batches: tuple[int, int | None] = (0, None),
-) -> EpochResult:
-    """One pass over `dataset` (every image, labelled or not), or the window `batches` = (first, count) of
-    it; `step` is the global step at its start."""
+def spark_method(model: SparK, cfg: ExperimentConfig, device: torch.device) -> Method:
+    """SparK's masked-patch loss on every image of a batch, labelled or not."""
     p = cfg.pretrain
-    seeds = EpochSeeds.of(cfg.seed, PHASE, epoch, key)
-    seeds.start(dataset)
-    model.train()
 
-    def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
+    def loss(
+        batch: dict[str, torch.Tensor], g: torch.Generator, task: str
+    ) -> tuple[torch.Tensor, int] | None:
         images = batch["image"].to(device, non_blocking=True)
         if (
             images.shape[0] < 2
@@ -88,23 +63,15 @@ def pretrain_epoch(
         if device.type == "cuda" and p.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, p.amp):
-            loss, _, _ = model(images, fov=batch["fov"].to(device, non_blocking=True), generator=g)
-        return loss, images.shape[0]
+            value, _, _ = model(images, fov=batch["fov"].to(device, non_blocking=True), generator=g)
+        return value, images.shape[0]
 
-    data = loader(
-        dataset, p.batch_size, seed=seeds.order, train=True, workers=cfg.data.workers, batches=batches
-    )
-    clip = None if p.optimizer == "lamb" else (model.parameters(), p.clip_grad)  # LAMB clips by itself
-    return train_epoch(
-        data,
-        loss_of,
-        optimizer,
-        schedule.apply,
-        seeds=seeds,
-        first_batch=batches[0],
-        step=step,
-        clip=clip,
-        desc=f"{desc} epoch {epoch + 1}",
-        total=len(data),
-        penalty=penalty,
+    return Method(
+        streams=PHASE,
+        model=model,
+        batch_size=p.batch_size,
+        loss=loss,
+        optimizer=lambda: pretrain_optimizer(model, cfg),
+        schedule=lambda per_epoch, total: pretrain_schedule(cfg, per_epoch, total),
+        clip=None if p.optimizer == "lamb" else (list(model.parameters()), p.clip_grad),  # LAMB clips itself
     )

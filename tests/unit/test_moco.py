@@ -1,11 +1,14 @@
-"""MoCo v2's mechanics: momentum update, queue, and key shuffling that changes nothing but BN batches."""
+"""MoCo v2's mechanics: momentum update, queue, key shuffling that changes nothing but BN batches, and an
+InfoNCE loss equal to a hand computation from the query, the momentum-updated key and the old queue."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from shared.moco import MoCo
 from shared.models import nnmobilenet
+from shared.models.moco import MoCo
 
 
 def tiny_moco(queue: int = 8) -> MoCo:
@@ -52,3 +55,31 @@ def test_loss_is_the_cross_entropy_of_the_positive_among_the_queue() -> None:
     assert torch.isfinite(loss) and loss.item() > 0
     assert any(p.grad is not None for p in moco.query.parameters())
     assert all(p.grad is None for p in moco.key.parameters())
+
+
+def test_loss_matches_a_hand_computed_infonce_and_the_keys_are_enqueued() -> None:
+    moco = tiny_moco(queue=8).eval()  # eval: BN uses running statistics, so key shuffling changes nothing
+    with torch.no_grad():
+        for p in moco.query.parameters():  # query != key, so the momentum update really moves the key encoder
+            p.add_(0.05 * torch.randn_like(p))
+        moco._enqueue(torch.nn.functional.normalize(torch.randn(5, 16), dim=1))  # pointer 5: batch wraps
+    x_q, x_k = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    old_queue, old_ptr = moco.queue.clone(), int(moco.queue_ptr)
+
+    reference = copy.deepcopy(moco)  # the momentum update the call should make, written out
+    with torch.no_grad():
+        for pk, pq in zip(reference.key.parameters(), reference.query.parameters(), strict=True):
+            pk.copy_(0.9 * pk + 0.1 * pq)
+        q, k = reference.query(x_q), reference.key(x_k)
+
+    loss = moco(x_q, x_k, torch.Generator().manual_seed(1))
+
+    positive = torch.exp((q * k).sum(dim=1) / 0.2)
+    negatives = torch.exp(q @ old_queue.T / 0.2).sum(dim=1)
+    expected = -torch.log(positive / (positive + negatives)).mean()
+    assert torch.allclose(loss.detach(), expected, atol=1e-5), (loss.item(), expected.item())
+    slots = [(old_ptr + i) % 8 for i in range(4)]  # 5, 6, 7, 0
+    assert torch.allclose(moco.queue[slots], k, atol=1e-6)
+    untouched = [i for i in range(8) if i not in slots]
+    assert torch.equal(moco.queue[untouched], old_queue[untouched])
+    assert int(moco.queue_ptr) == (old_ptr + 4) % 8

@@ -1,4 +1,5 @@
-"""MoCo v2 (He et al. 2020; Chen et al. 2020): contrastive pretraining for the second seed's setups.
+"""MoCo v2's model (He et al. 2020; Chen et al. 2020), contrastive pretraining for the second seed's setups
+(its training method: `shared/training/moco.py`).
 
 A query encoder (our encoder + a 2-layer projection MLP on the pooled H/32 map) is trained with InfoNCE to
 match the key of another view of the same image among a queue of negatives; the key encoder is a momentum
@@ -13,14 +14,6 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
-
-from shared.config import ExperimentConfig
-from shared.data.dataset import loader
-from shared.device import autocast
-from shared.models import build_encoder
-from shared.training.loop import EpochResult, EpochSeeds, train_epoch
-from shared.training.optim import Schedule
 
 
 class Projector(nn.Module):
@@ -88,51 +81,3 @@ class MoCo(nn.Module):
         idx = (int(self.queue_ptr) + torch.arange(n, device=k.device)) % size
         self.queue[idx] = k.detach().to(self.queue.dtype)
         self.queue_ptr.fill_((int(self.queue_ptr) + n) % size)
-
-
-def build_moco(cfg: ExperimentConfig, encoder: nn.Module | None = None) -> MoCo:
-    p = cfg.pretrain
-    encoder = encoder if encoder is not None else build_encoder(cfg.model)
-    return MoCo(encoder, p.moco_dim, p.moco_queue, p.moco_momentum, p.moco_temperature)
-
-
-def moco_epoch(
-    model: MoCo,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    dataset: Dataset,
-    cfg: ExperimentConfig,
-    *,
-    epoch: int,
-    key: str,
-    step: int,
-    device: torch.device,
-    desc: str = "moco",
-) -> EpochResult:
-    """One pass of two-view contrastive training over `dataset` (a `TwoViews`)."""
-    p = cfg.pretrain
-    seeds = EpochSeeds.of(cfg.seed, "moco", epoch, key)
-    seeds.start(dataset)
-    model.train()
-
-    def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
-        x_q, x_k = batch["image"].to(device), batch["key_image"].to(device)
-        if len(x_q) < 2:
-            return None
-        with autocast(device, p.amp):
-            return model(x_q, x_k, g), len(x_q)
-
-    data = loader(dataset, p.batch_size, seed=seeds.order, train=True, workers=cfg.data.workers)
-    clip = None if p.optimizer == "lamb" else (model.query.parameters(), p.clip_grad)
-    return train_epoch(
-        data,
-        loss_of,
-        optimizer,
-        schedule.apply,
-        seeds=seeds,
-        first_batch=0,
-        step=step,
-        clip=clip,
-        desc=f"{desc} epoch {epoch + 1}",
-        total=len(data),
-    )

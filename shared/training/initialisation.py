@@ -1,4 +1,5 @@
-"""Where a fine-tuned encoder starts: scratch, a SparK or MoCo export of ours, or ImageNet weights.
+"""Where training starts: the seeded pretraining and fine-tuning models, and where their encoder starts
+(scratch, a SparK or MoCo export of ours, or ImageNet weights).
 
 Our exports are safetensors files that record their architecture, so a file from another architecture is
 refused in one line. ImageNet weights are read from a local file in torchvision's format (`resnet50`'s
@@ -16,11 +17,15 @@ from torch import nn
 
 from shared.config import ExperimentConfig, ModelConfig
 from shared.errors import CheckpointError
-from shared.models import build_encoder
+from shared.models import TaskModel, build_encoder
 from shared.seeding import derive_seed, seed_everything
+from shared.training.finetune import build_task_model
+from shared.training.moco import build_moco
+from shared.training.pretrain import build_spark
 from shared.weights import check_meta, load_into, load_weights, model_meta
 
-HEAD_PREFIXES = ("fc.", "output.", "out.", "classifier.")
+HEAD_PREFIXES = ("fc.", "output.", "out.", "classifier.")  # ImageNet classifiers' heads, left out
+FINETUNE_SEED = "init-finetune"  # the heads of federated phase 2 and of the hold-out protocol start alike
 
 
 def check_init(kind: str, weights: str | None, model_cfg: ModelConfig) -> None:
@@ -52,11 +57,7 @@ def initialise(encoder: nn.Module, kind: str, weights: str | None, model_cfg: Mo
 def _our_export(path: Path, kind: str, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = load_weights(path)
     expected_kind = f"{kind}-encoder"
-    if meta.get("kind") != expected_kind:
-        raise CheckpointError(
-            f"{path}: holds {meta.get('kind', 'unknown weights')!r}, not a {expected_kind} export"
-        )
-    check_meta(path, meta, model_meta(model_cfg))
+    check_meta(path, meta, {"kind": expected_kind, **model_meta(model_cfg)})
     return tensors, meta
 
 
@@ -87,12 +88,16 @@ def _imagenet_state(path: Path) -> dict[str, torch.Tensor]:
 def pretraining_start(cfg: ExperimentConfig) -> nn.Module:
     """The seeded model a pretraining run starts from, its encoder initialised as `pretrain.init` says
     (scratch, ImageNet, or an earlier export: MoCo from ImageNet is the second seed's fourth setup).
-    Centralised runs, the federated server and the centralised reference all start here."""
-    from shared.moco import build_moco
-    from shared.training.pretrain import build_spark
-
+    `fedretina pretrain` and the federated server both start here."""
     seed_everything(derive_seed(cfg.seed, "init"))
     encoder = build_encoder(cfg.model)
     init = cfg.pretrain.init
     initialise(encoder, init.kind, init.weights, cfg.model)
     return build_spark(cfg, encoder) if cfg.pretrain.method == "spark" else build_moco(cfg, encoder)
+
+
+def finetuning_start(cfg: ExperimentConfig, tasks: dict[str, int], *seed_keys: object) -> TaskModel:
+    """The seeded task model (encoder and one head per task) a fine-tuning starts from, before its encoder
+    gets its starting weights; `seed_keys` name the run (`FINETUNE_SEED`, or a CV arm's init and fold)."""
+    seed_everything(derive_seed(cfg.seed, *seed_keys))
+    return build_task_model(cfg, tasks)

@@ -1,0 +1,216 @@
+"""One run of a training phase: the outer loop every caller shares.
+
+A federated site's round, `fedretina pretrain`, `fedretina finetune` (every fold, or the hold-out run) all
+call `run_phase` with a `Method` (the model and what its training needs), datasets keyed by task, and a
+`Span` (which part of the phase to train). `run_phase` owns the work plan, the schedule, the per-epoch random
+streams and the FedProx term; optimiser state comes in and goes out, so a site can keep its moments between
+rounds and a command between epochs. Because every caller goes through this one function, a site holding all
+the data trains exactly what the centralised command trains (the integration tests check it bitwise).
+
+Epoch seeds are derived from (run seed, method, global epoch, data key), the data key being the site's name
+(or the pooled sites' names joined by "+"), with ":<task>" added for a task's data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from shared.data.dataset import loader
+from shared.training.loop import EpochResult, EpochSeeds, proximal_penalty, step_plan, train_epoch
+from shared.training.optim import Schedule
+
+# (batch, the batch's own generator, task) -> (loss, images in the batch), or None to skip the batch
+LossFn = Callable[[dict[str, torch.Tensor], torch.Generator, str], tuple[torch.Tensor, int] | None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a training method brings to a phase (see `spark_method`, `classifier_method`, `moco_method`)."""
+
+    streams: str  # names its random streams: "pretrain", "finetune", "moco"
+    model: nn.Module
+    batch_size: int
+    loss: LossFn
+    optimizer: Callable[[], torch.optim.Optimizer]
+    schedule: Callable[[int, int], Schedule]  # (steps per epoch, total steps of the phase) -> schedule
+    clip: tuple[Sequence[nn.Parameter], float] | None = None  # None: no clipping here (LAMB clips itself)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of one task's epoch: batches [first, first + count) of epoch `epoch`."""
+
+    task: str
+    epoch: int
+    first: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Span:
+    """Which part of a phase to train: units [start, stop) of a phase `total` units long.
+
+    A unit is an epoch over every task's data, task after task; or, with `steps`, one batch of each task,
+    continuing each task's epochs where the previous span stopped (the position follows from `start`, so
+    nothing but the optimiser needs remembering).
+    """
+
+    start: int
+    stop: int
+    total: int
+    steps: bool = False
+
+    @classmethod
+    def epochs(cls, total: int, start: int = 0) -> Span:
+        return cls(start, total, total)
+
+    @classmethod
+    def round(cls, rnd: int, rounds: int, local_epochs: int, local_steps: int) -> Span:
+        """Round `rnd` (1-based) of `rounds`, each `local_steps` batches per task if set, else epochs."""
+        per = local_steps or local_epochs
+        return cls((rnd - 1) * per, rnd * per, rounds * per, steps=local_steps > 0)
+
+    def pieces(self, per_epoch: Mapping[str, int]) -> list[Piece]:
+        """This span's work in training order, given each task's batches per epoch."""
+        if self.steps:
+            return [
+                Piece(t, e, first, n)
+                for t in per_epoch
+                for e, first, n in step_plan(self.start, self.stop - self.start, per_epoch[t])
+            ]
+        return [Piece(t, e, 0, per_epoch[t]) for e in range(self.start, self.stop) for t in per_epoch]
+
+    def global_steps(self, per_epoch: Mapping[str, int]) -> tuple[int, int]:
+        """(the phase's global step at this span's start, the phase's total steps): the schedule's clock."""
+        per_unit = len(per_epoch) if self.steps else sum(per_epoch.values())
+        return self.start * per_unit, self.total * per_unit
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What `after_epoch` hears when every task's part of an epoch is done."""
+
+    epoch: int  # 0-based, global within the phase
+    step: int  # global step after it
+    loss: float  # image-weighted mean over the epoch's tasks
+    seconds: float  # training time of the epoch
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class PhaseResult:
+    optimizer: torch.optim.Optimizer  # its state goes out: a site keeps it for its next round
+    step: int  # the phase's global step reached
+    pieces: list[tuple[Piece, EpochResult]] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return sum(r.steps for _, r in self.pieces)
+
+    @property
+    def loss(self) -> float:
+        """Mean of the pieces' losses (NaN when nothing was trained)."""
+        losses = [r.loss for _, r in self.pieces]
+        return sum(losses) / len(losses) if losses else float("nan")
+
+    def epoch_end(self, epoch: int, seconds: float) -> EpochEnd:
+        parts = [r for p, r in self.pieces if p.epoch == epoch]
+        images = sum(r.images for r in parts)
+        loss = sum(r.loss * r.images for r in parts) / max(images, 1)
+        return EpochEnd(epoch, self.step, loss, seconds, self.optimizer)
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Full batches per epoch (the last short batch is dropped; at least one batch of >= 2 images)."""
+    return max(n_images // batch_size, 1 if n_images >= 2 else 0)
+
+
+def run_phase(
+    method: Method,
+    data: Mapping[str, Dataset],
+    span: Span,
+    *,
+    seed: int,
+    key: str,
+    workers: int = 0,
+    optimizer_state: dict | None = None,
+    proximal_mu: float = 0.0,
+    after_epoch: Callable[[EpochEnd], bool] | None = None,
+    desc: str = "",
+) -> PhaseResult:
+    """Train `method.model` in place over `data` (task -> images; "" for pretraining's one dataset) for
+    `span`, starting from `optimizer_state` when given. `after_epoch` (epoch spans only) is called after each
+    epoch and stops the run by returning True. `proximal_mu` > 0 adds FedProx's term towards the weights
+    the run started from. The model must already be on its device."""
+    optimizer = method.optimizer()
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    per_epoch = {t: steps_per_epoch(len(d), method.batch_size) for t, d in data.items()}
+    pieces = span.pieces(per_epoch)
+    step, total = span.global_steps(per_epoch)
+    schedule = method.schedule(sum(per_epoch.values()), total)
+    penalty = proximal_penalty(method.model, proximal_mu)
+    result = PhaseResult(optimizer, step)
+    started = time.perf_counter()
+    for index, piece in enumerate(pieces):
+        seeds = EpochSeeds.of(seed, method.streams, piece.epoch, f"{key}:{piece.task}" if piece.task else key)
+        done = _train_piece(
+            method, data[piece.task], piece, seeds, optimizer, schedule, result.step, penalty, workers, desc
+        )
+        result.step += done.steps
+        result.pieces.append((piece, done))
+        epoch_done = index + 1 == len(pieces) or pieces[index + 1].epoch != piece.epoch
+        if after_epoch is not None and not span.steps and epoch_done:
+            if after_epoch(result.epoch_end(piece.epoch, time.perf_counter() - started)):
+                break
+            started = time.perf_counter()
+    return result
+
+
+def _train_piece(
+    method: Method,
+    dataset: Dataset,
+    piece: Piece,
+    seeds: EpochSeeds,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    step: int,
+    penalty: Callable[[], torch.Tensor] | None,
+    workers: int,
+    desc: str,
+) -> EpochResult:
+    """One piece of one task's epoch through the shared step loop."""
+    seeds.start(dataset)
+    method.model.train()
+    batches = loader(
+        dataset,
+        method.batch_size,
+        seed=seeds.order,
+        train=True,
+        workers=workers,
+        batches=(piece.first, piece.count),
+    )
+
+    def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
+        return method.loss(batch, g, piece.task)
+
+    label = " ".join(x for x in (desc or method.streams, piece.task, f"epoch {piece.epoch + 1}") if x)
+    return train_epoch(
+        batches,
+        loss_of,
+        optimizer,
+        schedule.apply,
+        seeds=seeds,
+        first_batch=piece.first,
+        step=step,
+        clip=method.clip,
+        desc=label,
+        total=len(batches),
+        penalty=penalty,
+    )
