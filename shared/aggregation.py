@@ -8,11 +8,15 @@
   `num_batches_tracked`) are never averaged as floats: the largest count is kept.
 - FedBN: `bn_keys` names BatchNorm parameters and buffers, which such sites keep local.
 - FedAdam (Reddi et al. 2021): the averaged change is a pseudo-gradient for a server-side Adam step.
+- `merge_metrics`: many sites' metric records as one (counts summed, times as median and max, every other
+  value weighted by examples).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+import statistics
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,3 +176,39 @@ def fedadam(
         out[key] = (ref.astype(np.float64) + lr * m / (np.sqrt(v) + tau)).astype(ref.dtype)
     state.step += 1
     return out, state
+
+
+def merge_metrics(
+    rows: Iterable[Mapping[str, float]],
+    weight_key: str,
+    *,
+    summed: Collection[str] = (),
+    timed: Collection[str] = (),
+) -> dict[str, float]:
+    """One record from many sites' metrics: keys in `summed` (counts, `weight_key` among them if listed)
+    add up, keys in `timed` become `<key>-median` and `<key>-max`, and every other number is the mean
+    weighted by `weight_key` (rows without a positive weight and NaN values left out).
+
+    >>> merge_metrics([{"n": 1, "loss": 1.0, "s": 4.0}, {"n": 3, "loss": 2.0, "s": 2.0}], "n",
+    ...               summed={"n"}, timed={"s"})
+    {'n': 4.0, 'loss': 1.75, 's-median': 3.0, 's-max': 4.0}
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+    for row in rows:
+        w = float(row.get(weight_key, 0.0))
+        for key, value in row.items():
+            if not isinstance(value, int | float) or math.isnan(value):
+                continue
+            if key in summed:
+                sums[key], weights[key] = sums.get(key, 0.0) + float(value), 1.0
+            elif key in timed:
+                times.setdefault(key, []).append(float(value))
+            elif key != weight_key and w > 0:
+                sums[key] = sums.get(key, 0.0) + w * float(value)
+                weights[key] = weights.get(key, 0.0) + w
+    out = {k: sums[k] if k in summed else sums[k] / weights[k] for k in sums if weights[k] > 0}
+    for key, values in times.items():
+        out |= {f"{key}-median": statistics.median(values), f"{key}-max": max(values)}
+    return out

@@ -107,6 +107,10 @@ class PretrainConfig(Strict):
 
 class FinetuneConfig(Strict):
     task: str = "dr"
+    # "cv": the seeds' patient-grouped k-fold cross-validation, the best epoch selected on an inner split.
+    # "holdout": the federation's protocol centralised: each site's development images split by patient into
+    # train and validation as a federated site splits them, `epochs` epochs, the last epoch's model.
+    protocol: Literal["cv", "holdout"] = "cv"
     # Setups to compare, by name; each runs every label fraction and fold into one table.
     inits: dict[str, InitConfig] = Field(default_factory=lambda: {"scratch": InitConfig()})
     # Validation metric that picks the best epoch (higher is better; "loss" is lower-better).
@@ -187,6 +191,46 @@ class ExperimentConfig(Strict):
     @property
     def finetune_image_size(self) -> int:
         return self.data.finetune_image_size or self.data.image_size
+
+
+# Settings that change how a run is carried out, not what it computes: free to differ when a run continues.
+OPERATIONAL = (
+    "name",
+    "runs_dir",
+    "device",
+    "threads",
+    "deterministic",
+    "data.workers",
+    "data.cache",
+    "pretrain.preview_every",
+    "pretrain.checkpoint_every",
+    "federation.min_sites",
+    "federation.reply_timeout_s",
+    "federation.connect_deadline_s",
+    "federation.keep_checkpoints",
+)
+
+
+def shaping_settings(cfg: ExperimentConfig, free: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every setting that shapes a run's result, as dotted keys (`federation.rounds_pretrain`): the whole
+    resolved config but the operational keys and those under the prefixes in `free`."""
+    return without(flatten(cfg.model_dump(mode="json")), OPERATIONAL + free)
+
+
+def without(settings: Mapping[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """`settings` less every dotted key equal to or under one of `prefixes`."""
+    return {k: v for k, v in settings.items() if not any(k == p or k.startswith(f"{p}.") for p in prefixes)}
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys; lists and scalars are values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -324,11 +368,13 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 class RunOptions(Strict):
     """What a federated run needs beyond the experiment config, from Flower's run config."""
 
-    scenario: str = ""  # simulation: scenario name or YAML; "" = deployment (site from each node's config)
-    run_name: str = "flwr"
-    resume: bool = False
+    scenario: str  # simulation: scenario name or YAML; "" = deployment (site from each node's config)
+    run_name: str
+    resume: bool
 
 
+# The run config's keys; their one set of defaults is the app's pyproject.toml ([tool.flwr.app.config]),
+# which Flower always sends whole.
 RUN_CONFIG_KEYS = ("config", "profile", "scenario", "run-name", "seed", "resume", "set")
 
 
@@ -340,20 +386,19 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[ExperimentConfig, Ru
     since a run config holds no lists or tables.
     """
     unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"run config: unknown keys {unknown}; known: {list(RUN_CONFIG_KEYS)}")
-    name = str(run_config.get("run-name", "flwr"))
-    seed = int(run_config.get("seed", -1))
+    missing = [k for k in RUN_CONFIG_KEYS if k not in run_config]
+    if unknown or missing:
+        raise ConfigError(
+            f"run config: {f'unknown keys {unknown}' if unknown else f'missing keys {missing}'}; the app's "
+            f"pyproject.toml [tool.flwr.app.config] defines {list(RUN_CONFIG_KEYS)}"
+        )
+    name, seed = str(run_config["run-name"]), int(run_config["seed"])
     overrides: dict[str, Any] = {"name": name} | ({"seed": seed} if seed >= 0 else {})
-    overrides |= parse_overrides(shlex.split(str(run_config.get("set", ""))))  # applied last: it wins
+    overrides |= parse_overrides(shlex.split(str(run_config["set"])))  # applied last: it wins
     cfg = load_config(
-        str(run_config.get("config") or "") or None,
-        profile=run_config.get("profile") or None,
-        overrides=overrides,
+        str(run_config["config"]) or None, profile=str(run_config["profile"]) or None, overrides=overrides
     )
     options = RunOptions(
-        scenario=str(run_config.get("scenario", "")),
-        run_name=name,
-        resume=bool(run_config.get("resume", False)),
+        scenario=str(run_config["scenario"]), run_name=name, resume=bool(run_config["resume"])
     )
     return cfg, options

@@ -30,6 +30,7 @@ def setup_logging(verbosity: int = 0, logfile: Path | None = None) -> None:
     level = LEVELS[max(-1, min(1, verbosity))]
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    stream.fedretina_console = True  # type: ignore[attr-defined]
     root.addHandler(stream)
     root.setLevel(level)
     if logfile is not None:
@@ -50,6 +51,24 @@ def add_logfile(path: Path) -> None:
     handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
     handler.fedretina_run_log = True  # type: ignore[attr-defined]
     root.addHandler(handler)
+
+
+class _Summary(logging.Filter):
+    def __init__(self, loggers: tuple[str, ...]) -> None:
+        super().__init__()
+        self.loggers = loggers
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        named = any(record.name == n or record.name.startswith(f"{n}.") for n in self.loggers)
+        return record.levelno >= logging.WARNING or named
+
+
+def console_shows(*loggers: str) -> None:
+    """Keep the console to a summary: INFO lines only from `loggers` (and their children), warnings and
+    errors from any. The run's log file (`add_logfile`) still receives every line."""
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "fedretina_console", False):
+            handler.addFilter(_Summary(loggers))
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:

@@ -1,7 +1,8 @@
 """Weights at rest and on the wire: safetensors files (no pickle, ever) that describe themselves.
 
-Every file carries a JSON metadata record (architecture, widths, norm, what it holds), so loading into the
-wrong model fails with one line saying what differs instead of a wall of missing keys. Optimiser state is
+Every file carries one JSON record, written by `weights_meta` (what it holds, the architecture, the settings
+that shaped it, its provenance), so loading into the wrong model fails with one line saying what differs
+instead of a wall of missing keys, and a resumed run refuses changed settings by name. Optimiser state is
 flattened into tensors plus JSON, so checkpoints need no pickle either.
 """
 
@@ -14,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from shared.config import OPERATIONAL, ExperimentConfig, ModelConfig, shaping_settings, without
 from shared.errors import CheckpointError
 
 META_KEY = "fedretina"
-ARCH_KEYS = ("arch", "width_mult", "norm")  # what must agree between a file and the model it loads into
 
 
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -45,8 +46,6 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise CheckpointError(f"{path}: no such weights file")
     try:
         tensors = load_file(path)
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as fh:
             raw = (fh.metadata() or {}).get(META_KEY, "{}")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -54,20 +53,45 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, json.loads(raw)
 
 
-def model_meta(cfg: Any) -> dict[str, Any]:
-    """The architecture record of a `ModelConfig`, stored in every file."""
+def model_meta(cfg: ModelConfig) -> dict[str, Any]:
+    """The architecture record of a `ModelConfig`: what must agree between a file and its model."""
     return {"arch": cfg.arch, "width_mult": cfg.width_mult, "norm": cfg.norm}
 
 
+def weights_meta(cfg: ExperimentConfig, kind: str, **provenance: Any) -> dict[str, Any]:
+    """The record every weights file we write carries (checkpoints, exports, models, a site's state): what
+    it holds (`kind`), the architecture, every setting that shaped it (`settings`, dotted keys), and where
+    it comes from (epochs, round, tasks, ...)."""
+    return {"kind": kind, **model_meta(cfg.model), "settings": shaping_settings(cfg), **provenance}
+
+
 def check_meta(path: Path, meta: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Refuse a file whose architecture differs from the model's, naming each difference."""
-    diffs = [
-        f"{k}={meta.get(k)!r} (model has {expected[k]!r})"
-        for k in ARCH_KEYS
-        if meta.get(k) != expected.get(k)
-    ]
+    """Refuse a file whose record differs from `expected` on any of its keys, naming each difference."""
+    diffs = [f"{k}={meta.get(k)!r} (wanted {v!r})" for k, v in expected.items() if meta.get(k) != v]
     if diffs:
-        raise CheckpointError(f"{path}: weights are for another architecture: {', '.join(diffs)}")
+        raise CheckpointError(f"{path}: these weights do not fit: {', '.join(diffs)}")
+
+
+def check_settings(
+    path: Path, meta: dict[str, Any], cfg: ExperimentConfig, free: tuple[str, ...] = ()
+) -> None:
+    """Refuse to continue from `path` when a setting that shapes the result differs from the file's (keys in
+    `free` may change); the message names every key that changed."""
+    if "settings" not in meta:
+        raise CheckpointError(
+            f"{path}: written by an older fedretina (it records no settings); start another run"
+        )
+    saved, now = without(meta["settings"], OPERATIONAL + free), shaping_settings(cfg, free)
+    changed = [
+        f"{k}={saved.get(k, '(unset)')!r} (now {now.get(k, '(unset)')!r})"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{path} was made with other settings: {', '.join(changed)}; "
+            "continue with the run's own settings, or start another run"
+        )
 
 
 def load_into(

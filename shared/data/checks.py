@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,10 +28,12 @@ from shared.data.formats.common import Problem
 from shared.data.fundus import preprocess
 from shared.data.images import ImageProblem
 from shared.data.manifest import label_tasks, read_manifest_csv, write_manifest_csv
-from shared.data.site import Site, SiteConfig, load_site_config
 from shared.errors import DataError
 from shared.logs import progress
 from shared.rundir import atomic_write_text
+
+if TYPE_CHECKING:  # a SiteConfig knows its formats and its checker, not the other way round
+    from shared.data.site import SiteConfig
 
 log = logging.getLogger(__name__)
 STATS_SIZE = 64  # colour statistics are taken on a small FOV crop
@@ -105,12 +107,6 @@ def load_checked_manifest(site: SiteConfig) -> pd.DataFrame:
     if data.fatal:
         raise DataError(data.fatal[0].line())
     return data.manifest
-
-
-def load_site(path: str | Path) -> Site:
-    """A site YAML and its usable images, ready for training."""
-    config = load_site_config(path)
-    return Site(config.name, config, load_checked_manifest(config))
 
 
 def _inspect(manifest: pd.DataFrame, workers: int) -> list[ImageFacts]:

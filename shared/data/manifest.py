@@ -140,7 +140,7 @@ def task_classes(df: pd.DataFrame) -> dict[str, int]:
     return {t.name: t.num_classes for t in label_tasks(df)}
 
 
-def held_tasks(df: pd.DataFrame) -> dict[str, int]:
+def labelled_counts(df: pd.DataFrame) -> dict[str, int]:
     """Tasks with at least one usable label in the manifest, and how many labelled images each has."""
     counts = {
         c[len(LABEL_PREFIX) :]: len(labelled(df, c[len(LABEL_PREFIX) :]))

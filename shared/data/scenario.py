@@ -24,9 +24,9 @@ from pydantic import Field, model_validator
 from shared.config import Strict, read_yaml, validate
 from shared.data import partition
 from shared.data.cache import ImageCache
-from shared.data.checks import load_checked_manifest, load_site
+from shared.data.checks import load_checked_manifest
 from shared.data.labels import label_column
-from shared.data.site import Site, SiteConfig, load_site_config
+from shared.data.site import Site, SiteConfig, load_site, load_site_config
 from shared.errors import ConfigError
 
 SCENARIO_DIR = Path("simulation/scenarios")
@@ -108,7 +108,7 @@ def _index(partition_id: int, size: int) -> int:
 
 def _colour(config: SiteConfig, rows: pd.DataFrame) -> np.ndarray:
     """Per image: mean and std of R, G, B inside the FOV, from the site's cache at a small size."""
-    cache = ImageCache(config.state / "cache", COLOUR_SIZE)
+    cache = ImageCache(config.cache_dir, COLOUR_SIZE)
     cache.ensure(rows)
     feats = []
     for image_id in rows["image_id"]:

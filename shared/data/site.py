@@ -1,4 +1,5 @@
-"""A site's YAML: which dataset format it holds, where, and where its private state lives.
+"""A site: its YAML (which dataset format it holds, where, and where its private state lives) and, once
+loaded, its checked images.
 
 Example (`sites/templates/eyepacs.yaml`):
 
@@ -23,6 +24,8 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from shared.config import Strict, read_yaml, validate
+from shared.data.checks import load_checked_manifest
+from shared.data.formats import FORMATS
 from shared.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
@@ -48,19 +51,22 @@ class SiteConfig(Strict):
     @field_validator("format")
     @classmethod
     def _format(cls, v: str) -> str:
-        from shared.data.formats import FORMATS
-
         if v not in FORMATS:
             raise ValueError(f"unknown format {v!r}; known formats: {', '.join(sorted(FORMATS))}")
         return v
 
     @property
-    def state(self) -> Path:
+    def state_root(self) -> Path:
+        """The site's own folder: check/ (reports), cache/ (preprocessed images), federation/ (run state)."""
         return self.state_dir or self.root / ".fedretina"
 
     @property
     def check_dir(self) -> Path:
-        return self.state / "check"
+        return self.state_root / "check"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_root / "cache"
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -91,6 +97,13 @@ class Site:
     rows: pd.DataFrame
 
     @property
-    def state(self) -> Path:
-        base = self.config.state / "federation"
+    def federation_dir(self) -> Path:
+        """Where this (possibly virtual) site keeps its federated runs' state (see client/state.py)."""
+        base = self.config.state_root / "federation"
         return base if self.name == self.config.name else base / self.name
+
+
+def load_site(path: str | Path) -> Site:
+    """A site YAML and its usable images (its last check's manifest), ready for training."""
+    config = load_site_config(path)
+    return Site(config.name, config, load_checked_manifest(config))

@@ -1,4 +1,5 @@
-"""Aggregation properties: order invariance, weights, head routing, integer buffers, validation, FedAdam."""
+"""Aggregation properties: order invariance, weights, head routing, integer buffers, validation, FedAdam,
+and the merging of many sites' metrics into one record."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from shared.aggregation import (
     check_update,
     cosine,
     fedadam,
+    merge_metrics,
     update_norm,
 )
 
@@ -124,3 +126,38 @@ def test_fedadam_moves_parameters_along_the_pseudo_gradient_and_leaves_buffers_a
     # first step: m = 0.1 * delta, v = 0.01 * delta^2 -> lr * 0.1 * 0.1 / (0.1 * 0.1 + tau) along +delta
     assert np.allclose(step, 0.01 * 0.01 / (0.01 + 1e-3), atol=1e-6)
     assert state.step == 1 and int(out["bn.num_batches_tracked"]) == 0
+
+
+def test_merged_metrics_sum_counts_summarise_times_and_weight_the_rest() -> None:
+    rows = [
+        {"num-examples": 10, "train-loss": 1.0, "steps": 2, "duration-s": 30.0, "dr-num-examples": 10},
+        {"num-examples": 30, "train-loss": 2.0, "steps": 4, "duration-s": 10.0, "dr-num-examples": 0},
+        {
+            "num-examples": 20,
+            "train-loss": float("nan"),
+            "steps": 3,
+            "duration-s": 20.0,
+            "dr-num-examples": 5,
+        },
+    ]
+    counts = {"num-examples", "steps", "dr-num-examples"}
+    merged = merge_metrics(rows, "num-examples", summed=counts, timed={"duration-s"})
+    assert merged == {
+        "num-examples": 60,
+        "train-loss": (10 * 1.0 + 30 * 2.0) / 40,  # NaN left out, weights renormalised
+        "steps": 9,
+        "dr-num-examples": 15,
+        "duration-s-median": 20.0,
+        "duration-s-max": 30.0,
+    }
+    assert merge_metrics(reversed(rows), "num-examples", summed=counts, timed={"duration-s"}) == merged
+
+
+def test_per_task_evaluation_is_weighted_by_that_tasks_images_only() -> None:
+    rows = [
+        {"dr-auc": 0.9, "dr-num-examples": 30},
+        {"dr-auc": 0.5, "dr-num-examples": 0},
+        {"dr-auc": 0.6, "dr-num-examples": 10},
+    ]
+    merged = merge_metrics(rows, "dr-num-examples", summed={"dr-num-examples"})
+    assert merged == pytest.approx({"dr-auc": (30 * 0.9 + 10 * 0.6) / 40, "dr-num-examples": 40})

@@ -90,23 +90,38 @@ def test_bad_override_is_a_config_error() -> None:
     assert "config: model.width_mult: input should be a valid number" in result.stderr
 
 
+def app_run_config() -> dict:
+    """The run config Flower sends when nothing is overridden: pyproject.toml's table, the one default."""
+    import tomllib
+
+    from tests.conftest import ROOT
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
 def test_run_config_defaults_leave_the_experiment_yamls_own_values(tmp_path: Path) -> None:
-    from shared.config import from_run_config
+    from shared.config import RUN_CONFIG_KEYS, from_run_config
 
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({"profile": "tiny", "seed": 5}))
-    defaults = {
-        "config": str(path),
-        "profile": "",
-        "scenario": "natural",
-        "run-name": "r",
-        "seed": -1,
-        "resume": False,
-        "set": "",
-    }
+    defaults = app_run_config() | {"config": str(path), "run-name": "r"}
+    assert set(defaults) == set(RUN_CONFIG_KEYS)
     cfg, options = from_run_config(defaults)
     assert (cfg.profile, cfg.seed, cfg.name, options.run_name) == ("tiny", 5, "r", "r")
+    assert options.scenario == "natural" and not options.resume
     cfg, _ = from_run_config(defaults | {"seed": 7, "set": "seed=9 pretrain.epochs=3"})
     assert cfg.seed == 9 and cfg.pretrain.epochs == 3  # `set` applies last
     cfg, _ = from_run_config(defaults | {"profile": "cpu"})
     assert cfg.profile == "cpu"
+
+
+def test_a_run_config_without_a_key_or_with_a_stray_one_is_refused() -> None:
+    from shared.config import from_run_config
+
+    run_config = app_run_config()
+    with pytest.raises(
+        ConfigError, match=r"run config: missing keys \['scenario'\]; the app's pyproject.toml"
+    ):
+        from_run_config({k: v for k, v in run_config.items() if k != "scenario"})
+    with pytest.raises(ConfigError, match=r"unknown keys \['rounds'\]"):
+        from_run_config(run_config | {"rounds": 3})

@@ -88,7 +88,7 @@ def test_cache_gives_exactly_what_decoding_gives_and_only_processes_new_files(
 ) -> None:
     site = load_site_config(tiny_sites["aptos"])
     rows = read_site(site).manifest
-    cache = ImageCache(site.state / "cache-test", 64)
+    cache = ImageCache(site.state_root / "cache-test", 64)
     cache.ensure(rows.iloc[:5], workers=1)
     stored = [(cache.dir / name).stat().st_mtime_ns for name in ("index.json", "images.npy", "fov.npy")]
     cache.ensure(rows.iloc[:5], workers=1)

@@ -1,15 +1,17 @@
 """`fedretina synth`'s bookkeeping: a site's data depends only on (seed, site name), finished sites are kept,
-and a folder it did not write is never deleted."""
+a folder it did not write is never deleted, and an unknown profile or site is one line."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from shared.data.synth.sites import GENERATOR_VERSION, MARKER, synthesize
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
+from tests.conftest import FEDRETINA
 from tests.unit.test_site_check import snapshot
 
 
@@ -43,3 +45,20 @@ def test_a_folder_not_written_by_synth_is_refused_and_left_alone(tmp_path: Path)
     with pytest.raises(DataError, match=r"ukb-a: not empty and not written by `fedretina synth`"):
         synthesize("tiny", tmp_path / "data", tmp_path / "sites", workers=1, only=("ukb-a",))
     assert precious.read_bytes() == b"a real participant's photograph"
+
+
+def test_an_unknown_profile_or_site_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [FEDRETINA, "synth", "--profile", "bogus", "--data-dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == ConfigError.exit_code
+    assert (
+        result.stderr.strip()
+        == "fedretina: error: --profile: unknown profile 'bogus'; choose one of tiny, cpu, paper"
+    )
+    with pytest.raises(ConfigError, match=r"--only: no site \['nope'\] in the tiny plan"):
+        synthesize("tiny", tmp_path / "d", tmp_path / "s", only=("nope",))
+    assert not (tmp_path / "d").exists()

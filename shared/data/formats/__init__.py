@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -13,6 +14,9 @@ from shared.config import validate
 from shared.data.formats import aptos, eyepacs, folder, idrid, messidor2, mmac, ukb
 from shared.data.formats.common import FormatReader, Problem, drop_eye_conflicts
 from shared.data.manifest import empty_manifest, new_manifest
+
+if TYPE_CHECKING:  # a SiteConfig names its format: readers take it, never import it
+    from shared.data.site import SiteConfig
 
 FORMATS: dict[str, FormatReader] = {
     m.READER.name: m.READER for m in (eyepacs, messidor2, aptos, idrid, mmac, ukb, folder)
@@ -30,7 +34,7 @@ class SiteData:
         return [p for p in self.problems if p.fatal]
 
 
-def read_site(site) -> SiteData:  # site: shared.data.site.SiteConfig (imported lazily: it imports FORMATS)
+def read_site(site: SiteConfig) -> SiteData:
     """List the site's images into a manifest; nothing is decoded here."""
     reader = FORMATS[site.format]
     options = validate(reader.options, site.options, f"{site.source or site.name}: options")

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from shared.data.synth.layouts import WRITERS, Job, render_jobs
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.rundir import atomic_write_text
 from shared.seeding import derive_seed
 
@@ -76,6 +76,13 @@ def synthesize(
     """Write every site of `profile` under `data_dir/<site>/` and its YAML under `sites_dir/`.
 
     Returns the site YAML paths."""
+    if profile not in PLANS:
+        raise ConfigError(f"--profile: unknown profile {profile!r}; choose one of {', '.join(PLANS)}")
+    unknown = sorted(set(only) - {p.name for p in PLANS[profile]})
+    if unknown:
+        raise ConfigError(
+            f"--only: no site {unknown} in the {profile} plan; it has {[p.name for p in PLANS[profile]]}"
+        )
     plans = [p for p in PLANS[profile] if not only or p.name in only]
     jobs: list[Job] = []
     fresh: list[tuple[Plan, Path]] = []

@@ -1,0 +1,140 @@
+"""What crosses the wire besides weights, in one place: the specs the server sends (what a run and a round
+ask of a site), what a site says about itself, and the keys of the metrics sites reply with.
+
+Specs travel as a plain dict of scalars (a Flower ConfigRecord's content): kebab-case keys made from the
+field names by `to_wire` and read back by `from_wire`, nested specs flattened, mappings and the experiment
+config as JSON. The server writes them, the site reads them; neither spells a key by hand. A site derives
+everything run-level from its spec and its own data: the resolved config travels whole, so a site never
+re-reads an experiment YAML (which in deployment it may not have).
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+from shared.config import ExperimentConfig, validate
+from shared.errors import ConfigError
+from shared.training.phase import Span
+
+PRETRAIN, FINETUNE = "pretrain", "finetune"
+PHASES = (PRETRAIN, FINETUNE)
+
+# Reply metrics. Every site sends every key (Flower ends a run on mismatched keys): per task, NaN and 0
+# examples where the site lacks the task.
+NUM_EXAMPLES = "num-examples"  # images trained on (train) or evaluated (per task): the weighting key
+TRAIN_LOSS, STEPS, SECONDS, RATE = "train-loss", "steps", "duration-s", "images-per-s"
+
+Scalar = str | int | float | bool
+
+
+def task_key(task: str, name: str) -> str:
+    """A per-task metric's key, e.g. `dr-auc`, `dr-num-examples`."""
+    return f"{task}-{name}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every message of a run tells a site about the run."""
+
+    config: ExperimentConfig  # resolved on the server
+    run_name: str
+    run_uid: str  # the run's identity, kept across resumes: a site files its state under it
+    scenario: str  # simulation: the scenario whose partition a node plays; "" in deployment
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What the server asks of a site this round."""
+
+    run: RunSpec
+    phase: str  # PRETRAIN or FINETUNE
+    round: int  # 1-based within the phase
+    tasks: dict[str, int]  # phase 2: the federation's tasks (one head each) and their class counts
+
+    @property
+    def config(self) -> ExperimentConfig:
+        return self.run.config
+
+    @property
+    def rounds(self) -> int:
+        f = self.config.federation
+        return f.rounds_pretrain if self.phase == PRETRAIN else f.rounds_finetune
+
+    @property
+    def span(self) -> Span:
+        """This round's part of the phase: the same slicing a centralised run of all rounds would do."""
+        f = self.config.federation
+        return Span.round(self.round, self.rounds, f.local_epochs, f.local_steps)
+
+    @property
+    def proximal_mu(self) -> float:
+        f = self.config.federation
+        return f.proximal_mu if f.strategy == "fedprox" else 0.0
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """What a site says about itself when asked (`query`): counts only, never an image or a path."""
+
+    site: str
+    partition: int  # simulation: the node's partition id; -1 in deployment
+    images: int
+    labelled: dict[str, int]  # task -> labelled images
+    classes: dict[str, int]  # task -> number of classes
+
+
+Spec = RunSpec | RoundSpec | SiteReport
+S = typing.TypeVar("S", RunSpec, RoundSpec, SiteReport)
+
+
+def to_wire(spec: Spec) -> dict[str, Scalar]:
+    """`spec` as the kebab-case dict of scalars a ConfigRecord holds."""
+    out: dict[str, Scalar] = {}
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if is_dataclass(value):
+            out |= to_wire(value)  # type: ignore[arg-type]
+        elif isinstance(value, ExperimentConfig):
+            out[_kebab(f.name)] = value.model_dump_json()
+        elif isinstance(value, Mapping):
+            out[_kebab(f.name)] = json.dumps(dict(value))
+        else:
+            out[_kebab(f.name)] = value
+    return out
+
+
+def from_wire(cls: type[S], record: Mapping[str, Any]) -> S:
+    """The spec `to_wire` wrote; a missing or malformed entry is a one-line `ConfigError`."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        kind = hints[f.name]
+        if is_dataclass(kind):
+            values[f.name] = from_wire(kind, record)  # type: ignore[type-var]
+            continue
+        key = _kebab(f.name)
+        if key not in record:
+            raise ConfigError(
+                f"round spec: no {key!r}; the server and this site run different fedretina versions"
+            )
+        values[f.name] = _decode(kind, record[key], key)
+    return cls(**values)
+
+
+def _decode(kind: Any, raw: Any, key: str) -> Any:
+    try:
+        if kind is ExperimentConfig:
+            return validate(ExperimentConfig, json.loads(raw), "round spec: config")
+        if typing.get_origin(kind) is dict:
+            return {str(k): int(v) for k, v in json.loads(raw).items()}
+        return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"round spec: {key}: cannot read {raw!r} ({exc})") from None
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")

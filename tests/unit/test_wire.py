@@ -1,0 +1,43 @@
+"""The wire schema: specs survive the trip through a Flower ConfigRecord unchanged, keys are kebab-case
+field names (written by no one by hand), and a spec from another version fails in one line."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord
+
+from shared.config import load_config
+from shared.errors import ConfigError
+from shared.wire import FINETUNE, RoundSpec, RunSpec, SiteReport, from_wire, to_wire
+
+
+def round_spec() -> RoundSpec:
+    cfg = load_config(
+        profile="tiny", overrides={"federation.local_steps": 3, "federation.strategy": "fedprox"}
+    )
+    return RoundSpec(RunSpec(cfg, "demo", "abc123", "natural"), FINETUNE, 2, {"dr": 5, "mmac": 5})
+
+
+def test_a_round_spec_survives_a_config_record_unchanged() -> None:
+    spec = round_spec()
+    record = ConfigRecord(to_wire(spec))  # Flower accepts every value as it is
+    back = from_wire(RoundSpec, dict(record))
+    assert back == spec and back.config == spec.config
+    assert set(record) == {"config", "run-name", "run-uid", "scenario", "phase", "round", "tasks"}
+    assert back.span.steps and (back.span.start, back.span.stop) == (3, 6)
+    assert back.proximal_mu == spec.config.federation.proximal_mu > 0
+
+
+def test_the_site_report_and_the_run_spec_round_trip() -> None:
+    report = SiteReport("eyepacs", 0, 480, {"dr": 480}, {"dr": 5})
+    assert from_wire(SiteReport, dict(ConfigRecord(to_wire(report)))) == report
+    run = round_spec().run
+    assert from_wire(RunSpec, to_wire(run)) == run
+
+
+def test_a_spec_missing_a_key_or_with_a_bad_value_is_one_line() -> None:
+    wire = to_wire(round_spec())
+    with pytest.raises(ConfigError, match="round spec: no 'run-uid'; the server and this site run different"):
+        from_wire(RoundSpec, {k: v for k, v in wire.items() if k != "run-uid"})
+    with pytest.raises(ConfigError, match="round spec: round: cannot read 'two'"):
+        from_wire(RoundSpec, wire | {"round": "two"})
