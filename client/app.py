@@ -1,10 +1,10 @@
-"""The ClientApp: Flower glue around `client/local.py`. Each handler turns the message into (site, config,
-round spec, weights), calls one local function, and replies with one ArrayRecord and one MetricRecord.
+"""The ClientApp: Flower glue around `client/rounds.py`. Each handler reads the message's spec and weights,
+resolves this node's site, calls one function, and replies with one ArrayRecord and one MetricRecord.
 
 Message types: `query` (who is this site), `train.pretrain` (phase 1), `train.finetune` and
 `evaluate.finetune` (phase 2). Images never leave: replies hold weights, counts and metrics only, and a
 failure tells the server only the kind of error (the message may name a patient's file); the site's own log
-keeps the whole traceback.
+keeps the whole traceback. The run config is never read here: everything run-level comes in the spec.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ from collections.abc import Callable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local import RoundSpec, evaluate_round, finetune_round, pretrain_round
-from client.site import resolve_site
-from shared.config import ExperimentConfig, from_run_config
-from shared.data.manifest import held_tasks, task_classes
+from client.rounds import evaluate_round, train_round
+from client.site import node_site, partition_of
+from shared.data.manifest import labelled_counts, task_classes
 from shared.data.site import Site
+from shared.wire import RoundSpec, RunSpec, SiteReport, from_wire, to_wire
 
 app = ClientApp()
 log = logging.getLogger(__name__)
 Handler = Callable[[Message, Context], Message]
+SPEC, SITE = "config", "site"  # the records holding the server's spec and this site's report
 
 
 class SiteFailure(Exception):
@@ -45,24 +46,9 @@ def _private(handler: Handler) -> Handler:
     return guarded
 
 
-def _inputs(msg: Message, context: Context) -> tuple[Site, ExperimentConfig, RoundSpec]:
-    cfg, options = from_run_config(context.run_config)
-    site = resolve_site(context.node_config, options, cfg.seed)
-    c = msg.content["config"]
-    spec = RoundSpec(
-        phase=str(c["phase"]),
-        round=int(c["round"]),
-        total_rounds=int(c["total-rounds"]),
-        local_epochs=int(c["local-epochs"]),
-        local_steps=int(c.get("local-steps", 0)),
-        proximal_mu=float(c.get("proximal-mu", 0.0)),
-        strategy=str(c["strategy"]),
-        run_name=options.run_name,
-        tasks=tuple(c.get("tasks", [])),
-        classes=tuple(int(k) for k in c.get("classes", [])),
-        run_uid=str(c["run-uid"]),
-    )
-    return site, cfg, spec
+def _round(msg: Message, context: Context) -> tuple[Site, RoundSpec]:
+    spec = from_wire(RoundSpec, msg.content[SPEC])
+    return node_site(context.node_config, spec.run), spec
 
 
 def _reply(msg: Message, metrics: dict, arrays: dict | None = None) -> Message:
@@ -76,40 +62,25 @@ def _reply(msg: Message, metrics: dict, arrays: dict | None = None) -> Message:
 @_private
 def describe(msg: Message, context: Context) -> Message:
     """Name, partition, image count and labelled images per task, for the server's site directory."""
-    cfg, options = from_run_config(context.run_config)
-    site = resolve_site(context.node_config, options, cfg.seed)
-    held, classes = held_tasks(site.rows), task_classes(site.rows)
-    info = ConfigRecord(
-        {
-            "site": site.name,
-            "partition": int(context.node_config.get("partition-id", -1)),
-            "images": len(site.rows),
-            "tasks": list(held),
-            "labelled": list(held.values()),
-            "classes": [classes[t] for t in held],
-        }
+    site = node_site(context.node_config, from_wire(RunSpec, msg.content[SPEC]))
+    held, classes = labelled_counts(site.rows), task_classes(site.rows)
+    report = SiteReport(
+        site.name, partition_of(context.node_config), len(site.rows), held, {t: classes[t] for t in held}
     )
-    return Message(content=RecordDict({"site": info}), reply_to=msg)
+    return Message(content=RecordDict({SITE: ConfigRecord(to_wire(report))}), reply_to=msg)
 
 
 @app.train("pretrain")
-@_private
-def train_pretrain(msg: Message, context: Context) -> Message:
-    site, cfg, spec = _inputs(msg, context)
-    arrays, metrics = pretrain_round(site, cfg, spec, msg.content["arrays"].to_torch_state_dict())
-    return _reply(msg, metrics, arrays)
-
-
 @app.train("finetune")
 @_private
-def train_finetune(msg: Message, context: Context) -> Message:
-    site, cfg, spec = _inputs(msg, context)
-    arrays, metrics = finetune_round(site, cfg, spec, msg.content["arrays"].to_torch_state_dict())
+def train(msg: Message, context: Context) -> Message:
+    site, spec = _round(msg, context)
+    arrays, metrics = train_round(site, spec, msg.content["arrays"].to_torch_state_dict())
     return _reply(msg, metrics, arrays)
 
 
 @app.evaluate("finetune")
 @_private
-def evaluate_finetune(msg: Message, context: Context) -> Message:
-    site, cfg, spec = _inputs(msg, context)
-    return _reply(msg, evaluate_round(site, cfg, spec, msg.content["arrays"].to_torch_state_dict()))
+def evaluate(msg: Message, context: Context) -> Message:
+    site, spec = _round(msg, context)
+    return _reply(msg, evaluate_round(site, spec, msg.content["arrays"].to_torch_state_dict()))

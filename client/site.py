@@ -1,28 +1,48 @@
 """Which site this node is: a site YAML named in the node config (deployment), or the scenario's site for
-this partition id (simulation, where Flower gives a node nothing but its partition id)."""
+this partition id (simulation, where Flower gives a node nothing but its partition id).
+
+A node resolves its site once per process and run: splitting a scenario's source (a k-means for `camera`)
+is not repeated for every message. The cache is keyed by everything the answer depends on, so virtual sites
+sharing a process (simulation) never see each other's data; Flower starts fresh processes for each run.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
-from shared.config import RunOptions
-from shared.data.checks import load_site
 from shared.data.scenario import load_scenario, scenario_sites
-from shared.data.site import Site
+from shared.data.site import Site, load_site
 from shared.errors import ConfigError
+from shared.wire import RunSpec
 
 SITE_KEY = "site-config"
+PARTITION_KEY = "partition-id"
 
 
-def resolve_site(node_config: Mapping[str, Any], options: RunOptions, seed: int) -> Site:
+def node_site(node_config: Mapping[str, Any], run: RunSpec) -> Site:
     if SITE_KEY in node_config:
-        return load_site(str(node_config[SITE_KEY]))
-    if not options.scenario:
+        return _site_from_yaml(str(node_config[SITE_KEY]))
+    if not run.scenario:
         raise ConfigError(
             f"this node has no `{SITE_KEY}` in its node config and the run names no scenario; start the "
             f"SuperNode with --node-config '{SITE_KEY}=\"/path/to/site.yaml\"'"
         )
-    if "partition-id" not in node_config:
-        raise ConfigError(f"node config {dict(node_config)} has neither `{SITE_KEY}` nor `partition-id`")
-    return scenario_sites(load_scenario(options.scenario), seed, only=int(node_config["partition-id"]))[0]
+    if PARTITION_KEY not in node_config:
+        raise ConfigError(f"node config {dict(node_config)} has neither `{SITE_KEY}` nor `{PARTITION_KEY}`")
+    return _scenario_site(run.scenario, run.config.seed, int(node_config[PARTITION_KEY]))
+
+
+def partition_of(node_config: Mapping[str, Any]) -> int:
+    return int(node_config.get(PARTITION_KEY, -1))
+
+
+@functools.lru_cache(maxsize=8)
+def _site_from_yaml(path: str) -> Site:
+    return load_site(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _scenario_site(scenario: str, seed: int, partition: int) -> Site:
+    return scenario_sites(load_scenario(scenario), seed, only=partition)[0]

@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import describe, evaluate_finetune, train_finetune, train_pretrain
+from client.app import describe, evaluate, train
 
 PATIENT_PATH = "/hospital/Jane-Doe-1961-04-02/site.yaml"
 
@@ -42,6 +42,6 @@ def _corrupt(msg: Message, context: Context, call_next) -> Message:
 
 app = ClientApp(mods=[_corrupt])
 app.query()(describe)
-app.train("pretrain")(train_pretrain)
-app.train("finetune")(train_finetune)
-app.evaluate("finetune")(evaluate_finetune)
+app.train("pretrain")(train)
+app.train("finetune")(train)
+app.evaluate("finetune")(evaluate)

@@ -7,9 +7,11 @@ import logging
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from client.app import SiteFailure, describe
+from shared.config import load_config
+from shared.wire import RunSpec, to_wire
 
 
 def test_a_failure_leaves_the_site_as_its_class_name_only(
@@ -20,7 +22,8 @@ def test_a_failure_leaves_the_site_as_its_class_name_only(
         run_id=1, node_id=7, node_config={"site-config": str(secret)}, state=RecordDict(), run_config={}
     )
     meta = Metadata(1, "m1", 0, 7, "", "", 0.0, 60.0, "query")  # as a SuperNode receives it
-    msg = Message(RecordDict(), metadata=meta)
+    spec = RunSpec(load_config(profile="tiny"), "r", "uid", "")
+    msg = Message(RecordDict({"config": ConfigRecord(to_wire(spec))}), metadata=meta)
     with caplog.at_level(logging.ERROR, logger="client.app"), pytest.raises(SiteFailure) as raised:
         describe(msg, context)
     assert str(raised.value) == "ConfigError at this site (details in the site's log)"

@@ -1,0 +1,121 @@
+"""What a site does in one federated round, without Flower: `run_phase`, the function centralised training
+calls, over the site's own images for the round's span of the phase, from the global weights.
+
+The site's state between rounds (optimiser moments, FedBN layers, progress) is `client/state.py`'s.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from client.state import SiteState
+from shared.data.site import Site
+from shared.device import configure_torch
+from shared.metrics import evaluate_predictions, metric_keys
+from shared.models import ENCODER, head_prefix
+from shared.training.data import site_images
+from shared.training.finetune import (
+    build_task_model,
+    classifier_method,
+    finetune_split,
+    predict,
+    site_tasks,
+    task_weights,
+)
+from shared.training.phase import Method, run_phase
+from shared.training.pretrain import build_spark, spark_method
+from shared.weights import load_into
+from shared.wire import NUM_EXAMPLES, PRETRAIN, RATE, SECONDS, STEPS, TRAIN_LOSS, RoundSpec, task_key
+
+Tensors = dict[str, torch.Tensor]
+
+
+def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> tuple[Tensors, dict[str, float]]:
+    """The round's local epochs (or steps) from the global weights; returns the weights to send (all of
+    them in pretraining; the encoder and this site's heads in fine-tuning) and the reply's metrics."""
+    started = time.perf_counter()
+    device = configure_torch(spec.config)
+    state = SiteState(site, spec)
+    model, data = _work(site, spec)
+    _load_global(model, arrays, state, spec.round - 1)
+    method = _method(model.to(device), data, spec, device)
+    result = run_phase(
+        method,
+        data,
+        spec.span,
+        seed=spec.config.seed,
+        key=site.name,
+        workers=spec.config.data.workers,
+        optimizer_state=state.optimizer_before(),
+        proximal_mu=spec.proximal_mu,
+        desc=site.name,
+    )
+    state.after_round(model, result.optimizer, result.step)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if spec.phase != PRETRAIN:  # the encoder and the heads this site trained; other heads stay the server's
+        weights = {k: v for k, v in weights.items() if k.startswith((ENCODER, *map(head_prefix, data)))}
+    images = sum(len(d) for d in data.values())
+    seconds = time.perf_counter() - started
+    metrics = {
+        NUM_EXAMPLES: images,
+        TRAIN_LOSS: result.loss,
+        STEPS: result.steps,
+        SECONDS: seconds,
+        RATE: images / max(seconds, 1e-9),
+    }
+    return weights, metrics | {task_key(t, NUM_EXAMPLES): len(data.get(t, ())) for t in spec.tasks}
+
+
+def evaluate_round(site: Site, spec: RoundSpec, arrays: Tensors) -> dict[str, float]:
+    """The global model on this site's validation images: `<task>-<metric>` for EVERY federation task (NaN
+    and 0 examples for tasks the site lacks), so all sites reply with the same keys."""
+    cfg = spec.config
+    device = configure_torch(cfg)
+    model = build_task_model(cfg, spec.tasks)
+    _load_global(model, arrays, SiteState(site, spec), spec.round)  # FedBN: this round's own layers
+    model.to(device)
+    held = site_tasks(site.rows, tuple(spec.tasks))
+    out: dict[str, float] = {}
+    for task in spec.tasks:
+        rows = finetune_split(site.rows, task, cfg)[1] if task in held else site.rows.iloc[0:0]
+        values = dict.fromkeys(metric_keys(task), float("nan"))
+        if len(rows):
+            val = site_images(site, cfg, cfg.finetune_image_size, "none", rows=rows, task=task)
+            y, p = predict(model, val, task, device, cfg.finetune.batch_size)
+            values = evaluate_predictions(y, p, task, referable_threshold=cfg.finetune.referable_threshold)
+        out[task_key(task, NUM_EXAMPLES)] = len(rows)
+        out |= {task_key(task, k): float(v) for k, v in values.items()}
+    return out
+
+
+def _work(site: Site, spec: RoundSpec) -> tuple[nn.Module, dict[str, Dataset]]:
+    """The round's model (before its weights) and this site's training images, keyed by task."""
+    cfg = spec.config
+    if spec.phase == PRETRAIN:
+        return build_spark(cfg), {"": site_images(site, cfg, cfg.data.image_size, "light")}
+    rows = {t: finetune_split(site.rows, t, cfg)[0] for t in site_tasks(site.rows, tuple(spec.tasks))}
+    data = {
+        t: site_images(site, cfg, cfg.finetune_image_size, cfg.finetune.augment, rows=r, task=t)
+        for t, r in rows.items()
+    }
+    return build_task_model(cfg, spec.tasks), data
+
+
+def _method(model: nn.Module, data: dict[str, Dataset], spec: RoundSpec, device: torch.device) -> Method:
+    cfg = spec.config
+    if spec.phase == PRETRAIN:
+        return spark_method(model, cfg, device)  # type: ignore[arg-type]
+    weights = task_weights({t: d.rows for t, d in data.items()}, spec.tasks, cfg)  # type: ignore[attr-defined]
+    return classifier_method(model, cfg, device, weights)  # type: ignore[arg-type]
+
+
+def _load_global(model: nn.Module, arrays: Tensors, state: SiteState, bn_round: int) -> None:
+    """The global weights, strictly; under FedBN the site's own BatchNorm after round `bn_round`."""
+    load_into(model, arrays, Path("global model"))
+    if state.spec.config.federation.strategy == "fedbn":
+        state.load_bn(model, bn_round)
