@@ -1,7 +1,8 @@
 """The ServerApp: read the run config, run both phases (see server/run.py).
 
 Bad input (a `UserError`: missing scenario, settings that do not match the run being resumed, too few
-sites) stops the run as failed with one log line naming the fix, not a traceback.
+sites) stops the run as failed with one log line naming the fix, not a traceback. The console (what
+`flwr run --stream` shows) gets one line per round; the run's log.txt gets every detail.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flwr.supercore.exit import ExitCode
 from server.run import FederatedRun
 from shared.config import from_run_config
 from shared.errors import UserError
-from shared.logs import setup_logging
+from shared.logs import console_shows, setup_logging
 
 app = ServerApp()
 
@@ -40,6 +41,7 @@ class _OneLine(logging.Filter):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging(0)
+    console_shows("server.run", "server.sites")
     flower = logging.getLogger("flwr")
     flower.propagate = False  # Flower's logger has its own handler: no duplicate lines
     if not any(isinstance(f, _OneLine) for f in flower.filters):

@@ -29,10 +29,10 @@ def summary(
     if not path.is_file():
         raise UserError(f"{run}: no run store at {path}; is this a federated run folder?")
     store = RunStore(path, run.name)
-    status = store.query("SELECT status FROM runs WHERE run_id = ?", (run.name,))
+    status = store.query("SELECT status FROM runs WHERE run_name = ?", (run.name,))
     typer.echo(summary_table(store))
     for row in store.query(
-        "SELECT level, kind, message FROM events WHERE run_id = ? AND level != 'info'", (run.name,)
+        "SELECT level, kind, message FROM events WHERE run_name = ? AND level != 'info'", (run.name,)
     ):
         typer.echo(f"{row['level']}: {row['kind']}: {row['message']}")
     state = status[0]["status"] if status else "unknown"

@@ -1,24 +1,67 @@
-"""The end-of-run summary: one table of both phases, per round, read from the run store."""
+"""What people read about a run, from the run store alone: the console's line per round, and the
+end-of-run table of both phases."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 
 from server.store import RunStore
+from shared.wire import SECONDS, TRAIN_LOSS
 
 SHOWN = ("auc", "kappa")
 
 
+def round_line(store: RunStore, phase: str, rnd: int, total: int) -> str:
+    """One line for round `rnd` of `phase`, e.g. `pretrain round 2/3: 4/4 sites, loss 0.3807, probe 0.6014,
+    site time 26.2 s median / 29.3 s max, 7.9 MB per reply`."""
+    where, args = "run_name = ? AND phase = ? AND round = ?", (store.run_name, phase, rnd)
+    rows = store.query(f"SELECT sampled, accepted, status FROM rounds WHERE {where}", args)
+    metrics = store.query(f"SELECT source, key, value FROM metrics WHERE {where}", args)
+    v = {f"{m['source']}:{m['key']}": m["value"] for m in metrics}
+    sent = store.query(f"SELECT bytes FROM replies WHERE {where} AND kind = 'train' AND accepted = 1", args)
+    r = rows[0] if rows else {"sampled": 0, "accepted": 0, "status": ""}
+    parts = [f"{r['accepted'] or 0}/{r['sampled'] or 0} sites"]
+    if r["status"] not in ("ok", "running", ""):
+        parts[0] += f" ({r['status']})"
+    parts += [f"loss {v[f'train:{TRAIN_LOSS}']:.4f}"] if f"train:{TRAIN_LOSS}" in v else []
+    parts += [f"probe {v['server-probe:probe-loss']:.4f}"] if "server-probe:probe-loss" in v else []
+    evaluated = sorted(
+        {
+            k[len("federated-eval:") : -len("-auc")]
+            for k in v
+            if k.startswith("federated-eval:") and k.endswith("-auc")
+        }
+    )
+    for task in evaluated:
+        parts.append(
+            " ".join(
+                [
+                    task,
+                    *(
+                        f"{m} {v[f'federated-eval:{task}-{m}']:.3f}"
+                        for m in SHOWN
+                        if f"federated-eval:{task}-{m}" in v
+                    ),
+                ]
+            )
+        )
+    median, worst = v.get(f"train:{SECONDS}-median"), v.get(f"train:{SECONDS}-max")
+    parts += [f"site time {median:.1f} s median / {worst:.1f} s max"] if median is not None else []
+    parts += [f"{statistics.median(x['bytes'] for x in sent) / 1e6:.1f} MB per reply"] if sent else []
+    return f"{phase} round {rnd}/{total}: " + ", ".join(parts)
+
+
 def summary_table(store: RunStore) -> str:
     rounds = store.query(
-        "SELECT phase, round, sampled, accepted, status FROM rounds WHERE run_id = ? "
+        "SELECT phase, round, sampled, accepted, status FROM rounds WHERE run_name = ? "
         "ORDER BY phase DESC, round",
-        (store.run_id,),
+        (store.run_name,),
     )
     values: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
     for row in store.query(
-        "SELECT phase, round, source, key, value FROM metrics WHERE run_id = ?", (store.run_id,)
+        "SELECT phase, round, source, key, value FROM metrics WHERE run_name = ?", (store.run_name,)
     ):
         values[(row["phase"], row["round"])][f"{row['source']}:{row['key']}"] = row["value"]
     eval_keys = sorted(
@@ -37,7 +80,7 @@ def summary_table(store: RunStore) -> str:
             r["phase"],
             str(r["round"]),
             f"{r['accepted'] or 0}/{r['sampled'] or 0}",
-            _fmt(v.get("train:train-loss")),
+            _fmt(v.get(f"train:{TRAIN_LOSS}")),
             _fmt(v.get("server-probe:probe-loss")),
             *(_fmt(v.get(f"federated-eval:{k}")) for k in eval_keys),
         ]

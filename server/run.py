@@ -1,70 +1,82 @@
 """A whole federated run inside one ServerApp: site discovery, phase 1 (SparK pretraining on every site),
 the encoder export, phase 2 (fine-tuning on the sites that hold each task's labels), and the summary.
 
+The run drives the rounds itself, calling the strategy's Flower hooks in `Strategy.start`'s order, so that
+what happens after a round (the probe on public images, the checkpoint, the console line) belongs to the
+run rather than to an evaluate callback, and a resumed run simply starts its loop later.
+
 Outputs in `runs/<run-name>/federation/`: store.sqlite (the run store), checkpoints/ (every round),
 probes/ (reconstruction PNGs of the public probe images), encoder.safetensors (after phase 1),
-model.safetensors (after phase 2), summary.md.
+model.safetensors (after phase 2), summary.md, log.txt (every detail; the console shows a line per round).
 
 Resume (`resume = true` in the run config): the newest checkpoint is the starting point; rounds after it are
-forgotten in the store and run again. Without resume, a run directory that already holds checkpoints is
-refused rather than overwritten.
+forgotten in the store and run again. Settings that shape the result must be the checkpoint's (each one that
+changed is named). Without resume, a run directory that already holds checkpoints is refused rather than
+overwritten.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from server.checkpoints import Checkpoints, Saved
 from server.probe import probe_batch, probe_spark
-from server.report import summary_table
-from server.sites import FederationError, SiteDirectory
+from server.recorder import Recorder
+from server.report import round_line, summary_table
+from server.sites import FederationError, SiteDirectory, SiteInfo
 from server.store import RunStore
-from server.strategy import FedRetina, PhasePlan, encoder_arrays, to_record
-from shared.aggregation import Arrays, FedAdamState
+from server.strategy import FedRetina, to_record
+from shared.aggregation import Arrays
 from shared.config import ExperimentConfig, RunOptions
 from shared.data.scenario import load_scenario
+from shared.models import ENCODER
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
-from shared.seeding import derive_seed, seed_everything
-from shared.training.finetune import build_task_model
-from shared.training.init import pretraining_start
+from shared.training.checkpoint import export_encoder
+from shared.training.initialisation import FINETUNE_SEED, finetuning_start, pretraining_start
 from shared.training.pretrain import build_spark
-from shared.weights import load_into, model_meta, save_weights
+from shared.weights import check_meta, check_settings, load_into, save_weights, weights_meta
+from shared.wire import FINETUNE, PRETRAIN, RunSpec
 
 log = logging.getLogger(__name__)
+CHECKPOINT = "federated-checkpoint"
 
 
-def run_identity(cfg: ExperimentConfig) -> dict:
-    """The settings a resumed run must share with its checkpoints (anything else would mix two runs)."""
-    f = cfg.federation
-    return {
-        **model_meta(cfg.model),
-        "seed": cfg.seed,
-        "strategy": f.strategy,
-        "local_epochs": f.local_epochs,
-        "local_steps": f.local_steps,
-        "image_size": cfg.data.image_size,
-        "decoder_width": cfg.pretrain.decoder_width,
-    }
+def check_resumable(path: Path, meta: dict, cfg: ExperimentConfig, options: RunOptions) -> None:
+    """Refuse to continue the run of checkpoint `path` with another scenario or with any setting that
+    shapes the result changed (rounds, strategy, model, seeds, ...), naming what changed."""
+    check_meta(path, meta, {"kind": CHECKPOINT, "scenario": options.scenario})
+    check_settings(path, meta, cfg)
 
 
-def initial_spark(cfg: ExperimentConfig) -> Arrays:
-    """Phase 1's starting weights: the seeded SparK model (the centralised reference builds the same)."""
-    return {k: v.numpy() for k, v in pretraining_start(cfg).state_dict().items()}
+def initial_weights(cfg: ExperimentConfig, tasks: dict[str, int], pretrained: Arrays | None) -> Arrays:
+    """A phase's starting weights: the seeded SparK model (phase 1), or seeded heads on the phase-1 encoder
+    (phase 2; a seeded encoder without phase 1) — what `fedretina pretrain` / `finetune` start from."""
+    if not tasks:
+        return _numpy(pretraining_start(cfg).state_dict())
+    state = _numpy(finetuning_start(cfg, tasks, FINETUNE_SEED).state_dict())
+    return state | {k: v for k, v in (pretrained or {}).items() if k.startswith(ENCODER)}
 
 
-def initial_task_model(cfg: ExperimentConfig, tasks: dict[str, int], pretrained: Arrays | None) -> Arrays:
-    """Phase 2's starting weights: seeded heads on the phase-1 encoder (a seeded encoder without phase 1)."""
-    seed_everything(derive_seed(cfg.seed, "init-finetune"))
-    state = {k: v.numpy() for k, v in build_task_model(cfg, tasks).state_dict().items()}
-    if pretrained is not None:
-        state |= encoder_arrays(pretrained)
-    return state
+def phase2_tasks(wanted: tuple[str, ...], sites: list[SiteInfo]) -> dict[str, int]:
+    """Phase 2's tasks and class counts: `wanted`, or every task a site holds labels for."""
+    held: dict[str, int] = {}
+    for site in sites:
+        for task, classes in site.classes.items():
+            if held.setdefault(task, classes) != classes:
+                raise FederationError(
+                    f"task {task}: sites disagree on its classes ({held[task]} vs {classes})"
+                )
+    missing = [t for t in wanted if t not in held]
+    if missing:
+        raise FederationError(f"federation.tasks: no connected site holds labels for {missing}")
+    return {t: held[t] for t in wanted or sorted(held)}
 
 
 class FederatedRun:
@@ -74,43 +86,35 @@ class FederatedRun:
             raise FederationError(
                 "pretrain.method: federated phase 1 is SparK; MoCo pretraining is centralised"
             )
-        f = cfg.federation
-        expected = load_scenario(options.scenario).size if options.scenario else f.min_sites
-        self.grid, self.cfg, self.options = grid, cfg, options
+        self.expected = load_scenario(options.scenario).size if options.scenario else cfg.federation.min_sites
+        self.grid, self.cfg, self.options, self.flower_run_id = grid, cfg, options, flower_run_id
         self.dir = run_dir(cfg, "federation", options.run_name)
         self.store = RunStore(self.dir / "store.sqlite", options.run_name)
-        self.checkpoints = Checkpoints(self.dir / "checkpoints", f.keep_checkpoints)
-        self.flower_run_id = flower_run_id
-        self.run_uid = uuid.uuid4().hex[:12]  # replaced by the checkpoints' own on resume
-        self.directory = SiteDirectory(
-            self.store,
-            expected=expected,
-            min_sites=f.min_sites,
-            deadline_s=f.connect_deadline_s,
-            timeout_s=f.reply_timeout_s,
-        )
-        self._probe: tuple | None = None
+        self.checkpoints = Checkpoints(self.dir / "checkpoints", cfg.federation.keep_checkpoints)
+        self._probes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def execute(self) -> None:
         saved = self._starting_point()
         start_run_dir(self.cfg, "federation", self.options.run_name)
+        uid = str(saved.meta["run_uid"]) if saved else uuid.uuid4().hex[:12]
+        self.spec = RunSpec(self.cfg, self.options.run_name, uid, self.options.scenario)
         f = self.cfg.federation
-        self.store.start_run(
-            self.options.run_name,
-            self.options.scenario or "deployment",
-            f.strategy,
-            self.cfg.model_dump(mode="json"),
+        self.directory = SiteDirectory(
+            self.store,
+            self.spec,
+            expected=self.expected,
+            min_sites=f.min_sites,
+            deadline_s=f.connect_deadline_s,
+            timeout_s=f.reply_timeout_s,
         )
-        self.store.event(
-            "start",
-            f"Flower run {self.flower_run_id}"
-            + (f", resumed after {saved.phase} round {saved.round}" if saved else ""),
-        )
+        scenario = self.options.scenario or "deployment"
+        self.store.start_run(uid, self.flower_run_id, scenario, f.strategy, self.cfg.model_dump(mode="json"))
+        resumed = f", resumed after {saved.phase} round {saved.round}" if saved else ""
+        self.store.event("start", f"Flower run {self.flower_run_id}{resumed}")
         try:
             self._check_simulation_size()
             self.directory.wait(self.grid)
-            pretrained = self._pretrain(saved)
-            self._finetune(saved, pretrained)
+            self._finetune(saved, self._pretrain(saved))
         except BaseException as exc:
             self.store.event("failed", f"{type(exc).__name__}: {exc}", "error")
             self.store.finish_run("failed")
@@ -125,7 +129,7 @@ class FederatedRun:
         to report at once, not something to wait out."""
         if not self.options.scenario:
             return
-        nodes, sites = len(list(self.grid.get_node_ids())), self.directory.expected
+        nodes, sites = len(list(self.grid.get_node_ids())), self.expected
         hint = f'run `flwr run . --federation-config "num-supernodes={sites}"`'
         if nodes < sites:
             message = (
@@ -145,22 +149,14 @@ class FederatedRun:
         saved = self.checkpoints.latest()
         if saved is None:
             return None
+        path = self.checkpoints.path(saved.phase, saved.round)
         if not self.options.resume:
             raise FederationError(
                 f"{self.dir} already holds checkpoints (last: {saved.phase} round {saved.round}); "
                 "set resume=true to continue that run, or choose another run-name"
             )
-        identity = run_identity(self.cfg)
-        differs = [
-            f"{k}={saved.meta.get(k)!r} (now {v!r})" for k, v in identity.items() if saved.meta.get(k) != v
-        ]
-        if differs:
-            raise FederationError(
-                f"{self.checkpoints.path(saved.phase, saved.round)} was made with other settings: "
-                f"{', '.join(differs)}; resume with the run's own settings, or start another run"
-            )
+        check_resumable(path, saved.meta, self.cfg, self.options)
         self.store.forget_after(saved.phase, saved.round)
-        self.run_uid = str(saved.meta.get("run_uid", self.run_uid))
         log.info("resuming after %s round %d", saved.phase, saved.round)
         return saved
 
@@ -168,105 +164,75 @@ class FederatedRun:
         total = self.cfg.federation.rounds_pretrain
         if total == 0:
             return None
-        done = total if saved and saved.phase == "finetune" else (saved.round if saved else 0)
-        if done < total:
-            start = saved.arrays if saved and saved.phase == "pretrain" else initial_spark(self.cfg)
-            adam = saved.adam if saved and saved.phase == "pretrain" else None
-            plan = PhasePlan(
-                "pretrain", done, total, {}, self.options.run_name, self.run_uid, run_identity(self.cfg)
-            )
-            self._run_phase(plan, start, adam, probe=self._probe_pretrain)
-        final = self.checkpoints.load("pretrain", total).arrays
-        encoder = {k.removeprefix("encoder."): v for k, v in encoder_arrays(final).items()}
-        meta = {
-            **model_meta(self.cfg.model),
-            "kind": "spark-encoder",
-            "rounds": total,  # each: local_steps batches per site if set, else local_epochs epochs
-            "local_epochs": self.cfg.federation.local_epochs,
-            "local_steps": self.cfg.federation.local_steps,
-            "federated": True,
-            "image_size": self.cfg.data.image_size,
-        }
-        save_weights(self.dir / "encoder.safetensors", _tensors(encoder), meta)
+        self._run_phase(PRETRAIN, {}, saved, None)
+        final = self.checkpoints.load(PRETRAIN, total).arrays
+        encoder = {k.removeprefix(ENCODER): v for k, v in _tensors(final).items() if k.startswith(ENCODER)}
+        export_encoder(self.dir / "encoder.safetensors", encoder, self.cfg, rounds=total, federated=True)
         return final
 
     def _finetune(self, saved: Saved | None, pretrained: Arrays | None) -> None:
         total = self.cfg.federation.rounds_finetune
-        tasks = self._tasks()
-        if total == 0 or not tasks:
+        wanted = self.cfg.federation.tasks
+        tasks = phase2_tasks(wanted, list(self.directory.known.values())) if total else {}
+        if not tasks:
             log.info("no fine-tuning phase (%s)", "0 rounds" if total == 0 else "no site holds labels")
             return
-        done = saved.round if saved and saved.phase == "finetune" else 0
-        if done < total:
-            start = (
-                saved.arrays
-                if saved and saved.phase == "finetune"
-                else initial_task_model(self.cfg, tasks, pretrained)
-            )
-            adam = saved.adam if saved and saved.phase == "finetune" else None
-            self._run_phase(
-                PhasePlan(
-                    "finetune",
-                    done,
-                    total,
-                    tasks,
-                    self.options.run_name,
-                    self.run_uid,
-                    run_identity(self.cfg),
-                ),
-                start,
-                adam,
-                probe=None,
-            )
-        final = self.checkpoints.load("finetune", total).arrays
-        meta = {
-            **model_meta(self.cfg.model),
-            "kind": "task-model",
-            "tasks": list(tasks),
-            "classes": list(tasks.values()),
-        }
-        save_weights(self.dir / "model.safetensors", _tensors(final), meta)
-
-    def _run_phase(
-        self,
-        plan: PhasePlan,
-        start: Arrays,
-        adam: FedAdamState | None,
-        probe: Callable[[int, Arrays], dict[str, float]] | None,
-    ) -> None:
-        strategy = FedRetina(self.cfg, plan, self.directory, self.store, self.checkpoints, probe, adam)
-        strategy.start(
-            self.grid,
-            to_record(start),
-            num_rounds=plan.total - plan.offset,
-            timeout=self.cfg.federation.reply_timeout_s,
-            evaluate_fn=strategy.end_of_round,
+        self._run_phase(FINETUNE, tasks, saved, pretrained)
+        final = self.checkpoints.load(FINETUNE, total).arrays
+        save_weights(
+            self.dir / "model.safetensors", _tensors(final), weights_meta(self.cfg, "task-model", tasks=tasks)
         )
 
-    def _tasks(self) -> dict[str, int]:
-        """Phase 2's tasks and class counts: configured, or every task a known site holds labels for."""
-        held: dict[str, int] = {}
-        for site in self.directory.known.values():
-            for task, classes in site.classes.items():
-                if held.setdefault(task, classes) != classes:
-                    raise FederationError(
-                        f"task {task}: sites disagree on its classes ({held[task]} vs {classes})"
-                    )
-        wanted = self.cfg.federation.tasks or tuple(sorted(held))
-        missing = [t for t in wanted if t not in held]
-        if missing:
-            raise FederationError(f"federation.tasks: no connected site holds labels for {missing}")
-        return {t: held[t] for t in wanted}
+    def _run_phase(
+        self, phase: str, tasks: dict[str, int], saved: Saved | None, pretrained: Arrays | None
+    ) -> None:
+        """The phase's rounds after those `saved` already holds (all of them when it is a later phase's)."""
+        total = (
+            self.cfg.federation.rounds_pretrain if phase == PRETRAIN else self.cfg.federation.rounds_finetune
+        )
+        mine = saved is not None and saved.phase == phase
+        done = saved.round if mine else (total if saved and phase == PRETRAIN else 0)
+        if done >= total:
+            return
+        start = saved.arrays if mine else initial_weights(self.cfg, tasks, pretrained)
+        adam = saved.adam if mine else None
+        strategy = FedRetina(self.spec, phase, tasks, self.directory, Recorder(self.store, phase), adam)
+        strategy.summary()
+        arrays = to_record(start)
+        if done == 0:
+            self._probe(phase, 0, arrays)
+        for rnd in range(done + 1, total + 1):
+            arrays = self._round(strategy, rnd, arrays)
+            log.info(round_line(self.store, phase, rnd, total))
 
-    def _probe_pretrain(self, rnd: int, arrays: Arrays) -> dict[str, float]:
-        if self._probe is None:
-            self._probe = probe_batch(self.cfg.data.image_size)
-        images, fov = self._probe
+    def _round(self, strategy: FedRetina, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
+        """One round: Flower's hooks in `Strategy.start`'s order, then the probe and the checkpoint."""
+        timeout = self.cfg.federation.reply_timeout_s
+        asked = strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
+        new, _ = strategy.aggregate_train(rnd, self.grid.send_and_receive(asked, timeout=timeout))
+        arrays = new if new is not None else arrays  # a skipped round keeps the model
+        asked = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid)
+        strategy.aggregate_evaluate(rnd, self.grid.send_and_receive(asked, timeout=timeout))
+        self._probe(strategy.phase, rnd, arrays)
+        meta = weights_meta(self.cfg, CHECKPOINT, run_uid=self.spec.run_uid, scenario=self.options.scenario)
+        path = self.checkpoints.save(strategy.phase, rnd, _numpy(arrays), strategy.adam, meta)
+        self.store.add_checkpoint(strategy.phase, rnd, path)
+        return arrays
+
+    def _probe(self, phase: str, rnd: int, arrays: ArrayRecord) -> None:
+        """Phase 1: the global model's masked-patch loss on public images, and its reconstruction PNG."""
+        if phase != PRETRAIN:
+            return
+        if self._probes is None:
+            self._probes = probe_batch(self.cfg.data.image_size)
         model = build_spark(self.cfg)
-        load_into(model, _tensors(arrays), Path("global model"))
-        loss = probe_spark(model, images, fov, self.dir / "probes" / f"pretrain-r{rnd:04d}.png")
-        log.info("[pretrain round %d] probe masked-patch loss %.4f (public images)", rnd, loss)
-        return {"probe-loss": loss}
+        load_into(model, arrays.to_torch_state_dict(), Path("global model"))
+        loss = probe_spark(model, *self._probes, self.dir / "probes" / f"pretrain-r{rnd:04d}.png")
+        self.store.add_metrics(phase, rnd, "server-probe", {"probe-loss": loss})
+
+
+def _numpy(state: Mapping[str, torch.Tensor] | ArrayRecord) -> Arrays:
+    return {k: v.numpy() for k, v in state.items()}
 
 
 def _tensors(arrays: Arrays) -> dict[str, torch.Tensor]:

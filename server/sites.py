@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from server.store import RunStore
 from shared.errors import UserError
+from shared.wire import RunSpec, SiteReport, from_wire, to_wire
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0
@@ -36,9 +37,16 @@ class SiteInfo:
 
 class SiteDirectory:
     def __init__(
-        self, store: RunStore, *, expected: int, min_sites: int, deadline_s: float, timeout_s: float
+        self,
+        store: RunStore,
+        run: RunSpec,
+        *,
+        expected: int,
+        min_sites: int,
+        deadline_s: float,
+        timeout_s: float,
     ):
-        self.store, self.expected, self.min_sites = store, expected, min_sites
+        self.store, self.run, self.expected, self.min_sites = store, run, expected, min_sites
         self.deadline_s, self.timeout_s = deadline_s, timeout_s
         self.known: dict[int, SiteInfo] = {}
         self.failed: set[int] = set()  # nodes that could not say which site they are (not asked again)
@@ -52,7 +60,8 @@ class SiteDirectory:
         unknown = [n for n in grid.get_node_ids() if n not in self.known and n not in self.failed]
         if not unknown:
             return
-        messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in sorted(unknown)]
+        content = RecordDict({"config": ConfigRecord(to_wire(self.run))})
+        messages = [Message(content, dst_node_id=n, message_type="query") for n in sorted(unknown)]
         wait = self.timeout_s if timeout_s is None else min(self.timeout_s, timeout_s)
         for reply in grid.send_and_receive(messages, timeout=wait):
             node = reply.metadata.src_node_id
@@ -62,18 +71,12 @@ class SiteDirectory:
                 )
                 self.failed.add(node)
                 continue
-            c = reply.content["site"]
-            tasks = list(c["tasks"])
+            report = from_wire(SiteReport, reply.content["site"])
             info = SiteInfo(
-                node,
-                str(c["site"]),
-                int(c["partition"]),
-                int(c["images"]),
-                dict(zip(tasks, map(int, c["labelled"]), strict=True)),
-                dict(zip(tasks, map(int, c["classes"]), strict=True)),
+                node, report.site, report.partition, report.images, report.labelled, report.classes
             )
             self.known[node] = info
-            self.store.add_site(node, info.name, info.partition, info.images, tasks)
+            self.store.add_site(node, info.name, info.partition, info.images, list(info.labelled))
             log.info(
                 "site %s joined (node %s): %d images, labels %s",
                 info.name,
@@ -88,7 +91,7 @@ class SiteDirectory:
         """Connected, known, eligible sites sorted by name, once `expected` nodes are here or the deadline
         passes; fewer than `needed` (default min_sites) by then is a recorded, one-line failure."""
         needed = self.min_sites if needed is None else needed
-        deadline = time.monotonic() + self.deadline_s
+        deadline, reported = time.monotonic() + self.deadline_s, -1
         while True:
             self.refresh(grid, max(POLL_S, deadline - time.monotonic()))  # a silent node cannot outlast it
             connected = set(grid.get_node_ids())
@@ -112,5 +115,7 @@ class SiteDirectory:
                 )
                 self.store.event("deadline", message, "error")
                 raise FederationError(message)
-            log.info("waiting for sites: %d of %d connected", len(connected), self.expected)
+            if len(connected) != reported:  # one line per change, not one per poll
+                log.info("waiting for sites: %d of %d connected", len(connected), self.expected)
+                reported = len(connected)
             time.sleep(POLL_S)

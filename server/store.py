@@ -9,33 +9,34 @@ its own transaction, so a killed server leaves a consistent store.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, name TEXT, started REAL, finished REAL, status TEXT, scenario TEXT,
-    strategy TEXT, config TEXT);
+    run_name TEXT PRIMARY KEY, run_uid TEXT, flower_run TEXT, started REAL, finished REAL, status TEXT,
+    scenario TEXT, strategy TEXT, config TEXT);
 CREATE TABLE IF NOT EXISTS sites (
-    run_id TEXT, node_id TEXT, site TEXT, partition INTEGER, images INTEGER, tasks TEXT, joined REAL,
-    PRIMARY KEY (run_id, node_id));
+    run_name TEXT, node_id TEXT, site TEXT, partition INTEGER, images INTEGER, tasks TEXT, joined REAL,
+    PRIMARY KEY (run_name, node_id));
 CREATE TABLE IF NOT EXISTS rounds (
-    run_id TEXT, phase TEXT, round INTEGER, started REAL, finished REAL, sampled INTEGER, replied INTEGER,
-    accepted INTEGER, status TEXT, PRIMARY KEY (run_id, phase, round));
+    run_name TEXT, phase TEXT, round INTEGER, started REAL, finished REAL, sampled INTEGER, replied INTEGER,
+    accepted INTEGER, status TEXT, PRIMARY KEY (run_name, phase, round));
 CREATE TABLE IF NOT EXISTS replies (
-    run_id TEXT, phase TEXT, round INTEGER, kind TEXT, site TEXT, node_id TEXT, num_examples INTEGER,
+    run_name TEXT, phase TEXT, round INTEGER, kind TEXT, site TEXT, node_id TEXT, num_examples INTEGER,
     metrics TEXT, duration REAL, bytes INTEGER, update_norm REAL, cosine REAL, accepted INTEGER, reason TEXT);
 CREATE TABLE IF NOT EXISTS metrics (
-    run_id TEXT, phase TEXT, round INTEGER, source TEXT, key TEXT, value REAL);
+    run_name TEXT, phase TEXT, round INTEGER, source TEXT, key TEXT, value REAL);
 CREATE TABLE IF NOT EXISTS checkpoints (
-    run_id TEXT, phase TEXT, round INTEGER, path TEXT, created REAL, PRIMARY KEY (run_id, phase, round));
+    run_name TEXT, phase TEXT, round INTEGER, path TEXT, created REAL, PRIMARY KEY (run_name, phase, round));
 CREATE TABLE IF NOT EXISTS events (
-    run_id TEXT, time REAL, level TEXT, kind TEXT, message TEXT);
+    run_name TEXT, time REAL, level TEXT, kind TEXT, message TEXT);
 """
 
 
@@ -46,10 +47,10 @@ class Reply:
     kind: str  # "train" or "evaluate"
     site: str
     node_id: int
-    num_examples: int
-    metrics: dict[str, float]
-    duration: float
-    bytes: int
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    duration: float = math.nan
+    bytes: int = 0
     update_norm: float | None = None
     cosine: float | None = None
     accepted: bool = True
@@ -57,9 +58,9 @@ class Reply:
 
 
 class RunStore:
-    def __init__(self, path: Path, run_id: str) -> None:
+    def __init__(self, path: Path, run_name: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.run_id = path, str(run_id)
+        self.path, self.run_name = path, run_name
         with self._db() as db:
             db.executescript(SCHEMA)
 
@@ -73,40 +74,50 @@ class RunStore:
         finally:
             db.close()
 
-    def start_run(self, name: str, scenario: str, strategy: str, config: dict[str, Any]) -> None:
+    def start_run(
+        self, run_uid: str, flower_run: int, scenario: str, strategy: str, config: dict[str, Any]
+    ) -> None:
         with self._db() as db:
             db.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, NULL, 'running', ?, ?, ?)",
-                (self.run_id, name, time.time(), scenario, strategy, json.dumps(config)),
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?)",
+                (
+                    self.run_name,
+                    run_uid,
+                    str(flower_run),
+                    time.time(),
+                    scenario,
+                    strategy,
+                    json.dumps(config),
+                ),
             )
 
     def finish_run(self, status: str) -> None:
         with self._db() as db:
             db.execute(
-                "UPDATE runs SET finished = ?, status = ? WHERE run_id = ?",
-                (time.time(), status, self.run_id),
+                "UPDATE runs SET finished = ?, status = ? WHERE run_name = ?",
+                (time.time(), status, self.run_name),
             )
 
     def add_site(self, node_id: int, site: str, partition: int, images: int, tasks: list[str]) -> None:
         with self._db() as db:
             db.execute(
                 "INSERT OR REPLACE INTO sites VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (self.run_id, str(node_id), site, partition, images, ",".join(tasks), time.time()),
+                (self.run_name, str(node_id), site, partition, images, ",".join(tasks), time.time()),
             )
 
     def round_started(self, phase: str, rnd: int, sampled: int) -> None:
         with self._db() as db:
             db.execute(
                 "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, NULL, ?, NULL, NULL, 'running')",
-                (self.run_id, phase, rnd, time.time(), sampled),
+                (self.run_name, phase, rnd, time.time(), sampled),
             )
 
     def round_finished(self, phase: str, rnd: int, replied: int, accepted: int, status: str) -> None:
         with self._db() as db:
             db.execute(
                 "UPDATE rounds SET finished = ?, replied = ?, accepted = ?, status = ? "
-                "WHERE run_id = ? AND phase = ? AND round = ?",
-                (time.time(), replied, accepted, status, self.run_id, phase, rnd),
+                "WHERE run_name = ? AND phase = ? AND round = ?",
+                (time.time(), replied, accepted, status, self.run_name, phase, rnd),
             )
 
     def add_reply(self, r: Reply) -> None:
@@ -114,7 +125,7 @@ class RunStore:
             db.execute(
                 "INSERT INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    self.run_id,
+                    self.run_name,
                     r.phase,
                     r.round,
                     r.kind,
@@ -135,20 +146,21 @@ class RunStore:
         with self._db() as db:
             db.executemany(
                 "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)",
-                [(self.run_id, phase, rnd, source, k, float(v)) for k, v in values.items()],
+                [(self.run_name, phase, rnd, source, k, float(v)) for k, v in values.items()],
             )
 
     def add_checkpoint(self, phase: str, rnd: int, path: Path) -> None:
         with self._db() as db:
             db.execute(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
-                (self.run_id, phase, rnd, str(path), time.time()),
+                (self.run_name, phase, rnd, str(path), time.time()),
             )
 
     def event(self, kind: str, message: str, level: str = "info") -> None:
         with self._db() as db:
             db.execute(
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?)", (self.run_id, time.time(), level, kind, message)
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                (self.run_name, time.time(), level, kind, message),
             )
 
     def forget_after(self, phase: str, rnd: int) -> None:
@@ -157,9 +169,9 @@ class RunStore:
         with self._db() as db:
             for table in ("rounds", "replies", "metrics", "checkpoints"):
                 db.execute(
-                    f"DELETE FROM {table} WHERE run_id = ? AND ((phase = ? AND round > ?) OR phase IN "
+                    f"DELETE FROM {table} WHERE run_name = ? AND ((phase = ? AND round > ?) OR phase IN "
                     f"({','.join('?' * len(later)) or 'NULL'}))",
-                    (self.run_id, phase, rnd, *later),
+                    (self.run_name, phase, rnd, *later),
                 )
 
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:

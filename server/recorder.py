@@ -1,0 +1,80 @@
+"""What a phase's rounds leave in the run store: one named call per fact, so the strategy never assembles a
+store row itself."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from server.sites import SiteInfo
+from server.store import Reply, RunStore
+from shared.aggregation import Verdict
+from shared.wire import NUM_EXAMPLES, SECONDS
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    def __init__(self, store: RunStore, phase: str) -> None:
+        self.store, self.phase = store, phase
+
+    def round_started(self, rnd: int, sites: int) -> None:
+        self.store.round_started(self.phase, rnd, sites)
+
+    def trained(
+        self,
+        rnd: int,
+        site: SiteInfo,
+        *,
+        metrics: dict[str, float],
+        nbytes: int,
+        verdict: Verdict,
+        cosine: float | None,
+    ) -> None:
+        """A train reply, accepted or rejected (with the reason its validation gave)."""
+        examples = metrics.get(NUM_EXAMPLES, 0)
+        countable = isinstance(examples, int | float) and math.isfinite(examples)
+        self._reply(
+            rnd,
+            "train",
+            site,
+            num_examples=int(examples) if countable else 0,
+            metrics=metrics,
+            duration=float(metrics.get(SECONDS, math.nan)),
+            bytes=nbytes,
+            update_norm=verdict.norm,
+            cosine=cosine,
+            accepted=verdict.reason is None,
+            reason=verdict.reason or "",
+        )
+        if verdict.reason:
+            log.warning("%s round %d: rejected %s's update: %s", self.phase, rnd, site.name, verdict.reason)
+
+    def evaluated(self, rnd: int, site: SiteInfo, metrics: dict[str, float], examples: int) -> None:
+        self._reply(rnd, "evaluate", site, num_examples=examples, metrics=metrics)
+
+    def failed(self, rnd: int, kind: str, site: SiteInfo, reason: str) -> None:
+        """A site sent nothing usable: an error reply, or no reply before the timeout."""
+        self._reply(rnd, kind, site, accepted=False, reason=reason)
+
+    def error_reply(self, rnd: int, kind: str, sender: str, reason: str) -> None:
+        self.store.event("reply-error", f"{self.phase} round {rnd} {kind}: {sender}: {reason}", "error")
+        log.warning("%s round %d: %s from %s", self.phase, rnd, reason, sender)
+
+    def skipped(self, rnd: int, replied: int, accepted: int, needed: int) -> None:
+        status = f"skipped: {accepted} accepted update(s), {needed} needed"
+        self.store.round_finished(self.phase, rnd, replied, accepted, status)
+        self.store.event("round-skipped", f"{self.phase} round {rnd} {status}; model unchanged", "warning")
+        log.warning("%s round %d %s; the model is unchanged", self.phase, rnd, status)
+
+    def finished(self, rnd: int, replied: int, accepted: int, metrics: dict[str, float]) -> None:
+        self.store.add_metrics(self.phase, rnd, "train", metrics)
+        self.store.round_finished(self.phase, rnd, replied, accepted, "ok")
+
+    def metrics(self, rnd: int, source: str, values: dict[str, float]) -> None:
+        if values:
+            self.store.add_metrics(self.phase, rnd, source, values)
+
+    def _reply(self, rnd: int, kind: str, site: SiteInfo, **fields: Any) -> None:
+        self.store.add_reply(Reply(self.phase, rnd, kind, site.name, site.node_id, **fields))
