@@ -90,9 +90,10 @@ def pretrain(
     """Pretrain the encoder on one or more sites' images, centralised: SparK masked modelling (default) or
     MoCo v2 (`--set pretrain.method=moco`).
 
-    Writes runs/NAME/pretrain/: checkpoint.safetensors (resumable with --resume), previews/epoch*.png
-    (input, masked input, reconstruction; SparK), history.csv and loss.png, and encoder.safetensors, the
-    initialisation `fedretina finetune` takes.
+    Writes runs/NAME/pretrain/: checkpoint.safetensors (resumable with --resume, which refuses changed
+    settings by name), previews/epoch*.png (input, masked input, reconstruction; SparK), history.csv and
+    loss.png, and encoder.safetensors, the initialisation `fedretina finetune` takes. One simulated
+    federated site holding these images reproduces it bitwise.
 
     Example: fedretina pretrain --profile tiny --site sites/generated/ukb-a.yaml --name spark-tiny
     """
@@ -101,7 +102,7 @@ def pretrain(
     cfg = with_sites(resolve_config(config, profile, overrides), site, name)
     outputs = run_pretraining(cfg, resume=resume)
     typer.echo(f"encoder: {outputs.encoder}")
-    typer.echo(f"masked-patch loss by epoch: {', '.join(f'{x:.4f}' for x in outputs.losses)}")
+    typer.echo(f"loss by epoch: {', '.join(f'{x:.4f}' for x in outputs.losses)}")
 
 
 @app.command("finetune")
@@ -115,13 +116,14 @@ def finetune(
     name: Annotated[str | None, typer.Option(help="Run name: outputs go to runs/NAME/finetune/.")] = None,
     resume: Annotated[bool, typer.Option(help="Skip the folds already finished in this run.")] = False,
 ) -> None:
-    """Fine-tune and evaluate by patient-grouped, stratified k-fold CV, for every configured initialisation
-    (finetune.inits: scratch, spark, moco, imagenet) and label fraction.
+    """Fine-tune and evaluate, for every configured initialisation (finetune.inits: scratch, spark, moco,
+    imagenet) and label fraction: by patient-grouped, stratified k-fold CV (finetune.protocol=cv, the
+    default), or by the federation's own per-site split, centralised (finetune.protocol=holdout).
 
-    Model selection uses an inner validation split only; a site's own test split is scored by every fold's
-    model with bootstrap 95% CIs. Writes runs/NAME/finetune/: folds.csv, summary.json, table.md, ROC,
-    confusion-matrix and AUC-vs-label-fraction PNGs, each fold's best model (safetensors) and its CV
-    predictions (npz). --resume skips finished folds.
+    CV selects each fold's epoch on an inner validation split only; a site's own test split is scored by
+    every model with bootstrap 95% CIs. Writes runs/NAME/finetune/: folds.csv, summary.json, table.md, ROC,
+    confusion-matrix and AUC-vs-label-fraction PNGs, each model (safetensors), its per-epoch history (csv)
+    and predictions (npz). --resume skips finished arms (and may add inits, fractions or folds).
 
     Example: fedretina finetune -c experiment.yaml --set finetune.label_fractions=[0.1]
     """

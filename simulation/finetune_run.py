@@ -1,12 +1,20 @@
-"""`fedretina finetune`: the seeds' evaluation protocol on pooled site data.
+"""`fedretina finetune`: the seeds' evaluation protocol (or the federation's) on pooled site data.
 
-For each configured initialisation x label fraction x fold: patient-grouped stratified k-fold CV on the
-development images (each fold's model is selected on an inner, patient-disjoint validation split, never on
-test data), the held-out fold reports the CV metrics, and a site's own test split (EyePACS Private, IDRiD
-test) is evaluated by every fold's selected model, with bootstrap 95% intervals. Label fractions are nested
-subsets of each fold's training patients. Results: folds.csv, summary.json, table.md, ROC / confusion /
-AUC-vs-fraction PNGs, each fold's best model as safetensors and its CV predictions (predictions/*.npz, so
-the plots after a --resume still cover every fold). Finished folds are skipped on --resume.
+Every arm (initialisation x label fraction x fold) is a short composition of named steps: split, build,
+train with early stopping (`run_phase`, the function a federated round runs), select, predict, bootstrap.
+
+- `protocol: cv` (the seeds'): patient-grouped stratified k-fold CV on the development images; each fold's
+  model is selected on an inner, patient-disjoint validation split, never on test data; the held-out fold
+  reports the CV metrics. Label fractions are nested subsets of each fold's training patients.
+- `protocol: holdout` (the federation's, centralised): each site's development images split by patient as a
+  federated site splits them, `epochs` epochs from the heads federated phase 2 starts with, the last epoch's
+  model; the validation split is reported. One site holding the data gives bitwise what the federation does.
+
+Either way, a site's own test split (EyePACS Private, IDRiD test) is scored by every arm's model, with
+bootstrap 95% intervals. Results: folds.csv, summary.json, table.md, ROC / confusion / AUC-vs-fraction PNGs,
+each arm's model as safetensors, its per-epoch history (history/*.csv: train loss, validation metrics,
+seconds) and its predictions (predictions/*.npz, so the plots after a --resume still cover every fold).
+Finished arms are skipped on --resume; settings that shape them may not change.
 """
 
 from __future__ import annotations
@@ -16,12 +24,14 @@ import io
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from shared.config import ExperimentConfig, InitConfig
@@ -35,21 +45,15 @@ from shared.errors import CheckpointError, ConfigError
 from shared.metrics import bootstrap_ci, evaluate_predictions, mean_std, metric_keys
 from shared.plots import auc_vs_fraction, confusion_plot, roc_plot
 from shared.rundir import atomic_write_bytes, atomic_write_text, run_dir, start_run_dir
-from shared.seeding import derive_seed, seed_everything
-from shared.training.data import load_sites, pooled, site_images
-from shared.training.finetune import (
-    build_task_model,
-    class_weights,
-    finetune_epoch,
-    finetune_optimizer,
-    finetune_schedule,
-    predict,
-)
-from shared.training.init import check_init, initialise
-from shared.training.pretrain import steps_per_epoch
-from shared.weights import model_meta, save_weights
+from shared.seeding import derive_seed
+from shared.training.data import data_key, load_sites, pooled, site_images
+from shared.training.finetune import classifier_method, finetune_split, predict, task_weights
+from shared.training.initialisation import FINETUNE_SEED, check_init, finetuning_start, initialise
+from shared.training.phase import EpochEnd, Span, run_phase
+from shared.weights import check_settings, load_weights, save_weights, weights_meta
 
 log = logging.getLogger(__name__)
+ARM_CHOICE = ("finetune.inits", "finetune.label_fractions", "finetune.run_folds")  # may change on --resume
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,49 @@ class Cohort:
     """The labelled images of every site holding the task, pooled, with patient ids made site-unique."""
 
     sites: dict[str, Site]
-    dev: pd.DataFrame  # cross-validated
+    dev: pd.DataFrame  # cross-validated, or split by site as the federation does
     test: pd.DataFrame  # the datasets' own held-out test splits
     column: str
     num_classes: int
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One model of the study: an initialisation, a label fraction, a fold (always 0 under hold-out)."""
+
+    init_name: str
+    init: InitConfig
+    fraction: float
+    fold: int
+
+    @property
+    def name(self) -> str:
+        return f"{_tag(self.init_name, self.fraction)}_fold{self.fold}"
+
+
+@dataclass(frozen=True)
+class Split:
+    train: pd.DataFrame
+    val: pd.DataFrame  # selects the epoch (cv) or is reported each epoch (holdout)
+    scored: dict[str, pd.DataFrame]  # split name -> rows the arm's model is scored on
+
+
+@dataclass(frozen=True)
+class Study:
+    cfg: ExperimentConfig
+    cohort: Cohort
+    folds: np.ndarray | None  # cv: each development row's fold
+    device: torch.device
+    out: Path
+
+    @property
+    def task(self) -> str:
+        return self.cfg.finetune.task
+
+    @property
+    def reported(self) -> str:
+        """The development split each arm reports: the held-out fold (cv) or the validation split."""
+        return "cv" if self.cfg.finetune.protocol == "cv" else "val"
 
 
 @dataclass(frozen=True)
@@ -81,28 +124,63 @@ def run_finetuning(cfg: ExperimentConfig, *, resume: bool = False) -> FinetuneOu
     folds_csv = run_dir(cfg, "finetune") / "folds.csv"
     if folds_csv.exists() and not resume:
         raise CheckpointError(f"{folds_csv} exists: pass --resume to finish that run, or pick another --name")
+    if resume:
+        _check_resumable(run_dir(cfg, "finetune"), cfg)
     out = start_run_dir(cfg, "finetune")
     cohort = _cohort(cfg)
-    device = configure_torch(cfg)
-    folds = assign_folds(cohort.dev, cohort.column, f.folds, cfg.seed)
-    done = pd.read_csv(out / "folds.csv") if resume and (out / "folds.csv").exists() else pd.DataFrame()
+    folds = assign_folds(cohort.dev, cohort.column, f.folds, cfg.seed) if f.protocol == "cv" else None
+    study = Study(cfg, cohort, folds, configure_torch(cfg), out)
+    done = pd.read_csv(folds_csv) if resume and folds_csv.exists() else pd.DataFrame()
     rows = done.to_dict("records")
-    for init_name, init in f.inits.items():
-        for fraction in f.label_fractions:
-            for fold in range(f.run_folds or f.folds):
-                if _finished(done, init_name, fraction, fold):
-                    log.info(
-                        "skipping finished %s / %.0f%% labels / fold %d", init_name, 100 * fraction, fold
-                    )
-                    continue
-                rows += _run_fold(cfg, cohort, folds, init_name, init, fraction, fold, device, out)
-                atomic_write_text(out / "folds.csv", pd.DataFrame(rows).to_csv(index=False))
+    for arm in _arms(cfg):
+        if _finished(done, arm):
+            log.info(
+                "skipping finished %s / %.0f%% labels / fold %d", arm.init_name, 100 * arm.fraction, arm.fold
+            )
+            continue
+        rows += _run_arm(study, arm)
+        atomic_write_text(folds_csv, pd.DataFrame(rows).to_csv(index=False))
     summary = _summarise(cfg, pd.DataFrame(rows))
     table = _table(summary, metric_keys(f.task))
     atomic_write_text(out / "summary.json", json.dumps(_no_nan(summary), indent=2))
     atomic_write_text(out / "table.md", table)
-    _plots(out, summary, f.task)
+    _plots(out, summary, f.task, study.reported)
     return FinetuneOutputs(out, table, summary)
+
+
+def _run_arm(study: Study, arm: Arm) -> list[dict]:
+    """Split, build, train with early stopping and selection, then score: one arm's folds.csv rows."""
+    split = _split(study, arm)
+    model, origin = _build(study, arm)
+    log.info(
+        "%s (%s), %.0f%% labels, fold %d: %d train / %d val images",
+        arm.init_name,
+        origin,
+        100 * arm.fraction,
+        arm.fold,
+        len(split.train),
+        len(split.val),
+    )
+    best_epoch = _train(study, arm, model, split)
+    meta = weights_meta(
+        study.cfg,
+        "task-model",
+        tasks={study.task: study.cohort.num_classes},
+        init=arm.init_name,
+        fraction=arm.fraction,
+        fold=arm.fold,
+        best_epoch=best_epoch,
+    )
+    save_weights(study.out / "checkpoints" / f"{arm.name}.safetensors", model.state_dict(), meta)
+    base = {
+        "init": arm.init_name,
+        "fraction": arm.fraction,
+        "fold": arm.fold,
+        "best_epoch": best_epoch,
+        "train_images": len(split.train),
+        "val_images": len(split.val),
+    }
+    return [_score(study, arm, model, name, rows) | base for name, rows in split.scored.items() if len(rows)]
 
 
 def _cohort(cfg: ExperimentConfig) -> Cohort:
@@ -113,13 +191,7 @@ def _cohort(cfg: ExperimentConfig) -> Cohort:
         raise ConfigError(
             f"finetune.task: no configured site holds labels for task {task!r} (column {column})"
         )
-    frames = []
-    for name, site in sites.items():
-        rows = labelled(site.rows, task).copy()
-        rows["patient_id"] = name + "/" + rows["patient_id"]
-        frames.append(rows)
-    data = pd.concat(frames, ignore_index=True)
-    num_classes = task_classes(data)[task]
+    data = pd.concat([_site_unique(labelled(s.rows, task), n) for n, s in sites.items()], ignore_index=True)
     dev, test = data[data["split"] != "test"], data[data["split"] == "test"]
     log.info(
         "task %s: %d development images (%d patients), %d test images, sites %s",
@@ -129,159 +201,199 @@ def _cohort(cfg: ExperimentConfig) -> Cohort:
         len(test),
         ", ".join(sites),
     )
-    return Cohort(sites, dev.reset_index(drop=True), test.reset_index(drop=True), column, num_classes)
+    return Cohort(
+        sites, dev.reset_index(drop=True), test.reset_index(drop=True), column, task_classes(data)[task]
+    )
 
 
-def images(cohort: Cohort, cfg: ExperimentConfig, rows: pd.DataFrame, recipe: Recipe) -> Dataset:
-    """Rows from several sites as one dataset (each site's rows read through that site's cache)."""
-    parts = [
-        site_images(
-            cohort.sites[name], cfg, cfg.finetune_image_size, recipe, rows=group, task=cfg.finetune.task
-        )
-        for name, group in rows.groupby("site", sort=True)
+def _arms(cfg: ExperimentConfig) -> list[Arm]:
+    f = cfg.finetune
+    folds = range(f.run_folds or f.folds) if f.protocol == "cv" else range(1)
+    return [
+        Arm(n, init, fraction, k)
+        for n, init in f.inits.items()
+        for fraction in f.label_fractions
+        for k in folds
     ]
-    return pooled(parts)
 
 
-def _run_fold(
-    cfg,
-    cohort,
-    folds,
-    init_name: str,
-    init: InitConfig,
-    fraction: float,
-    fold: int,
-    device: torch.device,
-    out: Path,
-) -> list[dict]:
-    """Train, select and score one fold; returns its folds.csv rows (CV, and the sites' test split)."""
-    f, task = cfg.finetune, cfg.finetune.task
-    outer_train, outer_test = cohort.dev[folds != fold], cohort.dev[folds == fold]
-    subset = label_subset(outer_train, cohort.column, fraction, derive_seed(cfg.seed, "fraction", fold))
-    train, val = inner_split(subset, cohort.column, f.val_fraction, derive_seed(cfg.seed, "val", fold))
-    # Training rows in a stable order so the epoch permutation depends on the seed alone.
+def _split(study: Study, arm: Arm) -> Split:
+    """Train / validation / scored rows: a CV fold, or every site split as its federated self would."""
+    cfg, cohort = study.cfg, study.cohort
+    if cfg.finetune.protocol == "holdout":
+        parts = {n: finetune_split(s.rows, study.task, cfg) for n, s in cohort.sites.items()}
+        train = pd.concat([_site_unique(tr, n) for n, (tr, _) in parts.items()], ignore_index=True)
+        val = pd.concat([_site_unique(va, n) for n, (_, va) in parts.items()], ignore_index=True)
+        train = label_subset(train, cohort.column, arm.fraction, derive_seed(cfg.seed, "fraction", arm.fold))
+        scored = {"val": val}
+    else:
+        assert study.folds is not None
+        outer = cohort.dev[study.folds != arm.fold]
+        subset = label_subset(outer, cohort.column, arm.fraction, derive_seed(cfg.seed, "fraction", arm.fold))
+        train, val = inner_split(
+            subset, cohort.column, cfg.finetune.val_fraction, derive_seed(cfg.seed, "val", arm.fold)
+        )
+        scored = {"cv": cohort.dev[study.folds == arm.fold]}
+    # Training rows in a stable order, so an epoch's permutation depends on its seed alone.
     train = train.sort_values(["site", "image_id"]).reset_index(drop=True)
-    seed_everything(derive_seed(cfg.seed, "init", init_name, fold))
-    model = build_task_model(cfg, {task: cohort.num_classes})
-    origin = initialise(model.encoder, init.kind, init.weights, cfg.model)
-    model.to(device)
-    train_ds = images(cohort, cfg, train, f.augment)
-    val_ds = images(cohort, cfg, val, "none")
-    optimizer = finetune_optimizer(model, cfg)
-    per_epoch = steps_per_epoch(len(train_ds), f.batch_size)
-    schedule = finetune_schedule(cfg, per_epoch, per_epoch * f.epochs)
-    weights = (
-        class_weights(train[cohort.column].to_numpy(int), cohort.num_classes) if f.class_weighting else None
+    return Split(train, val.reset_index(drop=True), scored | {"test": cohort.test})
+
+
+def _build(study: Study, arm: Arm) -> tuple[nn.Module, str]:
+    """The seeded task model with its encoder's start; hold-out heads start as federated phase 2's do."""
+    cfg, tasks = study.cfg, {study.task: study.cohort.num_classes}
+    seed_keys = (FINETUNE_SEED,) if cfg.finetune.protocol == "holdout" else ("init", arm.init_name, arm.fold)
+    model = finetuning_start(cfg, tasks, *seed_keys)
+    origin = initialise(model.encoder, arm.init.kind, arm.init.weights, cfg.model)
+    return model.to(study.device), origin
+
+
+def _train(study: Study, arm: Arm, model: nn.Module, split: Split) -> int:
+    """`finetune.epochs` epochs (fewer with early stopping), leaving the selected epoch's weights in
+    `model` and each epoch's figures in history/<arm>.csv; returns the selected epoch (1-based)."""
+    cfg, task, cohort = study.cfg, study.task, study.cohort
+    holdout = cfg.finetune.protocol == "holdout"
+    weights = task_weights({task: split.train}, {task: cohort.num_classes}, cfg)
+    val = _images(study, split.val, "none") if len(split.val) else None  # a tiny site may have none
+    selection = Selection(model, lambda: _validate(study, model, val), cfg, keep_last=holdout)
+    run_phase(
+        classifier_method(model, cfg, study.device, weights),
+        {task: _images(study, split.train, cfg.finetune.augment)},
+        Span.epochs(cfg.finetune.epochs),
+        seed=cfg.seed,
+        key=data_key(list(cohort.sites.values()))
+        if holdout
+        else f"{arm.init_name}/{arm.fraction}/{arm.fold}",
+        workers=cfg.data.workers,
+        after_epoch=selection,
+        desc=f"{arm.init_name} fold {arm.fold}",
     )
-    log.info(
-        "%s (%s), %.0f%% labels, fold %d: %d train / %d val images",
-        init_name,
-        origin,
-        100 * fraction,
-        fold,
-        len(train),
-        len(val),
-    )
-    best_score, best_state, best_epoch, step, stale = -math.inf, None, 0, 0, 0
-    key = f"{init_name}/{fraction}/{fold}"
-    for epoch in range(f.epochs):
-        result = finetune_epoch(
-            model,
-            optimizer,
-            schedule,
-            train_ds,
-            cfg,
-            task=task,
-            epoch=epoch,
-            key=key,
-            step=step,
-            device=device,
-            weights=weights,
-            desc=f"{init_name} fold {fold}",
+    model.load_state_dict(selection.best_state)
+    history = pd.DataFrame(selection.history).to_csv(index=False)
+    atomic_write_text(study.out / "history" / f"{arm.name}.csv", history)
+    return selection.best_epoch
+
+
+class Selection:
+    """After every epoch: score the validation split, keep the best epoch's weights (or, `keep_last`, the
+    last epoch's, as the federation does), and stop after `finetune.early_stopping` epochs without gain."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        validate: Callable[[], dict[str, float]],
+        cfg: ExperimentConfig,
+        *,
+        keep_last: bool,
+    ) -> None:
+        self.model, self.validate, self.keep_last = model, validate, keep_last
+        self.metric, self.patience = cfg.finetune.select_metric, cfg.finetune.early_stopping
+        self.best_score, self.best_epoch, self.stale = -math.inf, 0, 0
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, float]] = []  # per epoch: train loss, validation metrics, seconds
+
+    def __call__(self, end: EpochEnd) -> bool:
+        metrics = self.validate()
+        self.history.append(
+            {"epoch": end.epoch + 1, "train_loss": end.loss, "seconds": end.seconds} | metrics
         )
-        step += result.steps
-        val_metrics = evaluate_predictions(
-            *predict(model, val_ds, task, device, f.batch_size),
-            task,
-            referable_threshold=f.referable_threshold,
-        )
-        score = -val_metrics["loss"] if f.select_metric == "loss" else val_metrics[f.select_metric]
+        score = -metrics["loss"] if self.metric == "loss" else metrics[self.metric]
         score = -math.inf if math.isnan(score) else score
         log.info(
             "  epoch %d: train loss %.4f, val %s %.4f",
-            epoch + 1,
-            result.loss,
-            f.select_metric,
-            val_metrics[f.select_metric],
+            end.epoch + 1,
+            end.loss,
+            self.metric,
+            metrics[self.metric],
         )
-        if score > best_score or best_state is None:
-            best_score, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch + 1, 0
-        else:
-            stale += 1
-            if f.early_stopping and stale >= f.early_stopping:
-                break
-    model.load_state_dict(best_state)
-    name = f"{_tag(init_name, fraction)}_fold{fold}"
-    save_weights(
-        out / "checkpoints" / f"{name}.safetensors",
-        model.state_dict(),
-        {
-            **model_meta(cfg.model),
-            "kind": "task-model",
-            "task": task,
-            "classes": cohort.num_classes,
-            "init": init_name,
-            "fraction": fraction,
-            "fold": fold,
-            "best_epoch": best_epoch,
-        },
-    )
-    base = {
-        "init": init_name,
-        "fraction": fraction,
-        "fold": fold,
-        "best_epoch": best_epoch,
-        "train_images": len(train),
-        "val_images": len(val),
+        if self.keep_last or score > self.best_score or not self.best_state:
+            self.best_score, self.best_epoch, self.stale = score, end.epoch + 1, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            return False
+        self.stale += 1
+        return bool(self.patience) and self.stale >= self.patience
+
+
+def _validate(study: Study, model: nn.Module, val: Dataset | None) -> dict[str, float]:
+    f = study.cfg.finetune
+    if val is None:
+        return dict.fromkeys(metric_keys(study.task), math.nan)
+    y, p = predict(model, val, study.task, study.device, f.batch_size)
+    return evaluate_predictions(y, p, study.task, referable_threshold=f.referable_threshold)
+
+
+def _score(study: Study, arm: Arm, model: nn.Module, name: str, rows: pd.DataFrame) -> dict:
+    """Predict `rows`, the metrics, the AUC's bootstrap interval on a test split, the predictions saved."""
+    f, task = study.cfg.finetune, study.task
+    y, p = predict(model, _images(study, rows, "none"), task, study.device, f.batch_size)
+    row = {
+        "split": name,
+        "images": len(y),
+        **evaluate_predictions(y, p, task, referable_threshold=f.referable_threshold),
     }
-    cv_true, cv_probs = predict(model, images(cohort, cfg, outer_test, "none"), task, device, f.batch_size)
-    _save_predictions(out / "predictions" / f"{name}.npz", cv_true, cv_probs)
-    rows = [
-        {
-            **base,
-            "split": "cv",
-            "images": len(outer_test),
-            **evaluate_predictions(cv_true, cv_probs, task, referable_threshold=f.referable_threshold),
-        }
-    ]
-    if len(cohort.test):
-        y, p = predict(model, images(cohort, cfg, cohort.test, "none"), task, device, f.batch_size)
-        test = evaluate_predictions(y, p, task, referable_threshold=f.referable_threshold)
-
-        def auc(a: np.ndarray, b: np.ndarray) -> float:
-            return evaluate_predictions(a, b, task)["auc"]
-
-        low, high = bootstrap_ci(y, p, auc, rounds=f.bootstrap, seed=derive_seed(cfg.seed, "bootstrap", fold))
-        rows.append(
-            {**base, "split": "test", "images": len(y), **test, "auc_ci_low": low, "auc_ci_high": high}
+    if name == study.reported:
+        _save_predictions(study.out / "predictions" / f"{arm.name}.npz", y, p)
+    if name == "test":
+        low, high = bootstrap_ci(
+            y,
+            p,
+            lambda a, b: evaluate_predictions(a, b, task)["auc"],
+            rounds=f.bootstrap,
+            seed=derive_seed(study.cfg.seed, "bootstrap", arm.fold),
         )
+        row |= {"auc_ci_low": low, "auc_ci_high": high}
+    return row
+
+
+def _images(study: Study, rows: pd.DataFrame, recipe: Recipe) -> Dataset:
+    """Rows from several sites as one dataset (each site's rows read through that site's cache)."""
+    cfg, sites = study.cfg, study.cohort.sites
+    size, task = cfg.finetune_image_size, cfg.finetune.task
+    return pooled(
+        [
+            site_images(sites[n], cfg, size, recipe, rows=g, task=task)
+            for n, g in rows.groupby("site", sort=True)
+        ]
+    )
+
+
+def _site_unique(rows: pd.DataFrame, site: str) -> pd.DataFrame:
+    """`rows` with patient ids prefixed by their site, so pooled sites never share a patient."""
+    rows = rows.copy()
+    rows["patient_id"] = site + "/" + rows["patient_id"]
     return rows
+
+
+def _check_resumable(out: Path, cfg: ExperimentConfig) -> None:
+    """A resumed study may add arms (inits, fractions, folds) but not change how an arm is trained."""
+    saved = sorted((out / "checkpoints").glob("*.safetensors"))
+    if saved:
+        check_settings(saved[0], load_weights(saved[0])[1], cfg, free=ARM_CHOICE)
 
 
 def _tag(init: str, fraction: float) -> str:
     return f"{init}_{round(100 * fraction)}pct"
 
 
-def _finished(done: pd.DataFrame, init: str, fraction: float, fold: int) -> bool:
+def _finished(done: pd.DataFrame, arm: Arm) -> bool:
     if done.empty:
         return False
-    match = (done["init"] == init) & np.isclose(done["fraction"], fraction) & (done["fold"] == fold)
+    match = (
+        (done["init"] == arm.init_name)
+        & np.isclose(done["fraction"], arm.fraction)
+        & (done["fold"] == arm.fold)
+    )
     return bool(match.any())
 
 
 def _summarise(cfg: ExperimentConfig, df: pd.DataFrame) -> dict:
     keys = metric_keys(cfg.finetune.task)
-    out: dict = {"task": cfg.finetune.task, "folds": cfg.finetune.folds, "results": []}
+    out: dict = {
+        "task": cfg.finetune.task,
+        "protocol": cfg.finetune.protocol,
+        "folds": cfg.finetune.folds,
+        "results": [],
+    }
     for (init, fraction, split), group in df.groupby(["init", "fraction", "split"], sort=False):
         stats = mean_std(group[list(keys)].to_dict("records"))
         entry = {
@@ -323,10 +435,10 @@ def _save_predictions(path: Path, y_true: np.ndarray, probs: np.ndarray) -> None
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _plots(out: Path, summary: dict, task: str) -> None:
-    """ROC and confusion per (init, fraction) over every finished fold's CV predictions, AUC vs fraction."""
+def _plots(out: Path, summary: dict, task: str, reported: str) -> None:
+    """ROC and confusion per (init, fraction) over every finished arm's saved predictions, AUC vs fraction."""
     for r in summary["results"]:
-        if r["split"] != "cv":
+        if r["split"] != reported:
             continue
         tag = _tag(r["init"], r["fraction"])
         runs = []
@@ -337,10 +449,10 @@ def _plots(out: Path, summary: dict, task: str) -> None:
             continue
         y, p = np.concatenate([a for a, _ in runs]), np.concatenate([b for _, b in runs])
         about = f"{r['init']}, {r['fraction']:.0%} labels"
-        roc_plot(out / f"roc_{tag}.png", y, p, title=f"{task} ROC, {about} (CV folds)")
+        roc_plot(out / f"roc_{tag}.png", y, p, title=f"{task} ROC, {about} ({reported})")
         confusion_plot(out / f"confusion_{tag}.png", y, p, title=f"{task}, {about}")
-    cv = [r for r in summary["results"] if r["split"] == "cv"]
-    auc_vs_fraction(out / "auc_vs_fraction.png", cv, title=f"{task}: AUC vs label fraction (CV)")
+    shown = [r for r in summary["results"] if r["split"] == reported]
+    auc_vs_fraction(out / "auc_vs_fraction.png", shown, title=f"{task}: AUC vs label fraction ({reported})")
 
 
 def _no_nan(value: object) -> object:

@@ -1,5 +1,7 @@
 """Federation at the cpu profile: the IID 4-site simulation (real `flwr run .`) against centralised training
-on the same data with the same number of sample-gradient steps.
+on the same data with the same number of sample-gradient steps: `fedretina pretrain` for as many epochs as
+the federation has pretraining rounds, then `fedretina finetune` with the hold-out protocol (the
+federation's) from that encoder for as many epochs as it has fine-tuning rounds.
 
 Reports: federated round time / centralised epoch time (rounds after the first, which starts Ray and fills
 caches), bytes per round per site, and the downstream gap: DR AUC and referable-DR AUC of both final models on
@@ -20,7 +22,7 @@ import pandas as pd
 import torch
 import yaml
 
-from shared.config import ExperimentConfig, load_config
+from shared.config import ExperimentConfig, InitConfig, load_config
 from shared.data.checks import check_site
 from shared.data.manifest import labelled
 from shared.data.site import Site, load_site_config
@@ -30,7 +32,8 @@ from shared.metrics import auc_score, bootstrap_ci, evaluate_predictions
 from shared.training.data import site_images
 from shared.training.finetune import build_task_model, predict
 from shared.weights import load_weights
-from simulation.centralised import reference_run
+from simulation.centralised import run_pretraining
+from simulation.finetune_run import run_finetuning
 from tests.conftest import ROOT, site_yaml
 from tests.integration.flower import Flower, sets
 
@@ -70,26 +73,28 @@ def run(out: Path) -> dict:
     # `flwr run --stream` can exit 0 when the run itself failed: the store says how it ended
     if done.returncode != 0 or _status(fed_store) != "completed":
         raise RuntimeError(f"flwr run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    cfg = load_config(profile="cpu", overrides=ROUNDS)
-    central = reference_run(cfg, [site])
+    cfg = load_config(
+        profile="cpu", overrides=ROUNDS | {"sites": [str(site_path)], "runs_dir": str(out / "runs")}
+    )
+    central = _centralised(cfg, "central")
     rounds = _round_seconds(fed_store)
     result: dict = {
         "federated_round_over_centralised_epoch_pretrain": statistics.median(rounds["pretrain"][1:])
-        / statistics.median(central.seconds["pretrain"]),
+        / statistics.median(central["pretrain"]),
         "federated_round_over_centralised_epoch_pretrain_target": "<= 1.15",
         "federated_round_over_centralised_epoch_finetune": statistics.median(rounds["finetune"][1:])
-        / statistics.median(central.seconds["finetune"]),
-        "centralised_pretrain_epoch_s": statistics.median(central.seconds["pretrain"]),
+        / statistics.median(central["finetune"]),
+        "centralised_pretrain_epoch_s": statistics.median(central["pretrain"]),
         **_bytes(fed_store),
     }
     fed_model, _ = load_weights(out / "runs" / "iid4" / "federation" / "model.safetensors")
-    reseeded = reference_run(cfg.model_copy(update={"seed": cfg.seed + 1}), [site])
+    reseeded = _centralised(cfg.model_copy(update={"seed": cfg.seed + 1}), "central-reseeded")
     test = labelled(site.rows, "dr")
     test = test[test["split"] == "test"]
     models = {
         "federated": fed_model,
-        "centralised": central.finetuned,
-        "centralised_reseeded": reseeded.finetuned,
+        "centralised": central["model"],
+        "centralised_reseeded": reseeded["model"],
     }
     predictions = {name: _predict(cfg, site, test, state) for name, state in models.items()}
     for name, (y, probs) in predictions.items():
@@ -109,12 +114,30 @@ def run(out: Path) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
 
 
+def _centralised(cfg: ExperimentConfig, name: str) -> dict:
+    """Both phases through the CLI's own functions: the final model and each phase's epoch seconds."""
+    f = cfg.federation
+    pretrain = cfg.pretrain.model_copy(update={"epochs": f.rounds_pretrain * f.local_epochs})
+    spark = run_pretraining(cfg.model_copy(update={"name": name, "pretrain": pretrain}))
+    finetune = cfg.finetune.model_copy(
+        update={
+            "protocol": "holdout",
+            "epochs": f.rounds_finetune * f.local_epochs,
+            "inits": {"spark": InitConfig(kind="spark", weights=str(spark.encoder))},
+        }
+    )
+    ft = run_finetuning(cfg.model_copy(update={"name": name, "finetune": finetune})).directory
+    history = pd.read_csv(ft / "history" / "spark_100pct_fold0.csv")
+    model, _ = load_weights(ft / "checkpoints" / "spark_100pct_fold0.safetensors")
+    return {"pretrain": spark.history.seconds, "finetune": history["seconds"].tolist(), "model": model}
+
+
 def _status(store: Path) -> str:
     if not store.is_file():
         return "missing"
     db = sqlite3.connect(store)
     try:
-        row = db.execute("SELECT status FROM runs WHERE run_id = 'iid4'").fetchone()
+        row = db.execute("SELECT status FROM runs WHERE run_name = 'iid4'").fetchone()
     finally:
         db.close()
     return row[0] if row else "missing"

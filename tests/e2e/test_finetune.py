@@ -20,7 +20,7 @@ from shared.data.site import load_site_config
 from shared.data.splits import assign_folds
 from shared.errors import CheckpointError
 from shared.models import nnmobilenet, resnet50
-from shared.training.init import initialise
+from shared.training.initialisation import initialise
 from shared.weights import model_meta, save_weights
 from simulation.centralised import run_pretraining
 from tests.conftest import FEDRETINA, write_site
@@ -152,7 +152,7 @@ def test_checkpoint_from_another_architecture_fails_in_one_line(tmp_path: Path) 
     save_weights(path, resnet50().state_dict(), {**model_meta(resnet_cfg), "kind": "spark-encoder"})
     with pytest.raises(CheckpointError) as err:
         initialise(nnmobilenet(0.25), "spark", str(path), cfg.model)
-    assert str(err.value).count("\n") == 0 and "arch='resnet50' (model has 'nnmobilenet')" in str(err.value)
+    assert str(err.value).count("\n") == 0 and "arch='resnet50' (wanted 'nnmobilenet')" in str(err.value)
     wrong = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), wrong)
     with pytest.raises(CheckpointError, match=r"tensors have other shapes|keys do not match"):
@@ -175,7 +175,7 @@ def test_imagenet_weights_in_torchvisions_format_load_strictly(tmp_path: Path) -
 
 
 def test_moco_can_start_from_imagenet_weights_the_second_seeds_fourth_setup(tmp_path: Path) -> None:
-    from shared.training.init import pretraining_start
+    from shared.training.initialisation import pretraining_start
 
     reference = torchvision.models.resnet50()
     path = tmp_path / "resnet50-imagenet.pth"
@@ -193,3 +193,25 @@ def test_moco_can_start_from_imagenet_weights_the_second_seeds_fourth_setup(tmp_
     assert torch.equal(
         moco.key.encoder.layer4[0].conv1.weight, reference.layer4[0].conv1.weight
     )  # key starts equal
+
+
+def test_the_holdout_protocol_splits_as_federated_sites_do_and_keeps_the_last_epoch(
+    eyepacs60: Path, tmp_path: Path
+) -> None:
+    from shared.data.site import load_site
+    from shared.training.finetune import finetune_split
+    from simulation.finetune_run import run_finetuning
+
+    overrides = {"sites": [str(eyepacs60)], "runs_dir": str(tmp_path), "finetune.protocol": "holdout"}
+    cfg = load_config(profile="tiny", overrides=overrides | {"finetune.early_stopping": 1})
+    out = run_finetuning(cfg).directory
+    folds = pd.read_csv(out / "folds.csv")
+    train, val = finetune_split(load_site(eyepacs60).rows, "dr", cfg)
+    assert set(folds.split) == {"val", "test"} and (folds.fold == 0).all()
+    assert (
+        folds.set_index("split").loc["val", "images"] == len(val) and (folds.train_images == len(train)).all()
+    )
+    history = pd.read_csv(out / "history" / "scratch_100pct_fold0.csv")
+    assert history.epoch.tolist() == [1, 2] and (history.seconds > 0).all()  # no early stop, no selection
+    assert (folds.best_epoch == cfg.finetune.epochs).all()
+    assert "| scratch | 100% | val | 1 |" in out.joinpath("table.md").read_text()

@@ -107,7 +107,7 @@ def test_moco_pretraining_runs_end_to_end_and_exports_an_encoder_finetuning_acce
     import math
 
     from shared.models import nnmobilenet
-    from shared.training.init import initialise
+    from shared.training.initialisation import initialise
 
     cfg = config(tmp_path, [tiny_sites["ukb"], tiny_sites["mmac"]], 2, "moco")
     cfg = cfg.model_copy(

@@ -1,13 +1,16 @@
 """The federation through real Flower processes (`flwr run .`, local SuperLink, Ray actors), tiny profile.
 
 - two virtual sites, 1+1 rounds: both phases complete and everything lands in the run store;
-- one site holding all the data: final weights of both phases equal centralised training bitwise, two
-  identical runs are bitwise identical, and a server killed mid-run resumes to the same weights.
+- one site holding all the data: final weights of both phases equal the CLI's centralised runs bitwise
+  (`fedretina pretrain`, then `fedretina finetune` with the hold-out protocol from that encoder), two
+  identical runs are bitwise identical, a server killed mid-run resumes to the same weights, and resuming
+  with changed rounds is refused in one line naming the key.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +19,9 @@ import torch
 import yaml
 
 from shared.config import load_config
-from shared.data.checks import load_checked_manifest
-from shared.data.site import Site, load_site_config
 from shared.models import TaskModel, nnmobilenet
 from shared.weights import load_weights
-from simulation.centralised import reference_run
-from tests.conftest import ROOT, write_site
+from tests.conftest import FEDRETINA, ROOT, write_site
 from tests.integration.flower import Flower, sets
 
 pytestmark = pytest.mark.integration
@@ -85,11 +85,12 @@ def test_two_virtual_sites_run_both_phases_through_flwr_run(
     cfg = load_config(profile="tiny")
     TaskModel(nnmobilenet(cfg.model.width_mult), {"dr": 5}).encoder.load_state_dict(encoder, strict=True)
     model, meta = load_weights(fed / "model.safetensors")
-    assert meta["tasks"] == ["dr", "mmac"] and "heads.mmac.1.weight" in model
-    assert (
-        "pretrain round 1" in result.stdout + result.stderr
-        and "| pretrain | 1 | 2/2 |" in (fed / "summary.md").read_text()
-    )
+    assert meta["tasks"] == {"dr": 5, "mmac": 5} and "heads.mmac.1.weight" in model
+    assert meta["settings"]["federation.rounds_finetune"] == 1
+    console = result.stdout + result.stderr
+    assert "pretrain round 1/1: 2/2 sites, loss " in console and "finetune round 1/1: 2/2 sites" in console
+    assert "Aggregated MetricRecord" not in console  # Flower's raw dumps stay out of the console
+    assert "| pretrain | 1 | 2/2 |" in (fed / "summary.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------- one site holds all
@@ -129,7 +130,11 @@ def single_site(flower: Flower, tmp_path_factory: pytest.TempPathFactory) -> dic
     resumed = flower.run(1, config("killed", resume=True))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming after pretrain round" in resumed.stdout + resumed.stderr
-    return {"site": site, "runs": runs}
+    more = config("killed", resume=True) | {
+        "set": sets(runs_dir=runs, **ROUNDS | {"federation__rounds_pretrain": 4})
+    }
+    refused = flower.run(1, more)
+    return {"site": site, "runs": runs, "refused": refused.stdout + refused.stderr}
 
 
 def final(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -142,16 +147,37 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_federated_simulation_equals_centralised_training_bitwise(single_site: dict[str, Path]) -> None:
-    cfg = load_config(profile="tiny", overrides={k.replace("__", "."): v for k, v in ROUNDS.items()})
-    config = load_site_config(single_site["site"])
-    reference = reference_run(cfg, [Site(config.name, config, load_checked_manifest(config))])
-    encoder, model = final(single_site["runs"] / "a")
-    central_encoder = {
-        k.removeprefix("encoder."): v for k, v in reference.pretrained.items() if k.startswith("encoder.")
-    }
-    assert same(encoder, central_encoder), "phase 1 differs from centralised SparK pretraining"
-    assert same(model, reference.finetuned), "phase 2 differs from centralised fine-tuning"
+def cli(*args: str) -> None:
+    result = subprocess.run([FEDRETINA, "-q", *args], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_federated_simulation_equals_the_clis_centralised_runs_bitwise(single_site: dict[str, Path]) -> None:
+    runs, site = single_site["runs"], str(single_site["site"])
+    common = [
+        "--profile",
+        "tiny",
+        "--site",
+        site,
+        "--name",
+        "central",
+        "--set",
+        "threads=1",
+        "--set",
+        f"runs_dir={runs}",
+    ]
+    cli("pretrain", *common, "--set", f"pretrain.epochs={ROUNDS['federation__rounds_pretrain']}")
+    exported = runs / "central" / "pretrain" / "encoder.safetensors"
+    spark = f"finetune.inits={{spark: {{kind: spark, weights: {exported}}}}}"
+    epochs = f"finetune.epochs={ROUNDS['federation__rounds_finetune']}"
+    cli("finetune", *common, "--set", "finetune.protocol=holdout", "--set", epochs, "--set", spark)
+    encoder, model = final(runs / "a")
+    assert same(encoder, load_weights(exported)[0]), "phase 1 differs from `fedretina pretrain`"
+    central, meta = load_weights(
+        runs / "central" / "finetune" / "checkpoints" / "spark_100pct_fold0.safetensors"
+    )
+    assert meta["best_epoch"] == ROUNDS["federation__rounds_finetune"]  # the hold-out keeps the last epoch
+    assert same(model, central), "phase 2 differs from `fedretina finetune` (hold-out)"
 
 
 def test_two_identical_simulations_give_bitwise_identical_weights(single_site: dict[str, Path]) -> None:
@@ -172,6 +198,17 @@ def test_a_killed_server_resumes_to_the_uninterrupted_runs_weights(single_site: 
         ("finetune", 1, "ok"),
         ("finetune", 2, "ok"),
     ]
+
+
+def test_resuming_with_changed_rounds_is_refused_in_one_line_naming_the_key(
+    single_site: dict[str, Path],
+) -> None:
+    output = single_site["refused"]
+    assert "fedretina: error: " in output and "federation.rounds_pretrain=3 (now 4)" in output, output[-3000:]
+    assert "Traceback" not in output
+    assert not (
+        single_site["runs"] / "killed" / "federation" / "checkpoints" / "pretrain-r0004.safetensors"
+    ).exists()
 
 
 def test_bad_run_config_fails_the_run_with_one_line_naming_the_fix(flower: Flower, tmp_path: Path) -> None:
