@@ -20,12 +20,11 @@ from client.rounds import evaluate_round, train_round
 from client.site import node_site, partition_of
 from shared.data.manifest import labelled_counts, task_classes
 from shared.data.site import Site
-from shared.wire import RoundSpec, RunSpec, SiteReport, from_wire, to_wire
+from shared.wire import ARRAYS, METRICS, REPORT, SPEC, RoundSpec, RunSpec, SiteReport, from_wire, to_wire
 
 app = ClientApp()
 log = logging.getLogger(__name__)
 Handler = Callable[[Message, Context], Message]
-SPEC, SITE = "config", "site"  # the records holding the server's spec and this site's report
 
 
 class SiteFailure(Exception):
@@ -52,9 +51,9 @@ def _round(msg: Message, context: Context) -> tuple[Site, RoundSpec]:
 
 
 def _reply(msg: Message, metrics: dict, arrays: dict | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+    content = RecordDict({METRICS: MetricRecord(metrics)})
     if arrays is not None:
-        content["arrays"] = ArrayRecord(arrays)
+        content[ARRAYS] = ArrayRecord(arrays)
     return Message(content=content, reply_to=msg)
 
 
@@ -67,7 +66,7 @@ def describe(msg: Message, context: Context) -> Message:
     report = SiteReport(
         site.name, partition_of(context.node_config), len(site.rows), held, {t: classes[t] for t in held}
     )
-    return Message(content=RecordDict({SITE: ConfigRecord(to_wire(report))}), reply_to=msg)
+    return Message(content=RecordDict({REPORT: ConfigRecord(to_wire(report))}), reply_to=msg)
 
 
 @app.train("pretrain")
@@ -75,7 +74,7 @@ def describe(msg: Message, context: Context) -> Message:
 @_private
 def train(msg: Message, context: Context) -> Message:
     site, spec = _round(msg, context)
-    arrays, metrics = train_round(site, spec, msg.content["arrays"].to_torch_state_dict())
+    arrays, metrics = train_round(site, spec, msg.content[ARRAYS].to_torch_state_dict())
     return _reply(msg, metrics, arrays)
 
 
@@ -83,4 +82,4 @@ def train(msg: Message, context: Context) -> Message:
 @_private
 def evaluate(msg: Message, context: Context) -> Message:
     site, spec = _round(msg, context)
-    return _reply(msg, evaluate_round(site, spec, msg.content["arrays"].to_torch_state_dict()))
+    return _reply(msg, evaluate_round(site, spec, msg.content[ARRAYS].to_torch_state_dict()))

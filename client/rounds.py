@@ -27,7 +27,7 @@ from shared.training.finetune import (
     site_tasks,
     task_weights,
 )
-from shared.training.phase import Method, run_phase
+from shared.training.phase import Method, Span, run_phase
 from shared.training.pretrain import build_spark, spark_method
 from shared.weights import load_into
 from shared.wire import NUM_EXAMPLES, PRETRAIN, RATE, SECONDS, STEPS, TRAIN_LOSS, RoundSpec, task_key
@@ -38,7 +38,7 @@ Tensors = dict[str, torch.Tensor]
 def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> tuple[Tensors, dict[str, float]]:
     """The round's local epochs (or steps) from the global weights; returns the weights to send (all of
     them in pretraining; the encoder and this site's heads in fine-tuning) and the reply's metrics."""
-    started = time.perf_counter()
+    started, f = time.perf_counter(), spec.config.federation
     device = configure_torch(spec.config)
     state = SiteState(site, spec)
     model, data = _work(site, spec)
@@ -47,12 +47,12 @@ def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> tuple[Tensors, 
     result = run_phase(
         method,
         data,
-        spec.span,
+        round_span(spec),
         seed=spec.config.seed,
         key=site.name,
         workers=spec.config.data.workers,
         optimizer_state=state.optimizer_before(),
-        proximal_mu=spec.proximal_mu,
+        proximal_mu=f.proximal_mu if f.strategy == "fedprox" else 0.0,  # FedProx's term, at the site
         desc=site.name,
     )
     state.after_round(model, result.optimizer, result.step)
@@ -69,6 +69,12 @@ def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> tuple[Tensors, 
         RATE: images / max(seconds, 1e-9),
     }
     return weights, metrics | {task_key(t, NUM_EXAMPLES): len(data.get(t, ())) for t in spec.tasks}
+
+
+def round_span(spec: RoundSpec) -> Span:
+    """This round's part of the phase: the slicing a centralised run of all the rounds would do."""
+    f = spec.config.federation
+    return Span.round(spec.round, spec.rounds, f.local_epochs, f.local_steps)
 
 
 def evaluate_round(site: Site, spec: RoundSpec, arrays: Tensors) -> dict[str, float]:
@@ -117,5 +123,5 @@ def _method(model: nn.Module, data: dict[str, Dataset], spec: RoundSpec, device:
 def _load_global(model: nn.Module, arrays: Tensors, state: SiteState, bn_round: int) -> None:
     """The global weights, strictly; under FedBN the site's own BatchNorm after round `bn_round`."""
     load_into(model, arrays, Path("global model"))
-    if state.spec.config.federation.strategy == "fedbn":
+    if state.fedbn:
         state.load_bn(model, bn_round)

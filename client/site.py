@@ -1,9 +1,11 @@
 """Which site this node is: a site YAML named in the node config (deployment), or the scenario's site for
 this partition id (simulation, where Flower gives a node nothing but its partition id).
 
-A node resolves its site once per process and run: splitting a scenario's source (a k-means for `camera`)
-is not repeated for every message. The cache is keyed by everything the answer depends on, so virtual sites
-sharing a process (simulation) never see each other's data; Flower starts fresh processes for each run.
+A node resolves its site once per process: splitting a scenario's source (a k-means for `camera`) is not
+repeated for every message. The cache is keyed by the scenario, seed and partition (or the site YAML), so
+virtual sites sharing a process never see each other's data. Its lifetime is Flower's: a simulation's Ray
+actors live for one run, and a SuperNode starts a ClientApp process per message, so a `site check` run
+between runs is always seen.
 """
 
 from __future__ import annotations

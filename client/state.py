@@ -35,7 +35,12 @@ class SiteState:
 
     def __init__(self, site: Site, spec: RoundSpec) -> None:
         self.spec = spec
-        self.dir = site.federation_dir / spec.run.run_name / spec.run.run_uid
+        self.dir = site.federation_dir / spec.config.name / spec.run.run_uid
+
+    @property
+    def fedbn(self) -> bool:
+        """Under FedBN the site's BatchNorm layers are its own: kept here, never taken from the server."""
+        return self.spec.config.federation.strategy == "fedbn"
 
     def optimizer_before(self) -> dict | None:
         """The optimiser state this site saved after the previous round, when the run keeps it."""
@@ -61,7 +66,7 @@ class SiteState:
     def after_round(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Keep this round's optimiser state (and BatchNorm under FedBN), and record the progress."""
         spec, rnd = self.spec, self.spec.round
-        if spec.config.federation.strategy == "fedbn":
+        if self.fedbn:
             keys = bn_keys(model)
             tensors = {k: v for k, v in model.state_dict().items() if k in keys}
             save_weights(self._path("bn", rnd), tensors, self._meta("site-batchnorm"))

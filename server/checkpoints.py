@@ -1,5 +1,6 @@
-"""Server checkpoints: after every round, the global weights (and FedAdam's moments) as safetensors with a
-JSON record (phase, round, seed, strategy). The newest few per phase are kept, the last of a phase always.
+"""Server checkpoints: after every round, the global weights (and FedAdam's moments) as safetensors with the
+record of `shared.weights.weights_meta` (kind, architecture, settings, run uid, scenario, tasks) plus the
+phase, round and FedAdam step. The newest few per phase are kept, the last of a phase always.
 A server restarted with resume continues after the newest one; all other randomness is derived from
 (run seed, round, site), so the continued run computes what the uninterrupted one would have.
 """
@@ -16,9 +17,9 @@ import torch
 
 from shared.aggregation import Arrays, FedAdamState
 from shared.weights import load_weights, save_weights
+from shared.wire import PHASES
 
-PHASES = ("pretrain", "finetune")
-NAME = re.compile(r"^(pretrain|finetune)-r(\d{4})\.safetensors$")
+NAME = re.compile(rf"^({'|'.join(PHASES)})-r(\d{{4}})\.safetensors$")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections import defaultdict
 from server.store import RunStore
 from shared.wire import SECONDS, TRAIN_LOSS
 
-SHOWN = ("auc", "kappa")
+SHOWN = ("auc", "kappa")  # per task in the summary table; the console line adds accuracy
 
 
 def round_line(store: RunStore, phase: str, rnd: int, total: int) -> str:

@@ -46,19 +46,46 @@ from shared.wire import FINETUNE, PRETRAIN, RunSpec
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "federated-checkpoint"
+# Settings only the centralised commands read: free to differ when a federated run continues.
+CENTRALISED_ONLY = (
+    "sites",
+    "pretrain.epochs",
+    "finetune.protocol",
+    "finetune.task",
+    "finetune.inits",
+    "finetune.epochs",
+    "finetune.folds",
+    "finetune.run_folds",
+    "finetune.label_fractions",
+    "finetune.select_metric",
+    "finetune.early_stopping",
+    "finetune.bootstrap",
+)
 
 
 def check_resumable(path: Path, meta: dict, cfg: ExperimentConfig, options: RunOptions) -> None:
     """Refuse to continue the run of checkpoint `path` with another scenario or with any setting that
     shapes the result changed (rounds, strategy, model, seeds, ...), naming what changed."""
     check_meta(path, meta, {"kind": CHECKPOINT, "scenario": options.scenario})
-    check_settings(path, meta, cfg)
+    check_settings(path, meta, cfg, free=CENTRALISED_ONLY)
 
 
-def initial_weights(cfg: ExperimentConfig, tasks: dict[str, int], pretrained: Arrays | None) -> Arrays:
+def rounds_done(saved: Saved | None, phase: str, total: int) -> int:
+    """How many of `phase`'s `total` rounds a resumed run has done: up to the saved round in the saved
+    phase, all of phase 1 once the checkpoint is phase 2's, none of phase 2 while it is phase 1's."""
+    if saved is None:
+        return 0
+    if saved.phase == phase:
+        return saved.round
+    return total if phase == PRETRAIN else 0
+
+
+def initial_weights(
+    cfg: ExperimentConfig, phase: str, tasks: dict[str, int], pretrained: Arrays | None
+) -> Arrays:
     """A phase's starting weights: the seeded SparK model (phase 1), or seeded heads on the phase-1 encoder
     (phase 2; a seeded encoder without phase 1) — what `fedretina pretrain` / `finetune` start from."""
-    if not tasks:
+    if phase == PRETRAIN:
         return _numpy(pretraining_start(cfg).state_dict())
     state = _numpy(finetuning_start(cfg, tasks, FINETUNE_SEED).state_dict())
     return state | {k: v for k, v in (pretrained or {}).items() if k.startswith(ENCODER)}
@@ -97,7 +124,7 @@ class FederatedRun:
         saved = self._starting_point()
         start_run_dir(self.cfg, "federation", self.options.run_name)
         uid = str(saved.meta["run_uid"]) if saved else uuid.uuid4().hex[:12]
-        self.spec = RunSpec(self.cfg, self.options.run_name, uid, self.options.scenario)
+        self.spec = RunSpec(self.cfg, uid, self.options.scenario)
         f = self.cfg.federation
         self.directory = SiteDirectory(
             self.store,
@@ -177,6 +204,11 @@ class FederatedRun:
         if not tasks:
             log.info("no fine-tuning phase (%s)", "0 rounds" if total == 0 else "no site holds labels")
             return
+        if saved is not None and saved.phase == FINETUNE and saved.meta.get("tasks") != tasks:
+            raise FederationError(
+                f"the checkpoint's phase 2 fine-tunes {saved.meta.get('tasks')}, the connected sites give "
+                f"{tasks}: wait for the missing sites (federation.connect_deadline_s) or start another run"
+            )
         self._run_phase(FINETUNE, tasks, saved, pretrained)
         final = self.checkpoints.load(FINETUNE, total).arrays
         save_weights(
@@ -190,17 +222,18 @@ class FederatedRun:
         total = (
             self.cfg.federation.rounds_pretrain if phase == PRETRAIN else self.cfg.federation.rounds_finetune
         )
-        mine = saved is not None and saved.phase == phase
-        done = saved.round if mine else (total if saved and phase == PRETRAIN else 0)
+        done = rounds_done(saved, phase, total)
         if done >= total:
             return
-        start = saved.arrays if mine else initial_weights(self.cfg, tasks, pretrained)
+        mine = saved is not None and saved.phase == phase
+        start = saved.arrays if mine else initial_weights(self.cfg, phase, tasks, pretrained)
         adam = saved.adam if mine else None
         strategy = FedRetina(self.spec, phase, tasks, self.directory, Recorder(self.store, phase), adam)
         strategy.summary()
         arrays = to_record(start)
-        if done == 0:
-            self._probe(phase, 0, arrays)
+        loss = self._probe(phase, 0, arrays) if done == 0 else None
+        if loss is not None:
+            log.info("%s round 0/%d: probe %.4f (the starting model)", phase, total, loss)
         for rnd in range(done + 1, total + 1):
             arrays = self._round(strategy, rnd, arrays)
             log.info(round_line(self.store, phase, rnd, total))
@@ -214,21 +247,28 @@ class FederatedRun:
         asked = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid)
         strategy.aggregate_evaluate(rnd, self.grid.send_and_receive(asked, timeout=timeout))
         self._probe(strategy.phase, rnd, arrays)
-        meta = weights_meta(self.cfg, CHECKPOINT, run_uid=self.spec.run_uid, scenario=self.options.scenario)
+        meta = weights_meta(
+            self.cfg,
+            CHECKPOINT,
+            run_uid=self.spec.run_uid,
+            scenario=self.options.scenario,
+            tasks=strategy.tasks,
+        )
         path = self.checkpoints.save(strategy.phase, rnd, _numpy(arrays), strategy.adam, meta)
         self.store.add_checkpoint(strategy.phase, rnd, path)
         return arrays
 
-    def _probe(self, phase: str, rnd: int, arrays: ArrayRecord) -> None:
+    def _probe(self, phase: str, rnd: int, arrays: ArrayRecord) -> float | None:
         """Phase 1: the global model's masked-patch loss on public images, and its reconstruction PNG."""
         if phase != PRETRAIN:
-            return
+            return None
         if self._probes is None:
             self._probes = probe_batch(self.cfg.data.image_size)
         model = build_spark(self.cfg)
         load_into(model, arrays.to_torch_state_dict(), Path("global model"))
         loss = probe_spark(model, *self._probes, self.dir / "probes" / f"pretrain-r{rnd:04d}.png")
         self.store.add_metrics(phase, rnd, "server-probe", {"probe-loss": loss})
+        return loss
 
 
 def _numpy(state: Mapping[str, torch.Tensor] | ArrayRecord) -> Arrays:

@@ -12,8 +12,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from server.store import RunStore
-from shared.errors import UserError
-from shared.wire import RunSpec, SiteReport, from_wire, to_wire
+from shared.errors import ConfigError, UserError
+from shared.wire import REPORT, SPEC, RunSpec, SiteReport, from_wire, to_wire
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0
@@ -60,7 +60,7 @@ class SiteDirectory:
         unknown = [n for n in grid.get_node_ids() if n not in self.known and n not in self.failed]
         if not unknown:
             return
-        content = RecordDict({"config": ConfigRecord(to_wire(self.run))})
+        content = RecordDict({SPEC: ConfigRecord(to_wire(self.run))})
         messages = [Message(content, dst_node_id=n, message_type="query") for n in sorted(unknown)]
         wait = self.timeout_s if timeout_s is None else min(self.timeout_s, timeout_s)
         for reply in grid.send_and_receive(messages, timeout=wait):
@@ -71,7 +71,12 @@ class SiteDirectory:
                 )
                 self.failed.add(node)
                 continue
-            report = from_wire(SiteReport, reply.content["site"])
+            try:
+                report = from_wire(SiteReport, reply.content[REPORT])
+            except ConfigError as exc:  # a site of another version: leave it out, not the whole run
+                self.store.event("site-error", f"node {node}: {exc}", "error")
+                self.failed.add(node)
+                continue
             info = SiteInfo(
                 node, report.site, report.partition, report.images, report.labelled, report.classes
             )

@@ -18,6 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.errors import UserError
+
+SCHEMA_VERSION = 2  # 2: rows keyed by run_name; runs hold the run uid and Flower's run id
+
+
+class StoreError(UserError):
+    """A run store this version cannot read or extend."""
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_name TEXT PRIMARY KEY, run_uid TEXT, flower_run TEXT, started REAL, finished REAL, status TEXT,
@@ -62,7 +71,15 @@ class RunStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.run_name = path, run_name
         with self._db() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+            if tables and version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path}: a run store of another fedretina version (schema {version}, this one reads "
+                    f"{SCHEMA_VERSION}); choose another run-name"
+                )
             db.executescript(SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:

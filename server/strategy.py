@@ -40,7 +40,19 @@ from shared.aggregation import (
     merge_metrics,
 )
 from shared.models import ENCODER, head_prefix
-from shared.wire import NUM_EXAMPLES, PRETRAIN, SECONDS, STEPS, RoundSpec, RunSpec, task_key, to_wire
+from shared.wire import (
+    ARRAYS,
+    METRICS,
+    NUM_EXAMPLES,
+    PRETRAIN,
+    SECONDS,
+    SPEC,
+    STEPS,
+    RoundSpec,
+    RunSpec,
+    task_key,
+    to_wire,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +124,7 @@ class FedRetina(Strategy):
             return None
         rows = []
         for msg, site in self._match(replies, server_round, "evaluate"):
-            metrics = dict(msg.content["metrics"])
+            metrics = dict(msg.content[METRICS])
             examples = sum(int(metrics.get(task_key(t, NUM_EXAMPLES), 0)) for t in self.tasks)
             self.recorder.evaluated(server_round, site, metrics, examples)
             rows.append(metrics)
@@ -126,13 +138,8 @@ class FedRetina(Strategy):
 
     def summary(self) -> None:
         f = self.federation
-        log.info(
-            "%s phase: %s, %d local epoch(s), min %d sites",
-            self.phase,
-            f.strategy,
-            f.local_epochs,
-            f.min_sites,
-        )
+        work = f"{f.local_steps} local steps" if f.local_steps else f"{f.local_epochs} local epoch(s)"
+        log.info("%s phase: %s, %s per round, min %d sites", self.phase, f.strategy, work, f.min_sites)
 
     # ------------------------------------------------------------------ helpers
     def _eligible(self, site: SiteInfo) -> bool:
@@ -140,14 +147,14 @@ class FedRetina(Strategy):
 
     def _messages(self, arrays: ArrayRecord, rnd: int, kind: str) -> list[Message]:
         spec = ConfigRecord(to_wire(RoundSpec(self.run, self.phase, rnd, self.tasks)))
-        content = RecordDict({"arrays": arrays, "config": spec})
+        content = RecordDict({ARRAYS: arrays, SPEC: spec})
         return [
             Message(content, dst_node_id=s.node_id, message_type=f"{kind}.{self.phase}") for s in self.sent
         ]
 
     def _candidate(self, msg: Message, site: SiteInfo) -> Candidate:
-        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-        metrics = dict(msg.content["metrics"])
+        arrays = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
+        metrics = dict(msg.content[METRICS])
         required = list(self.reference)
         if self.phase != PRETRAIN:  # the encoder and the heads of the tasks this site holds
             heads = [head_prefix(t) for t in self.tasks if t in site.labelled]
@@ -159,7 +166,7 @@ class FedRetina(Strategy):
             max_norm=self.federation.max_update_norm,
             examples=metrics.get(NUM_EXAMPLES),
         )
-        return Candidate(site, arrays, metrics, msg.content["arrays"].count_bytes(), verdict)
+        return Candidate(site, arrays, metrics, msg.content[ARRAYS].count_bytes(), verdict)
 
     def _match(self, replies: Iterable[Message], rnd: int, kind: str) -> list[tuple[Message, SiteInfo]]:
         """Replies with content, paired with their sites and sorted by site; error replies and silent sites

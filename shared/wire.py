@@ -18,10 +18,13 @@ from typing import Any
 
 from shared.config import ExperimentConfig, validate
 from shared.errors import ConfigError
-from shared.training.phase import Span
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 PHASES = (PRETRAIN, FINETUNE)
+
+# The records of a message's content: weights and metrics (Flower's own names), the server's spec, and a
+# site's report of itself.
+ARRAYS, METRICS, SPEC, REPORT = "arrays", "metrics", "config", "site"
 
 # Reply metrics. Every site sends every key (Flower ends a run on mismatched keys): per task, NaN and 0
 # examples where the site lacks the task.
@@ -40,8 +43,7 @@ def task_key(task: str, name: str) -> str:
 class RunSpec:
     """What every message of a run tells a site about the run."""
 
-    config: ExperimentConfig  # resolved on the server
-    run_name: str
+    config: ExperimentConfig  # resolved on the server; its `name` is the run's name
     run_uid: str  # the run's identity, kept across resumes: a site files its state under it
     scenario: str  # simulation: the scenario whose partition a node plays; "" in deployment
 
@@ -63,17 +65,6 @@ class RoundSpec:
     def rounds(self) -> int:
         f = self.config.federation
         return f.rounds_pretrain if self.phase == PRETRAIN else f.rounds_finetune
-
-    @property
-    def span(self) -> Span:
-        """This round's part of the phase: the same slicing a centralised run of all rounds would do."""
-        f = self.config.federation
-        return Span.round(self.round, self.rounds, f.local_epochs, f.local_steps)
-
-    @property
-    def proximal_mu(self) -> float:
-        f = self.config.federation
-        return f.proximal_mu if f.strategy == "fedprox" else 0.0
 
 
 @dataclass(frozen=True)
@@ -97,7 +88,9 @@ def to_wire(spec: Spec) -> dict[str, Scalar]:
     for f in fields(spec):
         value = getattr(spec, f.name)
         if is_dataclass(value):
-            out |= to_wire(value)  # type: ignore[arg-type]
+            nested = to_wire(value)  # type: ignore[arg-type]
+            assert not set(nested) & set(out), f"{type(spec).__name__}: a nested field's key repeats one"
+            out |= nested
         elif isinstance(value, ExperimentConfig):
             out[_kebab(f.name)] = value.model_dump_json()
         elif isinstance(value, Mapping):
@@ -116,24 +109,37 @@ def from_wire(cls: type[S], record: Mapping[str, Any]) -> S:
         if is_dataclass(kind):
             values[f.name] = from_wire(kind, record)  # type: ignore[type-var]
             continue
-        key = _kebab(f.name)
+        key, where = _kebab(f.name), _WHAT[cls.__name__]
         if key not in record:
             raise ConfigError(
-                f"round spec: no {key!r}; the server and this site run different fedretina versions"
+                f"{where}: no {key!r}; the server and the site run different fedretina versions"
             )
-        values[f.name] = _decode(kind, record[key], key)
+        values[f.name] = _decode(kind, record[key], f"{where}: {key}")
     return cls(**values)
 
 
-def _decode(kind: Any, raw: Any, key: str) -> Any:
+_WHAT = {"RunSpec": "run spec", "RoundSpec": "round spec", "SiteReport": "site report"}
+
+
+def _decode(kind: Any, raw: Any, where: str) -> Any:
     try:
         if kind is ExperimentConfig:
-            return validate(ExperimentConfig, json.loads(raw), "round spec: config")
+            return validate(ExperimentConfig, json.loads(raw), f"{where}")
         if typing.get_origin(kind) is dict:
-            return {str(k): int(v) for k, v in json.loads(raw).items()}
-        return kind(raw)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"round spec: {key}: cannot read {raw!r} ({exc})") from None
+            return {str(k): _exact(int, v) for k, v in json.loads(raw).items()}
+        return _exact(kind, raw)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{where}: cannot read {raw!r} ({exc})") from None
+
+
+def _exact(kind: type, raw: Any) -> Any:
+    """`raw` as `kind`, refusing lossy conversions (2.7 as an int, "false" as a bool)."""
+    if kind is bool and not isinstance(raw, bool):
+        raise TypeError(f"expected a bool, got {type(raw).__name__}")
+    value = kind(raw)
+    if kind is int and value != raw:
+        raise ValueError("not a whole number")
+    return value
 
 
 def _kebab(name: str) -> str:

@@ -8,7 +8,8 @@ train with early stopping (`run_phase`, the function a federated round runs), se
   reports the CV metrics. Label fractions are nested subsets of each fold's training patients.
 - `protocol: holdout` (the federation's, centralised): each site's development images split by patient as a
   federated site splits them, `epochs` epochs from the heads federated phase 2 starts with, the last epoch's
-  model; the validation split is reported. One site holding the data gives bitwise what the federation does.
+  model; the validation split is reported. One site holding the data gives bitwise what a single-task
+  federation does.
 
 Either way, a site's own test split (EyePACS Private, IDRiD test) is scored by every arm's model, with
 bootstrap 95% intervals. Results: folds.csv, summary.json, table.md, ROC / confusion / AUC-vs-fraction PNGs,

@@ -79,10 +79,6 @@ class EpochResult:
     steps: int
     seconds: float
 
-    @property
-    def rate(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
-
 
 def train_epoch(
     batches: Iterable[dict[str, torch.Tensor]],

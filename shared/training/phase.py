@@ -115,15 +115,17 @@ class PhaseResult:
 
     @property
     def loss(self) -> float:
-        """Mean of the pieces' losses (NaN when nothing was trained)."""
-        losses = [r.loss for _, r in self.pieces]
-        return sum(losses) / len(losses) if losses else float("nan")
+        """The image-weighted mean loss of every piece trained (NaN when nothing was)."""
+        return _mean_loss([r for _, r in self.pieces])
 
     def epoch_end(self, epoch: int, seconds: float) -> EpochEnd:
-        parts = [r for p, r in self.pieces if p.epoch == epoch]
-        images = sum(r.images for r in parts)
-        loss = sum(r.loss * r.images for r in parts) / max(images, 1)
+        loss = _mean_loss([r for p, r in self.pieces if p.epoch == epoch])
         return EpochEnd(epoch, self.step, loss, seconds, self.optimizer)
+
+
+def _mean_loss(results: list[EpochResult]) -> float:
+    images = sum(r.images for r in results)
+    return sum(r.loss * r.images for r in results) / images if images else float("nan")
 
 
 def steps_per_epoch(n_images: int, batch_size: int) -> int:

@@ -122,6 +122,7 @@ def _centralised(cfg: ExperimentConfig, name: str) -> dict:
     finetune = cfg.finetune.model_copy(
         update={
             "protocol": "holdout",
+            "label_fractions": (1.0,),
             "epochs": f.rounds_finetune * f.local_epochs,
             "inits": {"spark": InitConfig(kind="spark", weights=str(spark.encoder))},
         }

@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.app import describe, evaluate, train
+from shared.wire import ARRAYS
 
 PATIENT_PATH = "/hospital/Jane-Doe-1961-04-02/site.yaml"
 
@@ -28,7 +29,7 @@ def _corrupt(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
     if not msg.metadata.message_type.startswith("train") or partition == 0 or reply.has_error():
         return reply
-    arrays = {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
+    arrays = {k: v.numpy().copy() for k, v in reply.content[ARRAYS].items()}
     key = next(k for k, v in arrays.items() if v.dtype == np.float32 and v.ndim == 4)
     if partition == 1:
         arrays[key].flat[0] = np.nan
@@ -36,7 +37,7 @@ def _corrupt(msg: Message, context: Context, call_next) -> Message:
         arrays[key] = arrays[key][:-1]  # one output channel short: does not broadcast against the reference
     else:
         arrays[key] = arrays[key] * 1e7
-    reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    reply.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     return reply
 
 

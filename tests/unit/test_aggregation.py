@@ -161,3 +161,9 @@ def test_per_task_evaluation_is_weighted_by_that_tasks_images_only() -> None:
     ]
     merged = merge_metrics(rows, "dr-num-examples", summed={"dr-num-examples"})
     assert merged == pytest.approx({"dr-auc": (30 * 0.9 + 10 * 0.6) / 40, "dr-num-examples": 40})
+
+
+def test_rows_without_a_usable_weight_count_only_towards_sums() -> None:
+    rows = [{"n": 0, "loss": 5.0, "steps": 1}, {"loss": 7.0, "steps": 2}, {"n": 2, "loss": 1.0, "steps": 3}]
+    assert merge_metrics(rows, "n", summed={"n", "steps"}) == {"n": 2.0, "loss": 1.0, "steps": 6.0}
+    assert merge_metrics([{"n": 0, "loss": 5.0}], "n", summed={"n"}) == {"n": 0.0}  # nothing to average

@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from client.app import SiteFailure, describe
 from shared.config import load_config
-from shared.wire import RunSpec, to_wire
+from shared.wire import SPEC, RunSpec, to_wire
 
 
 def test_a_failure_leaves_the_site_as_its_class_name_only(
@@ -22,8 +22,8 @@ def test_a_failure_leaves_the_site_as_its_class_name_only(
         run_id=1, node_id=7, node_config={"site-config": str(secret)}, state=RecordDict(), run_config={}
     )
     meta = Metadata(1, "m1", 0, 7, "", "", 0.0, 60.0, "query")  # as a SuperNode receives it
-    spec = RunSpec(load_config(profile="tiny"), "r", "uid", "")
-    msg = Message(RecordDict({"config": ConfigRecord(to_wire(spec))}), metadata=meta)
+    spec = RunSpec(load_config(profile="tiny"), "uid", "")
+    msg = Message(RecordDict({SPEC: ConfigRecord(to_wire(spec))}), metadata=meta)
     with caplog.at_level(logging.ERROR, logger="client.app"), pytest.raises(SiteFailure) as raised:
         describe(msg, context)
     assert str(raised.value) == "ConfigError at this site (details in the site's log)"

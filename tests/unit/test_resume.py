@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.checkpoints import Checkpoints
-from server.run import CHECKPOINT, check_resumable
+from server.checkpoints import Checkpoints, Saved
+from server.run import CHECKPOINT, check_resumable, rounds_done
+from server.store import RunStore, StoreError
 from shared.config import RunOptions, load_config
 from shared.errors import CheckpointError
 from shared.weights import check_settings, weights_meta
@@ -62,3 +63,45 @@ def test_a_centralised_checkpoint_names_every_changed_setting(tmp_path: Path) ->
         check_settings(tmp_path / "checkpoint.safetensors", meta, changed)
     assert "pretrain.epochs=" in str(refused.value) and "seed=0 (now 3)" in str(refused.value)
     assert "threads" not in str(refused.value)  # operational: free to change
+
+
+def test_a_federated_resume_ignores_the_settings_only_centralised_commands_read(tmp_path: Path) -> None:
+    path, meta = saved_checkpoint(tmp_path)
+    centralised_only = {"finetune.folds": 3, "pretrain.epochs": 50, "finetune.protocol": "holdout"}
+    check_resumable(path, meta, load_config(profile="tiny", overrides=centralised_only), OPTIONS)
+    # federated sites split their images by it in phase 2
+    with pytest.raises(CheckpointError, match=r"finetune\.val_fraction=0\.2 \(now 0\.3\)"):
+        check_resumable(
+            path, meta, load_config(profile="tiny", overrides={"finetune.val_fraction": 0.3}), OPTIONS
+        )
+
+
+@pytest.mark.parametrize(
+    ("saved", "phase", "done"),
+    [
+        (None, "pretrain", 0),  # a fresh run
+        (("pretrain", 2), "pretrain", 2),  # killed in phase 1: continue after round 2
+        (("pretrain", 2), "finetune", 0),  # ... phase 2 has not begun
+        (("finetune", 1), "pretrain", 3),  # killed in phase 2: phase 1 is complete
+        (("finetune", 1), "finetune", 1),
+    ],
+)
+def test_a_resumed_run_knows_how_many_rounds_of_each_phase_are_done(saved, phase: str, done: int) -> None:
+    checkpoint = Saved(saved[0], saved[1], {}, None, {}) if saved else None
+    assert rounds_done(checkpoint, phase, total=3) == done
+
+
+def test_a_run_store_of_another_schema_is_refused_in_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "store.sqlite"
+    RunStore(path, "r").event("start", "first")
+    RunStore(path, "r").event("start", "again")  # this version reopens its own stores
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with pytest.raises(
+        StoreError, match=r"store.sqlite: a run store of another fedretina version \(schema 1"
+    ):
+        RunStore(path, "r")

@@ -21,7 +21,7 @@ from shared.wire import PRETRAIN, RoundSpec, RunSpec
 
 
 def spec(cfg: ExperimentConfig, rnd: int, name: str, phase: str = PRETRAIN) -> RoundSpec:
-    return RoundSpec(RunSpec(cfg, name, "uid", ""), phase, rnd, {})
+    return RoundSpec(RunSpec(cfg.model_copy(update={"name": name}), "uid", ""), phase, rnd, {})
 
 
 def test_step_plan_windows_cover_a_run_of_epochs() -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 from flwr.app import ConfigRecord
 
+from client.rounds import round_span
 from shared.config import load_config
 from shared.errors import ConfigError
+from shared.training.phase import Span
 from shared.wire import FINETUNE, RoundSpec, RunSpec, SiteReport, from_wire, to_wire
 
 
@@ -15,7 +17,7 @@ def round_spec() -> RoundSpec:
     cfg = load_config(
         profile="tiny", overrides={"federation.local_steps": 3, "federation.strategy": "fedprox"}
     )
-    return RoundSpec(RunSpec(cfg, "demo", "abc123", "natural"), FINETUNE, 2, {"dr": 5, "mmac": 5})
+    return RoundSpec(RunSpec(cfg, "abc123", "natural"), FINETUNE, 2, {"dr": 5, "mmac": 5})
 
 
 def test_a_round_spec_survives_a_config_record_unchanged() -> None:
@@ -23,9 +25,8 @@ def test_a_round_spec_survives_a_config_record_unchanged() -> None:
     record = ConfigRecord(to_wire(spec))  # Flower accepts every value as it is
     back = from_wire(RoundSpec, dict(record))
     assert back == spec and back.config == spec.config
-    assert set(record) == {"config", "run-name", "run-uid", "scenario", "phase", "round", "tasks"}
-    assert back.span.steps and (back.span.start, back.span.stop) == (3, 6)
-    assert back.proximal_mu == spec.config.federation.proximal_mu > 0
+    assert set(record) == {"config", "run-uid", "scenario", "phase", "round", "tasks"}
+    assert round_span(back) == Span(3, 6, 3 * back.config.federation.rounds_finetune, steps=True)
 
 
 def test_the_site_report_and_the_run_spec_round_trip() -> None:
@@ -37,7 +38,12 @@ def test_the_site_report_and_the_run_spec_round_trip() -> None:
 
 def test_a_spec_missing_a_key_or_with_a_bad_value_is_one_line() -> None:
     wire = to_wire(round_spec())
-    with pytest.raises(ConfigError, match="round spec: no 'run-uid'; the server and this site run different"):
+    with pytest.raises(ConfigError, match="run spec: no 'run-uid'; the server and the site run different"):
         from_wire(RoundSpec, {k: v for k, v in wire.items() if k != "run-uid"})
     with pytest.raises(ConfigError, match="round spec: round: cannot read 'two'"):
         from_wire(RoundSpec, wire | {"round": "two"})
+    with pytest.raises(ConfigError, match=r"round spec: round: cannot read 2.5 \(not a whole number\)"):
+        from_wire(RoundSpec, wire | {"round": 2.5})
+    report = to_wire(SiteReport("eyepacs", 0, 480, {"dr": 480}, {"dr": 5}))
+    with pytest.raises(ConfigError, match="site report: labelled: cannot read"):
+        from_wire(SiteReport, report | {"labelled": "[480]"})  # a list where a mapping belongs
