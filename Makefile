@@ -14,7 +14,11 @@ endif
 # the natural scenario's four sites, one Ray actor per CPU
 DEMO_NODES := 4
 
-.PHONY: help uv sync demo test test-fast bench lint format clean
+# Debian packages the tests need: nginx (the server's Fleet-only proxy)
+SYSTEM_PACKAGES := nginx-light
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: help uv sync system demo test test-fast bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,7 +37,11 @@ demo: sync  ## the main job on the embedded synthetic default (cpu profile, abou
 		--run-config 'profile="$(PROFILE)" scenario="natural" run-name="$(DEMO_RUN)" set="federation.tasks=[dr,mmac]"'
 	$(FR) server summary runs/$(DEMO_RUN)
 
-test: sync  ## the whole test suite (what CI runs)
+system:  ## install the Debian packages the tests need (nginx), when missing
+	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; }
+
+test: sync system  ## the whole test suite (what CI runs)
 	$(VENV)/pytest -q
 
 test-fast: sync  ## unit tests only

@@ -1,4 +1,5 @@
-"""`fedretina site ...`: what a hospital runs on its own machine. Nothing here sends anything anywhere."""
+"""`fedretina site ...`: what a hospital runs on its own machine. Only `serve` talks to the federation, and
+it sends weights, counts and metrics only."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import typer
 
 from shared.errors import DataError
 
-app = typer.Typer(help="Site (hospital) commands: validate local data.", no_args_is_help=True)
+app = typer.Typer(
+    help="Site (hospital) commands: check local data, make keys, serve the site.", no_args_is_help=True
+)
 
 
 @app.command("check")
@@ -47,3 +50,66 @@ def check(
         print(f"fedretina: error: {line}", file=sys.stderr)
     if fatal:
         raise typer.Exit(DataError.exit_code)
+
+
+@app.command("keys")
+def keys(
+    site: Annotated[Path, typer.Argument(help="The site YAML.")],
+    force: Annotated[bool, typer.Option(help="Replace the site's key pair (rotation).")] = False,
+) -> None:
+    """Make this site's key pair for node authentication, in its state folder (once; --force rotates it).
+
+    The private key never leaves the site: send only the printed .pub file to the federation's operator,
+    who registers it with `fedretina server add-site NAME FILE.pub`.
+
+    Example: fedretina site keys /etc/fedretina/eyepacs.yaml
+    """
+    from client.daemon import site_keys
+    from shared.data.site import load_site_config
+
+    private, public = site_keys(load_site_config(site), force=force)
+    typer.echo(f"private key (keep it here, secret): {private}")
+    typer.echo(f"public key (send it to the operator): {public}")
+
+
+@app.command("serve")
+def serve(
+    site: Annotated[Path, typer.Argument(help="The site YAML: the only data this node will read.")],
+    superlink: Annotated[str, typer.Option(help="The server's address for sites, HOST:PORT.")],
+    ca: Annotated[Path | None, typer.Option(help="The federation's CA certificate (ca.crt).")] = None,
+    key: Annotated[Path | None, typer.Option(help="The site's private key (default: `site keys`').")] = None,
+    port: Annotated[int, typer.Option(help="This node's local Runtime API port (one per site here).")] = 9094,
+    insecure: Annotated[
+        bool, typer.Option(help="No TLS, no node authentication: closed test networks.")
+    ] = False,
+    foreground: Annotated[bool, typer.Option(help="Stay in the foreground (systemd).")] = False,
+    checked: Annotated[bool, typer.Option(hidden=True)] = False,
+) -> None:
+    """Serve this site to the federation: check it, then run a Flower SuperNode for it until stopped.
+
+    A site with fatal problems is refused. The node reconnects by itself after a server outage. Its log,
+    pid and Flower's files go to <state_dir>/daemon/; nothing is written in the dataset.
+
+    Example: fedretina site serve eyepacs.yaml --superlink fl.hospital.org:9092 --ca ca.crt
+    """
+    from client.daemon import serve_site
+    from shared.data.site import load_site_config
+
+    config = load_site_config(site)
+    serve_site(
+        config, superlink, ca, key, port=port, insecure=insecure, foreground=foreground, checked=checked
+    )
+
+
+@app.command("stop")
+def stop(site: Annotated[Path, typer.Argument(help="The site YAML it serves.")]) -> None:
+    """Stop a site daemon started without --foreground.
+
+    Example: fedretina site stop eyepacs.yaml
+    """
+    from client.daemon import SiteDaemon
+    from shared.daemon import stop as stop_daemon
+    from shared.data.site import load_site_config
+
+    pidfile = SiteDaemon.folder_of(load_site_config(site)) / "supernode.pid"
+    typer.echo("stopped" if stop_daemon(pidfile) else "no daemon was serving this site")

@@ -10,6 +10,7 @@ import typer
 
 from client.cli import app as site_app
 from server.cli import app as server_app
+from server.cli import certs_app
 from shared.cli_common import ConfigOpt, ProfileOpt, SetOpt, resolve_config, run_cli, with_sites
 from shared.config import dump_config
 from shared.logs import setup_logging
@@ -30,6 +31,7 @@ app = typer.Typer(
 
 app.add_typer(site_app, name="site")
 app.add_typer(server_app, name="server")
+app.add_typer(certs_app, name="certs")
 
 
 @app.callback()

@@ -22,11 +22,11 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
+from shared.daemon import APP_ROOT, VENV_BIN
+
+PROJECT_ROOT = APP_ROOT
 
 
 def flower_env(home: Path | None = None) -> dict[str, str]:

@@ -7,7 +7,7 @@ Example (`sites/templates/eyepacs.yaml`):
     format: eyepacs
     root: /data/eyepacs          # relative paths are resolved against this YAML's folder
     options: {labels: trainLabels.csv}
-    state_dir: /var/lib/fedretina/eyepacs   # default: <root>/.fedretina
+    state_dir: /var/lib/fedretina/eyepacs   # default: $XDG_STATE_HOME/fedretina/sites/<name>, never in root
 
 The state directory holds everything the site keeps for itself between rounds and runs (check reports,
 the preprocessed-image cache, optimiser state, later the DP ledger). Nothing in it is ever sent.
@@ -15,6 +15,7 @@ the preprocessed-image cache, optimiser state, later the DP ledger). Nothing in 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,13 @@ class SiteConfig(Strict):
 
     @property
     def state_root(self) -> Path:
-        """The site's own folder: check/ (reports), cache/ (preprocessed images), federation/ (run state)."""
-        return self.state_dir or self.root / ".fedretina"
+        """The site's own folder: check/ (reports), cache/ (preprocessed images), federation/ (run state),
+        daemon/ (the site daemon's log and Flower's home). Never inside the dataset, which may be read-only:
+        by default `$XDG_STATE_HOME/fedretina/sites/<name>` (`~/.local/state/...`)."""
+        if self.state_dir is not None:
+            return self.state_dir
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "fedretina" / "sites" / self.name
 
     @property
     def check_dir(self) -> Path:

@@ -1,0 +1,137 @@
+"""`fedretina site serve`: a hospital's long-lived site daemon, a Flower SuperNode for one site YAML.
+
+It checks the site first (a site with fatal problems is refused), then runs `flower-supernode` with the
+federation's CA, the site's own private key (node authentication: the server knows only its public key) and
+the site YAML as the node's only config, so the ClientApp learns where its data is from that path and
+nothing else. The SuperNode reconnects by itself after a server outage (no retry limit). ClientApps run in
+subprocesses, a new one per message (Flower's default isolation). Everything the daemon writes goes to the
+site's state folder, never into the dataset:
+
+    <state>/keys/site.key, site.pub    made by `fedretina site keys` (the private key never leaves the site)
+    <state>/daemon/supernode.log       Flower's and the ClientApps' output
+    <state>/daemon/supernode.pid       while detached
+    <state>/daemon/flwr-home/          Flower's home: the installed copies of the app the server sent
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.site import SITE_KEY
+from shared.certs import write_site_key
+from shared.daemon import VENV_BIN, detach, supervise, this_command, wait_for_port
+from shared.data.checks import check_site
+from shared.data.site import SiteConfig
+from shared.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteDaemon:
+    config: SiteConfig
+    superlink: str  # host:port of the server's proxy
+    ca: Path | None  # None: --insecure
+    key: Path | None  # the site's private key (None: --insecure)
+    port: int  # the SuperNode's local Runtime API (one per site on a machine)
+
+    @property
+    def folder(self) -> Path:
+        return self.folder_of(self.config)
+
+    @staticmethod
+    def folder_of(config: SiteConfig) -> Path:
+        return config.state_root / "daemon"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "supernode.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.folder / "supernode.pid"
+
+    def command(self) -> list[str]:
+        """flower-supernode for this site: TLS with the federation's CA and its own key, unless insecure."""
+        source = self.config.source
+        if source is None:
+            raise ConfigError(f"site {self.config.name}: serve it from its YAML file")
+        argv = [str(VENV_BIN / "flower-supernode"), "--superlink", self.superlink, "--port", str(self.port)]
+        argv += ["--node-config", f'{SITE_KEY}="{Path(source).resolve()}"']
+        if self.ca is None or self.key is None:
+            return [*argv, "--insecure"]
+        return [*argv, "--root-certificates", str(self.ca), "--auth-supernode-private-key", str(self.key)]
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "FLWR_HOME": str(self.folder / "flwr-home"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+
+def serve_site(
+    config: SiteConfig,
+    superlink: str,
+    ca: Path | None,
+    key: Path | None,
+    *,
+    port: int,
+    insecure: bool,
+    foreground: bool,
+    checked: bool = False,
+) -> None:
+    """Check the site, then run its SuperNode: supervised here (`foreground`), or detached."""
+    ca, key = _credentials(config, ca, key, insecure)
+    daemon = SiteDaemon(config, superlink, ca, key, port)
+    if not checked:
+        log.info("%s", ready_to_serve(config))
+    if foreground:
+        raise SystemExit(supervise([(daemon.command(), daemon.log)], daemon.env(), cwd=daemon.folder))
+    tls = ["--insecure"] if ca is None else ["--ca", str(ca), "--key", str(key)]
+    argv = [*this_command(), "-q", "site", "serve", str(config.source), "--superlink", superlink]
+    argv += ["--port", str(port), *tls, "--foreground", "--checked"]
+    pid = detach(argv, daemon.folder / "daemon.log", daemon.pidfile, daemon.env(), daemon.folder)
+    wait_for_port("127.0.0.1", port, 60, pid)
+    log.info("site %s served (pid %d) to %s; log %s", config.name, pid, superlink, daemon.log)
+
+
+def _credentials(
+    config: SiteConfig, ca: Path | None, key: Path | None, insecure: bool
+) -> tuple[Path | None, Path | None]:
+    """(CA certificate, private key) to serve with, both checked to exist; (None, None) when insecure."""
+    if insecure:
+        log.warning("site %s is served WITHOUT TLS and node authentication (--insecure)", config.name)
+        return None, None
+    if ca is None or not ca.is_file():
+        raise ConfigError(f"--ca: {ca or 'missing'}: give the federation's CA certificate, or --insecure")
+    key = key or default_key(config)
+    if not key.is_file():
+        raise ConfigError(
+            f"--key: {key}: no private key; make one with `fedretina site keys {config.source}`"
+        )
+    return ca.resolve(), key.resolve()
+
+
+def ready_to_serve(config: SiteConfig, workers: int = 2) -> str:
+    """Check the site as `site check` does (report in its state folder); refuse one with fatal problems."""
+    result = check_site(config, workers=workers)
+    if result.fatal:
+        raise DataError(f"{config.name}: {result.fatal[0].line()}; fix it, then `fedretina site check` again")
+    return result.text.splitlines()[0]
+
+
+def site_keys(config: SiteConfig, *, force: bool = False) -> tuple[Path, Path]:
+    """The site's key pair in its state folder (made once; `force` replaces it). Send only the .pub."""
+    private, public = default_key(config), default_key(config).with_suffix(".pub")
+    if not private.exists() or force:
+        write_site_key(private, public, config.name)
+    return private, public
+
+
+def default_key(config: SiteConfig) -> Path:
+    return config.state_root / "keys" / "site.key"
