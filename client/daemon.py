@@ -93,11 +93,20 @@ def serve_site(
     if foreground:
         raise SystemExit(supervise([(daemon.command(), daemon.log)], daemon.env(), cwd=daemon.folder))
     tls = ["--insecure"] if ca is None else ["--ca", str(ca), "--key", str(key)]
-    argv = [*this_command(), "-q", "site", "serve", str(config.source), "--superlink", superlink]
+    argv = [
+        *this_command(),
+        "-q",
+        "site",
+        "serve",
+        str(Path(str(config.source)).resolve()),
+        "--superlink",
+        superlink,
+    ]
     argv += ["--port", str(port), *tls, "--foreground", "--checked"]
-    pid = detach(argv, daemon.folder / "daemon.log", daemon.pidfile, daemon.env(), daemon.folder)
-    wait_for_port("127.0.0.1", port, 60, pid)
-    log.info("site %s served (pid %d) to %s; log %s", config.name, pid, superlink, daemon.log)
+    out = daemon.folder / "daemon.log"
+    process = detach(argv, out, daemon.pidfile, daemon.env(), daemon.folder)
+    wait_for_port("127.0.0.1", port, 60, process, out)
+    log.info("site %s served (pid %d) to %s; log %s", config.name, process.pid, superlink, daemon.log)
 
 
 def _credentials(

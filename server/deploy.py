@@ -129,14 +129,13 @@ def start_server(settings: ServerSettings, *, foreground: bool) -> None:
         *tls,
         "--foreground",
     ]
-    pid = detach(
-        argv, settings.logs / "server.log", settings.state / "server.pid", flwr_env(settings), settings.state
-    )
-    wait_for_port("127.0.0.1", settings.link_port, 90, pid)
-    wait_for_port(_reachable(settings.host), settings.port, 30, pid)
+    out = settings.logs / "server.log"
+    process = detach(argv, out, settings.state / "server.pid", flwr_env(settings), settings.state)
+    wait_for_port("127.0.0.1", settings.link_port, 90, process, out)
+    wait_for_port(_reachable(settings.host), settings.port, 30, process, out)
     log.info(
         "server ready (pid %d): sites connect to %s:%d; logs in %s",
-        pid,
+        process.pid,
         settings.host,
         settings.port,
         settings.logs,
@@ -160,7 +159,9 @@ def superlink_command(settings: ServerSettings) -> list[str]:
 
 def nginx_conf(settings: ServerSettings) -> str:
     """The proxy: the sites' address forwards only the Fleet API to the loopback SuperLink. Request and
-    response buffering is off, so nginx's workers never write a temporary file."""
+    response buffering is off, so nginx's workers never write a temporary file. Upstream connections are
+    not kept alive: in our one try with keep-alive, a round's concurrent object pushes held Flower 1.41's
+    SQLite state past its 5 s busy timeout ("database is locked", a 500 that ended the run)."""
     logs = settings.logs
     scheme = "http" if settings.bundle is None else "https"
     tls, upstream_tls = "", ""

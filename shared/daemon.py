@@ -68,7 +68,9 @@ def supervise(commands: Sequence[tuple[Sequence[str], Path]], env: Mapping[str, 
             _terminate(child)
 
 
-def detach(argv: Sequence[str], log: Path, pidfile: Path, env: Mapping[str, str], cwd: Path) -> int:
+def detach(
+    argv: Sequence[str], log: Path, pidfile: Path, env: Mapping[str, str], cwd: Path
+) -> subprocess.Popen:
     """Start `argv` in its own session (it outlives this command), output appended to `log`; its pid goes
     to `pidfile`. Refuses when the pid file names a live process."""
     if (pid := running(pidfile)) is not None:
@@ -85,7 +87,7 @@ def detach(argv: Sequence[str], log: Path, pidfile: Path, env: Mapping[str, str]
             start_new_session=True,
         )
     pidfile.write_text(f"{process.pid}\n")
-    return process.pid
+    return process
 
 
 def running(pidfile: Path) -> int | None:
@@ -115,22 +117,18 @@ def stop(pidfile: Path) -> bool:
     return True
 
 
-def wait_for_port(
-    host: str, port: int, timeout_s: float, alive: subprocess.Popen | int | None = None
-) -> None:
-    """Wait until something accepts connections on host:port; fail if `alive` (a process) ends first."""
+def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Popen, log: Path) -> None:
+    """Wait until something accepts connections on host:port; fail at once if `process` ends first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
             return
-        if isinstance(alive, subprocess.Popen) and alive.poll() is not None:
+        if process.poll() is not None:
             raise DaemonError(
-                f"the process for {host}:{port} ended (exit code {alive.returncode}); see its log"
+                f"it ended (exit code {process.returncode}) before listening on {port}: {_last(log)}"
             )
-        if isinstance(alive, int) and not _alive(alive):
-            raise DaemonError(f"the process for {host}:{port} ended; see its log")
         time.sleep(0.2)
-    raise DaemonError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s; see the log")
+    raise DaemonError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s; see {log}")
 
 
 def this_command() -> list[str]:
@@ -138,12 +136,14 @@ def this_command() -> list[str]:
     return [str(VENV_BIN / "fedretina")]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+def _last(log: Path) -> str:
+    """The last line of a log (what a process that ended early said last)."""
+    lines = (
+        [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        if log.exists()
+        else []
+    )
+    return lines[-1].strip() if lines else f"see {log}"
 
 
 def _terminate(child: subprocess.Popen) -> None:
