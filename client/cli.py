@@ -12,7 +12,8 @@ import typer
 from shared.errors import DataError
 
 app = typer.Typer(
-    help="Site (hospital) commands: check local data, make keys, serve the site.", no_args_is_help=True
+    help="Site (hospital) commands: check local data, make keys, approve app versions, serve the site.",
+    no_args_is_help=True,
 )
 
 
@@ -113,3 +114,41 @@ def stop(site: Annotated[Path, typer.Argument(help="The site YAML it serves.")])
 
     pidfile = SiteDaemon.folder_of(load_site_config(site)) / "supernode.pid"
     typer.echo("stopped" if stop_daemon(pidfile) else "no daemon was serving this site")
+
+
+@app.command("approve")
+def approve(
+    site: Annotated[Path, typer.Argument(help="The site YAML.")],
+    target: Annotated[
+        str, typer.Argument(help="The reviewed app: its folder, a .fab bundle, or its 64-digit hash.")
+    ],
+) -> None:
+    """Let this site run one app version (after reviewing it); runs of any other version are refused.
+
+    The site log and `fedretina site approvals` show the hash of each refused version, whose bundle is kept
+    in <state_dir>/apps/pending/ for review. Takes effect at the next message; no restart needed.
+
+    Example: fedretina site approve eyepacs.yaml ./fedretina-1.2.0/
+    """
+    from client.approval import Approvals, app_hash
+    from shared.data.site import load_site_config
+
+    digest = app_hash(target)
+    added = Approvals(load_site_config(site).state_root).approve(digest, target)
+    typer.echo(f"{'approved' if added else 'already approved'}: {digest}")
+
+
+@app.command("approvals")
+def approvals(site: Annotated[Path, typer.Argument(help="The site YAML.")]) -> None:
+    """List the app versions this site approved, and those it refused (pending review).
+
+    Example: fedretina site approvals eyepacs.yaml
+    """
+    from client.approval import Approvals
+    from shared.data.site import load_site_config
+
+    listing = Approvals(load_site_config(site).state_root)
+    for digest, note in listing.approved().items():
+        typer.echo(f"approved  {digest}  {note}")
+    for digest in listing.pending():
+        typer.echo(f"refused   {digest}  review {listing.folder / 'pending' / (digest + '.fab')}")

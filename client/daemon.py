@@ -4,13 +4,16 @@ It checks the site first (a site with fatal problems is refused), then runs `flo
 federation's CA, the site's own private key (node authentication: the server knows only its public key) and
 the site YAML as the node's only config, so the ClientApp learns where its data is from that path and
 nothing else. The SuperNode reconnects by itself after a server outage (no retry limit). ClientApps run in
-subprocesses, a new one per message (Flower's default isolation). Everything the daemon writes goes to the
-site's state folder, never into the dataset:
+subprocesses, a new one per message (Flower's default isolation), each through the gate that runs only the
+app versions the site approved (`client/gate.py`). Everything the daemon writes goes to the site's state
+folder, never into the dataset:
 
     <state>/keys/site.key, site.pub    made by `fedretina site keys` (the private key never leaves the site)
     <state>/daemon/supernode.log       Flower's and the ClientApps' output
     <state>/daemon/supernode.pid       while detached
     <state>/daemon/flwr-home/          Flower's home: the installed copies of the app the server sent
+    <state>/daemon/bin/flwr-clientapp  the gate, first on the SuperNode's PATH
+    <state>/apps/                      approved app hashes, refused bundles (`client/approval.py`)
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.approval import Approvals
+from client.gate import STATE_ENV
 from client.site import SITE_KEY
 from shared.certs import write_site_key
 from shared.daemon import VENV_BIN, detach, supervise, this_command, wait_for_port
@@ -66,12 +71,23 @@ class SiteDaemon:
         return [*argv, "--root-certificates", str(self.ca), "--auth-supernode-private-key", str(self.key)]
 
     def env(self) -> dict[str, str]:
+        """The SuperNode's environment: Flower's home in the state folder, and the gate first on PATH."""
         return {
             **os.environ,
             "FLWR_HOME": str(self.folder / "flwr-home"),
             "FLWR_TELEMETRY_ENABLED": "0",
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            STATE_ENV: str(self.config.state_root),
+            "PATH": os.pathsep.join([str(self.gate().parent), str(VENV_BIN), os.environ.get("PATH", "")]),
         }
+
+    def gate(self) -> Path:
+        """`<daemon>/bin/flwr-clientapp`, the name the SuperExec starts for each message, pointing at the
+        gate that checks the app's approval before any of it runs (`client/gate.py`)."""
+        link = self.folder / "bin" / "flwr-clientapp"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(VENV_BIN / "fedretina-clientapp")
+        return link
 
 
 def serve_site(
@@ -90,6 +106,11 @@ def serve_site(
     daemon = SiteDaemon(config, superlink, ca, key, port)
     if not checked:
         log.info("%s", ready_to_serve(config))
+        if not Approvals(config.state_root).approved():
+            log.warning(
+                "site %s has approved no app yet: every run is refused until `fedretina site approve`",
+                config.name,
+            )
     if foreground:
         raise SystemExit(supervise([(daemon.command(), daemon.log)], daemon.env(), cwd=daemon.folder))
     tls = ["--insecure"] if ca is None else ["--ca", str(ca), "--key", str(key)]

@@ -136,21 +136,35 @@ def run(
         list[str] | None, typer.Option("--set", "-s", help="Override one key (repeat).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run's last checkpoint.")] = False,
+    app_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--app",
+            help="The app folder to send (default: this installation's); sites run only "
+            "versions they approved.",
+        ),
+    ] = None,
 ) -> None:
     """Run both phases on the sites connected to this server (each site's data from its own node config).
 
     Exits 1 unless the run completed. Example: fedretina server run -c experiment.yaml --name first
     """
-    from server.deploy import CONNECTION, ServerSettings, flwr
+    from server.deploy import CONNECTION, ServerSettings, flwr, site_names
+    from shared.daemon import APP_ROOT
 
     settings = ServerSettings.load(state)
     if not config.is_file():
         raise UserError(f"{config}: no such experiment YAML")
-    sets = " ".join([f"runs_dir={shlex.quote(str((state / 'runs').resolve()))}", *(overrides or [])])
+    registered = len(site_names(settings))
+    runs = shlex.quote(str((state / "runs").resolve()))
+    sets = " ".join([f"runs_dir={runs}", f"federation.expected_sites={registered}", *(overrides or [])])
     run_config = (
         f'config="{config.resolve()}" scenario="" run-name="{name}" resume={str(resume).lower()} set="{sets}"'
     )
-    flwr(settings, "run", ".", CONNECTION, "--stream", "--run-config", run_config, stream=True)
+    app = (app_dir or APP_ROOT).resolve()
+    if not (app / "pyproject.toml").is_file():
+        raise UserError(f"--app: {app} holds no pyproject.toml; give the app's folder")
+    flwr(settings, "run", str(app), CONNECTION, "--stream", "--run-config", run_config, stream=True)
     summary(state / "runs" / name)
 
 

@@ -143,8 +143,9 @@ def start_server(settings: ServerSettings, *, foreground: bool) -> None:
 
 
 def superlink_command(settings: ServerSettings) -> list[str]:
-    """The SuperLink on loopback, its state on disk; TLS and node authentication unless insecure."""
-    argv = [str(VENV_BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(settings.link_port)]
+    """The SuperLink on loopback, its state on disk; TLS and node authentication unless insecure. Flower's
+    own, started through `server/superlink.py` for a longer database lock timeout."""
+    argv = [str(VENV_BIN / "fedretina-superlink"), "--host", "127.0.0.1", "--port", str(settings.link_port)]
     argv += ["--database", str(settings.state / "superlink.db"), "--disable-runtime-dependency-installation"]
     if settings.bundle is None:
         return [*argv, "--insecure"]
@@ -229,7 +230,7 @@ def register_site(settings: ServerSettings, name: str, public_key: Path) -> int:
     server's own `sites.json` keeps the names (Flower lists nodes by id only)."""
     if not public_key.is_file():
         raise ConfigError(f"{public_key}: no such public key; the site makes it with `fedretina site keys`")
-    known = _site_names(settings)
+    known = site_names(settings)
     if name in known:
         raise ConfigError(
             f"site {name} is registered already (node {known[name]}); unregister it to rotate its key"
@@ -258,12 +259,13 @@ def registered_sites(settings: ServerSettings) -> list[tuple[str, int, str]]:
     done = flwr(settings, "supernode", "list", CONNECTION, "--format", "json")
     if done.returncode != 0:
         raise DaemonError(f"listing sites: {_reason(done)}")
-    names = {node: name for name, node in _site_names(settings).items()}
+    names = {node: name for name, node in site_names(settings).items()}
     nodes = _json_tail(done.stdout).get("nodes", [])
     return [(names.get(int(n["node-id"]), "?"), int(n["node-id"]), str(n["status"])) for n in nodes]
 
 
-def _site_names(settings: ServerSettings) -> dict[str, int]:
+def site_names(settings: ServerSettings) -> dict[str, int]:
+    """Registered site name -> node id (the server's own record; Flower lists nodes by id only)."""
     path = settings.state / "sites.json"
     return {k: int(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
 

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 class Recorder:
     def __init__(self, store: RunStore, phase: str) -> None:
         self.store, self.phase = store, phase
+        self.attempt = 1  # of the current round (the run counts them)
 
     def round_started(self, rnd: int, sites: int) -> None:
         self.store.round_started(self.phase, rnd, sites)
@@ -31,8 +32,10 @@ class Recorder:
         nbytes: int,
         verdict: Verdict,
         cosine: float | None,
+        aggregated: bool,
     ) -> None:
-        """A train reply, accepted or rejected (with the reason its validation gave)."""
+        """A train reply, accepted or rejected (with the reason its validation gave), and whether it was
+        averaged into the new model."""
         examples = metrics.get(NUM_EXAMPLES, 0)
         countable = isinstance(examples, int | float) and math.isfinite(examples)
         self._reply(
@@ -47,6 +50,7 @@ class Recorder:
             cosine=cosine,
             accepted=verdict.reason is None,
             reason=verdict.reason or "",
+            aggregated=aggregated,
         )
         if verdict.reason:
             log.warning("%s round %d: rejected %s's update: %s", self.phase, rnd, site.name, verdict.reason)
@@ -54,19 +58,26 @@ class Recorder:
     def evaluated(self, rnd: int, site: SiteInfo, metrics: dict[str, float], examples: int) -> None:
         self._reply(rnd, "evaluate", site, num_examples=examples, metrics=metrics)
 
-    def failed(self, rnd: int, kind: str, site: SiteInfo, reason: str) -> None:
-        """A site sent nothing usable: an error reply, or no reply before the timeout."""
-        self._reply(rnd, kind, site, accepted=False, reason=reason)
+    def failed(self, rnd: int, kind: str, site: SiteInfo, reason: str, code: int | None) -> None:
+        """A site sent nothing usable: an error reply (with Flower's code), or no reply before the timeout."""
+        self._reply(rnd, kind, site, accepted=False, reason=reason, error_code=code)
+        self.store.event("reply-failed", f"{self.phase} round {rnd} {kind}: {site.name}: {reason}", "error")
+        log.warning("%s round %d: %s: %s", self.phase, rnd, site.name, reason)
 
-    def error_reply(self, rnd: int, kind: str, sender: str, reason: str) -> None:
-        self.store.event("reply-error", f"{self.phase} round {rnd} {kind}: {sender}: {reason}", "error")
-        log.warning("%s round %d: %s from %s", self.phase, rnd, reason, sender)
-
-    def skipped(self, rnd: int, replied: int, accepted: int, needed: int) -> None:
+    def short(self, rnd: int, replied: int, accepted: int, needed: int) -> None:
+        """Too few accepted updates: the model is kept (and the round may be tried again)."""
         status = f"skipped: {accepted} accepted update(s), {needed} needed"
         self.store.round_finished(self.phase, rnd, replied, accepted, status)
-        self.store.event("round-skipped", f"{self.phase} round {rnd} {status}; model unchanged", "warning")
+        self.store.event(
+            "round-short", f"{self.phase} round {rnd} attempt {self.attempt} {status}", "warning"
+        )
         log.warning("%s round %d %s; the model is unchanged", self.phase, rnd, status)
+
+    def retrying(self, rnd: int, attempts: int) -> None:
+        message = f"{self.phase} round {rnd}: trying again (attempt {self.attempt + 1} of {attempts})"
+        self.store.event("round-retry", message, "warning")
+        log.warning("%s", message)
+        self.attempt += 1
 
     def finished(self, rnd: int, replied: int, accepted: int, metrics: dict[str, float]) -> None:
         self.store.add_metrics(self.phase, rnd, "train", metrics)
@@ -77,4 +88,6 @@ class Recorder:
             self.store.add_metrics(self.phase, rnd, source, values)
 
     def _reply(self, rnd: int, kind: str, site: SiteInfo, **fields: Any) -> None:
-        self.store.add_reply(Reply(self.phase, rnd, kind, site.name, site.node_id, **fields))
+        self.store.add_reply(
+            Reply(self.phase, rnd, kind, site.name, site.node_id, attempt=self.attempt, **fields)
+        )

@@ -113,7 +113,10 @@ class FederatedRun:
             raise FederationError(
                 "pretrain.method: federated phase 1 is SparK; MoCo pretraining is centralised"
             )
-        self.expected = load_scenario(options.scenario).size if options.scenario else cfg.federation.min_sites
+        f = cfg.federation
+        self.expected = (
+            load_scenario(options.scenario).size if options.scenario else max(f.expected_sites, f.min_sites)
+        )
         self.grid, self.cfg, self.options, self.flower_run_id = grid, cfg, options, flower_run_id
         self.dir = run_dir(cfg, "federation", options.run_name)
         self.store = RunStore(self.dir / "store.sqlite", options.run_name)
@@ -240,10 +243,8 @@ class FederatedRun:
 
     def _round(self, strategy: FedRetina, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
         """One round: Flower's hooks in `Strategy.start`'s order, then the probe and the checkpoint."""
+        arrays = self._train(strategy, rnd, arrays)
         timeout = self.cfg.federation.reply_timeout_s
-        asked = strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
-        new, _ = strategy.aggregate_train(rnd, self.grid.send_and_receive(asked, timeout=timeout))
-        arrays = new if new is not None else arrays  # a skipped round keeps the model
         asked = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid)
         strategy.aggregate_evaluate(rnd, self.grid.send_and_receive(asked, timeout=timeout))
         self._probe(strategy.phase, rnd, arrays)
@@ -257,6 +258,26 @@ class FederatedRun:
         path = self.checkpoints.save(strategy.phase, rnd, _numpy(arrays), strategy.adam, meta)
         self.store.add_checkpoint(strategy.phase, rnd, path)
         return arrays
+
+    def _train(self, strategy: FedRetina, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The round's training: the new global model, or the old one when too few sites answered and
+        `short_round` is "skip"; under "wait" such a round is tried again (the same seeds, so the same
+        updates), up to `round_attempts` times."""
+        f = self.cfg.federation
+        strategy.recorder.attempt = 1
+        while True:
+            asked = strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
+            new, _ = strategy.aggregate_train(
+                rnd, self.grid.send_and_receive(asked, timeout=f.reply_timeout_s)
+            )
+            if new is not None or f.short_round == "skip":
+                return new if new is not None else arrays
+            if strategy.recorder.attempt >= f.round_attempts:
+                raise FederationError(
+                    f"{strategy.phase} round {rnd}: fewer than {f.min_sites} site(s) answered in "
+                    f"{f.round_attempts} attempts; fix the sites, then resume the run"
+                )
+            strategy.recorder.retrying(rnd, f.round_attempts)
 
     def _probe(self, phase: str, rnd: int, arrays: ArrayRecord) -> float | None:
         """Phase 1: the global model's masked-patch loss on public images, and its reconstruction PNG."""

@@ -4,11 +4,13 @@ and our own deadline replaces Flower's wait-forever for sites that never connect
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from server.store import RunStore
@@ -67,7 +69,7 @@ class SiteDirectory:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.store.event(
-                    "site-error", f"node {node} could not describe its site: {reply.error.reason}", "error"
+                    "site-error", f"node {node} could not describe its site: {error_text(reply)}", "error"
                 )
                 self.failed.add(node)
                 continue
@@ -124,3 +126,15 @@ class SiteDirectory:
                 log.info("waiting for sites: %d of %d connected", len(connected), self.expected)
                 reported = len(connected)
             time.sleep(POLL_S)
+
+
+def error_text(reply: Message) -> str:
+    """An error reply in one line: Flower's code by name, then the last line of its reason (the exception
+    at the end of a traceback, an exception's own message without Flower's `<class ...>:<'...'>` wrapping)."""
+    code = int(reply.error.code)
+    names = {v: k for k, v in vars(ErrorCode).items() if k.isupper() and isinstance(v, int)}
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reply.error.reason)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    last = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", r"\1: \2", last)
+    return f"error reply {names.get(code, 'UNKNOWN')} ({code}): {last}"

@@ -20,7 +20,7 @@ from typing import Any
 
 from shared.errors import UserError
 
-SCHEMA_VERSION = 2  # 2: rows keyed by run_name; runs hold the run uid and Flower's run id
+SCHEMA_VERSION = 3  # 2: rows keyed by run_name, runs hold the run uid and Flower's run id; 3: reply fates
 
 
 class StoreError(UserError):
@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     accepted INTEGER, status TEXT, PRIMARY KEY (run_name, phase, round));
 CREATE TABLE IF NOT EXISTS replies (
     run_name TEXT, phase TEXT, round INTEGER, kind TEXT, site TEXT, node_id TEXT, num_examples INTEGER,
-    metrics TEXT, duration REAL, bytes INTEGER, update_norm REAL, cosine REAL, accepted INTEGER, reason TEXT);
+    metrics TEXT, duration REAL, bytes INTEGER, update_norm REAL, cosine REAL, accepted INTEGER, reason TEXT,
+    aggregated INTEGER, error_code INTEGER, attempt INTEGER);
 CREATE TABLE IF NOT EXISTS metrics (
     run_name TEXT, phase TEXT, round INTEGER, source TEXT, key TEXT, value REAL);
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -64,6 +65,9 @@ class Reply:
     cosine: float | None = None
     accepted: bool = True
     reason: str = ""
+    aggregated: bool = False  # averaged into the round's new global model (the account a replay follows)
+    error_code: int | None = None  # Flower's ErrorCode of an error reply
+    attempt: int = 1  # the round's attempt (a short round may be tried again)
 
 
 class RunStore:
@@ -140,7 +144,7 @@ class RunStore:
     def add_reply(self, r: Reply) -> None:
         with self._db() as db:
             db.execute(
-                "INSERT INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     self.run_name,
                     r.phase,
@@ -156,6 +160,9 @@ class RunStore:
                     r.cosine,
                     int(r.accepted),
                     r.reason,
+                    int(r.aggregated),
+                    r.error_code,
+                    r.attempt,
                 ),
             )
 

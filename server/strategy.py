@@ -15,7 +15,6 @@ averages used only for probes and exports), fedadam (server Adam on the average)
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.recorder import Recorder
-from server.sites import SiteDirectory, SiteInfo
+from server.sites import SiteDirectory, SiteInfo, error_text
 from shared.aggregation import (
     Arrays,
     FedAdamState,
@@ -72,6 +71,7 @@ class FedRetina(Strategy):
         self.federation = run.config.federation
         self.reference: Arrays = {}
         self.sent: list[SiteInfo] = []
+        self.outbox: list[tuple[Message, SiteInfo]] = []
 
     # ------------------------------------------------------------------ training
     def configure_train(
@@ -93,7 +93,7 @@ class FedRetina(Strategy):
         if len(accepted) < self.directory.min_sites:
             for c in candidates:
                 self.recorder.trained(server_round, c.site, **c.record(None))
-            self.recorder.skipped(server_round, len(candidates), len(accepted), self.directory.min_sites)
+            self.recorder.short(server_round, len(candidates), len(accepted), self.directory.min_sites)
             return None, None
         new = average([c.update(self.tasks) for c in accepted], self.reference)
         if self.federation.strategy == "fedadam":
@@ -146,11 +146,14 @@ class FedRetina(Strategy):
         return self.phase == PRETRAIN or any(t in site.labelled for t in self.tasks)
 
     def _messages(self, arrays: ArrayRecord, rnd: int, kind: str) -> list[Message]:
+        """One message per sent site; kept, since the grid gives each its id when it pushes it."""
         spec = ConfigRecord(to_wire(RoundSpec(self.run, self.phase, rnd, self.tasks)))
         content = RecordDict({ARRAYS: arrays, SPEC: spec})
-        return [
-            Message(content, dst_node_id=s.node_id, message_type=f"{kind}.{self.phase}") for s in self.sent
+        self.outbox = [
+            (Message(content, dst_node_id=s.node_id, message_type=f"{kind}.{self.phase}"), s)
+            for s in self.sent
         ]
+        return [message for message, _ in self.outbox]
 
     def _candidate(self, msg: Message, site: SiteInfo) -> Candidate:
         arrays = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
@@ -169,23 +172,25 @@ class FedRetina(Strategy):
         return Candidate(site, arrays, metrics, msg.content[ARRAYS].count_bytes(), verdict)
 
     def _match(self, replies: Iterable[Message], rnd: int, kind: str) -> list[tuple[Message, SiteInfo]]:
-        """Replies with content, paired with their sites and sorted by site; error replies and silent sites
-        are recorded as failures (a dead node's error carries the SuperLink's id, so it shows as silent)."""
-        by_node = {s.node_id: s for s in self.sent}
+        """Replies with content, paired with their sites and sorted by site. Error replies are matched on
+        the message they answer (a dead node's error comes from the SuperLink's id, not the node's) and
+        recorded with Flower's code; a sent site with no reply at all timed out."""
+        asked = {message.metadata.message_id: site for message, site in self.outbox}
         good, failed = [], {}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            site = asked.get(msg.metadata.reply_to_message_id)
+            if site is None:
+                continue  # not an answer to this round's messages
             if msg.has_error():
-                reason = f"error reply: {_last_line(msg.error.reason)}"
-                self.recorder.error_reply(rnd, kind, self.directory.name(node), reason)
-                failed[node] = reason
-            elif node in by_node:
-                good.append((msg, by_node[node]))
+                failed[site.node_id] = (int(msg.error.code), error_text(msg))
+            else:
+                good.append((msg, site))
         answered = {site.node_id for _, site in good}
+        timeout = self.federation.reply_timeout_s
         for site in self.sent:
             if site.node_id not in answered:
-                reason = failed.get(site.node_id, "no reply (node failed or timed out)")
-                self.recorder.failed(rnd, kind, site, reason)
+                code, reason = failed.get(site.node_id, (None, f"timed out: no reply within {timeout:g} s"))
+                self.recorder.failed(rnd, kind, site, reason, code)
         return sorted(good, key=lambda pair: pair[1].name)
 
 
@@ -207,13 +212,13 @@ class Candidate:
     def record(self, aggregate: tuple[Arrays, Arrays] | None) -> dict:
         """The recorder's fields; `aggregate` = (new global, reference) when this update was averaged in."""
         similarity = cosine(self.arrays, *aggregate) if aggregate is not None else None
-        return {"metrics": self.metrics, "nbytes": self.nbytes, "verdict": self.verdict, "cosine": similarity}
-
-
-def _last_line(text: str) -> str:
-    """The exception line at the end of a (Ray-wrapped) traceback, for one-line records."""
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if line.strip()]
-    return lines[-1] if lines else text
+        return {
+            "metrics": self.metrics,
+            "nbytes": self.nbytes,
+            "verdict": self.verdict,
+            "cosine": similarity,
+            "aggregated": aggregate is not None,
+        }
 
 
 def to_record(arrays: Arrays) -> ArrayRecord:

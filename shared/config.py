@@ -166,7 +166,15 @@ class FederationConfig(Strict):
     min_sites: int = Field(1, ge=1)
     reply_timeout_s: float = Field(3600, gt=0)
     connect_deadline_s: float = Field(600, gt=0)
+    # Deployment: sites each round waits for (up to connect_deadline_s) before going on with those there;
+    # 0 = min_sites. `fedretina server run` sets it to the number of registered sites.
+    expected_sites: int = Field(0, ge=0)
     max_update_norm: float = Field(1e4, gt=0)
+    # A round with fewer than min_sites accepted updates: "skip" keeps the model and goes on; "wait" waits
+    # for sites (up to connect_deadline_s) and tries the round again, failing the run (resumable) after
+    # round_attempts tries.
+    short_round: Literal["skip", "wait"] = "skip"
+    round_attempts: int = Field(3, ge=1)
     keep_optimizer_state: bool = True  # persist each site's optimiser state across rounds (its state dir)
     keep_checkpoints: int = Field(3, ge=1)  # server checkpoints kept per phase (the phase's last always)
 
@@ -207,6 +215,7 @@ OPERATIONAL = (
     "federation.min_sites",
     "federation.reply_timeout_s",
     "federation.connect_deadline_s",
+    "federation.expected_sites",
     "federation.keep_checkpoints",
 )
 

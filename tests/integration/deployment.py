@@ -1,6 +1,7 @@
 """A whole deployment on localhost, from the commands a federation's people type: `fedretina certs create`,
 `fedretina server start`, per site `fedretina site keys` + `fedretina server add-site` + `fedretina site
-serve`, then `fedretina server run`; stopped again on exit. Used by the deployment tests and bench."""
+approve` (this app) + `fedretina site serve`, then `fedretina server run`; stopped again on exit. Used by
+the deployment and fault tests and the bench."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from shared.daemon import APP_ROOT
 from shared.data.site import load_site
 from tests.conftest import FEDRETINA
 
@@ -28,13 +30,14 @@ class Federation:
     sites: dict[str, Path]  # name -> site YAML
     nodes: dict[str, int]  # name -> node id given at registration
 
-    def run(self, name: str, **federation: object) -> subprocess.CompletedProcess[str]:
+    def run(self, name: str, *flags: str, **federation: object) -> subprocess.CompletedProcess[str]:
         """`fedretina server run` of a tiny two-phase experiment with these federation settings."""
+        return fedretina(*self.run_args(name, **federation), *flags, timeout=900)
+
+    def run_args(self, name: str, **federation: object) -> list[str]:
         experiment = self.root / f"{name}.yaml"
         experiment.write_text(yaml.safe_dump({"profile": "tiny", "federation": federation}))
-        return fedretina(
-            "server", "run", "-c", str(experiment), "--state", str(self.state), "--name", name, timeout=900
-        )
+        return ["server", "run", "-c", str(experiment), "--state", str(self.state), "--name", name]
 
     def store(self, run: str, sql: str) -> list[tuple]:
         db = sqlite3.connect(self.state / "runs" / run / "federation" / "store.sqlite")
@@ -74,6 +77,7 @@ def deployed(root: Path, sites: dict[str, Path]) -> Iterator[Federation]:
         nodes = {}
         for (name, site), node_port in zip(sites.items(), node_ports, strict=True):
             ok(fedretina("site", "keys", str(site)))
+            ok(fedretina("site", "approve", str(site), str(APP_ROOT)))
             public = load_site(site).config.state_root / "keys" / "site.pub"
             added = ok(fedretina("server", "add-site", name, str(public), "--state", str(state)))
             nodes[name] = int(added.split()[-1])

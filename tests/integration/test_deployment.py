@@ -1,25 +1,32 @@
 """Deployment with real processes on localhost: `fedretina certs create`, `fedretina server start` (a TLS
 SuperLink with node authentication behind nginx), two `fedretina site serve` daemons with their own keys,
 and a two-phase run over TLS. An unregistered key and an insecure node are refused, the Control API cannot be
-reached through the sites' address, each site reads only the site its node config names, and no secret
-reaches a log or the run store."""
+reached through the sites' address, each site reads only the site its node config names, no secret
+reaches a log or the run store, and a site refuses an app version it has not approved before any of its
+code runs."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import http.client
+import io
 import os
+import shutil
 import signal
 import sqlite3
 import ssl
 import subprocess
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from flwr.cli.build import build_fab_from_disk
 
+from client.approval import app_hash
+from shared.daemon import APP_ROOT
 from shared.data.site import load_site
 from tests.conftest import FEDRETINA
 from tests.integration.deployment import Federation, deployed, fedretina, free_ports, ok
@@ -179,3 +186,41 @@ def _key_material(path: Path) -> str:
     number = key.private_numbers().private_value  # type: ignore[union-attr]
     raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
     return base64.b64encode(raw).decode()[:24]
+
+
+def changed_app(folder: Path, marker: Path) -> Path:
+    """A copy of this app (the files its bundle holds) with one line added: at import, the ClientApp
+    module writes `marker`."""
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(APP_ROOT))) as bundle:
+        bundle.extractall(folder)
+    shutil.rmtree(folder / ".info", ignore_errors=True)
+    module = folder / "client" / "app.py"
+    module.write_text(f"open({str(marker)!r}, 'w').write('ran')\n" + module.read_text())
+    return folder
+
+
+def test_a_site_runs_only_the_app_versions_it_approved(
+    federation: Federation, tls_run, tmp_path: Path
+) -> None:
+    ok(tls_run)  # the approved version ran on both sites
+    marker = tmp_path / "unapproved-code-ran"
+    app = changed_app(tmp_path / "app", marker)
+    digest = app_hash(str(app))
+    result = federation.run(
+        "unapproved",
+        "--app",
+        str(app),
+        rounds_pretrain=1,
+        rounds_finetune=0,
+        min_sites=2,
+        connect_deadline_s=30,
+    )
+    assert result.returncode != 0
+    assert not marker.exists()  # refused before any of the changed app's code ran
+    refusals = federation.store("unapproved", "SELECT message FROM events WHERE kind = 'site-error'")
+    assert len(refusals) == 2, refusals
+    assert all("AppNotApproved" in m and digest in m for (m,) in refusals), refusals
+    for site in federation.sites.values():
+        log = (load_site(site).config.state_root / "daemon" / "supernode.log").read_text()
+        assert f"refused app {digest}" in log
+        assert f"refused   {digest}" in ok(fedretina("site", "approvals", str(site)))
