@@ -18,7 +18,7 @@ DEMO_NODES := 4
 SYSTEM_PACKAGES := nginx-light
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: help uv sync system demo test test-fast bench lint format clean
+.PHONY: help uv sync system demo test test-faults test-fast bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,8 +41,11 @@ system:  ## install the Debian packages the tests need (nginx), when missing
 	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; }
 
-test: sync system  ## the whole test suite (what CI runs)
-	$(VENV)/pytest -q
+test: sync system  ## the test suite CI runs (all but the fault tests)
+	$(VENV)/pytest -q -m "not faults"
+
+test-faults: sync system  ## deployment fault tests: killed, stalled and restarted processes (about 25 minutes)
+	$(VENV)/pytest -q -m faults
 
 test-fast: sync  ## unit tests only
 	$(VENV)/pytest -q -m "not integration and not e2e"

@@ -13,14 +13,29 @@ import functools
 import logging
 from collections.abc import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.rounds import evaluate_round, train_round
 from client.site import node_site, partition_of
 from shared.data.manifest import labelled_counts, task_classes
 from shared.data.site import Site
-from shared.wire import ARRAYS, METRICS, REPORT, SPEC, RoundSpec, RunSpec, SiteReport, from_wire, to_wire
+from shared.wire import (
+    ARRAYS,
+    LAYOUT,
+    METRICS,
+    PACKED,
+    REPORT,
+    SPEC,
+    RoundSpec,
+    RunSpec,
+    SiteReport,
+    from_wire,
+    pack,
+    to_wire,
+    unpack,
+)
 
 app = ClientApp()
 log = logging.getLogger(__name__)
@@ -50,11 +65,18 @@ def _round(msg: Message, context: Context) -> tuple[Site, RoundSpec]:
     return node_site(context.node_config, spec.run), spec
 
 
-def _reply(msg: Message, metrics: dict, arrays: dict | None = None) -> Message:
+def _reply(msg: Message, metrics: dict, arrays: dict[str, torch.Tensor] | None = None) -> Message:
     content = RecordDict({METRICS: MetricRecord(metrics)})
-    if arrays is not None:
-        content[ARRAYS] = ArrayRecord(arrays)
+    if arrays is not None:  # packed in one buffer, as the server sends them (`shared/wire.py:pack`)
+        buffer, layout = pack({k: v.numpy() for k, v in arrays.items()})
+        content[ARRAYS] = ArrayRecord({PACKED: Array(buffer)})
+        content[LAYOUT] = ConfigRecord({PACKED: layout})
     return Message(content=content, reply_to=msg)
+
+
+def _weights(msg: Message) -> dict[str, torch.Tensor]:
+    arrays = unpack(msg.content[ARRAYS][PACKED].numpy(), str(msg.content[LAYOUT][PACKED]))
+    return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
 
 
 @app.query()
@@ -74,7 +96,7 @@ def describe(msg: Message, context: Context) -> Message:
 @_private
 def train(msg: Message, context: Context) -> Message:
     site, spec = _round(msg, context)
-    arrays, metrics = train_round(site, spec, msg.content[ARRAYS].to_torch_state_dict())
+    arrays, metrics = train_round(site, spec, _weights(msg))
     return _reply(msg, metrics, arrays)
 
 
@@ -82,4 +104,4 @@ def train(msg: Message, context: Context) -> Message:
 @_private
 def evaluate(msg: Message, context: Context) -> Message:
     site, spec = _round(msg, context)
-    return _reply(msg, evaluate_round(site, spec, msg.content[ARRAYS].to_torch_state_dict()))
+    return _reply(msg, evaluate_round(site, spec, _weights(msg)))

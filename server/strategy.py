@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -41,16 +41,20 @@ from shared.aggregation import (
 from shared.models import ENCODER, head_prefix
 from shared.wire import (
     ARRAYS,
+    LAYOUT,
     METRICS,
     NUM_EXAMPLES,
+    PACKED,
     PRETRAIN,
     SECONDS,
     SPEC,
     STEPS,
     RoundSpec,
     RunSpec,
+    pack,
     task_key,
     to_wire,
+    unpack,
 )
 
 log = logging.getLogger(__name__)
@@ -148,7 +152,9 @@ class FedRetina(Strategy):
     def _messages(self, arrays: ArrayRecord, rnd: int, kind: str) -> list[Message]:
         """One message per sent site; kept, since the grid gives each its id when it pushes it."""
         spec = ConfigRecord(to_wire(RoundSpec(self.run, self.phase, rnd, self.tasks)))
-        content = RecordDict({ARRAYS: arrays, SPEC: spec})
+        buffer, layout = pack({k: v.numpy() for k, v in arrays.items()})
+        weights = {ARRAYS: ArrayRecord({PACKED: Array(buffer)}), LAYOUT: ConfigRecord({PACKED: layout})}
+        content = RecordDict({**weights, SPEC: spec})
         self.outbox = [
             (Message(content, dst_node_id=s.node_id, message_type=f"{kind}.{self.phase}"), s)
             for s in self.sent
@@ -156,8 +162,12 @@ class FedRetina(Strategy):
         return [message for message, _ in self.outbox]
 
     def _candidate(self, msg: Message, site: SiteInfo) -> Candidate:
-        arrays = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
         metrics = dict(msg.content[METRICS])
+        nbytes = msg.content[ARRAYS].count_bytes()
+        try:
+            arrays = unpack(msg.content[ARRAYS][PACKED].numpy(), str(msg.content[LAYOUT][PACKED]))
+        except (KeyError, ValueError) as exc:
+            return Candidate(site, {}, metrics, nbytes, Verdict(f"malformed weights: {exc}", None))
         required = list(self.reference)
         if self.phase != PRETRAIN:  # the encoder and the heads of the tasks this site holds
             heads = [head_prefix(t) for t in self.tasks if t in site.labelled]
@@ -169,7 +179,7 @@ class FedRetina(Strategy):
             max_norm=self.federation.max_update_norm,
             examples=metrics.get(NUM_EXAMPLES),
         )
-        return Candidate(site, arrays, metrics, msg.content[ARRAYS].count_bytes(), verdict)
+        return Candidate(site, arrays, metrics, nbytes, verdict)
 
     def _match(self, replies: Iterable[Message], rnd: int, kind: str) -> list[tuple[Message, SiteInfo]]:
         """Replies with content, paired with their sites and sorted by site. Error replies are matched on
@@ -205,9 +215,7 @@ class Candidate:
     verdict: Verdict
 
     def update(self, tasks: dict[str, int]) -> Update:
-        """The update to aggregate: weighted by its examples, each task head by that task's examples."""
-        heads = {head_prefix(t): float(self.metrics.get(task_key(t, NUM_EXAMPLES), 0)) for t in tasks}
-        return Update(self.site.name, self.arrays, float(self.metrics[NUM_EXAMPLES]), heads)
+        return site_update(self.site.name, self.arrays, self.metrics, tasks)
 
     def record(self, aggregate: tuple[Arrays, Arrays] | None) -> dict:
         """The recorder's fields; `aggregate` = (new global, reference) when this update was averaged in."""
@@ -219,6 +227,12 @@ class Candidate:
             "cosine": similarity,
             "aggregated": aggregate is not None,
         }
+
+
+def site_update(site: str, arrays: Arrays, metrics: dict, tasks: dict[str, int]) -> Update:
+    """A reply as an update to aggregate: weighted by its examples, each task head by that task's."""
+    heads = {head_prefix(t): float(metrics.get(task_key(t, NUM_EXAMPLES), 0)) for t in tasks}
+    return Update(site, arrays, float(metrics[NUM_EXAMPLES]), heads)
 
 
 def to_record(arrays: Arrays) -> ArrayRecord:

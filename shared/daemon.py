@@ -101,16 +101,21 @@ def running(pidfile: Path) -> int | None:
 
 
 def stop(pidfile: Path) -> bool:
-    """Stop the detached process group of `pidfile` (SIGTERM, then SIGKILL after a grace period)."""
+    """Stop the detached process group of `pidfile` (SIGTERM, then SIGKILL after a grace period), and
+    every process below it."""
     pid = running(pidfile)
     if pid is None:
         pidfile.unlink(missing_ok=True)
         return False
+    family = descendants(pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
     while running(pidfile) is not None and time.monotonic() < deadline:
         time.sleep(0.1)
+    for target in family:  # whatever its own shutdown left behind
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
@@ -147,12 +152,31 @@ def _last(log: Path) -> str:
 
 
 def _terminate(child: subprocess.Popen) -> None:
-    """Stop a child's whole process group: SIGTERM, then SIGKILL after the grace period."""
+    """Stop a child, its process group and every process it started (Flower's SuperExec puts the app
+    processes it starts in a group of its own, and they outlive it): SIGTERM, then SIGKILL whatever is
+    left after the grace period."""
+    family = descendants(child.pid)
     for signum in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signum)
-        try:
-            child.wait(STOP_GRACE_S)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(STOP_GRACE_S if signum == signal.SIGTERM else None)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` in the process tree (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            found.append(kid)
+            todo.append(kid)
+    return found

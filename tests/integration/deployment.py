@@ -29,20 +29,32 @@ class Federation:
     link: int  # the SuperLink's, loopback only
     sites: dict[str, Path]  # name -> site YAML
     nodes: dict[str, int]  # name -> node id given at registration
+    node_ports: dict[str, int]  # name -> the site's local Runtime API port
 
     def run(self, name: str, *flags: str, **federation: object) -> subprocess.CompletedProcess[str]:
         """`fedretina server run` of a tiny two-phase experiment with these federation settings."""
         return fedretina(*self.run_args(name, **federation), *flags, timeout=900)
 
-    def run_args(self, name: str, **federation: object) -> list[str]:
+    def run_args(self, name: str, threads: int = 0, **federation: object) -> list[str]:
         experiment = self.root / f"{name}.yaml"
-        experiment.write_text(yaml.safe_dump({"profile": "tiny", "federation": federation}))
+        experiment.write_text(
+            yaml.safe_dump({"profile": "tiny", "threads": threads, "federation": federation})
+        )
         return ["server", "run", "-c", str(experiment), "--state", str(self.state), "--name", name]
 
     def store(self, run: str, sql: str) -> list[tuple]:
         db = sqlite3.connect(self.state / "runs" / run / "federation" / "store.sqlite")
         with contextlib.closing(db):
             return db.execute(sql).fetchall()
+
+    def start_server(self) -> None:
+        listen = ["--listen", f"127.0.0.1:{self.port}", "--link-port", str(self.link)]
+        ok(fedretina("server", "start", "--certs", str(self.bundle), "--state", str(self.state), *listen))
+
+    def serve(self, name: str) -> None:
+        """`fedretina site serve` of one site, detached (again, after a fault: same key, same port)."""
+        tls = ["--ca", str(self.bundle / "ca.crt"), "--port", str(self.node_ports[name])]
+        ok(fedretina("site", "serve", str(self.sites[name]), "--superlink", f"127.0.0.1:{self.port}", *tls))
 
 
 def fedretina(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -67,25 +79,29 @@ def free_ports(n: int) -> list[int]:
 @contextlib.contextmanager
 def deployed(root: Path, sites: dict[str, Path]) -> Iterator[Federation]:
     """A TLS server with node authentication and one daemon per site, all stopped on exit."""
-    bundle, state = root / "certs", root / "server"
     port, link, *node_ports = free_ports(2 + len(sites))
-    ok(fedretina("certs", "create", "--out", str(bundle), "--san", "localhost"))
-    listen = ["--listen", f"127.0.0.1:{port}", "--link-port", str(link)]
-    ok(fedretina("server", "start", "--certs", str(bundle), "--state", str(state), *listen))
-    served: list[Path] = []
+    fed = Federation(
+        root,
+        root / "certs",
+        root / "server",
+        port,
+        link,
+        dict(sites),
+        {},
+        dict(zip(sites, node_ports, strict=True)),
+    )
+    ok(fedretina("certs", "create", "--out", str(fed.bundle), "--san", "localhost"))
+    fed.start_server()
     try:
-        nodes = {}
-        for (name, site), node_port in zip(sites.items(), node_ports, strict=True):
+        for name, site in sites.items():
             ok(fedretina("site", "keys", str(site)))
             ok(fedretina("site", "approve", str(site), str(APP_ROOT)))
             public = load_site(site).config.state_root / "keys" / "site.pub"
-            added = ok(fedretina("server", "add-site", name, str(public), "--state", str(state)))
-            nodes[name] = int(added.split()[-1])
-            tls = ["--ca", str(bundle / "ca.crt"), "--port", str(node_port)]
-            ok(fedretina("site", "serve", str(site), "--superlink", f"127.0.0.1:{port}", *tls))
-            served.append(site)
-        yield Federation(root, bundle, state, port, link, dict(sites), nodes)
+            added = ok(fedretina("server", "add-site", name, str(public), "--state", str(fed.state)))
+            fed.nodes[name] = int(added.split()[-1])
+            fed.serve(name)
+        yield fed
     finally:
-        for site in served:
+        for site in sites.values():
             fedretina("site", "stop", str(site))
-        fedretina("server", "stop", "--state", str(state))
+        fedretina("server", "stop", "--state", str(fed.state))

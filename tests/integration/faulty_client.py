@@ -10,11 +10,11 @@ that needs faulty participants installs it (as its app's clientapp); nothing in 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.app import describe, evaluate, train
-from shared.wire import ARRAYS
+from shared.wire import ARRAYS, LAYOUT, PACKED, pack, unpack
 
 PATIENT_PATH = "/hospital/Jane-Doe-1961-04-02/site.yaml"
 
@@ -29,7 +29,10 @@ def _corrupt(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
     if not msg.metadata.message_type.startswith("train") or partition == 0 or reply.has_error():
         return reply
-    arrays = {k: v.numpy().copy() for k, v in reply.content[ARRAYS].items()}
+    arrays = {
+        k: v.copy()
+        for k, v in unpack(reply.content[ARRAYS][PACKED].numpy(), reply.content[LAYOUT][PACKED]).items()
+    }
     key = next(k for k, v in arrays.items() if v.dtype == np.float32 and v.ndim == 4)
     if partition == 1:
         arrays[key].flat[0] = np.nan
@@ -37,7 +40,9 @@ def _corrupt(msg: Message, context: Context, call_next) -> Message:
         arrays[key] = arrays[key][:-1]  # one output channel short: does not broadcast against the reference
     else:
         arrays[key] = arrays[key] * 1e7
-    reply.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    buffer, layout = pack(arrays)
+    reply.content[ARRAYS] = ArrayRecord({PACKED: Array(buffer)})
+    reply.content[LAYOUT] = ConfigRecord({PACKED: layout})
     return reply
 
 

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,6 +22,7 @@ import yaml
 from shared.config import load_config
 from shared.models import TaskModel, nnmobilenet
 from shared.weights import load_weights
+from simulation.replay import replay
 from tests.conftest import FEDRETINA, ROOT, write_site
 from tests.integration.flower import Flower, sets
 
@@ -293,3 +295,8 @@ def test_faulty_sites_are_rejected_with_their_reasons_and_the_run_completes(
     assert store_rows(run, "SELECT accepted, status FROM rounds") == [(1, "ok"), (1, "ok")]
     model, _ = load_weights(run / "federation" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+    # the store is an exact account: replaying the replies it marks as aggregated gives the run's weights
+    for phase, (replayed, final) in replay(run / "federation").items():
+        assert replayed.keys() == final.keys() and all(
+            np.array_equal(replayed[k], final[k]) for k in final
+        ), phase

@@ -3,14 +3,16 @@ field names (written by no one by hand), and a spec from another version fails i
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
 from client.rounds import round_span
 from shared.config import load_config
 from shared.errors import ConfigError
+from shared.models import nnmobilenet
 from shared.training.phase import Span
-from shared.wire import FINETUNE, RoundSpec, RunSpec, SiteReport, from_wire, to_wire
+from shared.wire import FINETUNE, RoundSpec, RunSpec, SiteReport, from_wire, pack, to_wire, unpack
 
 
 def round_spec() -> RoundSpec:
@@ -47,3 +49,25 @@ def test_a_spec_missing_a_key_or_with_a_bad_value_is_one_line() -> None:
     report = to_wire(SiteReport("eyepacs", 0, 480, {"dr": 480}, {"dr": 5}))
     with pytest.raises(ConfigError, match="site report: labelled: cannot read"):
         from_wire(SiteReport, report | {"labelled": "[480]"})  # a list where a mapping belongs
+
+
+def test_weights_pack_into_one_buffer_and_back_bitwise() -> None:
+    model = nnmobilenet(width_mult=0.25)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}  # float32 weights, int64 counters
+    buffer, layout = pack(state)
+    assert buffer.dtype == np.uint8 and buffer.size == sum(v.nbytes for v in state.values())
+    back = unpack(buffer, layout)
+    assert list(back) == list(state)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape
+        assert np.array_equal(back[key], value), key
+
+
+def test_a_layout_that_does_not_describe_the_buffer_is_a_value_error_naming_the_tensor() -> None:
+    buffer, layout = pack({"encoder.w": np.ones((2, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"encoder.w: bytes 0..4000 outside the buffer"):
+        unpack(buffer, layout.replace("24]", "4000]"))
+    with pytest.raises(ValueError, match="cannot reshape"):
+        unpack(buffer, layout.replace("[2, 3]", "[5]"))
+    with pytest.raises(ValueError, match="malformed weights layout"):
+        unpack(buffer, "not json")

@@ -1,0 +1,102 @@
+"""Recompute a federated run's final weights from its run store: the audit that the store is an exact
+account of the run, faults included.
+
+Each round, the sites whose train replies the store marks as aggregated are trained again from the
+previous global model with `client/rounds.py:train_round` (the ClientApp's own function) and averaged as
+the server averages. Sites that failed, timed out or were rejected contribute nothing, as in the run. The
+replay needs every site's data in one place, so it is for test federations and audits of pooled data.
+
+Exact for FedAvg and FedProx. A site's optimiser state (`federation.keep_optimizer_state`) comes from its
+previous round: a straggler that trained a round whose reply came too late carries that round's state on,
+which the server never saw; replays of such runs are exact with `keep_optimizer_state: false`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.rounds import train_round
+from server.checkpoints import Checkpoints
+from server.run import initial_weights
+from server.store import RunStore
+from server.strategy import site_update
+from shared.aggregation import Arrays, average
+from shared.config import ExperimentConfig
+from shared.data.scenario import load_scenario, scenario_sites
+from shared.data.site import Site, load_site
+from shared.errors import ConfigError
+from shared.wire import FINETUNE, PRETRAIN, RoundSpec, RunSpec
+
+
+def replay(federation_dir: Path, site_yamls: list[Path] = ()) -> dict[str, tuple[Arrays, Arrays]]:
+    """Phase -> (replayed final global weights, the run's own final checkpoint), for each phase run. The
+    sites are a simulation's scenario sites, or the given site YAMLs for a deployment."""
+    store = RunStore(federation_dir / "store.sqlite", "")
+    (run,) = store.query("SELECT run_name, run_uid, config, scenario FROM runs")
+    cfg = ExperimentConfig.model_validate_json(run["config"])
+    if cfg.federation.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(f"replay covers fedavg and fedprox, not {cfg.federation.strategy}")
+    scenario = run["scenario"] if run["scenario"] != "deployment" else ""
+    spec = RunSpec(cfg, run["run_uid"], scenario)
+    real = (
+        scenario_sites(load_scenario(scenario), cfg.seed) if scenario else [load_site(p) for p in site_yamls]
+    )
+    checkpoints = Checkpoints(federation_dir / "checkpoints")
+    out: dict[str, tuple[Arrays, Arrays]] = {}
+    with tempfile.TemporaryDirectory(prefix="fedretina-replay-") as scratch:
+        sites = {s.name: _scratch_site(s, Path(scratch)) for s in real}
+        pretrained = None
+        for phase in (PRETRAIN, FINETUNE):
+            accounts = _aggregated(store, run["run_name"], phase)
+            if not accounts:
+                continue
+            final = checkpoints.load(phase, max(accounts))
+            tasks = final.meta.get("tasks") or {}
+            arrays = initial_weights(cfg, phase, tasks, pretrained)
+            for rnd in sorted(accounts):
+                arrays = _round(spec, phase, rnd, tasks, arrays, [sites[n] for n in accounts[rnd]])
+            out[phase] = (arrays, final.arrays)
+            pretrained = arrays
+    return out
+
+
+def _round(
+    spec: RunSpec, phase: str, rnd: int, tasks: dict[str, int], arrays: Arrays, sites: list[Site]
+) -> Arrays:
+    """One round as the server aggregated it; a round nobody was aggregated in keeps the model."""
+    if not sites:
+        return arrays
+    round_spec = RoundSpec(spec, phase, rnd, tasks)
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    updates = []
+    for site in sites:
+        weights, metrics = train_round(site, round_spec, tensors)
+        updates.append(site_update(site.name, {k: v.numpy() for k, v in weights.items()}, metrics, tasks))
+    return average(updates, arrays)
+
+
+def _aggregated(store: RunStore, run_name: str, phase: str) -> dict[int, list[str]]:
+    """Round -> the sites whose train replies were averaged into its global model (every round the run
+    finished appears, with no site when it was skipped)."""
+    rounds = store.query(
+        "SELECT round FROM rounds WHERE run_name = ? AND phase = ? AND finished IS NOT NULL",
+        (run_name, phase),
+    )
+    accounts: dict[int, list[str]] = {int(r["round"]): [] for r in rounds}
+    averaged = (
+        "SELECT round, site FROM replies WHERE run_name = ? AND phase = ? AND kind = 'train' AND aggregated"
+    )
+    for row in store.query(averaged, (run_name, phase)):
+        accounts[int(row["round"])].append(row["site"])
+    return {r: sorted(names) for r, names in accounts.items()}
+
+
+def _scratch_site(site: Site, scratch: Path) -> Site:
+    """The site with its state (optimiser moments, cache) in a scratch folder, so the replay starts from
+    what the run started from and never touches the site's own state."""
+    config = site.config.model_copy(update={"state_dir": scratch / site.name})
+    return Site(site.name, config, site.rows)
