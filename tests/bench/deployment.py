@@ -1,9 +1,10 @@
 """Deployment against simulation for the same tiny run: two sites (EyePACS-like, MMAC-like), 2 + 2 rounds,
 once through `fedretina server start` + two `fedretina site serve` daemons (TLS, node authentication, the
 Fleet-only proxy) and once through `flwr run .` (Ray). Reports each phase's median round time both ways and
-their ratio, measured in one run. Where deployment's time goes (Flower 1.41): each message starts a fresh
-`flwr-clientapp` process (Python, torch and the app imported again), and SuperNode and ServerApp poll every
-3 s, so a round of a train and an evaluate message pays that floor twice.
+their ratio, measured in one run, and the HTTP requests the sites made through the proxy per round. Where
+deployment's time goes (Flower 1.41): each message starts a fresh `flwr-clientapp` process (Python, torch
+and the app imported again), SuperNode and ServerApp poll every 3 s, and every object of a message is its
+own request (weights travel packed in one buffer for that reason: `shared/wire.py:pack`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def run(out: Path) -> dict:
     with deployed(out / "deployment", sites) as federation:
         ok(federation.run("bench", **ROUNDS))
         deployment = _medians(federation.store("bench", "SELECT phase, finished - started FROM rounds"))
+        requests = (federation.state / "logs" / "nginx-access.log").read_text().count("POST /v1/fleet/")
     scenario = out / "two.yaml"
     scenario.write_text(yaml.safe_dump({"name": "two", "sites": [str(p) for p in sites.values()]}))
     flower = Flower(out / "flwr-home", ROOT)
@@ -42,7 +44,9 @@ def run(out: Path) -> dict:
     db = sqlite3.connect(out / "runs" / "sim" / "federation" / "store.sqlite")
     simulation = _medians(db.execute("SELECT phase, finished - started FROM rounds").fetchall())
     db.close()
-    result: dict = {}
+    result: dict = {
+        "fleet_requests_per_round": requests / sum(ROUNDS[k] for k in ("rounds_pretrain", "rounds_finetune"))
+    }
     for phase in ("pretrain", "finetune"):
         result[f"{phase}_round_s_deployment"] = deployment[phase]
         result[f"{phase}_round_s_simulation"] = simulation[phase]

@@ -159,7 +159,7 @@ def test_a_killed_site_fails_its_round_then_rejoins_with_its_node_id(fed: Federa
 
 
 def test_a_straggler_past_the_reply_timeout_is_recorded_as_timed_out(fed: Federation) -> None:
-    run = start(fed, "straggler", reply_timeout_s=150)
+    run = start(fed, "straggler", reply_timeout_s=100)
     wait_for("round 1", round_started(fed, "straggler", 1))
     stopped = wait_for("eyepacs training", lambda: clientapps(fed, "eyepacs"))
     signal_all(stopped, signal.SIGSTOP)
@@ -168,7 +168,7 @@ def test_a_straggler_past_the_reply_timeout_is_recorded_as_timed_out(fed: Federa
     finally:
         signal_all(stopped, signal.SIGCONT)
     finish(fed, "straggler", run)
-    assert code is None and reason == "timed out: no reply within 150 s", (code, reason)
+    assert code is None and reason == "timed out: no reply within 100 s", (code, reason)
     assert rounds(fed, "straggler") == [(1, 2, 1, "ok"), (2, 2, 2, "ok")]
     assert_replay_equal(fed, "straggler")
 
