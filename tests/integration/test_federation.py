@@ -297,7 +297,9 @@ def test_faulty_sites_are_rejected_with_their_reasons_and_the_run_completes(
     model, _ = load_weights(run / "federation" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
     # the store is an exact account: replaying the replies it marks as aggregated gives the run's weights
-    for phase, (replayed, final) in replay(run / "federation").items():
+    replayed_phases = replay(run / "federation")
+    assert set(replayed_phases) == {"pretrain", "finetune"}
+    for phase, (replayed, final) in replayed_phases.items():
         assert replayed.keys() == final.keys() and all(
             np.array_equal(replayed[k], final[k]) for k in final
         ), phase
