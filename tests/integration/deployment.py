@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from client.approval import app_hash
 from shared.daemon import APP_ROOT
 from shared.data.site import load_site
 from tests.conftest import FEDRETINA
@@ -92,10 +93,11 @@ def deployed(root: Path, sites: dict[str, Path]) -> Iterator[Federation]:
     )
     ok(fedretina("certs", "create", "--out", str(fed.bundle), "--san", "localhost"))
     fed.start_server()
+    this_app = app_hash(str(APP_ROOT))  # what `server run` will send, approved by hash at each site
     try:
         for name, site in sites.items():
             ok(fedretina("site", "keys", str(site)))
-            ok(fedretina("site", "approve", str(site), str(APP_ROOT)))
+            ok(fedretina("site", "approve", str(site), this_app))
             public = load_site(site).config.state_root / "keys" / "site.pub"
             added = ok(fedretina("server", "add-site", name, str(public), "--state", str(fed.state)))
             fed.nodes[name] = int(added.split()[-1])

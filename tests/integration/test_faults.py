@@ -161,12 +161,17 @@ def test_a_killed_site_fails_its_round_then_rejoins_with_its_node_id(fed: Federa
 def test_a_straggler_past_the_reply_timeout_is_recorded_as_timed_out(fed: Federation) -> None:
     run = start(fed, "straggler", reply_timeout_s=100)
     wait_for("round 1", round_started(fed, "straggler", 1))
-    stopped = wait_for("eyepacs training", lambda: clientapps(fed, "eyepacs"))
-    signal_all(stopped, signal.SIGSTOP)
+    stopped: set[int] = set()
+    until = time.monotonic() + 30  # the round's ClientApp starts within this (ones left from `query` too)
+    while time.monotonic() < until:
+        new = set(clientapps(fed, "eyepacs")) - stopped
+        signal_all(sorted(new), signal.SIGSTOP)
+        stopped |= new
+        time.sleep(0.2)
     try:
         ((code, reason),) = wait_for("eyepacs's timeout", failure(fed, "straggler", "eyepacs", 1))
     finally:
-        signal_all(stopped, signal.SIGCONT)
+        signal_all(sorted(stopped), signal.SIGCONT)
     finish(fed, "straggler", run)
     assert code is None and reason == "timed out: no reply within 100 s", (code, reason)
     assert rounds(fed, "straggler") == [(1, 2, 1, "ok"), (2, 2, 2, "ok")]
