@@ -4,7 +4,9 @@
 - aggregate_train: validate every reply (keys, shapes, dtypes, NaN/Inf, update norm), record each with its
   verdict, then aggregate with `shared.aggregation` (sorted by site, float64, per-key holders, so task heads
   only average among their sites), FedAdam on top when asked. A round with fewer accepted sites than
-  `min_sites` keeps the previous model and is recorded as skipped;
+  `min_sites` returns no model (the run keeps the old one, or tries the round again: `short_round`).
+  Weights travel packed in one buffer each way (`shared/wire.py:pack`); error replies are matched to the
+  message they answer;
 - configure/aggregate_evaluate (phase 2): federated evaluation on each site's validation images.
 
 The run (`server/run.py`) calls the hooks round by round, then probes and checkpoints. Strategies: fedavg,
