@@ -136,5 +136,5 @@ def error_text(reply: Message) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", reply.error.reason)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
-    last = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", r"\1: \2", last)
+    last = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", r"\1: \2", last).removesuffix("'>")
     return f"error reply {names.get(code, 'UNKNOWN')} ({code}): {last}"

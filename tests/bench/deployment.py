@@ -24,6 +24,7 @@ ROUNDS = {"rounds_pretrain": 2, "rounds_finetune": 2, "min_sites": 2, "connect_d
 
 
 def run(out: Path) -> dict:
+    out = out.resolve()  # the scenario's site paths are read relative to its own file
     shutil.rmtree(out, ignore_errors=True)
     sites = {"eyepacs": write_site(out, "eyepacs", 10), "mmac": write_site(out, "mmac", 20)}
     with deployed(out / "deployment", sites) as federation:
