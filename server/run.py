@@ -274,7 +274,7 @@ class FederatedRun:
                 return new if new is not None else arrays
             if strategy.recorder.attempt >= f.round_attempts:
                 raise FederationError(
-                    f"{strategy.phase} round {rnd}: fewer than {f.min_sites} site(s) answered in "
+                    f"{strategy.phase} round {rnd}: fewer than {f.min_sites} accepted update(s) in "
                     f"{f.round_attempts} attempts; fix the sites, then resume the run"
                 )
             strategy.recorder.retrying(rnd, f.round_attempts)

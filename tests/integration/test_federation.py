@@ -1,6 +1,8 @@
 """The federation through real Flower processes (`flwr run .`, local SuperLink, Ray actors), tiny profile.
 
 - two virtual sites, 1+1 rounds: both phases complete and everything lands in the run store;
+- four virtual sites of which three send bad updates: each is rejected with its reason, and under
+  `short_round: wait` a round short of `min_sites` is tried again, then fails the run;
 - one site holding all the data: final weights of both phases equal the CLI's centralised runs bitwise
   (`fedretina pretrain`, then `fedretina finetune` with the hold-out protocol from that encoder), two
   identical runs are bitwise identical, a server killed mid-run resumes to the same weights, and resuming
@@ -242,16 +244,55 @@ def faulty_app(tmp_path: Path) -> Path:
     return app
 
 
+def iid4(tmp_path: Path, source: Path) -> Path:
+    plan = tmp_path / "iid4.yaml"
+    plan.write_text(
+        yaml.safe_dump({"name": "iid4", "split": {"kind": "iid", "source": str(source), "parts": 4}})
+    )
+    return plan
+
+
+def test_a_short_round_under_wait_is_tried_again_then_fails_the_run_in_one_line(
+    tiny_sites: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    fl = Flower(tmp_path_factory.mktemp("flwr-home-short"), faulty_app(tmp_path))
+    runs = tmp_path / "runs"
+    settings = sets(
+        runs_dir=runs,
+        federation__min_sites=2,  # only one of the four faulty-app sites sends a usable update
+        federation__short_round="wait",
+        federation__round_attempts=2,
+        federation__connect_deadline_s=60,
+    )
+    try:
+        result = fl.run(
+            4,
+            {
+                "profile": "tiny",
+                "scenario": str(iid4(tmp_path, tiny_sites["aptos"])),
+                "run-name": "short",
+                "set": settings,
+            },
+        )
+    finally:
+        fl.stop()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "pretrain round 1: fewer than 2 accepted update(s) in 2 attempts; fix the sites" in output
+    run = runs / "short"
+    kinds = [k for (k,) in store_rows(run, "SELECT kind FROM events ORDER BY time") if k.startswith("round")]
+    assert kinds == ["round-short", "round-retry", "round-short"]
+    attempts = store_rows(run, "SELECT DISTINCT attempt FROM replies WHERE kind = 'train' ORDER BY attempt")
+    assert attempts == [(1,), (2,)]
+    assert store_rows(run, "SELECT count(*) FROM replies WHERE aggregated = 1") == [(0,)]
+    assert store_rows(run, "SELECT status FROM runs") == [("failed",)]
+
+
 def test_faulty_sites_are_rejected_with_their_reasons_and_the_run_completes(
     tiny_sites: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     fl = Flower(tmp_path_factory.mktemp("flwr-home-faulty"), faulty_app(tmp_path))
-    plan = tmp_path / "iid4.yaml"
-    plan.write_text(
-        yaml.safe_dump(
-            {"name": "iid4", "split": {"kind": "iid", "source": str(tiny_sites["aptos"]), "parts": 4}}
-        )
-    )
+    plan = iid4(tmp_path, tiny_sites["aptos"])
     runs = tmp_path / "runs"
     try:
         result = fl.run(
