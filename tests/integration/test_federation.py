@@ -276,9 +276,11 @@ def test_a_short_round_under_wait_is_tried_again_then_fails_the_run_in_one_line(
         )
     finally:
         fl.stop()
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "pretrain round 1: fewer than 2 accepted update(s) in 2 attempts; fix the sites" in output
+    output = result.stdout + result.stderr  # (`flwr run` exits 0 whatever the run's fate)
+    assert "fedretina: error: pretrain round 1: fewer than 2 accepted update(s) in 2 attempts" in output, (
+        output[-3000:]
+    )
+    assert "Traceback" not in output
     run = runs / "short"
     kinds = [k for (k,) in store_rows(run, "SELECT kind FROM events ORDER BY time") if k.startswith("round")]
     assert kinds == ["round-short", "round-retry", "round-short"]
