@@ -197,18 +197,22 @@ def test_a_site_cut_off_past_the_heartbeat_patience_fails_its_round_and_comes_ba
     assert_replay_equal(fed, "cut")
 
 
+def resume_to_the_end(fed: Federation, name: str) -> None:
+    """`server run --resume` completes the run after its round-1 checkpoint, as an exact account."""
+    finish(fed, name, start(fed, name, "--resume"))
+    assert rounds(fed, name) == [(1, 2, 2, "ok"), (2, 2, 2, "ok")]
+    starts = fed.store(name, "SELECT message FROM events WHERE kind = 'start' ORDER BY time")
+    assert len(starts) == 2 and "resumed after pretrain round 1" in starts[1][0], starts
+    assert_replay_equal(fed, name)
+
+
 def test_the_superlink_restarted_mid_run_and_the_run_resumed(fed: Federation) -> None:
     run = start(fed, "relink")
     wait_for("round 2", round_started(fed, "relink", 2))
     ok(fedretina("server", "stop", "--state", str(fed.state)))
     assert run.wait(timeout=300) != 0
     fed.start_server()  # its state on disk: the sites' registrations survive
-    resumed = start(fed, "relink", "--resume")
-    finish(fed, "relink", resumed)
-    assert rounds(fed, "relink") == [(1, 2, 2, "ok"), (2, 2, 2, "ok")]
-    starts = fed.store("relink", "SELECT message FROM events WHERE kind = 'start' ORDER BY time")
-    assert len(starts) == 2 and "resumed after pretrain round 1" in starts[1][0], starts
-    assert_replay_equal(fed, "relink")
+    resume_to_the_end(fed, "relink")
 
 
 def test_a_killed_serverapp_resumes_from_its_last_checkpoint(fed: Federation) -> None:
@@ -216,9 +220,4 @@ def test_a_killed_serverapp_resumes_from_its_last_checkpoint(fed: Federation) ->
     wait_for("round 2", round_started(fed, "killed-server", 2))
     signal_all(wait_for("the ServerApp", lambda: serverapps(fed)), signal.SIGKILL)
     assert run.wait(timeout=400) != 0
-    resumed = start(fed, "killed-server", "--resume")
-    finish(fed, "killed-server", resumed)
-    assert rounds(fed, "killed-server") == [(1, 2, 2, "ok"), (2, 2, 2, "ok")]
-    starts = fed.store("killed-server", "SELECT message FROM events WHERE kind = 'start' ORDER BY time")
-    assert len(starts) == 2 and "resumed after pretrain round 1" in starts[1][0], starts
-    assert_replay_equal(fed, "killed-server")
+    resume_to_the_end(fed, "killed-server")
