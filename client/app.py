@@ -26,6 +26,8 @@ from shared.wire import (
     LAYOUT,
     METRICS,
     PACKED,
+    REASON,
+    REFUSAL,
     REPORT,
     SPEC,
     RoundSpec,
@@ -96,8 +98,11 @@ def describe(msg: Message, context: Context) -> Message:
 @_private
 def train(msg: Message, context: Context) -> Message:
     site, spec = _round(msg, context)
-    arrays, metrics = train_round(site, spec, _weights(msg))
-    return _reply(msg, metrics, arrays)
+    trained = train_round(site, spec, _weights(msg))
+    reply = _reply(msg, trained.metrics, trained.weights)
+    if trained.refused is not None:  # no weights: the server records why (e.g. the privacy budget)
+        reply.content[REFUSAL] = ConfigRecord({REASON: trained.refused})
+    return reply
 
 
 @app.evaluate("finetune")

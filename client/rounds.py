@@ -6,13 +6,17 @@ The site's state between rounds (optimiser moments, FedBN layers, progress) is `
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from client.privacy import SitePrivacy
 from client.state import SiteState
 from shared.data.site import Site
 from shared.device import configure_torch
@@ -30,15 +34,32 @@ from shared.training.finetune import (
 from shared.training.phase import Method, Span, run_phase
 from shared.training.pretrain import build_spark, spark_method
 from shared.weights import load_into
-from shared.wire import NUM_EXAMPLES, PRETRAIN, RATE, SECONDS, STEPS, TRAIN_LOSS, RoundSpec, task_key
+from shared.wire import (
+    EPSILON,
+    NUM_EXAMPLES,
+    PRETRAIN,
+    RATE,
+    SECONDS,
+    STEPS,
+    TRAIN_LOSS,
+    RoundSpec,
+    task_key,
+)
 
 Tensors = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
-def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> tuple[Tensors, dict[str, float]]:
-    """The round's local epochs (or steps) from the global weights; returns the weights to send (all of
-    them in pretraining; the encoder and this site's heads in fine-tuning) and the reply's metrics."""
+def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> Trained:
+    """The round's local epochs (or steps) from the global weights: the weights to send (all of them in
+    pretraining; the encoder and this site's heads in fine-tuning) and the reply's metrics. Under DP the
+    site may refuse (its budget), and its epsilon joins the metrics."""
     started, f = time.perf_counter(), spec.config.federation
+    privacy = SitePrivacy(site, spec) if spec.config.privacy.enabled else None
+    sgd, refused = privacy.refusal() if privacy is not None else (None, None)
+    if privacy is not None and sgd is None:
+        log.warning("%s: %s", site.name, refused)
+        return Trained(None, refused_metrics(spec, privacy.epsilon, time.perf_counter() - started), refused)
     device = configure_torch(spec.config)
     state = SiteState(site, spec)
     model, data = _work(site, spec)
@@ -54,7 +75,9 @@ def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> tuple[Tensors, 
         optimizer_state=state.optimizer_before(),
         proximal_mu=f.proximal_mu if f.strategy == "fedprox" else 0.0,  # FedProx's term, at the site
         desc=site.name,
+        privacy=sgd,
     )
+    spent = {EPSILON: privacy.release(sgd)} if privacy is not None and sgd is not None else {}
     state.after_round(model, result.optimizer, result.step)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if spec.phase != PRETRAIN:  # the encoder and the heads this site trained; other heads stay the server's
@@ -68,7 +91,24 @@ def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> tuple[Tensors, 
         SECONDS: seconds,
         RATE: images / max(seconds, 1e-9),
     }
-    return weights, metrics | {task_key(t, NUM_EXAMPLES): len(data.get(t, ())) for t in spec.tasks}
+    counts = {task_key(t, NUM_EXAMPLES): len(data.get(t, ())) for t in spec.tasks}
+    return Trained(weights, metrics | counts | spent)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A train round's outcome: weights and metrics, or (weights None) why the site refused the round."""
+
+    weights: Tensors | None
+    metrics: dict[str, float]
+    refused: str | None = None
+
+
+def refused_metrics(spec: RoundSpec, spent: float, seconds: float) -> dict[str, float]:
+    """A refusing site's reply still carries every metric key a train reply has (no work, its epsilon)."""
+    counts = {task_key(t, NUM_EXAMPLES): 0 for t in spec.tasks}
+    zero = {NUM_EXAMPLES: 0, TRAIN_LOSS: math.nan, STEPS: 0, SECONDS: seconds, RATE: 0.0}
+    return zero | counts | {EPSILON: spent}
 
 
 def round_span(spec: RoundSpec) -> Span:

@@ -43,11 +43,14 @@ from shared.aggregation import (
 from shared.models import ENCODER, head_prefix
 from shared.wire import (
     ARRAYS,
+    EPSILON,
     LAYOUT,
     METRICS,
     NUM_EXAMPLES,
     PACKED,
     PRETRAIN,
+    REASON,
+    REFUSAL,
     SECONDS,
     SPEC,
     STEPS,
@@ -111,7 +114,8 @@ class FedRetina(Strategy):
             aggregate = (new, self.reference) if c.verdict.reason is None else None
             self.recorder.trained(server_round, c.site, **c.record(aggregate))
         counts = {NUM_EXAMPLES, STEPS, *(task_key(t, NUM_EXAMPLES) for t in self.tasks)}
-        merged = merge_metrics((c.metrics for c in accepted), NUM_EXAMPLES, summed=counts, timed={SECONDS})
+        timed = {SECONDS, EPSILON}  # median and max: the worst site's epsilon is the one to watch
+        merged = merge_metrics((c.metrics for c in accepted), NUM_EXAMPLES, summed=counts, timed=timed)
         self.recorder.finished(server_round, len(candidates), len(accepted), merged)
         return to_record(new), MetricRecord(merged)
 
@@ -165,6 +169,9 @@ class FedRetina(Strategy):
 
     def _candidate(self, msg: Message, site: SiteInfo) -> Candidate:
         metrics = dict(msg.content[METRICS])
+        if REFUSAL in msg.content:  # the site chose not to train (its privacy budget): no weights
+            reason = str(msg.content[REFUSAL][REASON])
+            return Candidate(site, {}, metrics, 0, Verdict(f"refused by the site: {reason}", None))
         nbytes = msg.content[ARRAYS].count_bytes()
         try:
             arrays = unpack(msg.content[ARRAYS][PACKED].numpy(), str(msg.content[LAYOUT][PACKED]))

@@ -179,6 +179,60 @@ class FederationConfig(Strict):
     keep_checkpoints: int = Field(3, ge=1)  # server checkpoints kept per phase (the phase's last always)
 
 
+class Budget(Strict):
+    """A data holder's privacy budget: (target_epsilon, delta) over everything it ever releases. A site's
+    own YAML sets it (`privacy:`); centralised runs take the experiment's `privacy.target_epsilon/delta`."""
+
+    target_epsilon: float = Field(8.0, gt=0)
+    # The chance the guarantee fails; keep it below 1 / (the holder's patients).
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class PrivacyConfig(Budget):
+    """DP-SGD at every data holder (Opacus), off by default."""
+
+    enabled: bool = False
+    # What epsilon protects: a "patient" (all their images: both eyes, every visit) or one "image".
+    unit: Literal["patient", "image"] = "patient"
+    clip: float = Field(1.0, gt=0)  # bound on one unit's gradient (L2), before noise
+    # Noise multiplier sigma; null = each data holder picks the smallest that keeps its whole plan
+    # (every round of both phases, after what it already spent) within its budget.
+    noise_multiplier: float | None = Field(None, ge=0)
+    grad_sample_mode: Literal["functorch", "hooks"] = "functorch"  # functorch is faster for depthwise CNNs
+
+
+# Settings DP-SGD cannot honour, with why: refused in one line when privacy.enabled is true.
+DP_REFUSED = (
+    (
+        "model.norm",
+        lambda c: c.model.norm == "bn",
+        "BatchNorm mixes the images of a batch; set model.norm=gn",
+    ),
+    (
+        "pretrain.method",
+        lambda c: c.pretrain.method == "moco",
+        "MoCo's queue of keys carries other images into each image's loss; use spark",
+    ),
+    (
+        "pretrain.loss_reduction",
+        lambda c: c.pretrain.loss_reduction == "batch",
+        "the batch-wide mean couples images; set pretrain.loss_reduction=sample",
+    ),
+    ("finetune.mixup", lambda c: c.finetune.mixup > 0, "mixup blends images of a batch; set it to 0"),
+    ("finetune.cutmix", lambda c: c.finetune.cutmix > 0, "cutmix blends images of a batch; set it to 0"),
+    (
+        "finetune.class_weighting",
+        lambda c: c.finetune.class_weighting,
+        "weights from the private label counts are not privatised; set it to false",
+    ),
+    (
+        "federation.strategy",
+        lambda c: c.federation.strategy == "fedprox",
+        "FedProx's term bypasses the per-sample clipping; use fedavg or fedadam",
+    ),
+)
+
+
 class ExperimentConfig(Strict):
     name: str = "run"
     profile: Literal["tiny", "cpu", "paper"] = "cpu"
@@ -195,6 +249,15 @@ class ExperimentConfig(Strict):
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _private_settings(self) -> ExperimentConfig:
+        if self.privacy.enabled:
+            for key, refused, why in DP_REFUSED:
+                if refused(self):
+                    raise ValueError(f"{key} is refused under privacy.enabled=true: {why}")
+        return self
 
     @property
     def finetune_image_size(self) -> int:
@@ -360,7 +423,10 @@ def _one_line(exc: ValidationError, model: type[BaseModel], source: str) -> str:
     got = err.get("input")
     shown = err["type"] != "value_error" and not isinstance(got, dict | list)
     got_txt = f", got {got!r}" if shown else ""
-    return f"{source}: {loc}: {err['msg'][0].lower()}{err['msg'][1:]}{got_txt}{more}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a check across sections names its own key
+        return f"{source}: {msg}{more}"
+    return f"{source}: {loc}: {msg[0].lower()}{msg[1:]}{got_txt}{more}"
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

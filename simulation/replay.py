@@ -9,6 +9,7 @@ replay needs every site's data in one place, so it is for test federations and a
 Exact for FedAvg and FedProx. A site's optimiser state (`federation.keep_optimizer_state`) comes from its
 previous round: a straggler that trained a round whose reply came too late carries that round's state on,
 which the server never saw; replays of such runs are exact with `keep_optimizer_state: false`.
+Private runs are refused: their noise and sampling come from each site's own entropy.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def replay(federation_dir: Path, site_yamls: list[Path] = ()) -> dict[str, tuple
     cfg = ExperimentConfig.model_validate_json(run["config"])
     if cfg.federation.strategy not in ("fedavg", "fedprox"):
         raise ConfigError(f"replay covers fedavg and fedprox, not {cfg.federation.strategy}")
+    if cfg.privacy.enabled:
+        raise ConfigError(
+            "replay: a private run is not replayable (its sites' noise and sampling are secret)"
+        )
     scenario = run["scenario"] if run["scenario"] != "deployment" else ""
     spec = RunSpec(cfg, run["run_uid"], scenario)
     real = (
@@ -74,8 +79,10 @@ def _round(
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     updates = []
     for site in sites:
-        weights, metrics = train_round(site, round_spec, tensors)
-        updates.append(site_update(site.name, {k: v.numpy() for k, v in weights.items()}, metrics, tasks))
+        trained = train_round(site, round_spec, tensors)
+        assert trained.weights is not None  # only private runs refuse, and they are not replayed
+        weights = {k: v.numpy() for k, v in trained.weights.items()}
+        updates.append(site_update(site.name, weights, trained.metrics, tasks))
     return average(updates, arrays)
 
 

@@ -10,7 +10,11 @@ Example (`sites/templates/eyepacs.yaml`):
     state_dir: /var/lib/fedretina/eyepacs   # default: $XDG_STATE_HOME/fedretina/sites/<name>, never in root
 
 The state directory holds everything the site keeps for itself between rounds and runs (check reports,
-the preprocessed-image cache, optimiser state, later the DP ledger). Nothing in it is ever sent.
+the preprocessed-image cache, optimiser state, the privacy ledger). Nothing in it is ever sent.
+
+A site that trains privately sets its own budget (defaults shown):
+
+    privacy: {target_epsilon: 8.0, delta: 1.0e-5}
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import pandas as pd
 from pydantic import Field, field_validator
 
-from shared.config import Strict, read_yaml, validate
+from shared.config import Budget, Strict, read_yaml, validate
 from shared.data.checks import load_checked_manifest
 from shared.data.formats import FORMATS
 from shared.errors import ConfigError
@@ -40,6 +44,8 @@ class SiteConfig(Strict):
     state_dir: Path | None = None
     # Refuse the site when more than this fraction of its images had to be excluded.
     max_excluded_fraction: float = Field(0.1, ge=0, le=1)
+    # This site's own privacy budget over every private run it ever joins (the hospital decides).
+    privacy: Budget = Budget()
     source: Path | None = None  # the YAML this came from (set by the loader)
 
     @field_validator("name")
@@ -74,6 +80,10 @@ class SiteConfig(Strict):
     def cache_dir(self) -> Path:
         return self.state_root / "cache"
 
+    @property
+    def privacy_dir(self) -> Path:
+        return self.state_root / "privacy"
+
 
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate a site YAML; relative `root`/`state_dir` are taken from the YAML's folder."""
@@ -107,6 +117,11 @@ class Site:
         """Where this (possibly virtual) site keeps its federated runs' state (see client/state.py)."""
         base = self.config.state_root / "federation"
         return base if self.name == self.config.name else base / self.name
+
+    @property
+    def ledger_path(self) -> Path:
+        """This (possibly virtual) site's privacy ledger: one per set of images, shared by all its runs."""
+        return self.config.privacy_dir / f"{self.name}.jsonl"
 
 
 def load_site(path: str | Path) -> Site:

@@ -18,6 +18,7 @@ __all__ = [
     "TaskModel",
     "build_encoder",
     "head_prefix",
+    "min_batch",
     "nnmobilenet",
     "resnet50",
 ]
@@ -28,3 +29,9 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
     if cfg.arch == "nnmobilenet":
         return nnmobilenet(cfg.width_mult, None, norm=cfg.norm, dropout2d=cfg.dropout2d)
     return resnet50(None, norm=cfg.norm)
+
+
+def min_batch(cfg: ModelConfig) -> int:
+    """Images a training step needs: BatchNorm's SE blocks normalise a (B, C, 1, 1) vector, which one image
+    cannot; GroupNorm normalises each image alone (and DP-SGD must step on every Poisson batch)."""
+    return 2 if cfg.norm == "bn" else 1

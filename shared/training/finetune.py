@@ -23,7 +23,7 @@ from shared.data.manifest import labelled
 from shared.data.splits import inner_split
 from shared.device import autocast
 from shared.errors import DataError
-from shared.models import TaskModel, build_encoder
+from shared.models import TaskModel, build_encoder, min_batch
 from shared.seeding import derive_seed
 from shared.training.optim import Schedule, make_optimizer, param_groups
 from shared.training.phase import Method
@@ -99,7 +99,7 @@ def classifier_method(
         batch: dict[str, torch.Tensor], g: torch.Generator, task: str
     ) -> tuple[torch.Tensor, int] | None:
         images, labels = batch["image"].to(device), batch["label"].to(device)
-        if images.shape[0] < 2:
+        if images.shape[0] < min_batch(cfg.model):
             return None
         classes = model.heads[task][1].out_channels
         targets = F.one_hot(labels, classes).float()

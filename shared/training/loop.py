@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from shared.logs import progress_bar
+from shared.privacy.sgd import PrivateSGD
 from shared.seeding import derive_seed, generator, seed_everything
 
 
@@ -93,29 +94,34 @@ def train_epoch(
     desc: str,
     total: int,
     penalty: Callable[[], torch.Tensor] | None = None,
+    private: PrivateSGD | None = None,
 ) -> EpochResult:
     """The step loop every method shares: schedule, loss, backward, optional clipping, step, bookkeeping.
 
     `loss_of(batch, g)` returns (loss, images in the batch) or None to skip a batch (a single image, which
     BatchNorm cannot normalise); `g` holds the batch's own random draws. `first_batch` is the index in its
     epoch of the first batch given; `step` the global step there (it drives the schedule).
-    `penalty()`, when given, is added to every step's loss (FedProx's proximal term).
+    `penalty()`, when given, is added to every step's loss (FedProx's proximal term). Under `private`
+    (DP-SGD) every batch is a step, an empty one adding noise only, and per-unit clipping replaces `clip`.
     """
     meter = Meter()
     bar = progress_bar(desc, total=total, unit="batch")
     for index, batch in enumerate(batches, start=first_batch):
         schedule(optimizer, step)
-        out = loss_of(batch, seeds.batch(index))
-        if out is None:
+        g = seeds.batch(index)
+        out = loss_of(batch, g) if batch else None
+        if out is None and private is None:
             continue
-        loss, n = out
         optimizer.zero_grad(set_to_none=True)
-        (loss + penalty() if penalty is not None else loss).backward()
-        if clip is not None:
+        if out is not None:
+            (out[0] + penalty() if penalty is not None else out[0]).backward()
+        if private is not None:
+            private.before_step(batch)
+        elif clip is not None:
             torch.nn.utils.clip_grad_norm_(list(clip[0]), clip[1])
         optimizer.step()
         step += 1
-        meter.add(float(loss.detach()), n)
+        meter.add(float(out[0].detach()) if out else 0.0, out[1] if out else 0)
         bar.update(1)
         bar.set_postfix(loss=f"{meter.mean:.4f}", img_s=f"{meter.rate:.1f}")
     bar.close()

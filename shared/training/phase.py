@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from shared.data.dataset import loader
+from shared.privacy.sgd import PrivateSGD
 from shared.training.loop import EpochResult, EpochSeeds, proximal_penalty, step_plan, train_epoch
 from shared.training.optim import Schedule
 
@@ -145,11 +147,13 @@ def run_phase(
     proximal_mu: float = 0.0,
     after_epoch: Callable[[EpochEnd], bool] | None = None,
     desc: str = "",
+    privacy: PrivateSGD | None = None,
 ) -> PhaseResult:
     """Train `method.model` in place over `data` (task -> images; "" for pretraining's one dataset) for
     `span`, starting from `optimizer_state` when given. `after_epoch` (epoch spans only) is called after each
     epoch and stops the run by returning True. `proximal_mu` > 0 adds FedProx's term towards the weights
-    the run started from. The model must already be on its device."""
+    the run started from. `privacy` trains with DP-SGD and records what it spent. The model must already
+    be on its device."""
     optimizer = method.optimizer()
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -160,59 +164,71 @@ def run_phase(
     penalty = proximal_penalty(method.model, proximal_mu)
     result = PhaseResult(optimizer, step)
     started = time.perf_counter()
-    for index, piece in enumerate(pieces):
-        seeds = EpochSeeds.of(seed, method.streams, piece.epoch, f"{key}:{piece.task}" if piece.task else key)
-        done = _train_piece(
-            method, data[piece.task], piece, seeds, optimizer, schedule, result.step, penalty, workers, desc
-        )
-        result.step += done.steps
-        result.pieces.append((piece, done))
-        epoch_done = index + 1 == len(pieces) or pieces[index + 1].epoch != piece.epoch
-        if after_epoch is not None and not span.steps and epoch_done:
-            if after_epoch(result.epoch_end(piece.epoch, time.perf_counter() - started)):
-                break
-            started = time.perf_counter()
+    with privacy.attached(method.model, optimizer) if privacy else nullcontext(optimizer) as stepper:
+        for index, piece in enumerate(pieces):
+            task_key = f"{key}:{piece.task}" if piece.task else key
+            seeds = EpochSeeds.of(seed, method.streams, piece.epoch, task_key)
+            work = _Work(method, data[piece.task], piece, seeds, schedule, penalty, workers, desc, privacy)
+            done = work.train(stepper, result.step)
+            if privacy is not None:
+                privacy.spend(len(data[piece.task]), done.steps)
+            result.step += done.steps
+            result.pieces.append((piece, done))
+            epoch_done = index + 1 == len(pieces) or pieces[index + 1].epoch != piece.epoch
+            if after_epoch is not None and not span.steps and epoch_done:
+                if after_epoch(result.epoch_end(piece.epoch, time.perf_counter() - started)):
+                    break
+                started = time.perf_counter()
     return result
 
 
-def _train_piece(
-    method: Method,
-    dataset: Dataset,
-    piece: Piece,
-    seeds: EpochSeeds,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    step: int,
-    penalty: Callable[[], torch.Tensor] | None,
-    workers: int,
-    desc: str,
-) -> EpochResult:
-    """One piece of one task's epoch through the shared step loop."""
-    seeds.start(dataset)
-    method.model.train()
-    batches = loader(
-        dataset,
-        method.batch_size,
-        seed=seeds.order,
-        train=True,
-        workers=workers,
-        batches=(piece.first, piece.count),
-    )
+@dataclass(frozen=True)
+class _Work:
+    """One piece of one task's epoch, ready for the shared step loop."""
 
-    def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
-        return method.loss(batch, g, piece.task)
+    method: Method
+    dataset: Dataset
+    piece: Piece
+    seeds: EpochSeeds
+    schedule: Schedule
+    penalty: Callable[[], torch.Tensor] | None
+    workers: int
+    desc: str
+    privacy: PrivateSGD | None
 
-    label = " ".join(x for x in (desc or method.streams, piece.task, f"epoch {piece.epoch + 1}") if x)
-    return train_epoch(
-        batches,
-        loss_of,
-        optimizer,
-        schedule.apply,
-        seeds=seeds,
-        first_batch=piece.first,
-        step=step,
-        clip=method.clip,
-        desc=label,
-        total=len(batches),
-        penalty=penalty,
-    )
+    def train(self, optimizer: torch.optim.Optimizer, step: int) -> EpochResult:
+        method, piece, seeds = self.method, self.piece, self.seeds
+        seeds.start(self.dataset)
+        method.model.train()
+        if self.privacy is not None:
+            batches = self.privacy.batches(self.dataset, piece.count, seeds.order, self.workers)
+        else:
+            batches = loader(
+                self.dataset,
+                method.batch_size,
+                seed=seeds.order,
+                train=True,
+                workers=self.workers,
+                batches=(piece.first, piece.count),
+            )
+
+        def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
+            return method.loss(batch, g, piece.task)
+
+        label = " ".join(
+            x for x in (self.desc or method.streams, piece.task, f"epoch {piece.epoch + 1}") if x
+        )
+        return train_epoch(
+            batches,
+            loss_of,
+            optimizer,
+            self.schedule.apply,
+            seeds=seeds,
+            first_batch=piece.first,
+            step=step,
+            clip=method.clip,
+            desc=label,
+            total=len(batches),
+            penalty=self.penalty,
+            private=self.privacy,
+        )

@@ -10,7 +10,7 @@ import torch
 
 from shared.config import ExperimentConfig
 from shared.device import autocast
-from shared.models import build_encoder
+from shared.models import build_encoder, min_batch
 from shared.spark.spark import SparK
 from shared.training.optim import Schedule, make_optimizer
 from shared.training.phase import Method
@@ -56,9 +56,7 @@ def spark_method(model: SparK, cfg: ExperimentConfig, device: torch.device) -> M
         batch: dict[str, torch.Tensor], g: torch.Generator, task: str
     ) -> tuple[torch.Tensor, int] | None:
         images = batch["image"].to(device, non_blocking=True)
-        if (
-            images.shape[0] < 2
-        ):  # SE blocks normalise a (B, C, 1, 1) vector: one image has no batch statistics
+        if images.shape[0] < min_batch(cfg.model):
             return None
         if device.type == "cuda" and p.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -56,7 +56,7 @@ def test_config_is_frozen() -> None:
     [
         ("pretrain:\n  epoch: 3\n", "pretrain.epoch: unknown key; did you mean 'epochs'?"),
         ("pretrain:\n  epochs: ten\n", "pretrain.epochs: input should be a valid integer"),
-        ("data:\n  image_size: 100\n", "data.image_size: value error, must be a positive multiple of 32"),
+        ("data:\n  image_size: 100\n", "data.image_size: must be a positive multiple of 32"),
         ("profile: huge\n", "profile: unknown profile 'huge'"),
         ("pretrain: [\n", "not valid YAML (line 2)"),
         ("- a\n- b\n", "expected a mapping"),

@@ -62,15 +62,14 @@ def start(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
 
 def test_two_rounds_of_half_an_epoch_equal_one_round_of_one_epoch(ukb) -> None:
     cfg = load_config(profile="tiny", overrides={"federation.rounds_pretrain": 1})
-    one_epoch, metrics = train_round(ukb, spec(cfg, 1, "a"), start(cfg))
+    first_round = train_round(ukb, spec(cfg, 1, "a"), start(cfg))
+    one_epoch, metrics = first_round.weights, first_round.metrics
     assert metrics["steps"] == 2  # 19 images, batch 8: two full batches per epoch
     halves = cfg.model_copy(
         update={"federation": cfg.federation.model_copy(update={"rounds_pretrain": 2, "local_steps": 1})}
     )
-    middle, _ = train_round(
-        ukb, spec(halves, 1, "b"), start(cfg)
-    )  # the optimiser state travels via the site's folder
-    two_halves, _ = train_round(ukb, spec(halves, 2, "b"), middle)
+    middle = train_round(ukb, spec(halves, 1, "b"), start(cfg)).weights  # optimiser state: the site's folder
+    two_halves = train_round(ukb, spec(halves, 2, "b"), middle).weights
     assert all(torch.equal(one_epoch[k], two_halves[k]) for k in one_epoch)
     progress = (ukb.federation_dir / "b" / "uid" / "pretrain-progress.json").read_text()
     assert '"round": 2' in progress and '"step": 2' in progress
@@ -80,11 +79,11 @@ def test_fedbn_sites_keep_their_own_batchnorm_across_rounds(ukb) -> None:
     cfg = load_config(
         profile="tiny", overrides={"federation.strategy": "fedbn", "federation.rounds_pretrain": 2}
     )
-    first, _ = train_round(ukb, spec(cfg, 1, "fedbn"), start(cfg))
+    first = train_round(ukb, spec(cfg, 1, "fedbn"), start(cfg)).weights
     keys = {k for k in bn_keys(pretraining_start(cfg)) if first[k].is_floating_point()}
     server = {k: torch.zeros_like(v) if k in keys else v for k, v in first.items()}  # an average unlike ours
-    from_server, _ = train_round(ukb, spec(cfg, 2, "fedbn"), server)
-    from_own, _ = train_round(ukb, spec(cfg, 2, "fedbn"), first)
+    from_server = train_round(ukb, spec(cfg, 2, "fedbn"), server).weights
+    from_own = train_round(ukb, spec(cfg, 2, "fedbn"), first).weights
     # round 2 starts from the site's own BatchNorm of round 1 whatever the server sends for it
     assert all(torch.equal(from_server[k], from_own[k]) for k in first)
     state = SiteState(ukb, spec(cfg, 2, "fedbn"))

@@ -1,0 +1,154 @@
+"""A site's privacy policy for a federated round: the run's noise, the budget check, the ledger entry.
+
+The site decides, from its own YAML's budget (`privacy: {target_epsilon, delta}`) and its own ledger
+(`<state>/privacy/<site>.jsonl`): at a run's first private round here it picks the noise for the run's
+whole remaining plan (every round of both phases, after all it spent before) unless the run fixes
+`privacy.noise_multiplier`; it refuses any round that would take its epsilon past the budget; and it
+records a round's steps in the ledger BEFORE the reply leaves, so a crash can only over-count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pandas as pd
+
+from shared.data.manifest import labelled_counts
+from shared.data.site import Site
+from shared.privacy.accounting import Mechanism, epsilon, noise_for
+from shared.privacy.ledger import Ledger, data_fingerprint
+from shared.privacy.plan import span_plan
+from shared.privacy.sgd import PrivateSGD
+from shared.training.finetune import finetune_split
+from shared.training.phase import Span
+from shared.wire import FINETUNE, PRETRAIN, RoundSpec
+
+log = logging.getLogger(__name__)
+
+
+class SitePrivacy:
+    """One site's privacy bookkeeping for one round of a private run."""
+
+    def __init__(self, site: Site, spec: RoundSpec) -> None:
+        self.site, self.spec, self.cfg = site, spec, spec.config
+        self.budget = site.config.privacy
+        self.ledger = Ledger(site.ledger_path)
+
+    @property
+    def epsilon(self) -> float:
+        """Everything this site ever released, composed, at its delta."""
+        return self.ledger.epsilon(self.budget.delta)
+
+    def round_plan(self, phase: str, rnd: int) -> list[tuple[float, int]]:
+        """(q, steps) of round `rnd` of `phase` at this site."""
+        f = self.cfg.federation
+        rounds = f.rounds_pretrain if phase == PRETRAIN else f.rounds_finetune
+        span = Span.round(rnd, rounds, f.local_epochs, f.local_steps)
+        return span_plan(*self._images(phase), span)
+
+    def sigma(self) -> float | None:
+        """The run's noise multiplier here (planned at its first private round); None: budget spent."""
+        if self.cfg.privacy.noise_multiplier is not None:
+            return self.cfg.privacy.noise_multiplier
+        run = self.spec.run.run_uid
+        if (plan := self.ledger.plan(run)) is not None:
+            return plan["sigma"]
+        remaining = self._remaining_plan()
+        sigma = noise_for(self.budget.target_epsilon, self.budget.delta, self.ledger.history(), remaining)
+        if sigma is not None:
+            self.ledger.append(
+                "plan",
+                run_uid=run,
+                run_name=self.cfg.name,
+                sigma=sigma,
+                planned=[list(m) for m in remaining],
+                **self._budget_fields(),
+            )
+            log.info(
+                "privacy: sigma %.3f keeps this run's %d steps within epsilon %g",
+                sigma,
+                sum(n for _, n in remaining),
+                self.budget.target_epsilon,
+            )
+        return sigma
+
+    def refusal(self) -> tuple[PrivateSGD | None, str | None]:
+        """(the round's DP-SGD, None) or (None, why this round is refused)."""
+        sigma = self.sigma()
+        spent = self.epsilon
+        target = self.budget.target_epsilon
+        if sigma is not None:
+            mine = [(sigma, q, n) for q, n in self.round_plan(self.spec.phase, self.spec.round)]
+            projected = epsilon([*self.ledger.history(), *mine], self.budget.delta)
+            if projected <= target * (1 + 1e-9):
+                return self._sgd(sigma), None
+        else:
+            projected = math.inf
+        reason = (
+            f"privacy budget exhausted: epsilon {spent:.3f} spent, this round would reach {projected:.3f} "
+            f"> the site's target {target:g} (delta {self.budget.delta:g}, unit {self.cfg.privacy.unit})"
+        )
+        self.ledger.append("refused", **self._round_fields(), projected=projected, **self._budget_fields())
+        return None, reason
+
+    def release(self, sgd: PrivateSGD) -> float:
+        """Record the round's steps (before its reply leaves); returns the site's epsilon after them."""
+        after = epsilon([*self.ledger.history(), *sgd.released], self.budget.delta)
+        self.ledger.append(
+            "release",
+            **self._round_fields(),
+            mechanisms=[list(m) for m in sgd.released],
+            epsilon=after,
+            data=data_fingerprint(self.site.rows["image_id"]),
+            **self._budget_fields(),
+        )
+        return after
+
+    def _sgd(self, sigma: float) -> PrivateSGD:
+        p = self.cfg.privacy
+        batch = self.cfg.pretrain.batch_size if self.spec.phase == PRETRAIN else self.cfg.finetune.batch_size
+        return PrivateSGD(sigma, p.clip, p.unit, batch, p.grad_sample_mode)
+
+    def _remaining_plan(self) -> list[Mechanism]:
+        """(q, steps) of every round from this one to the run's end (as (q, steps), sigma left out)."""
+        f, spec = self.cfg.federation, self.spec
+        phases = [(PRETRAIN, f.rounds_pretrain), (FINETUNE, f.rounds_finetune)]
+        start = {PRETRAIN: 0, FINETUNE: 1}[spec.phase]
+        plan: list = []
+        for phase, rounds in phases[start:]:
+            first = spec.round if phase == spec.phase else 1
+            for rnd in range(first, rounds + 1):
+                plan += self.round_plan(phase, rnd)
+        return plan
+
+    def _images(self, phase: str) -> tuple[dict[str, int], int]:
+        """Images per task trained in `phase` here, and the phase's batch size."""
+        if phase == PRETRAIN:
+            return {"": len(self.site.rows)}, self.cfg.pretrain.batch_size
+        wanted = tuple(self.spec.tasks) if self.spec.phase == FINETUNE else self.cfg.federation.tasks
+        held = [t for t in labelled_counts(self.site.rows) if not wanted or t in wanted]
+        train = {t: len(finetune_split(self.site.rows, t, self.cfg)[0]) for t in held}
+        return train, self.cfg.finetune.batch_size
+
+    def _round_fields(self) -> dict:
+        spec = self.spec
+        return {
+            "run_uid": spec.run.run_uid,
+            "run_name": self.cfg.name,
+            "phase": spec.phase,
+            "round": spec.round,
+        }
+
+    def _budget_fields(self) -> dict:
+        return {
+            "unit": self.cfg.privacy.unit,
+            "delta": self.budget.delta,
+            "target_epsilon": self.budget.target_epsilon,
+            "largest_patient": largest_patient(self.site.rows),
+        }
+
+
+def largest_patient(rows: pd.DataFrame) -> int:
+    """The most images one patient has here: image-level epsilon protects a patient only k-fold weaker."""
+    return int(rows.groupby("patient_id").size().max()) if len(rows) else 0
