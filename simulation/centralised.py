@@ -22,6 +22,9 @@ from shared.data.transforms import FUNDUS_MEAN, FUNDUS_STD
 from shared.device import configure_torch
 from shared.errors import CheckpointError
 from shared.plots import curve
+from shared.privacy.central import LEDGER, private_sgd, release
+from shared.privacy.ledger import Ledger
+from shared.privacy.plan import span_plan
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
 from shared.spark.preview import save_preview
 from shared.training.checkpoint import export_encoder, load_checkpoint, save_checkpoint
@@ -74,6 +77,9 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
     spark = cfg.pretrain.method == "spark"
     data = {"": _images(sites, cfg)}
     method = spark_method(model, cfg, device) if spark else moco_method(model, cfg, device)  # type: ignore[arg-type]
+    ledger = Ledger(out / LEDGER)
+    plan = span_plan({"": len(data[""])}, cfg.pretrain.batch_size, Span.epochs(cfg.pretrain.epochs))
+    sgd = private_sgd(cfg, ledger, "pretrain", plan, cfg.pretrain.batch_size)
     preview = _preview_batch(sites, cfg).to(device) if spark else None
     log.info(
         "%s pretraining on %d images from %s, device %s",
@@ -91,9 +97,14 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
         workers=cfg.data.workers,
         optimizer_state=optimizer_state,
         after_epoch=lambda end: _after_epoch(end, cfg, model, history, checkpoint, preview),
+        privacy=sgd,
     )
     encoder = out / "encoder.safetensors"
-    export_encoder(encoder, model.encoder.state_dict(), cfg, epochs=len(history.losses))
+    privacy = {}
+    if sgd is not None:  # the exported encoder's whole lineage: every planned epoch, resumed or not
+        spent = release(cfg, ledger, "pretrain", [(sgd.sigma, q, n) for q, n in plan])
+        privacy = {"epsilon": spent, "delta": cfg.privacy.delta, "privacy_unit": cfg.privacy.unit}
+    export_encoder(encoder, model.encoder.state_dict(), cfg, epochs=len(history.losses), **privacy)
     _write_history(out, history, "masked-patch loss" if spark else "InfoNCE loss")
     log.info("encoder exported to %s", encoder)
     return PretrainOutputs(encoder, history, out)

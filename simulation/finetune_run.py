@@ -45,6 +45,9 @@ from shared.device import configure_torch
 from shared.errors import CheckpointError, ConfigError
 from shared.metrics import bootstrap_ci, evaluate_predictions, mean_std, metric_keys
 from shared.plots import auc_vs_fraction, confusion_plot, roc_plot
+from shared.privacy.central import LEDGER, private_sgd, release
+from shared.privacy.ledger import Ledger
+from shared.privacy.plan import span_plan
 from shared.rundir import atomic_write_bytes, atomic_write_text, run_dir, start_run_dir
 from shared.seeding import derive_seed
 from shared.training.data import data_key, load_sites, pooled, site_images
@@ -162,7 +165,7 @@ def _run_arm(study: Study, arm: Arm) -> list[dict]:
         len(split.train),
         len(split.val),
     )
-    best_epoch = _train(study, arm, model, split)
+    best_epoch, spent = _train(study, arm, model, split)
     meta = weights_meta(
         study.cfg,
         "task-model",
@@ -180,7 +183,7 @@ def _run_arm(study: Study, arm: Arm) -> list[dict]:
         "best_epoch": best_epoch,
         "train_images": len(split.train),
         "val_images": len(split.val),
-    }
+    } | ({"epsilon": spent} if spent is not None else {})
     return [_score(study, arm, model, name, rows) | base for name, rows in split.scored.items() if len(rows)]
 
 
@@ -249,14 +252,18 @@ def _build(study: Study, arm: Arm) -> tuple[nn.Module, str]:
     return model.to(study.device), origin
 
 
-def _train(study: Study, arm: Arm, model: nn.Module, split: Split) -> int:
+def _train(study: Study, arm: Arm, model: nn.Module, split: Split) -> tuple[int, float | None]:
     """`finetune.epochs` epochs (fewer with early stopping), leaving the selected epoch's weights in
-    `model` and each epoch's figures in history/<arm>.csv; returns the selected epoch (1-based)."""
+    `model` and each epoch's figures in history/<arm>.csv; returns the selected epoch (1-based) and,
+    under DP, the model's epsilon (all the steps it trained)."""
     cfg, task, cohort = study.cfg, study.task, study.cohort
     holdout = cfg.finetune.protocol == "holdout"
     weights = task_weights({task: split.train}, {task: cohort.num_classes}, cfg)
     val = _images(study, split.val, "none") if len(split.val) else None  # a tiny site may have none
     selection = Selection(model, lambda: _validate(study, model, val), cfg, keep_last=holdout)
+    ledger, batch = Ledger(study.out / LEDGER), cfg.finetune.batch_size
+    plan = span_plan({task: len(split.train)}, batch, Span.epochs(cfg.finetune.epochs))
+    sgd = private_sgd(cfg, ledger, arm.name, plan, batch)
     run_phase(
         classifier_method(model, cfg, study.device, weights),
         {task: _images(study, split.train, cfg.finetune.augment)},
@@ -268,11 +275,13 @@ def _train(study: Study, arm: Arm, model: nn.Module, split: Split) -> int:
         workers=cfg.data.workers,
         after_epoch=selection,
         desc=f"{arm.init_name} fold {arm.fold}",
+        privacy=sgd,
     )
     model.load_state_dict(selection.best_state)
     history = pd.DataFrame(selection.history).to_csv(index=False)
     atomic_write_text(study.out / "history" / f"{arm.name}.csv", history)
-    return selection.best_epoch
+    spent = release(cfg, ledger, arm.name, sgd.released) if sgd is not None else None
+    return selection.best_epoch, spent
 
 
 class Selection:
@@ -395,6 +404,8 @@ def _summarise(cfg: ExperimentConfig, df: pd.DataFrame) -> dict:
         "folds": cfg.finetune.folds,
         "results": [],
     }
+    if cfg.privacy.enabled:
+        out |= {"privacy_unit": cfg.privacy.unit, "delta": cfg.privacy.delta}
     for (init, fraction, split), group in df.groupby(["init", "fraction", "split"], sort=False):
         stats = mean_std(group[list(keys)].to_dict("records"))
         entry = {
@@ -404,18 +415,22 @@ def _summarise(cfg: ExperimentConfig, df: pd.DataFrame) -> dict:
             "n_folds": len(group),
             "metrics": {k: {"mean": m, "std": s} for k, (m, s) in stats.items()},
         }
+        if "epsilon" in group:  # under DP: the worst fold's, at privacy.delta
+            entry["epsilon"] = float(group["epsilon"].max())
         out["results"].append(entry)
     return out
 
 
 def _table(summary: dict, keys: tuple[str, ...]) -> str:
     shown = [k for k in ("accuracy", "auc", "kappa", "f1_weighted", "referable_auc") if k in keys]
+    private = [f"epsilon ({summary['privacy_unit']})"] if "privacy_unit" in summary else []
     lines = [
-        "| init | labels | split | folds | " + " | ".join(shown) + " |",
-        "|---|---|---|---|" + "---|" * len(shown),
+        "| init | labels | split | folds | " + " | ".join(shown + private) + " |",
+        "|---|---|---|---|" + "---|" * len(shown + private),
     ]
     for r in summary["results"]:
         cells = [_pm(r["metrics"][k]["mean"], r["metrics"][k]["std"]) for k in shown]
+        cells += [f"{r['epsilon']:.2f}"] if private else []
         lines.append(
             f"| {r['init']} | {r['fraction']:.0%} | {r['split']} | {r['n_folds']} | "
             + " | ".join(cells)

@@ -16,7 +16,7 @@ the image) as the privacy unit.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -109,11 +109,17 @@ class PrivateSGD:
 class UnitOptimizer(DPOptimizer):
     """Opacus's DPOptimizer whose "samples" are units: per-image gradients are summed per unit first.
 
-    Parameters that took no part in the step (another task's head) have zero per-sample gradients."""
+    Parameters that took no part in the step (another task's head) have zero per-sample gradients and get
+    noise like the rest: an empty batch, where no parameter has any, must look like every other step."""
 
     units: torch.Tensor = torch.zeros(0, dtype=torch.long)
 
-    def clip_and_accumulate(self) -> None:
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool | None:
+        self._per_unit()
+        return super().pre_step(closure)
+
+    def _per_unit(self) -> None:
+        """Replace each parameter's per-image gradients by per-unit sums (Opacus then clips those)."""
         unique, inverse = torch.unique(self.units, return_inverse=True)
         for p in self.params:
             grads = p.grad_sample
@@ -125,7 +131,6 @@ class UnitOptimizer(DPOptimizer):
                 summed = grads.new_zeros((len(unique), *grads.shape[1:]))
                 grads = summed.index_add_(0, inverse.to(grads.device), grads)
             p.grad_sample = grads
-        super().clip_and_accumulate()
 
 
 class PoissonBatches(Sampler[list[int]]):

@@ -30,7 +30,7 @@ from shared.training.finetune import build_task_model
 from shared.training.initialisation import pretraining_start
 from shared.training.phase import Span, run_phase
 from shared.training.pretrain import spark_method
-from shared.wire import EPSILON, PRETRAIN, RoundSpec, RunSpec
+from shared.wire import EPSILON, FINETUNE, PRETRAIN, RoundSpec, RunSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")
 PRIVATE = {"privacy.enabled": True, "model.norm": "gn", "pretrain.loss_reduction": "sample"}
@@ -73,6 +73,18 @@ def test_epsilon_after_k_rounds_equals_one_accountant_over_all_steps(ukb: Site) 
     assert fresh.get_epsilon(delta=1e-5) == pytest.approx(reported[0])  # what a per-round engine reports
     releases = [e for e in ledger.entries() if e["kind"] == "release"]
     assert [e["round"] for e in releases] == [1, 2, 3] and {e["unit"] for e in releases} == {"patient"}
+
+
+def test_a_private_finetune_round_spends_each_held_tasks_steps(ukb: Site) -> None:
+    cfg = private(**{"privacy.noise_multiplier": 1.0, "federation.local_steps": 1})
+    tasks = {"ad": 2, "dr": 5, "pd": 2}
+    round_spec = RoundSpec(RunSpec(cfg, "uid", ""), FINETUNE, 1, tasks)
+    trained = train_round(ukb, round_spec, build_task_model(cfg, tasks).state_dict())
+    assert trained.metrics["steps"] == 2 and trained.metrics["dr-num-examples"] == 0  # ad and pd, one each
+    (release,) = [e for e in Ledger(ukb.ledger_path).entries() if e["kind"] == "release"]
+    images = {t: trained.metrics[f"{t}-num-examples"] for t in ("ad", "pd")}
+    assert release["mechanisms"] == [[1.0, 8 / images["ad"], 1], [1.0, 8 / images["pd"], 1]]
+    assert trained.metrics[EPSILON] == pytest.approx(epsilon([tuple(m) for m in release["mechanisms"]], 1e-5))
 
 
 @pytest.mark.parametrize("unit", ["patient", "image"])
