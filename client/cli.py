@@ -138,6 +138,19 @@ def approve(
     typer.echo(f"{'approved' if added else 'already approved'}: {digest}")
 
 
+@app.command("privacy")
+def privacy(site: Annotated[Path, typer.Argument(help="The site YAML.")]) -> None:
+    """Print this site's privacy ledger: every private run and phase it trained, the steps, the noise,
+    the sample rate, and the epsilon it has spent against its own budget (`privacy:` in the YAML).
+
+    Example: fedretina site privacy eyepacs.yaml
+    """
+    from client.privacy import ledger_report
+    from shared.data.site import load_site_config
+
+    typer.echo(ledger_report(load_site_config(site)))
+
+
 @app.command("approvals")
 def approvals(site: Annotated[Path, typer.Argument(help="The site YAML.")]) -> None:
     """List the app versions this site approved, and those it refused (pending review).

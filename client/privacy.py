@@ -15,8 +15,8 @@ import math
 import pandas as pd
 
 from shared.data.manifest import labelled_counts
-from shared.data.site import Site
-from shared.privacy.accounting import Mechanism, epsilon, noise_for
+from shared.data.site import Site, SiteConfig
+from shared.privacy.accounting import Mechanism, epsilon, group_bound, noise_for
 from shared.privacy.ledger import Ledger, data_fingerprint
 from shared.privacy.plan import span_plan
 from shared.privacy.sgd import PrivateSGD
@@ -152,3 +152,57 @@ class SitePrivacy:
 def largest_patient(rows: pd.DataFrame) -> int:
     """The most images one patient has here: image-level epsilon protects a patient only k-fold weaker."""
     return int(rows.groupby("patient_id").size().max()) if len(rows) else 0
+
+
+def ledger_report(config: SiteConfig) -> str:
+    """`fedretina site privacy`: each ledger under the site's state folder (one per set of images: the
+    site, or a simulation's parts of it), its releases grouped by run and phase, and the epsilon spent."""
+    paths = sorted(config.privacy_dir.glob("*.jsonl"))
+    budget = config.privacy
+    lines = [f"site {config.name}: budget epsilon {budget.target_epsilon:g} at delta {budget.delta:g}"]
+    if not paths:
+        return "\n".join([*lines, f"no private training yet (no ledger in {config.privacy_dir})"])
+    for path in paths:
+        entries = Ledger(path).entries()
+        lines += ["", f"ledger {path}", _table(entries)]
+        spent = Ledger(path).epsilon(budget.delta)
+        units = sorted({e["unit"] for e in entries if "unit" in e})
+        largest = max((e.get("largest_patient", 0) for e in entries), default=0)
+        share = f"{100 * spent / budget.target_epsilon:.0f}%"
+        refused = sum(e["kind"] == "refused" for e in entries)
+        lines.append(
+            f"epsilon spent: {spent:.3f} of {budget.target_epsilon:g} ({share}) at delta {budget.delta:g}; "
+            f"privacy unit: {', '.join(units)}; refused rounds: {refused}"
+        )
+        if "image" in units and largest > 1:
+            eps_k, delta_k = group_bound(spent, budget.delta, largest)
+            lines.append(
+                f"image-level epsilon: a patient with {largest} images here is protected at "
+                f"epsilon {eps_k:.3f}, delta {delta_k:.2g} (group privacy)"
+            )
+    return "\n".join(lines)
+
+
+def _table(entries: list[dict]) -> str:
+    """Releases grouped by (run, phase, sigma, sample rate): rounds, steps and the epsilon after them."""
+    groups: dict[tuple, dict] = {}
+    for e in entries:
+        if e["kind"] != "release":
+            continue
+        for sigma, q, steps in e["mechanisms"]:
+            key = (e.get("run_name", e.get("model", "")), e.get("phase", ""), sigma, q)
+            g = groups.setdefault(key, {"rounds": [], "steps": 0})
+            g["rounds"].append(e.get("round", 0))
+            g["steps"] += steps
+            g["epsilon"] = e["epsilon"]
+    rows = [
+        "| run | phase | rounds | steps | sigma | sample rate | epsilon after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (run, phase, sigma, q), g in groups.items():
+        rounds = sorted(set(g["rounds"]))
+        span = f"{rounds[0]}-{rounds[-1]}" if len(rounds) > 1 else str(rounds[0])
+        rows.append(
+            f"| {run} | {phase} | {span} | {g['steps']} | {sigma:.3f} | {q:.4f} | {g['epsilon']:.3f} |"
+        )
+    return "\n".join(rows)

@@ -31,6 +31,7 @@ from shared.training.initialisation import pretraining_start
 from shared.training.phase import Span, run_phase
 from shared.training.pretrain import spark_method
 from shared.wire import EPSILON, FINETUNE, PRETRAIN, RoundSpec, RunSpec
+from tests.conftest import FEDRETINA
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")
 PRIVATE = {"privacy.enabled": True, "model.norm": "gn", "pretrain.loss_reduction": "sample"}
@@ -234,3 +235,32 @@ def test_the_ledger_survives_sigkill_at_any_point(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"{path.name}:{seen + 1}: not a ledger entry"):
         Ledger(path).entries()
     json.loads(path.read_text().splitlines()[0])  # the earlier entries are untouched
+
+
+def test_site_privacy_prints_the_ledger_with_its_unit_and_the_group_bound(
+    tiny_sites: dict[str, Path], tmp_path: Path
+) -> None:
+    import yaml
+
+    data = yaml.safe_load(tiny_sites["ukb"].read_text())
+    data |= {
+        "root": str((tiny_sites["ukb"].parent / data["root"]).resolve()),
+        "state_dir": str(tmp_path / "state"),
+        "privacy": {"target_epsilon": 20.0, "delta": 1e-6},
+    }
+    site_yaml = tmp_path / "ukb.yaml"
+    site_yaml.write_text(yaml.safe_dump(data))
+    site = load_site(site_yaml)
+    cfg = private(**{"privacy.unit": "image", "federation.rounds_pretrain": 2, "federation.local_steps": 1})
+    weights = pretraining_start(cfg).state_dict()
+    for rnd in (1, 2):
+        weights = train_round(site, spec(cfg, rnd), weights).weights
+    result = subprocess.run([FEDRETINA, "site", "privacy", str(site_yaml)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    spent = Ledger(site.ledger_path).epsilon(1e-6)
+    assert "site ukb: budget epsilon 20 at delta 1e-06" in out
+    assert "| run | pretrain | 1-2 | 2 | " in out  # run name "run", both rounds, one step each
+    assert f"epsilon spent: {spent:.3f} of 20 " in out and "privacy unit: image" in out
+    largest = int(site.rows.groupby("patient_id").size().max())
+    assert f"a patient with {largest} images here is protected at epsilon {largest * spent:.3f}" in out
