@@ -1,7 +1,7 @@
 """`make bench`: the project's numbers, as ratios measured in one run (these machines are noisy).
 
     python -m tests.bench                  # everything (about 25-30 minutes on 2 CPU cores)
-    python -m tests.bench data spark       # some groups: data, spark, federation, deployment
+    python -m tests.bench data spark       # some groups: data, spark, federation, deployment, privacy
 
 Results go to runs/bench/results.json (a group run alone replaces only its own entry) and a table on stdout.
 Nothing here is asserted: targets are printed beside the figures.
@@ -17,9 +17,15 @@ from pathlib import Path
 
 import torch
 
-from tests.bench import data, deployment, federation, spark
+from tests.bench import data, deployment, federation, privacy, spark
 
-GROUPS = {"data": data.run, "spark": spark.run, "federation": federation.run, "deployment": deployment.run}
+GROUPS = {
+    "data": data.run,
+    "spark": spark.run,
+    "federation": federation.run,
+    "deployment": deployment.run,
+    "privacy": privacy.run,
+}
 OUT = Path("runs/bench")
 
 
