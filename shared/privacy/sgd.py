@@ -16,6 +16,7 @@ the image) as the privacy unit.
 from __future__ import annotations
 
 import secrets
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,7 +83,9 @@ class PrivateSGD:
             generator=self.rng,
         )
         try:
-            yield self.optimizer
+            with warnings.catch_warnings():  # torch's notice on every hooked backward of a first layer
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                yield self.optimizer
         finally:
             gsm._close()
             self.optimizer = None

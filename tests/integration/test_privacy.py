@@ -21,7 +21,7 @@ from shared.privacy.ledger import Ledger
 from tests.conftest import ROOT
 from tests.integration.flower import Flower, sets
 
-pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = pytest.mark.integration
 
 
 def with_budget(site_yaml: Path, out: Path, target: float) -> Path:

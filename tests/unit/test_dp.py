@@ -33,7 +33,7 @@ from shared.training.pretrain import spark_method
 from shared.wire import EPSILON, FINETUNE, PRETRAIN, RoundSpec, RunSpec
 from tests.conftest import FEDRETINA
 
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")
+
 PRIVATE = {"privacy.enabled": True, "model.norm": "gn", "pretrain.loss_reduction": "sample"}
 
 
