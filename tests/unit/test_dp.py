@@ -33,7 +33,6 @@ from shared.training.pretrain import spark_method
 from shared.wire import EPSILON, FINETUNE, PRETRAIN, RoundSpec, RunSpec
 from tests.conftest import FEDRETINA
 
-
 PRIVATE = {"privacy.enabled": True, "model.norm": "gn", "pretrain.loss_reduction": "sample"}
 
 
