@@ -84,10 +84,15 @@ class SitePrivacy:
             if projected <= target * (1 + 1e-9):
                 return self._sgd(sigma), None
         else:
-            projected = math.inf
+            projected = math.inf  # the budget is spent before the run's first round here
+        over = (
+            f"this round would reach {projected:.3f} >"
+            if sigma is not None
+            else "no noise keeps this run within"
+        )
         reason = (
-            f"privacy budget exhausted: epsilon {spent:.3f} spent, this round would reach {projected:.3f} "
-            f"> the site's target {target:g} (delta {self.budget.delta:g}, unit {self.cfg.privacy.unit})"
+            f"privacy budget exhausted: epsilon {spent:.3f} spent, {over} the site's target {target:g} "
+            f"(delta {self.budget.delta:g}, unit {self.cfg.privacy.unit})"
         )
         self.ledger.append("refused", **self._round_fields(), projected=projected, **self._budget_fields())
         return None, reason

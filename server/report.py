@@ -3,19 +3,20 @@ end-of-run table of both phases."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
 
 from server.store import RunStore
-from shared.wire import SECONDS, TRAIN_LOSS
+from shared.wire import EPSILON, SECONDS, TRAIN_LOSS
 
 SHOWN = ("auc", "kappa")  # per task in the summary table; the console line adds accuracy
 
 
 def round_line(store: RunStore, phase: str, rnd: int, total: int) -> str:
     """One line for round `rnd` of `phase`, e.g. `pretrain round 2/3: 4/4 sites, loss 0.3807, probe 0.6014,
-    site time 26.2 s median / 29.3 s max, 7.9 MB per reply`."""
+    site time 26.2 s median / 29.3 s max, 7.9 MB per reply`, and under DP the largest site epsilon."""
     where, args = "run_name = ? AND phase = ? AND round = ?", (store.run_name, phase, rnd)
     rows = store.query(f"SELECT sampled, accepted, status FROM rounds WHERE {where}", args)
     metrics = store.query(f"SELECT source, key, value FROM metrics WHERE {where}", args)
@@ -50,7 +51,15 @@ def round_line(store: RunStore, phase: str, rnd: int, total: int) -> str:
     median, worst = v.get(f"train:{SECONDS}-median"), v.get(f"train:{SECONDS}-max")
     parts += [f"site time {median:.1f} s median / {worst:.1f} s max"] if median is not None else []
     parts += [f"{statistics.median(x['bytes'] for x in sent) / 1e6:.1f} MB per reply"] if sent else []
+    if (spent := v.get(f"train:{EPSILON}-max")) is not None:
+        parts.append(f"epsilon {spent:.3f} max ({privacy_unit(store)} level)")
     return f"{phase} round {rnd}/{total}: " + ", ".join(parts)
+
+
+def privacy_unit(store: RunStore) -> str:
+    """What the run's epsilon protects (a patient or an image), from its recorded config."""
+    rows = store.query("SELECT config FROM runs WHERE run_name = ?", (store.run_name,))
+    return json.loads(rows[0]["config"])["privacy"]["unit"] if rows else "unknown"
 
 
 def summary_table(store: RunStore) -> str:
@@ -72,7 +81,9 @@ def summary_table(store: RunStore) -> str:
             if k.startswith("federated-eval:") and k.rsplit("-", 1)[-1] in SHOWN
         }
     )
+    private = any(f"train:{EPSILON}-max" in v for v in values.values())
     header = ["phase", "round", "sites", "train loss", "probe loss", *eval_keys]
+    header += [f"epsilon max ({privacy_unit(store)})"] if private else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rounds:
         v = values.get((r["phase"], r["round"]), {})
@@ -83,6 +94,7 @@ def summary_table(store: RunStore) -> str:
             _fmt(v.get(f"train:{TRAIN_LOSS}")),
             _fmt(v.get("server-probe:probe-loss")),
             *(_fmt(v.get(f"federated-eval:{k}")) for k in eval_keys),
+            *([_fmt(v.get(f"train:{EPSILON}-max"))] if private else []),
         ]
         if r["status"] not in ("ok", "running"):
             cells[2] += f" ({r['status']})"

@@ -95,7 +95,8 @@ def pretrain(
     Writes runs/NAME/pretrain/: checkpoint.safetensors (resumable with --resume, which refuses changed
     settings by name), previews/epoch*.png (input, masked input, reconstruction; SparK), history.csv and
     loss.png, and encoder.safetensors, the initialisation `fedretina finetune` takes. One simulated
-    federated site holding these images reproduces it bitwise.
+    federated site holding these images reproduces it bitwise. With `--set privacy.enabled=true` it trains
+    with DP-SGD within privacy.target_epsilon (ledger: privacy-ledger.jsonl; docs/privacy.md).
 
     Example: fedretina pretrain --profile tiny --site sites/generated/ukb-a.yaml --name spark-tiny
     """
@@ -125,7 +126,8 @@ def finetune(
     CV selects each fold's epoch on an inner validation split only; a site's own test split is scored by
     every model with bootstrap 95% CIs. Writes runs/NAME/finetune/: folds.csv, summary.json, table.md, ROC,
     confusion-matrix and AUC-vs-label-fraction PNGs, each model (safetensors), its per-epoch history (csv)
-    and predictions (npz). --resume skips finished arms (and may add inits, fractions or folds).
+    and predictions (npz). --resume skips finished arms (and may add inits, fractions or folds). With
+    `--set privacy.enabled=true` each model trains with DP-SGD and the table gains its epsilon.
 
     Example: fedretina finetune -c experiment.yaml --set finetune.label_fractions=[0.1]
     """

@@ -12,6 +12,7 @@ Nothing is ever removed or rolled back (a server that resumes re-runs rounds tha
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import json
 from collections.abc import Iterable
@@ -64,10 +65,13 @@ class Ledger:
         return plans[0] if plans else None
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Add one entry atomically; returns it."""
+        """Add one entry atomically, under a lock (two runs at one site never lose each other's)."""
         entry = {"kind": kind, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **fields}
-        old = self.path.read_text() if self.path.exists() else ""
-        atomic_write_text(self.path, old + json.dumps(entry, sort_keys=True) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = self.path.read_text() if self.path.exists() else ""
+            atomic_write_text(self.path, old + json.dumps(entry, sort_keys=True) + "\n")
         return entry
 
 

@@ -215,3 +215,34 @@ def test_the_holdout_protocol_splits_as_federated_sites_do_and_keeps_the_last_ep
     assert history.epoch.tolist() == [1, 2] and (history.seconds > 0).all()  # no early stop, no selection
     assert (folds.best_epoch == cfg.finetune.epochs).all()
     assert "| scratch | 100% | val | 1 |" in out.joinpath("table.md").read_text()
+
+
+def test_private_centralised_commands_spend_their_budget_and_say_so(eyepacs60: Path, tmp_path: Path) -> None:
+    """`fedretina pretrain` then `finetune` with DP through the CLI: sigma planned to land on the budget,
+    epsilon (with its unit) in the ledger, the encoder's metadata and the results table."""
+    private = [
+        "privacy.enabled=true",
+        "model.norm=gn",
+        "pretrain.loss_reduction=sample",
+        f"runs_dir={tmp_path}",
+    ]
+    sets = [arg for s in private for arg in ("--set", s)]
+    run = [FEDRETINA, "-q", "pretrain", "--profile", "tiny", "--site", str(eyepacs60), "--name", "dp", *sets]
+    done = subprocess.run(run, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ledger = [json.loads(line) for line in (tmp_path / "dp" / "pretrain" / "privacy-ledger.jsonl").open()]
+    assert [e["kind"] for e in ledger] == ["plan", "release"]
+    assert 0.95 * 8 < ledger[1]["epsilon"] <= 8.0 and ledger[1]["unit"] == "patient"
+    from shared.weights import load_weights
+
+    _, meta = load_weights(tmp_path / "dp" / "pretrain" / "encoder.safetensors")
+    assert meta["epsilon"] == ledger[1]["epsilon"] and meta["privacy_unit"] == "patient"
+    finetune = [FEDRETINA, "-q", "finetune", "--profile", "tiny", "--site", str(eyepacs60), "--name", "dp"]
+    finetune += [*sets, "--set", "finetune.protocol=holdout", "--set", "privacy.target_epsilon=3"]
+    done = subprocess.run(finetune, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "dp" / "finetune"
+    folds = pd.read_csv(out / "folds.csv")
+    assert (folds.epsilon <= 3.0).all() and (folds.epsilon > 2.5).all()
+    table = (out / "table.md").read_text()
+    assert "| epsilon (patient) |" in table.splitlines()[0] and f"| {folds.epsilon.max():.2f} |" in table

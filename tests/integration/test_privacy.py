@@ -85,6 +85,9 @@ def test_private_federation_keeps_every_sites_ledger_across_a_kill_and_a_resume(
         fl.stop()
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0 and "resuming after pretrain round" in output, output[-3000:]
+    assert "max (patient level)" in output  # the console's round line shows the largest site epsilon
+    summary = (runs / "dp" / "federation" / "summary.md").read_text()
+    assert "| epsilon max (patient) |" in summary.splitlines()[0]
     db = sqlite3.connect(runs / "dp" / "federation" / "store.sqlite")
     assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
     db.close()
