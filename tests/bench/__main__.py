@@ -1,6 +1,6 @@
 """`make bench`: the project's numbers, as ratios measured in one run (these machines are noisy).
 
-    python -m tests.bench                  # everything (about 25-30 minutes on 2 CPU cores)
+    python -m tests.bench                  # everything (about 30-40 minutes on 2 CPU cores)
     python -m tests.bench data spark       # some groups: data, spark, federation, deployment, privacy
 
 Results go to runs/bench/results.json (a group run alone replaces only its own entry) and a table on stdout.
