@@ -14,8 +14,8 @@ endif
 # the natural scenario's four sites, one Ray actor per CPU
 DEMO_NODES := 4
 
-# Debian packages the tests need: nginx (the server's Fleet-only proxy)
-SYSTEM_PACKAGES := nginx-light
+# Debian packages the tests need: nginx (the server's Fleet-only proxy), chromium (the dashboard tests' browser)
+SYSTEM_PACKAGES := nginx-light chromium
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: help uv sync system demo test test-faults test-fast bench lint format clean
@@ -37,8 +37,8 @@ demo: sync  ## the main job on the embedded synthetic default (cpu profile, abou
 		--run-config 'profile="$(PROFILE)" scenario="natural" run-name="$(DEMO_RUN)" set="federation.tasks=[dr,mmac]"'
 	$(FR) server summary runs/$(DEMO_RUN)
 
-system:  ## install the Debian packages the tests need (nginx), when missing
-	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+system:  ## install the Debian packages the tests need (nginx, chromium), when missing
+	@command -v nginx >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; }
 
 test: sync system  ## the test suite CI runs (all but the fault tests)

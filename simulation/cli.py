@@ -157,6 +157,30 @@ def flower_environment(
         typer.echo(shell_exports(flower_env()))
 
 
+@app.command("dashboard")
+def dashboard(
+    runs: Annotated[Path, typer.Argument(help="The runs folder (every run store under it is shown).")] = Path(
+        "runs"
+    ),
+    host: Annotated[str, typer.Option(help="Address to bind; beyond loopback a --token is required.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8050,
+    token: Annotated[
+        str | None, typer.Option(help="Token every request must carry; 'generate' makes and prints one.")
+    ] = None,
+) -> None:
+    """Serve the operator's dashboard: every run under RUNS (runs table, a run's progress, curves,
+    participation grid, drift, bytes, stragglers, probes, events, DP epsilon; runs compared), read-only
+    (a live run is never blocked), refreshing itself while a run is going.
+
+    Example: fedretina dashboard runs/   then open http://127.0.0.1:8050/
+    """
+    from server.dashboard.serve import serve
+
+    serve(runs, host, port, token)
+
+
 def main() -> None:
     run_cli(app)
 

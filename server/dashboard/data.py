@@ -1,0 +1,173 @@
+"""What the dashboard shows, read from run stores only, never written: every connection is SQLite's
+read-only URI mode (`mode=ro`), so a live run's writes are never blocked and no table is ever created."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.wire import EPSILON, SECONDS, TRAIN_LOSS
+
+# A participation cell's fate, from its reply (or its absence).
+FATES = ("accepted", "rejected", "failed", "timed out", "refused", "sampled")
+
+
+@dataclass(frozen=True)
+class Store:
+    """One run store, `<root>/<name>/federation/store.sqlite`, named by its run folder under the root."""
+
+    path: Path
+    name: str
+
+    def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in db.execute(sql, params).fetchall()]
+        finally:
+            db.close()
+
+
+def stores(root: Path) -> list[Store]:
+    """Every run store under `root` (a runs folder, or one run's folder)."""
+    found = sorted(root.rglob("federation/store.sqlite"))
+    return [Store(p, p.parent.parent.relative_to(root).as_posix() or root.name) for p in found]
+
+
+def run_rows(root: Path) -> list[dict[str, Any]]:
+    """The runs table: newest first, with progress, sites, elapsed time and a failed run's reason."""
+    rows = []
+    for store in stores(root):
+        try:
+            (run,) = store.query("SELECT * FROM runs")[:1] or [None]
+        except sqlite3.Error:
+            continue  # a store being created this instant
+        if run is None:
+            continue
+        config = json.loads(run["config"] or "{}")
+        progress = _progress(store, config)
+        sites = store.query("SELECT count(DISTINCT site) AS n FROM sites")[0]["n"]
+        finished = run["finished"] or time.time()
+        reason = ""
+        if run["status"] == "failed":
+            errors = store.query(
+                "SELECT message FROM events WHERE level = 'error' ORDER BY time DESC LIMIT 1"
+            )
+            reason = errors[0]["message"] if errors else ""
+        rows.append(
+            {
+                "name": store.name,
+                "scenario": Path(run["scenario"]).stem if "/" in (run["scenario"] or "") else run["scenario"],
+                "strategy": run["strategy"],
+                "status": run["status"],
+                "progress": progress,
+                "sites": sites,
+                "started": run["started"],
+                "elapsed_s": finished - (run["started"] or finished),
+                "reason": reason,
+                "privacy": bool(config.get("privacy", {}).get("enabled")),
+            }
+        )
+    return sorted(rows, key=lambda r: r["started"] or 0, reverse=True)
+
+
+def _progress(store: Store, config: dict) -> str:
+    """`phase k/N` of the run's latest round."""
+    last = store.query("SELECT phase, round FROM rounds ORDER BY started DESC LIMIT 1")
+    if not last:
+        return "starting"
+    phase, rnd = last[0]["phase"], last[0]["round"]
+    total = config.get("federation", {}).get(f"rounds_{phase}", "?")
+    return f"{phase} {rnd}/{total}"
+
+
+def run_detail(store: Store) -> dict[str, Any]:
+    """Everything one run page shows, as JSON-ready data."""
+    (run,) = store.query("SELECT * FROM runs")
+    config = json.loads(run["config"] or "{}")
+    rounds = store.query("SELECT * FROM rounds ORDER BY phase DESC, round")
+    replies = store.query("SELECT * FROM replies ORDER BY phase DESC, round, site, attempt")
+    for r in replies:
+        r["metrics"] = json.loads(r["metrics"] or "{}")
+        r["fate"] = fate(r)
+    metrics: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for m in store.query("SELECT phase, round, source, key, value FROM metrics ORDER BY round"):
+        metrics[m["phase"]][f"{m['source']}:{m['key']}"].append([m["round"], _num(m["value"])])
+    sites = sorted({r["site"] for r in replies} | {s["site"] for s in store.query("SELECT site FROM sites")})
+    return {
+        "name": store.name,
+        "run": {k: run[k] for k in ("run_name", "scenario", "strategy", "status", "started", "finished")},
+        "planned": {p: config.get("federation", {}).get(f"rounds_{p}", 0) for p in ("pretrain", "finetune")},
+        "privacy_unit": config.get("privacy", {}).get("unit")
+        if config.get("privacy", {}).get("enabled")
+        else None,
+        "eta_s": _eta(rounds, config),
+        "rounds": rounds,
+        "sites": sites,
+        "replies": [_reply(r) for r in replies],
+        "metrics": {p: dict(v) for p, v in metrics.items()},
+        "events": store.query("SELECT time, level, kind, message FROM events ORDER BY time"),
+        "probes": sorted(p.name for p in (store.path.parent / "probes").glob("pretrain-r*.png")),
+    }
+
+
+def fate(reply: dict) -> str:
+    """What became of one site's reply: accepted, rejected (validation), refused (its privacy budget),
+    failed (an error reply) or timed out."""
+    if reply["accepted"]:
+        return "accepted"
+    reason = reply["reason"] or ""
+    if reason.startswith("refused by the site"):
+        return "refused"
+    if reason.startswith("timed out"):
+        return "timed out"
+    if reply["error_code"] is not None:
+        return "failed"
+    return "rejected"
+
+
+def _reply(r: dict) -> dict:
+    m = r["metrics"]
+    return {
+        "phase": r["phase"],
+        "round": r["round"],
+        "kind": r["kind"],
+        "site": r["site"],
+        "attempt": r["attempt"],
+        "fate": r["fate"],
+        "reason": r["reason"] or "",
+        "examples": r["num_examples"],
+        "seconds": _num(r["duration"]),
+        "bytes": r["bytes"],
+        "update_norm": _num(r["update_norm"]),
+        "cosine": _num(r["cosine"]),
+        "aggregated": bool(r["aggregated"]),
+        "train_loss": _num(m.get(TRAIN_LOSS)),
+        "epsilon": _num(m.get(EPSILON)),
+        "site_seconds": _num(m.get(SECONDS)),
+    }
+
+
+def _eta(rounds: list[dict], config: dict) -> float | None:
+    """Seconds left at the median round time so far (None once nothing is left or nothing is known)."""
+    done = [r["finished"] - r["started"] for r in rounds if r["finished"] and r["started"]]
+    planned = sum(config.get("federation", {}).get(f"rounds_{p}", 0) for p in ("pretrain", "finetune"))
+    left = planned - len(done)
+    if not done or left <= 0:
+        return None
+    done.sort()
+    return done[len(done) // 2] * left
+
+
+def _num(value: Any) -> float | None:
+    """A JSON-safe number: NaN and infinities become None."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

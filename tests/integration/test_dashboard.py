@@ -1,0 +1,223 @@
+"""The dashboard in a real browser (Debian's chromium driven by Playwright), served by the real CLI over run
+stores written by the ServerApp's own writers: the numbers shown are the store's, the participation grid
+marks a rejected reply with its reason, a page left open on a running run shows a new round without a
+reload while the run keeps writing unblocked, no request leaves for another host, and the token rules hold.
+
+Set FEDRETINA_SCREENSHOTS=<folder> to keep a screenshot of each page (docs/img holds the committed ones)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FEDRETINA
+from tests.integration.dashboard_store import REFUSED, REJECTED, record_round, start
+
+pytestmark = pytest.mark.integration
+CHROMIUM = "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def dashboard(root: Path, *extra: str) -> Iterator[str]:
+    """`fedretina dashboard root` on a free port; yields its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [FEDRETINA, "dashboard", str(root), "--port", str(port), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert process.poll() is None, process.stdout.read()  # type: ignore[union-attr]
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make system` (Debian's chromium)")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def screenshot(page: object, name: str) -> None:
+    folder = os.environ.get("FEDRETINA_SCREENSHOTS")
+    if folder:
+        page.screenshot(path=str(Path(folder) / f"dashboard-{name}.png"), full_page=True)  # type: ignore[attr-defined]
+
+
+def rows(store: Path, sql: str) -> list[tuple]:
+    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def test_pages_show_the_stores_numbers_and_every_replys_fate(browser: object, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for name, pace in (("alpha", 1.0), ("beta", 2.0)):
+        store = start(runs, name, sites=5, rounds=4)
+        for rnd in (1, 2, 3, 4):
+            record_round(store, rnd, sites=5, pace=pace)
+        store.finish_run("completed")
+    db = runs / "alpha" / "federation" / "store.sqlite"
+    page = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    with dashboard(runs) as base:
+        page.goto(base + "/")
+        assert page.locator("#runs tbody tr").count() == 2
+        assert "completed" in page.locator("#runs tbody tr", has_text="alpha").inner_text()
+        assert page.request.get(base + "/runs.csv").text().count("\n") == 3  # header and two runs
+        screenshot(page, "runs")
+
+        page.goto(base + "/run/alpha")
+        page.wait_for_selector("figure.chart .uplot")
+        grid = page.locator("#participation")
+        rejected = grid.locator("tr", has_text="site-01").locator("td").first
+        assert "fate-rejected" in rejected.get_attribute("class")
+        assert REJECTED in rejected.get_attribute("title")
+        refused = grid.locator("tr", has_text="site-02").locator("td").first
+        assert "fate-refused" in refused.get_attribute("class") and REFUSED in refused.get_attribute("title")
+        failed = grid.locator("tr", has_text="site-03").locator("td").nth(1)  # round 2
+        assert "fate-failed" in failed.get_attribute("class") and "NODE_UNAVAILABLE" in failed.get_attribute(
+            "title"
+        )
+        # the epsilon shown per site is its last reply's, as stored
+        stored = {
+            site: json.loads(m)["privacy-epsilon"]
+            for site, m in rows(db, "SELECT site, metrics FROM replies WHERE round = 4 ORDER BY site")
+            if m != "{}"
+        }
+        shown = dict(
+            (r.locator("td").first.inner_text(), float(r.locator("td").nth(1).inner_text()))
+            for r in page.locator("#epsilon tbody tr").all()
+        )
+        assert shown.keys() >= stored.keys() and all(abs(shown[s] - v) < 5e-4 for s, v in stored.items())
+        # a chart's data are the store's, round by round
+        spec = json.loads(page.locator("#chart-probe script.spec").text_content())
+        probe = rows(db, "SELECT round, value FROM metrics WHERE key = 'probe-loss' ORDER BY round")
+        assert spec["x"] == [r for r, _ in probe] and spec["series"][0]["values"] == [v for _, v in probe]
+        slow = page.locator("#stragglers tr", has_text="site-04").locator("td.slow")
+        assert slow.count() >= 3  # site 4 took 30 s more than the others every round it replied
+        csv = page.request.get(base + "/run/alpha/replies.csv").text()
+        assert csv.count("\n") == 1 + len(rows(db, "SELECT * FROM replies"))
+        screenshot(page, "run")
+
+        page.goto(base + "/compare?run=alpha&run=beta")
+        page.wait_for_selector("figure.chart .uplot")
+        spec = json.loads(page.locator("#chart-probe script.spec").text_content())
+        assert [s["label"] for s in spec["series"]] == ["alpha", "beta"]
+        screenshot(page, "compare")
+    assert requests and all(u.startswith(base) for u in requests), [
+        u for u in requests if not u.startswith(base)
+    ]
+
+
+def test_a_page_on_a_running_run_shows_new_rounds_without_reload(browser: object, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    store = start(runs, "live", sites=4, rounds=6)
+    record_round(store, 1, sites=4)
+    page = browser.new_page()  # type: ignore[attr-defined]
+    with dashboard(runs) as base:
+        page.goto(base + "/run/live")
+        assert page.locator("#progress-pretrain").inner_text() == "1/6"
+        page.evaluate("window.sameDocument = true")
+        written: list[float] = []
+
+        def run_goes_on() -> None:  # the run writing while the page polls its store
+            for rnd in (2, 3):
+                time.sleep(1.0)
+                t = time.perf_counter()
+                record_round(store, rnd, sites=4)
+                written.append(time.perf_counter() - t)
+            store.finish_run("failed")
+            store.event("error", "FederationError: pretrain round 4: fewer than 2 accepted updates", "error")
+
+        writer = threading.Thread(target=run_goes_on)
+        writer.start()
+        page.wait_for_function(
+            "document.getElementById('progress-pretrain').textContent === '3/6'", timeout=30000
+        )
+        writer.join()
+        page.wait_for_function(
+            "document.getElementById('run-status').textContent === 'failed'", timeout=30000
+        )
+        assert page.evaluate("window.sameDocument") is True  # updated in place, never reloaded
+        assert len(written) == 2  # every write went through while the dashboard read
+        page.goto(base + "/")
+        assert "fewer than 2 accepted updates" in page.locator("#runs tbody tr").first.inner_text()
+
+
+def test_a_100_round_10_site_run_page_renders_completely(browser: object, tmp_path: Path) -> None:
+    """The time to the first complete render is printed (a figure for the notes, never asserted)."""
+    runs = tmp_path / "runs"
+    store = start(runs, "big", sites=10, rounds=100)
+    for rnd in range(1, 101):
+        record_round(store, rnd, sites=10)
+    store.finish_run("completed")
+    page = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+    with dashboard(runs) as base:
+        started = time.perf_counter()
+        page.goto(base + "/run/big")
+        charts = page.locator("figure.chart").count()
+        page.wait_for_function(f"document.querySelectorAll('figure.chart .uplot').length === {charts}")
+        seconds = time.perf_counter() - started
+    assert page.locator("#participation tbody tr").count() == 10
+    assert page.locator("#participation thead th").count() == 101
+    print(f"\n100-round 10-site run page: complete render in {seconds:.2f} s ({charts} charts)")
+
+
+def test_the_token_rules(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    start(runs, "r", sites=2, rounds=1).finish_run("completed")
+    refused = subprocess.run(
+        [FEDRETINA, "dashboard", str(runs), "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith(
+        "fedretina: error: --host 0.0.0.0: serving beyond this machine needs a token"
+    )
+    with dashboard(runs, "--token", "s3cret-token") as base:
+        for url in (base + "/", base + "/run/r", base + "/?token=wrong"):
+            with pytest.raises(urllib.error.HTTPError) as denied:
+                urllib.request.urlopen(url, timeout=10)
+            assert denied.value.code == 401
+        with urllib.request.urlopen(base + "/run/r?token=s3cret-token", timeout=10) as ok:
+            assert ok.status == 200 and "Participation" in ok.read().decode()
+        bearer = urllib.request.Request(base + "/api/runs", headers={"Authorization": "Bearer s3cret-token"})
+        with urllib.request.urlopen(bearer, timeout=10) as ok:
+            assert json.loads(ok.read())[0]["name"] == "r"
