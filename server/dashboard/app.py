@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from server.dashboard import charts
-from server.dashboard.data import Store, run_detail, run_rows, stores
+from server.dashboard.data import Store, probes, run_detail, run_rows, stores
 
 HERE = Path(__file__).parent
 COOKIE = "fedretina_dashboard"
@@ -41,7 +41,7 @@ def create_app(root: Path, token: str | None = None) -> Starlette:
         for store in stores(root):
             if store.name == name:
                 return store
-        raise _NotFound(name)
+        raise _NotFound(f"no such run: {name}")
 
     def render(request: Request, template: str, **context: object) -> Response:
         html = pages.get_template(template).render(request=request, refresh_s=REFRESH_S, **context)
@@ -72,7 +72,7 @@ def create_app(root: Path, token: str | None = None) -> Starlette:
     async def table_csv(request: Request) -> Response:
         name, table = request.path_params["name"], request.path_params["table"]
         if table not in TABLES:
-            raise _NotFound(table)
+            raise _NotFound(f"no such table: {table}")
         detail = run_detail(find(name))
         rows = detail["replies"] if table == "replies" else detail[table]
         return PlainTextResponse(
@@ -84,8 +84,8 @@ def create_app(root: Path, token: str | None = None) -> Starlette:
     async def probe_png(request: Request) -> Response:
         store, file = find(request.path_params["name"]), request.path_params["file"]
         path = store.path.parent / "probes" / file
-        if file not in run_detail(store)["probes"] or not path.is_file():  # only the probes folder's PNGs
-            raise _NotFound(file)
+        if file not in probes(store):  # only the probes folder's PNGs, never a path from the request
+            raise _NotFound(f"no such probe: {file}")
         return FileResponse(path, media_type="image/png")
 
     routes = [
@@ -100,15 +100,15 @@ def create_app(root: Path, token: str | None = None) -> Starlette:
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     middleware = [Middleware(_TokenGate, token=token)] if token else []
-    return Starlette(routes=routes, middleware=middleware, exception_handlers={_NotFound: _not_found})
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={LookupError: _not_found})
 
 
-class _NotFound(Exception):
-    pass
+class _NotFound(LookupError):
+    """No such run, table or file."""
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return PlainTextResponse(f"no such run or file: {exc}", status_code=404)
+    return PlainTextResponse(str(exc), status_code=404)
 
 
 class _TokenGate(BaseHTTPMiddleware):

@@ -89,7 +89,10 @@ def _progress(store: Store, config: dict) -> str:
 
 def run_detail(store: Store) -> dict[str, Any]:
     """Everything one run page shows, as JSON-ready data."""
-    (run,) = store.query("SELECT * FROM runs")
+    found = store.query("SELECT * FROM runs")
+    if not found:  # the store of a run this instant starting
+        raise LookupError(f"{store.name} has not started yet")
+    run = found[0]
     config = json.loads(run["config"] or "{}")
     rounds = store.query("SELECT * FROM rounds ORDER BY phase DESC, round")
     replies = store.query("SELECT * FROM replies ORDER BY phase DESC, round, site, attempt")
@@ -113,8 +116,13 @@ def run_detail(store: Store) -> dict[str, Any]:
         "replies": [_reply(r) for r in replies],
         "metrics": {p: dict(v) for p, v in metrics.items()},
         "events": store.query("SELECT time, level, kind, message FROM events ORDER BY time"),
-        "probes": sorted(p.name for p in (store.path.parent / "probes").glob("pretrain-r*.png")),
+        "probes": probes(store),
     }
+
+
+def probes(store: Store) -> list[str]:
+    """The run's probe reconstructions (PNGs of public images), by round."""
+    return sorted(p.name for p in (store.path.parent / "probes").glob("pretrain-r*.png"))
 
 
 def fate(reply: dict) -> str:

@@ -133,6 +133,8 @@ def test_pages_show_the_stores_numbers_and_every_replys_fate(browser: object, tm
         assert spec["x"] == [r for r, _ in probe] and spec["series"][0]["values"] == [v for _, v in probe]
         slow = page.locator("#stragglers tr", has_text="site-04").locator("td.slow")
         assert slow.count() >= 3  # site 4 took 30 s more than the others every round it replied
+        assert page.request.get(base + "/run/nope").status == 404
+        assert page.request.get(base + "/run/alpha/probes/..%2F..%2Fstore.sqlite").status == 404
         csv = page.request.get(base + "/run/alpha/replies.csv").text()
         assert csv.count("\n") == 1 + len(rows(db, "SELECT * FROM replies"))
         screenshot(page, "run")
