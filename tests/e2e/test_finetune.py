@@ -225,6 +225,8 @@ def test_private_centralised_commands_spend_their_budget_and_say_so(eyepacs60: P
         "model.norm=gn",
         "pretrain.loss_reduction=sample",
         f"runs_dir={tmp_path}",
+        "pretrain.epochs=1",  # any plan lands on the budget; one epoch each keeps the test short
+        "finetune.epochs=1",
     ]
     sets = [arg for s in private for arg in ("--set", s)]
     run = [FEDRETINA, "-q", "pretrain", "--profile", "tiny", "--site", str(eyepacs60), "--name", "dp", *sets]
