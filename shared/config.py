@@ -131,6 +131,7 @@ class FinetuneConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
+    # Layer-wise lr decay per encoder stage (training/finetune.py:STAGE_DEPTH); SparK's downstream uses 0.7.
     layer_decay: float = Field(1.0, gt=0, le=1)
     early_stopping: int = Field(0, ge=0)  # patience in epochs; 0 = off
     class_weighting: bool = False

@@ -24,8 +24,9 @@ from shared.data.splits import inner_split
 from shared.device import autocast
 from shared.errors import DataError
 from shared.models import TaskModel, build_encoder, min_batch
+from shared.models.nnmobilenet import LAYERS
 from shared.seeding import derive_seed
-from shared.training.optim import Schedule, make_optimizer, param_groups
+from shared.training.optim import Schedule, make_optimizer, optimizer_for, param_groups
 from shared.training.phase import Method
 
 PHASE = "finetune"
@@ -36,32 +37,43 @@ def build_task_model(cfg: ExperimentConfig, tasks: dict[str, int]) -> TaskModel:
     return TaskModel(build_encoder(cfg.model), tasks, cfg.model.head_dropout)
 
 
-def layer_id(name: str, depth: int) -> int:
-    """Depth of a parameter for layer-wise lr decay: stem 0 .. last encoder stage depth-1, heads `depth`."""
+# Layer-wise lr decay groups parameters by STAGE, as SparK's downstream code does for CNNs: one id per
+# resolution stage, not per block (nn-MobileNet has 23 feature entries: decay 0.7 per entry would leave the
+# stem at 0.7^23 = 3e-4, frozen). nn-MobileNet: stem 0, its six block stages 1-6 (the 1x1 pen conv joins the
+# last), heads 7; ResNet50: stem 0, layer1-4 1-4, heads 5. The lr multiplier of id i is decay^(depth - i).
+STAGE_DEPTH = {"nnmobilenet": len(LAYERS) + 1, "resnet50": 5}
+_BLOCK_STAGE = [k + 1 for k, n in enumerate(LAYERS) for _ in range(n)]  # block j -> its stage id
+_FIRST_BLOCK = 3  # nn-MobileNet's features: stem conv, norm, activation, then the blocks
+
+
+def layer_id(name: str, arch: str) -> int:
+    """Stage id of a parameter for layer-wise lr decay (see STAGE_DEPTH)."""
+    depth = STAGE_DEPTH[arch]
     if name.startswith("heads."):
         return depth
-    if m := re.match(r"encoder\.features\.(\d+)\.", name):  # nn-MobileNet: one id per features entry
-        return min(int(m.group(1)), depth - 1)
-    if m := re.match(r"encoder\.layer(\d)\.", name):  # ResNet: one id per stage
+    if m := re.match(r"encoder\.features\.(\d+)\.", name):
+        block = int(m.group(1)) - _FIRST_BLOCK
+        return 0 if block < 0 else _BLOCK_STAGE[min(block, len(_BLOCK_STAGE) - 1)]
+    if m := re.match(r"encoder\.layer(\d)\.", name):
         return int(m.group(1))
     return 0
 
 
 def finetune_optimizer(model: TaskModel, cfg: ExperimentConfig) -> torch.optim.Optimizer:
     f = cfg.finetune
-    optimizer = make_optimizer(model, f.optimizer, f.lr, f.weight_decay, (0.9, 0.999), 5.0)
-    if f.layer_decay < 1.0:
-        depth = 23 if cfg.model.arch == "nnmobilenet" else 5
-        names = {id(p): n for n, p in model.named_parameters()}
-        groups = []
-        for group in param_groups(model, f.weight_decay):
-            by_layer: dict[int, list] = {}
-            for p in group["params"]:
-                by_layer.setdefault(layer_id(names[id(p)], depth), []).append(p)
-            for lid, params in sorted(by_layer.items()):
-                groups.append({**group, "params": params, "lr_scale": f.layer_decay ** (depth - lid)})
-        optimizer = type(optimizer)(groups, **optimizer.defaults)
-    return optimizer
+    if f.layer_decay >= 1.0:
+        return make_optimizer(model, f.optimizer, f.lr, f.weight_decay, (0.9, 0.999), 5.0)
+    arch = cfg.model.arch
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for group in param_groups(model, f.weight_decay):
+        by_stage: dict[int, list] = {}
+        for p in group["params"]:
+            by_stage.setdefault(layer_id(names[id(p)], arch), []).append(p)
+        for sid, params in sorted(by_stage.items()):
+            scale = f.layer_decay ** (STAGE_DEPTH[arch] - sid)
+            groups.append({**group, "params": params, "lr_scale": scale})
+    return optimizer_for(groups, f.optimizer, f.lr, (0.9, 0.999), 5.0)
 
 
 def finetune_schedule(cfg: ExperimentConfig, steps_per_epoch: int, total_steps: int) -> Schedule:

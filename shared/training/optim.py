@@ -92,7 +92,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float], clip: float
 ) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
+    return optimizer_for(param_groups(model, weight_decay), name, lr, betas, clip)
+
+
+def optimizer_for(
+    groups: list[dict], name: str, lr: float, betas: tuple[float, float], clip: float
+) -> torch.optim.Optimizer:
+    """Optimiser `name` over parameter groups (each may carry its own `lr_scale` and decay)."""
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, max_grad_norm=clip)
     if name == "adamw":

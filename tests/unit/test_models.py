@@ -90,3 +90,37 @@ def test_no_inplace_activations_anywhere() -> None:
         for m in model.modules():
             assert not getattr(m, "inplace", False), f"{type(m).__name__} is in-place (Opacus cannot hook it)"
     assert isinstance(nnmobilenet(0.25, norm="gn").features[1].affine, nn.Conv2d)
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [
+        # nn-MobileNet: stem, six block stages (the pen conv joins the last), heads: 8 ids
+        (
+            "nnmobilenet",
+            {
+                "encoder.features.0.": 7,
+                "encoder.features.3.": 6,
+                "encoder.features.4.": 5,
+                "encoder.features.18.": 1,
+                "encoder.features.19.": 1,
+                "heads.": 0,
+            },
+        ),
+        ("resnet50", {"encoder.conv1.": 5, "encoder.layer1.": 4, "encoder.layer4.": 1, "heads.": 0}),
+    ],
+)
+def test_layer_decay_groups_parameters_by_stage(arch: str, expected: dict[str, int]) -> None:
+    """Each parameter's lr multiplier is decay^(stages above it): the stem of nn-MobileNet gets 0.7^7."""
+    from shared.config import load_config
+    from shared.training.finetune import build_task_model, finetune_optimizer
+
+    cfg = load_config(profile="tiny", overrides={"model.arch": arch, "finetune.layer_decay": 0.7})
+    model = build_task_model(cfg, {"dr": 5})
+    scale = {id(p): g["lr_scale"] for g in finetune_optimizer(model, cfg).param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    for prefix, above in expected.items():
+        chosen = [p for n, p in names.items() if n.startswith(prefix)]
+        assert chosen and all(scale[id(p)] == pytest.approx(0.7**above) for p in chosen), prefix
+    assert len(set(scale.values())) == (8 if arch == "nnmobilenet" else 6)
+    assert len(scale) == len(names)  # every parameter has its group
