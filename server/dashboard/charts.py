@@ -4,10 +4,20 @@ the browser's uPlot, the participation grid, the straggler table. Pure functions
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 Chart = dict[str, Any]
 SLOW = 1.5  # a site is flagged slow when its round took this many times the round's median
+# The per-site curves of each phase: (chart id, title, reply field, y label).
+PER_SITE = (
+    ("site-loss", "train loss per site", "train_loss", "loss"),
+    ("examples", "examples per site", "examples", "images"),
+    ("seconds", "seconds per site", "seconds", "s"),
+    ("norm", "update norm per site", "update_norm", "L2"),
+    ("cosine", "cosine to the aggregate (drift)", "cosine", ""),
+    ("bytes", "bytes sent per site", "bytes", "bytes"),
+)
 
 
 def chart(cid: str, title: str, series: dict[str, dict[int, float | None]], ylabel: str = "") -> Chart | None:
@@ -82,33 +92,8 @@ def run_view(detail: dict) -> dict[str, Any]:
         charts.append(chart(f"loss-{task}", f"Phase 2: {task} loss", loss, "loss"))
     for phase in ("pretrain", "finetune"):
         charts += [
-            chart(
-                f"site-loss-{phase}",
-                f"{phase}: train loss per site",
-                per_site(detail, phase, "train_loss"),
-                "loss",
-            ),
-            chart(
-                f"examples-{phase}",
-                f"{phase}: examples per site",
-                per_site(detail, phase, "examples"),
-                "images",
-            ),
-            chart(f"seconds-{phase}", f"{phase}: seconds per site", per_site(detail, phase, "seconds"), "s"),
-            chart(
-                f"norm-{phase}",
-                f"{phase}: update norm per site",
-                per_site(detail, phase, "update_norm"),
-                "L2",
-            ),
-            chart(
-                f"cosine-{phase}",
-                f"{phase}: cosine to the aggregate (drift)",
-                per_site(detail, phase, "cosine"),
-            ),
-            chart(
-                f"bytes-{phase}", f"{phase}: bytes sent per site", per_site(detail, phase, "bytes"), "bytes"
-            ),
+            chart(f"{cid}-{phase}", f"{phase}: {title}", per_site(detail, phase, field), unit)
+            for cid, title, field, unit in PER_SITE
         ]
         if detail["privacy_unit"]:
             unit = detail["privacy_unit"]
@@ -128,42 +113,48 @@ def run_view(detail: dict) -> dict[str, Any]:
     }
 
 
+def site_grid(detail: dict, cell: Callable[[str, tuple[str, int]], dict]) -> dict[str, Any]:
+    """Sites x the run's rounds, `cell(site, (phase, round))` in each; columns labelled P1.., F1.."""
+    columns = [(r["phase"], r["round"]) for r in detail["rounds"]]
+    rows = [{"site": s, "cells": [cell(s, c) for c in columns]} for s in detail["sites"]]
+    return {"columns": [f"{p[0].upper()}{n}" for p, n in columns], "rows": rows}
+
+
+def train_replies(detail: dict) -> dict[tuple[str, str, int], dict]:
+    """(site, phase, round) -> its train reply (the round's last attempt)."""
+    return {(r["site"], r["phase"], r["round"]): r for r in detail["replies"] if r["kind"] == "train"}
+
+
 def participation(detail: dict) -> dict[str, Any]:
     """Sites x rounds: each train reply's fate, the reason on hover ("" where a site was not sampled)."""
-    columns = [(r["phase"], r["round"]) for r in detail["rounds"]]
-    cells: dict[tuple[str, str, int], dict] = {}
-    for r in detail["replies"]:
-        if r["kind"] == "train":
-            title = f"{r['site']}, {r['phase']} round {r['round']}: {r['fate']}"
-            title += f": {r['reason']}" if r["reason"] else ""
-            cells[(r["site"], r["phase"], r["round"])] = {"fate": r["fate"], "title": title}
-    rows = [
-        {
-            "site": s,
-            "cells": [cells.get((s, p, n), {"fate": "", "title": f"{s}: not sampled"}) for p, n in columns],
-        }
-        for s in detail["sites"]
-    ]
-    return {"columns": [f"{p[0].upper()}{n}" for p, n in columns], "rows": rows}
+    replies = train_replies(detail)
+
+    def cell(site: str, column: tuple[str, int]) -> dict:
+        r = replies.get((site, *column))
+        if r is None:
+            return {"fate": "", "title": f"{site}: not sampled"}
+        title = f"{site}, {column[0]} round {column[1]}: {r['fate']}" + (
+            f": {r['reason']}" if r["reason"] else ""
+        )
+        return {"fate": r["fate"], "title": title}
+
+    return site_grid(detail, cell)
 
 
 def stragglers(detail: dict) -> dict[str, Any]:
     """Sites x rounds of train seconds, a cell flagged when over SLOW x its round's median."""
-    columns = [(r["phase"], r["round"]) for r in detail["rounds"]]
-    times: dict[tuple[str, int], dict[str, float]] = {}
-    for r in detail["replies"]:
-        if r["kind"] == "train" and r["seconds"] is not None:
-            times.setdefault((r["phase"], r["round"]), {})[r["site"]] = r["seconds"]
-    medians = {c: statistics.median(t.values()) for c, t in times.items()}
-    rows = []
-    for site in detail["sites"]:
-        cells = []
-        for column in columns:
-            seconds = times.get(column, {}).get(site)
-            slow = seconds is not None and seconds > SLOW * medians[column]
-            cells.append({"seconds": seconds, "slow": slow})
-        rows.append({"site": site, "cells": cells})
-    return {"columns": [f"{p[0].upper()}{n}" for p, n in columns], "rows": rows}
+    replies = train_replies(detail)
+    times: dict[tuple[str, int], list[float]] = {}
+    for (_, phase, rnd), r in replies.items():
+        if r["seconds"] is not None:
+            times.setdefault((phase, rnd), []).append(r["seconds"])
+    medians = {c: statistics.median(t) for c, t in times.items()}
+
+    def cell(site: str, column: tuple[str, int]) -> dict:
+        seconds = (replies.get((site, *column)) or {}).get("seconds")
+        return {"seconds": seconds, "slow": seconds is not None and seconds > SLOW * medians[column]}
+
+    return site_grid(detail, cell)
 
 
 def latest_epsilon(detail: dict) -> dict[str, float | None]:

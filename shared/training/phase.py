@@ -168,8 +168,19 @@ def run_phase(
         for index, piece in enumerate(pieces):
             task_key = f"{key}:{piece.task}" if piece.task else key
             seeds = EpochSeeds.of(seed, method.streams, piece.epoch, task_key)
-            work = _Work(method, data[piece.task], piece, seeds, schedule, penalty, workers, desc, privacy)
-            done = work.train(stepper, result.step)
+            done = _train_piece(
+                method,
+                data[piece.task],
+                piece,
+                seeds,
+                stepper,
+                schedule,
+                result.step,
+                penalty,
+                workers,
+                desc,
+                privacy,
+            )
             if privacy is not None:
                 privacy.spend(len(data[piece.task]), done.steps)
             result.step += done.steps
@@ -182,53 +193,49 @@ def run_phase(
     return result
 
 
-@dataclass(frozen=True)
-class _Work:
-    """One piece of one task's epoch, ready for the shared step loop."""
-
-    method: Method
-    dataset: Dataset
-    piece: Piece
-    seeds: EpochSeeds
-    schedule: Schedule
-    penalty: Callable[[], torch.Tensor] | None
-    workers: int
-    desc: str
-    privacy: PrivateSGD | None
-
-    def train(self, optimizer: torch.optim.Optimizer, step: int) -> EpochResult:
-        method, piece, seeds = self.method, self.piece, self.seeds
-        seeds.start(self.dataset)
-        method.model.train()
-        if self.privacy is not None:
-            batches = self.privacy.batches(self.dataset, piece.count, seeds.order, self.workers)
-        else:
-            batches = loader(
-                self.dataset,
-                method.batch_size,
-                seed=seeds.order,
-                train=True,
-                workers=self.workers,
-                batches=(piece.first, piece.count),
-            )
-
-        def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
-            return method.loss(batch, g, piece.task)
-
-        label = " ".join(
-            x for x in (self.desc or method.streams, piece.task, f"epoch {piece.epoch + 1}") if x
+def _train_piece(
+    method: Method,
+    dataset: Dataset,
+    piece: Piece,
+    seeds: EpochSeeds,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    step: int,
+    penalty: Callable[[], torch.Tensor] | None,
+    workers: int,
+    desc: str,
+    privacy: PrivateSGD | None,
+) -> EpochResult:
+    """One piece of one task's epoch through the shared step loop (Poisson batches under `privacy`)."""
+    seeds.start(dataset)
+    method.model.train()
+    if privacy is not None:
+        batches = privacy.batches(dataset, piece.count, seeds.order, workers)
+    else:
+        batches = loader(
+            dataset,
+            method.batch_size,
+            seed=seeds.order,
+            train=True,
+            workers=workers,
+            batches=(piece.first, piece.count),
         )
-        return train_epoch(
-            batches,
-            loss_of,
-            optimizer,
-            self.schedule.apply,
-            seeds=seeds,
-            first_batch=piece.first,
-            step=step,
-            clip=method.clip,
-            desc=label,
-            total=len(batches),
-            penalty=self.penalty,
-            private=self.privacy,
-        )
+
+    def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
+        return method.loss(batch, g, piece.task)
+
+    label = " ".join(x for x in (desc or method.streams, piece.task, f"epoch {piece.epoch + 1}") if x)
+    return train_epoch(
+        batches,
+        loss_of,
+        optimizer,
+        schedule.apply,
+        seeds=seeds,
+        first_batch=piece.first,
+        step=step,
+        clip=method.clip,
+        desc=label,
+        total=len(batches),
+        penalty=penalty,
+        private=privacy,
+    )
