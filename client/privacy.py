@@ -34,6 +34,7 @@ class SitePrivacy:
         self.site, self.spec, self.cfg = site, spec, spec.config
         self.budget = site.config.privacy
         self.ledger = Ledger(site.ledger_path)
+        self._sizes: dict[str, tuple[dict[str, int], int]] = {}
 
     @property
     def epsilon(self) -> float:
@@ -128,7 +129,13 @@ class SitePrivacy:
         return plan
 
     def _images(self, phase: str) -> tuple[dict[str, int], int]:
-        """Images per task trained in `phase` here, and the phase's batch size."""
+        """Images per task trained in `phase` here, and the phase's batch size (computed once per phase:
+        planning a run asks for every one of its rounds)."""
+        if phase not in self._sizes:
+            self._sizes[phase] = self._count(phase)
+        return self._sizes[phase]
+
+    def _count(self, phase: str) -> tuple[dict[str, int], int]:
         if phase == PRETRAIN:
             return {"": len(self.site.rows)}, self.cfg.pretrain.batch_size
         wanted = tuple(self.spec.tasks) if self.spec.phase == FINETUNE else self.cfg.federation.tasks
