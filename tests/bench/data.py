@@ -14,7 +14,7 @@ from shared.data.formats import read_site
 from shared.data.fundus import preprocess
 from shared.data.site import load_site_config
 from shared.data.synth.layouts import render_jobs, write_eyepacs
-from shared.data.synth.population import people
+from shared.data.synth.population import DR_WEIGHTS, people
 from shared.data.synth.render import CAMERA_STYLES, render_fundus
 from shared.data.synth.sites import PLANS
 from tests.conftest import site_yaml
@@ -25,7 +25,7 @@ def run(out: Path) -> dict:
     height = next(p.height for p in PLANS["cpu"] if p.name == "eyepacs")
     size = cfg.data.image_size
     result: dict = {}
-    spec = people(1, 0, dr=True)[0].spec("left")
+    spec = people(1, 0, dr=DR_WEIGHTS)[0].spec("left")
     for h in (128, height, 256):
         t = time.perf_counter()
         for _ in range(20):

@@ -17,7 +17,13 @@ import pandas as pd
 from PIL import Image
 
 from shared.data.formats import idrid, mmac
-from shared.data.synth.population import Person, people
+from shared.data.synth.population import (
+    DR_WEIGHTS,
+    SCREENING_DR_WEIGHTS,
+    VOLUNTEER_DR_WEIGHTS,
+    Person,
+    people,
+)
 from shared.data.synth.render import CAMERA_STYLES, FundusSpec, render_fundus
 from shared.logs import progress
 from shared.seeding import derive_seed
@@ -72,12 +78,28 @@ def _csv(path: Path, rows: list[dict] | pd.DataFrame) -> None:
 
 
 def write_eyepacs(
-    root: Path, patients: int, seed: int, height: int, styles: tuple[str, ...], test_fraction: float = 0.25
+    root: Path,
+    patients: int,
+    seed: int,
+    height: int,
+    styles: tuple[str, ...],
+    test_fraction: float = 0.4,
+    unlabelled: int = 0,
 ) -> list[Job]:
-    """`train/<patient>_<eye>.jpeg` + trainLabels.csv; `test/` + retinopathy_solution.csv (Public/Private)."""
+    """`train/<patient>_<eye>.jpeg` + trainLabels.csv; `test/` + retinopathy_solution.csv (Public/Private).
+
+    `unlabelled`: a screening pool instead, every image in `test/` without any CSV, with EyePACS's own
+    grade proportions."""
+    if unlabelled:
+        pool = people(patients, seed, dr=SCREENING_DR_WEIGHTS, first_id=10)
+        return [
+            Job(p.spec(eye), _style(styles, seed, p.pid), height, root / "test" / f"{p.pid}_{eye}.jpeg")
+            for p in pool
+            for eye in ("left", "right")
+        ]
     jobs, train, test = [], [], []
     n_test = round(patients * test_fraction)
-    for k, person in enumerate(people(patients, seed, dr=True, first_id=10)):
+    for k, person in enumerate(people(patients, seed, dr=DR_WEIGHTS, first_id=10)):
         folder = "test" if k >= patients - n_test else "train"
         style = _style(styles, seed, person.pid)
         for eye, grade in zip(("left", "right"), person.dr, strict=True):
@@ -138,9 +160,10 @@ def write_ukb(
     repeat_fraction: float = 0.2,
 ) -> list[Job]:
     """`<eid>_<21015|21016>_<instance>_0.png` in 2-digit bucket folders; an outcomes extract with AD and PD
-    dates (cases only; placeholder dates sprinkled in, which must count as missing)."""
+    dates (cases only; placeholder dates sprinkled in, which must count as missing). Volunteers carry DR at
+    UK Biobank's low prevalence, unlabelled."""
     jobs, extract = [], []
-    for person in people(participants, seed, neuro=True, first_id=first_eid):
+    for person in people(participants, seed, dr=VOLUNTEER_DR_WEIGHTS, neuro=True, first_id=first_eid):
         visits = 2 if derive_seed(seed, "repeat", person.pid) % 100 < repeat_fraction * 100 else 1
         style = _style(styles, seed, person.pid)
         for instance in range(visits):
@@ -172,7 +195,7 @@ def write_idrid(
     jobs = []
     seg = root / "A. Segmentation"
     n_train = round(seg_images * 2 / 3)
-    for k, person in enumerate(people(seg_images, seed + 1, dr=True)):
+    for k, person in enumerate(people(seg_images, seed + 1, dr=DR_WEIGHTS)):
         split_dir = idrid.SPLITS[0][1] if k < n_train else idrid.SPLITS[1][1]
         name = f"IDRiD_{k + 1:02d}"
         spec = person.spec("right")
@@ -197,7 +220,7 @@ def write_idrid(
     grading = root / "B. Disease Grading"
     n_train = round(grading_images * 0.8)
     rows: dict[str, list[dict]] = {"train": [], "test": []}
-    for k, person in enumerate(people(grading_images, seed + 2, dr=True)):
+    for k, person in enumerate(people(grading_images, seed + 2, dr=DR_WEIGHTS)):
         split = "train" if k < n_train else "test"
         number = k + 1 if split == "train" else k - n_train + 1
         name = f"IDRiD_{number:03d}"
@@ -229,7 +252,7 @@ def write_messidor2(root: Path, exams: int, seed: int, height: int, styles: tupl
     """`IMAGES/` with mixed `*_PP.png` and upper-case `IM*.JPG`, messidor_data.csv (ungradable = empty grade)
     and the `;`-separated exam pairing file."""
     jobs, rows, pairs = [], [], []
-    for k, person in enumerate(people(exams, seed, dr=True)):
+    for k, person in enumerate(people(exams, seed, dr=DR_WEIGHTS)):
         names = []
         for eye in ("left", "right"):
             if k % 3 == 2:
@@ -260,7 +283,7 @@ def write_aptos(
     """train.csv (id_code,diagnosis) + train_images/<id_code>.png; test.csv + test_images/ without labels."""
     jobs, rows = [], {"train": [], "test": []}
     n_test = round(images * test_fraction)
-    for k, person in enumerate(people(images, seed, dr=True)):
+    for k, person in enumerate(people(images, seed, dr=DR_WEIGHTS)):
         split = "test" if k >= images - n_test else "train"
         code = f"{derive_seed(seed, 'aptos', k) % 16**12:012x}"
         jobs.append(
@@ -279,7 +302,7 @@ def write_aptos(
 def write_folder(root: Path, images: int, seed: int, height: int, styles: tuple[str, ...]) -> list[Job]:
     """One folder per class (`0_normal/`, `1_referable/`): referable DR as a generic 2-class task."""
     jobs = []
-    for k, person in enumerate(people(images, seed, dr=True)):
+    for k, person in enumerate(people(images, seed, dr=DR_WEIGHTS)):
         label = int(person.dr[0] >= 2)
         folder = ("0_normal", "1_referable")[label]
         jobs.append(

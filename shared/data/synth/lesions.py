@@ -4,6 +4,12 @@ The burden follows the ICDR scale: 1 a few microaneurysms; 2 plus some haemorrha
 3 haemorrhages in all quadrants, venous beading and cotton-wool spots; 4 neovascularisation on top of grade-3
 signs. Counts are drawn from overlapping ranges, so neighbouring grades overlap at the borders as real
 grading does.
+
+Where: microaneurysms, blot haemorrhages and hard exudates fall in an eye's `Density`, a few smooth clusters
+(the leaking capillary beds of real DR), each wider than half a SparK mask patch, so the lesions of a masked
+patch show in its visible neighbours and context predicts them. How big: sizes are fractions of the FOV
+radius chosen so that grade-2+ evidence spans at least 2 px at the cpu profile's 128 px
+(docs/data.md has the measured table; `shared/data/synth/evidence.py` measures it).
 """
 
 from __future__ import annotations
@@ -81,6 +87,37 @@ def _spots(
     return ok[:n]
 
 
+@dataclass(frozen=True)
+class Density:
+    """An eye's lesion density: a mixture of isotropic Gaussians (centres and spreads in FOV radii)."""
+
+    centres: np.ndarray  # (K, 2)
+    spreads: np.ndarray  # (K,)
+
+    def sample(self, rng: np.random.Generator, layout: Layout, n: int) -> np.ndarray:
+        """(n, 2) positions drawn from the mixture, inside the FOV and off the disc."""
+        if n == 0 or not len(self.centres):
+            return np.zeros((0, 2))
+        tries = 4 * n + 8
+        k = rng.integers(len(self.centres), size=tries)
+        pts = self.centres[k] + self.spreads[k, None] * rng.standard_normal((tries, 2))
+        off_disc = np.hypot(*(pts - np.asarray(layout.disc)).T) > 1.4 * layout.disc_radii[1]
+        return pts[(np.hypot(*pts.T) < 0.9) & off_disc][:n]
+
+
+_CLUSTERS = {0: (0, 0), 1: (1, 1), 2: (1, 2), 3: (2, 4), 4: (2, 4)}  # inclusive range per grade
+
+
+def lesion_density(rng: np.random.Generator, layout: Layout, grade: int) -> Density:
+    """Clusters round the macula, one per sector of a circle (so grade 3's cover every quadrant), each with
+    a spread of 0.12-0.2 FOV radii: wider than half a mask patch (0.25 FOV radii across at 128 px)."""
+    k = _count(rng, _CLUSTERS[grade])
+    angles = (np.arange(k) + rng.uniform(0.1, 0.9, k)) * (2 * np.pi / max(k, 1)) + rng.uniform(0, 2 * np.pi)
+    dist = rng.uniform(0.15, 0.55, k)
+    centres = np.asarray(layout.fovea) + dist[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return Density(centres, rng.uniform(0.12, 0.2, k))
+
+
 def venous_beading(tree: list[Branch], grade: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
     """Stretches (branch, first point, last point) of wide veins to draw beaded."""
     wide = [i for i, b in enumerate(tree) if b.vein and b.width[0] > 0.01 and len(b.pts) > 30]
@@ -92,32 +129,37 @@ def venous_beading(tree: list[Branch], grade: int, rng: np.random.Generator) -> 
     return beads
 
 
-def _haemorrhages(layer: Layer, rng: np.random.Generator, layout: Layout, burden: _Burden) -> None:
-    """Dot and blot haemorrhages across the posterior pole, flame haemorrhages along the nerve fibres."""
-    for p in _spots(rng, layout, _count(rng, burden.blot), (0.1, 0.85)):
+def _haemorrhages(
+    layer: Layer, rng: np.random.Generator, layout: Layout, burden: _Burden, density: Density
+) -> None:
+    """Dot and blot haemorrhages in the eye's clusters, flame haemorrhages along the nerve fibres."""
+    for p in density.sample(rng, layout, _count(rng, burden.blot)):
         for _ in range(int(rng.integers(1, 4))):
-            centre = p + rng.normal(0.0, 0.008, 2)
-            outline = blob_points(rng, centre, rng.uniform(0.008, 0.026), 0.2)
+            centre = p + rng.normal(0.0, 0.015, 2)
+            outline = blob_points(rng, centre, rng.uniform(0.02, 0.045), 0.2)
             layer.polygon(outline, opacity=rng.uniform(0.6, 1.0))
     disc = np.asarray(layout.disc)
     reach = (2.0 * layout.disc_radii[1], 6.0 * layout.disc_radii[1])
     for p in _spots(rng, layout, _count(rng, burden.flame), reach, around=layout.disc):
         along = float(np.arctan2(*(p - disc)[::-1])) + rng.normal(0.0, 0.2)  # fibres run away from the disc
-        radii = (rng.uniform(0.025, 0.05), rng.uniform(0.007, 0.013))
+        radii = (rng.uniform(0.05, 0.09), rng.uniform(0.014, 0.022))
         layer.polygon(ellipse_points(p, radii, along), opacity=rng.uniform(0.75, 0.95))
 
 
-def _exudates(layer: Layer, rng: np.random.Generator, layout: Layout, clusters: int) -> None:
-    """Hard exudates near the macula: circinate rings or irregular plaques of sharp yellow deposits."""
-    for centre in _spots(rng, layout, clusters, (0.08, 0.4)):
-        n = int(rng.integers(6, 30))
+def _exudates(
+    layer: Layer, rng: np.random.Generator, layout: Layout, clusters: int, density: Density
+) -> None:
+    """Hard exudates round the eye's leaking clusters: circinate rings (0.1-0.2 FOV radii across, wider
+    than half a mask patch) or irregular plaques of sharp yellow deposits."""
+    for centre in density.sample(rng, layout, clusters):
+        n = int(rng.integers(10, 36))
         if rng.random() < 0.5:  # circinate: a broken ring round a leaking centre
-            ring, arc = rng.uniform(0.04, 0.09), rng.uniform(0.4, 1.0) * 2 * np.pi
+            ring, arc = rng.uniform(0.1, 0.2), rng.uniform(0.4, 1.0) * 2 * np.pi
             t = rng.uniform(0.0, 2 * np.pi) + np.sort(rng.uniform(0.0, arc, n))
-            pts = centre + (ring * rng.normal(1.0, 0.12, n))[:, None] * np.stack([np.cos(t), np.sin(t)], 1)
+            pts = centre + (ring * rng.normal(1.0, 0.1, n))[:, None] * np.stack([np.cos(t), np.sin(t)], 1)
         else:
-            pts = centre + rng.normal(0.0, 0.025, (n, 2))
-        for p, radius in zip(pts, 0.004 * rng.lognormal(0.0, 0.45, n), strict=True):
+            pts = centre + rng.normal(0.0, 0.05, (n, 2))
+        for p, radius in zip(pts, 0.009 * rng.lognormal(0.0, 0.4, n), strict=True):
             layer.dot(p, radius)
 
 
@@ -126,7 +168,7 @@ def _cotton_wool(layer: Layer, rng: np.random.Generator, layout: Layout, count: 
     reach = (2.0 * layout.disc_radii[1], 5.5 * layout.disc_radii[1])
     for p in _spots(rng, layout, count, reach, around=layout.disc):
         for _ in range(int(rng.integers(2, 4))):
-            layer.polygon(blob_points(rng, p + rng.normal(0.0, 0.012, 2), rng.uniform(0.015, 0.03), 0.25))
+            layer.polygon(blob_points(rng, p + rng.normal(0.0, 0.02, 2), rng.uniform(0.03, 0.05), 0.25))
 
 
 def _new_vessels(layer: Layer, rng: np.random.Generator, layout: Layout, tree: list[Branch]) -> None:
@@ -164,14 +206,15 @@ def paint_lesions(
 ) -> dict[str, np.ndarray]:
     """Paint the lesions of an ICDR `grade` eye; returns one (H, W) bool mask per kind in `LESIONS`."""
     burden = _BURDEN[grade]
+    density = lesion_density(rng, layout, grade)
     layers = {key: Layer(canvas) for key in LESIONS}
-    for p in _spots(rng, layout, _count(rng, burden.ma), (0.05, 0.7)):
-        layers["ma"].dot(p, rng.uniform(0.005, 0.01))
-    _haemorrhages(layers["he"], rng, layout, burden)
+    for p in density.sample(rng, layout, _count(rng, burden.ma)):
+        layers["ma"].dot(p, rng.uniform(0.012, 0.02))
+    _haemorrhages(layers["he"], rng, layout, burden, density)
     clusters = _count(rng, burden.exudate_clusters)
     if grade == 2 and clusters == 0 and not layers["he"].image.getbbox():
         clusters = 1  # grade 2 needs more than microaneurysms
-    _exudates(layers["ex"], rng, layout, clusters)
+    _exudates(layers["ex"], rng, layout, clusters, density)
     _cotton_wool(layers["se"], rng, layout, _count(rng, burden.cotton))
     if grade == 4:
         _new_vessels(layers["nv"], rng, layout, tree)

@@ -14,8 +14,13 @@ import numpy as np
 from shared.data.synth.render import FundusSpec
 from shared.seeding import derive_seed
 
-# EyePACS train: 73.5 / 7.0 / 15.1 / 2.5 / 2.0 %.
+# Labelled DR sites: flatter than EyePACS train (73.5 / 7.0 / 15.1 / 2.5 / 2.0 %), so small sites hold
+# every grade.
 DR_WEIGHTS = (0.40, 0.16, 0.22, 0.11, 0.11)
+# Unlabelled screening pools: EyePACS's own proportions (a diabetic screening programme).
+SCREENING_DR_WEIGHTS = (0.735, 0.07, 0.151, 0.025, 0.02)
+# UK Biobank-like volunteers: about 5% diabetic, about a third of them with some DR.
+VOLUNTEER_DR_WEIGHTS = (0.95, 0.025, 0.018, 0.004, 0.003)
 # MMAC train: 35.3 / 36.0 / 19.6 / 5.2 / 3.8 %.
 MM_WEIGHTS = (0.28, 0.30, 0.20, 0.12, 0.10)
 NEURO_PREVALENCE = 0.5  # case-control design, as the seed's matched AD / PD cohorts
@@ -45,17 +50,18 @@ def people(
     n: int,
     seed: int,
     *,
-    dr: bool = False,
+    dr: tuple[float, ...] | None = None,
     mm: bool = False,
     neuro: bool = False,
     first_id: int = 1,
 ) -> list[Person]:
-    """`n` persons with ids first_id.. and, where asked, DR grades, myopic grades and a neuro case flag."""
+    """`n` persons with ids first_id.. and, where asked, DR grades (drawn with the grade weights `dr`),
+    myopic grades and a neuro case flag."""
     rng = np.random.default_rng(derive_seed(seed, "people"))
     out = []
     for i in range(n):
         pid = str(first_id + i)
-        grades_dr = _eye_pair(rng, DR_WEIGHTS) if dr else (0, 0)
+        grades_dr = _eye_pair(rng, dr) if dr else (0, 0)
         grades_mm = _eye_pair(rng, MM_WEIGHTS) if mm else (0, 0)
         case = bool(neuro and rng.random() < NEURO_PREVALENCE)
         out.append(Person(pid, derive_seed(seed, "person", pid), grades_dr, grades_mm, case))

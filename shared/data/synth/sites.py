@@ -1,10 +1,11 @@
 """`fedretina synth`: the synthetic sites of a profile, written in their real layouts, plus their site YAMLs.
 
 The natural demo federation is an EyePACS-like DR site, an MMAC-like myopia site and two UK Biobank-like
-unlabelled shards (each with its own camera style), plus an IDRiD-like lesion-mask set for the relevance
-analyses. A dataset already written with the same plan, seed and generator version is kept (re-running is
-instant); each site's images depend only on (seed, site name), so `--only` rewrites exactly what a full run
-would have written. A folder is only ever replaced if our marker says we wrote it.
+unlabelled shards (each with its own camera style); beside it an unlabelled EyePACS-like screening pool (the
+labelled site's cameras, EyePACS's own grade mix: in-domain images for pretraining) and an IDRiD-like lesion-
+mask set for the relevance analyses. A dataset already written with the same plan, seed and generator version
+is kept (re-running is instant); each site's images depend only on (seed, site name), so `--only` rewrites
+exactly what a full run would have written. A folder is only ever replaced if our marker says we wrote it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from shared.seeding import derive_seed
 log = logging.getLogger(__name__)
 
 # Bump when the renderer or a layout writer changes what a (plan, seed) produces, so old folders regenerate.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MARKER = ".synth.json"
 
 
@@ -37,7 +38,7 @@ class Plan:
     count: int  # in the writer's unit: patients (eyepacs), images (mmac), participants (ukb), ...
     height: int
     styles: tuple[str, ...]
-    options: tuple[tuple[str, str], ...] = ()
+    options: tuple[tuple[str, str | None], ...] = ()
     extra: tuple[tuple[str, int], ...] = ()  # further writer arguments (idrid: grading_images)
 
 
@@ -47,7 +48,16 @@ def _sites(scale: float, height: int) -> list[Plan]:
 
     eyepacs_styles = ("eyepacs-mixed-a", "eyepacs-mixed-b")
     return [
-        Plan("eyepacs", "eyepacs", n(240), height, eyepacs_styles),
+        Plan("eyepacs", "eyepacs", n(300), height, eyepacs_styles),  # 40% of patients in the test split
+        Plan(
+            "eyepacs-pool",
+            "eyepacs",
+            n(400),
+            height,
+            eyepacs_styles,
+            (("labels", None), ("solution", None), ("unlabelled_dir", "test")),
+            (("unlabelled", 1),),
+        ),
         Plan("mmac", "mmac", n(480), height, ("mmac",)),
         Plan("ukb-a", "ukb", n(200), height, ("topcon",), (("outcomes", "outcomes.csv"),)),
         Plan(
