@@ -107,16 +107,33 @@ def test_loss_matches_an_explicit_per_patch_reference() -> None:
     assert masked_patch_loss(x, rec, active).item() == pytest.approx(total / (count + 1e-8), rel=1e-12)
 
 
-def test_fov_excludes_patches_wholly_outside_the_retina() -> None:
-    x, rec = batch(2), batch(2, seed=1)
-    active = torch.zeros(2, 1, 2, 2, dtype=torch.bool)  # everything masked
-    fov = torch.zeros(2, 1, SIZE, SIZE, dtype=torch.bool)
-    fov[:, :, : SIZE // 2, : SIZE // 2] = True  # only the top-left patch touches the retina
-    fov[:, :, SIZE // 2, SIZE // 2] = True  # one pixel is enough to count the bottom-right patch
-    with_fov = masked_patch_loss(x, rec, active, fov=fov)
-    keep = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool).view(1, 1, 2, 2).expand(2, 1, 2, 2)
-    only_kept = masked_patch_loss(x, rec, ~keep)
-    assert with_fov.item() == pytest.approx(only_kept.item(), rel=1e-12)
+def test_in_disc_loss_equals_sparks_when_the_disc_fills_every_patch() -> None:
+    x, rec = batch(3), batch(3, seed=1)
+    active = random_mask(3, 2, 0.5, torch.Generator().manual_seed(2))
+    full = torch.ones(3, 1, SIZE, SIZE, dtype=torch.bool)
+    for reduction in ("batch", "sample"):
+        spark = masked_patch_loss(x, rec, active, reduction=reduction)
+        assert masked_patch_loss(x, rec, active, fov=full, reduction=reduction).item() == pytest.approx(
+            spark.item(), rel=1e-12
+        )
+
+
+def test_in_disc_loss_normalises_and_scores_each_patch_over_its_disc_pixels() -> None:
+    x, rec = batch(1), batch(1, seed=1)
+    active = torch.zeros(1, 1, 2, 2, dtype=torch.bool)  # everything masked
+    p = SIZE // 2
+    fov = torch.zeros(1, 1, SIZE, SIZE, dtype=torch.bool)
+    fov[..., :p, :p] = True  # top-left patch: all disc
+    fov[..., :p, p : p + p // 2] = True  # top-right: its left half
+    fov[..., p : p + 2, :4] = True  # bottom-left: 8 pixels, under MIN_DISC: left out
+    expected = []
+    for j, cols in ((0, p), (1, p // 2)):
+        inside = x[0, :, :p, j * p : j * p + cols].permute(1, 2, 0).reshape(-1)
+        target = (inside - inside.mean()) / torch.sqrt(inside.var(unbiased=True) + 1e-6)
+        pred = rec[0, :, :p, j * p : j * p + cols].permute(1, 2, 0).reshape(-1)
+        expected.append(((pred - target) ** 2).mean().item())
+    loss = masked_patch_loss(x, rec, active, fov=fov)
+    assert loss.item() == pytest.approx(sum(expected) / (2 + 1e-8), rel=1e-12)
 
 
 def test_per_sample_reduction_averages_each_sample_over_its_own_patches() -> None:
