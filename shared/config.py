@@ -12,6 +12,7 @@ file and the key, which the CLI turns into exit code 2.
 from __future__ import annotations
 
 import difflib
+import math
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,6 +95,9 @@ class PretrainConfig(Strict):
     loss_reduction: Literal["batch", "sample"] = "batch"
     preview_every: int = Field(1, ge=0)  # epochs between reconstruction PNGs; 0 = only at the end
     checkpoint_every: int = Field(1, ge=1)
+    # Centralised: also export the encoder every N epochs (pretrain/encoders/epochN.safetensors), e.g. for
+    # linear-probe curves over pretraining; 0 = only the final export.
+    export_every: int = Field(0, ge=0)
     amp: bool = True  # bf16 autocast, used only on CUDA
     channels_last: bool = True  # used only on CUDA
     # Where the encoder starts (scratch; imagenet or an earlier export, e.g. MoCo from ImageNet weights).
@@ -116,9 +120,15 @@ class FinetuneConfig(Strict):
     # Validation metric that picks the best epoch (higher is better; "loss" is lower-better).
     select_metric: str = "auc"
     epochs: int = Field(100, ge=1)
+    # Training length in optimiser steps instead (0 = `epochs`): an arm trains round(steps / its batches per
+    # epoch) epochs (at least 1), so 50 labels train as long as 5,000 do.
+    steps: int = Field(0, ge=0)
     batch_size: int = Field(32, ge=2)
     optimizer: Literal["adamw", "lamb", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
+    # Peak lr multiplier for an encoder that starts pretrained (spark, moco, imagenet): pretrained weights are
+    # a solution to keep near, not noise to move away from.
+    pretrained_lr_scale: float = Field(1.0, gt=0, le=1)
     min_lr: float = Field(1e-6, ge=0)
     warmup_epochs: float = Field(5, ge=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -126,6 +136,8 @@ class FinetuneConfig(Strict):
     # Folds actually run (1..folds); the seed runs all 5, quick looks run fewer.
     run_folds: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
+    # A validation split smaller than this never selects the epoch: the last one is kept instead.
+    min_val_images: int = Field(0, ge=0)
     label_fractions: tuple[float, ...] = (1.0,)
     augment: Literal["heavy", "light", "none"] = "heavy"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -234,6 +246,26 @@ DP_REFUSED = (
 )
 
 
+class StudyConfig(Strict):
+    """`fedretina study pretraining`: SparK on unlabelled sites, then {scratch, spark, ...} x label counts x
+    seeds fine-tuned on the labelled `sites`, paired, scored on their own test split."""
+
+    pretrain_sites: tuple[str, ...] = ()  # site YAMLs SparK pretrains on (relative to the experiment YAML)
+    label_counts: tuple[int, ...] = (50, 200, 0)  # labelled images per arm, train + validation; 0 = all
+    seeds: tuple[int, ...] = (0, 1, 2)
+    probe_every: int = Field(2, ge=1)  # pretraining epochs between the probe curve's encoder snapshots
+    # Further encoder exports to compare like `spark` (e.g. a federated SparK run's encoder.safetensors).
+    encoders: dict[str, str] = Field(default_factory=dict)
+    compare_to: str = "scratch"  # the init every difference is taken against
+
+    @field_validator("label_counts")
+    @classmethod
+    def _counts(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(c < 0 for c in v):
+            raise ValueError("label counts are image counts >= 0 (0 = all)")
+        return tuple(sorted(set(v), key=lambda c: c or math.inf))
+
+
 class ExperimentConfig(Strict):
     name: str = "run"
     profile: Literal["tiny", "cpu", "paper"] = "cpu"
@@ -251,6 +283,7 @@ class ExperimentConfig(Strict):
     finetune: FinetuneConfig = FinetuneConfig()
     federation: FederationConfig = FederationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    study: StudyConfig = StudyConfig()
 
     @model_validator(mode="after")
     def _private_settings(self) -> ExperimentConfig:
@@ -357,7 +390,8 @@ def load_config(
 
 
 def _resolve_paths(user: dict[str, Any], base: Path) -> None:
-    """Paths in an experiment YAML (sites, weights of initialisations) are relative to the YAML's folder."""
+    """Paths in an experiment YAML (sites, weights of initialisations, the study's sites and encoders) are
+    relative to the YAML's folder."""
     if isinstance(user.get("sites"), list):
         user["sites"] = [str((base / s).resolve()) for s in user["sites"]]
     finetune, pretrain = user.get("finetune"), user.get("pretrain")
@@ -368,6 +402,12 @@ def _resolve_paths(user: dict[str, Any], base: Path) -> None:
     for spec in specs:
         if isinstance(spec, dict) and isinstance(spec.get("weights"), str):
             spec["weights"] = str((base / spec["weights"]).resolve())
+    study = user.get("study")
+    if isinstance(study, dict):
+        if isinstance(study.get("pretrain_sites"), list):
+            study["pretrain_sites"] = [str((base / s).resolve()) for s in study["pretrain_sites"]]
+        if isinstance(study.get("encoders"), dict):
+            study["encoders"] = {k: str((base / v).resolve()) for k, v in study["encoders"].items()}
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

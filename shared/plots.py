@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the headless backend
 import numpy as np
+import pandas as pd
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 
@@ -82,3 +83,19 @@ def _save(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def metric_vs_labels(path: Path, arms: pd.DataFrame, metric: str, *, title: str) -> None:
+    """Mean `metric` (error bars: std over seeds) against the labelled images an arm trained on, one line per
+    initialisation; `arms` holds one row per (init, labels, seed)."""
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+    for init, g in arms.groupby("init", sort=False):
+        stats = g.groupby("labels", sort=False).agg(
+            n=("train_images", "mean"), m=(metric, "mean"), s=(metric, "std")
+        )
+        stats = stats.sort_values("n")
+        ax.errorbar(stats["n"], stats["m"], yerr=stats["s"].fillna(0), marker="o", capsize=3, label=init)
+    ax.set(xscale="log", xlabel="labelled training images", ylabel=metric.replace("_", " "), title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -147,6 +147,9 @@ def _after_epoch(
             seconds=history.seconds,
         )
         save_checkpoint(checkpoint, meta, model=model, optimizer=end.optimizer)
+    if p.export_every and epoch % p.export_every == 0:
+        snapshot = checkpoint.parent / "encoders" / f"epoch{epoch:04d}.safetensors"
+        export_encoder(snapshot, model.encoder.state_dict(), cfg, epochs=epoch)
     if preview is not None and (last or (p.preview_every and epoch % p.preview_every == 0)):
         image = checkpoint.parent / "previews" / f"epoch{epoch:04d}.png"
         save_preview(image, model, preview, FUNDUS_MEAN, FUNDUS_STD)

@@ -32,6 +32,8 @@ app = typer.Typer(
 app.add_typer(site_app, name="site")
 app.add_typer(server_app, name="server")
 app.add_typer(certs_app, name="certs")
+study_app = typer.Typer(help="Studies that answer one question end to end.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
 
 
 @app.callback()
@@ -135,6 +137,30 @@ def finetune(
 
     cfg = with_sites(resolve_config(config, profile, overrides), site, name)
     outputs = run_finetuning(cfg, resume=resume)
+    typer.echo(outputs.table)
+    typer.echo(f"results: {outputs.directory}")
+
+
+@study_app.command("pretraining")
+def pretraining_study(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    overrides: SetOpt = None,
+    name: Annotated[str | None, typer.Option(help="Run name: outputs go to runs/NAME/study/.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the pretraining and skip finished arms.")] = False,
+) -> None:
+    """Does SparK pretraining on unlabelled images make a few labels go further? SparK on
+    study.pretrain_sites (with a linear-probe curve over its epochs), then {scratch, spark, study.encoders}
+    x study.label_counts x study.seeds fine-tuned on the labelled sites, paired, scored on their test split,
+    with paired bootstrap 95% intervals of each difference. Writes runs/NAME/study/ (table.md,
+    differences.csv, arms.csv, probe.csv, PNGs). docs/finetuning.md explains the protocol.
+
+    Example: fedretina study pretraining -c simulation/studies/pretraining.yaml --name pretraining-study
+    """
+    from simulation.pretraining_study import run_pretraining_study
+
+    cfg = with_sites(resolve_config(config, profile, overrides), None, name)
+    outputs = run_pretraining_study(cfg, resume=resume)
     typer.echo(outputs.table)
     typer.echo(f"results: {outputs.directory}")
 

@@ -14,7 +14,8 @@ train with early stopping (`run_phase`, the function a federated round runs), se
 Either way, a site's own test split (EyePACS Private, IDRiD test) is scored by every arm's model, with
 bootstrap 95% intervals. Results: folds.csv, summary.json, table.md, ROC / confusion / AUC-vs-fraction PNGs,
 each arm's model as safetensors, its per-epoch history (history/*.csv: train loss, validation metrics,
-seconds) and its predictions (predictions/*.npz, so the plots after a --resume still cover every fold).
+seconds) and its predictions (predictions/*.npz, so the plots after a --resume still cover every fold;
+predictions/test/*.npz on the test split, for paired comparisons).
 Finished arms are skipped on --resume; settings that shape them may not change.
 """
 
@@ -39,11 +40,12 @@ from shared.config import ExperimentConfig, InitConfig
 from shared.data.labels import label_column
 from shared.data.manifest import labelled, task_classes
 from shared.data.site import Site
-from shared.data.splits import assign_folds, inner_split, label_subset
+from shared.data.splits import assign_folds, inner_split, label_count_subset, label_subset
 from shared.data.transforms import Recipe
 from shared.device import configure_torch
 from shared.errors import CheckpointError, ConfigError
 from shared.metrics import bootstrap_ci, evaluate_predictions, mean_std, metric_keys
+from shared.models import TaskModel
 from shared.plots import auc_vs_fraction, confusion_plot, roc_plot
 from shared.privacy.central import LEDGER, private_sgd, release
 from shared.privacy.ledger import Ledger
@@ -51,7 +53,14 @@ from shared.privacy.plan import span_plan
 from shared.rundir import atomic_write_bytes, atomic_write_text, run_dir, start_run_dir
 from shared.seeding import derive_seed
 from shared.training.data import data_key, load_sites, pooled, site_images
-from shared.training.finetune import classifier_method, finetune_split, predict, task_weights
+from shared.training.finetune import (
+    BN_SETTLED,
+    classifier_method,
+    finetune_split,
+    predict,
+    reestimate_batchnorm,
+    task_weights,
+)
 from shared.training.initialisation import FINETUNE_SEED, check_init, finetuning_start, initialise
 from shared.training.phase import EpochEnd, Span, run_phase
 from shared.weights import check_settings, load_weights, save_weights, weights_meta
@@ -73,16 +82,24 @@ class Cohort:
 
 @dataclass(frozen=True)
 class Arm:
-    """One model of the study: an initialisation, a label fraction, a fold (always 0 under hold-out)."""
+    """One model of the study: an initialisation, a label fraction (or, `count` > 0, about that many
+    labelled images), a fold (always 0 under hold-out)."""
 
     init_name: str
     init: InitConfig
     fraction: float
     fold: int
+    count: int = 0
 
     @property
     def name(self) -> str:
-        return f"{_tag(self.init_name, self.fraction)}_fold{self.fold}"
+        amount = f"{self.init_name}_{self.count}img" if self.count else _tag(self.init_name, self.fraction)
+        return f"{amount}_fold{self.fold}"
+
+    @property
+    def labels(self) -> str:
+        """The label amount, as a seed key shared by every init (paired subsets and batch order)."""
+        return f"{self.count}img" if self.count else str(self.fraction)
 
 
 @dataclass(frozen=True)
@@ -131,7 +148,7 @@ def run_finetuning(cfg: ExperimentConfig, *, resume: bool = False) -> FinetuneOu
     if resume:
         _check_resumable(run_dir(cfg, "finetune"), cfg)
     out = start_run_dir(cfg, "finetune")
-    cohort = _cohort(cfg)
+    cohort = cohort_of(cfg)
     folds = assign_folds(cohort.dev, cohort.column, f.folds, cfg.seed) if f.protocol == "cv" else None
     study = Study(cfg, cohort, folds, configure_torch(cfg), out)
     done = pd.read_csv(folds_csv) if resume and folds_csv.exists() else pd.DataFrame()
@@ -142,25 +159,25 @@ def run_finetuning(cfg: ExperimentConfig, *, resume: bool = False) -> FinetuneOu
                 "skipping finished %s / %.0f%% labels / fold %d", arm.init_name, 100 * arm.fraction, arm.fold
             )
             continue
-        rows += _run_arm(study, arm)
+        rows += run_arm(study, arm)
         atomic_write_text(folds_csv, pd.DataFrame(rows).to_csv(index=False))
     summary = _summarise(cfg, pd.DataFrame(rows))
     table = _table(summary, metric_keys(f.task))
-    atomic_write_text(out / "summary.json", json.dumps(_no_nan(summary), indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(no_nan(summary), indent=2))
     atomic_write_text(out / "table.md", table)
     _plots(out, summary, f.task, study.reported)
     return FinetuneOutputs(out, table, summary)
 
 
-def _run_arm(study: Study, arm: Arm) -> list[dict]:
+def run_arm(study: Study, arm: Arm) -> list[dict]:
     """Split, build, train with early stopping and selection, then score: one arm's folds.csv rows."""
     split = _split(study, arm)
     model, origin = _build(study, arm)
     log.info(
-        "%s (%s), %.0f%% labels, fold %d: %d train / %d val images",
+        "%s (%s), labels %s, fold %d: %d train / %d val images",
         arm.init_name,
         origin,
-        100 * arm.fraction,
+        f"{arm.count} images" if arm.count else f"{arm.fraction:.0%}",
         arm.fold,
         len(split.train),
         len(split.val),
@@ -179,6 +196,7 @@ def _run_arm(study: Study, arm: Arm) -> list[dict]:
     base = {
         "init": arm.init_name,
         "fraction": arm.fraction,
+        "count": arm.count,
         "fold": arm.fold,
         "best_epoch": best_epoch,
         "train_images": len(split.train),
@@ -187,7 +205,7 @@ def _run_arm(study: Study, arm: Arm) -> list[dict]:
     return [_score(study, arm, model, name, rows) | base for name, rows in split.scored.items() if len(rows)]
 
 
-def _cohort(cfg: ExperimentConfig) -> Cohort:
+def cohort_of(cfg: ExperimentConfig) -> Cohort:
     task = cfg.finetune.task
     column = label_column(task)
     sites = {s.name: s for s in load_sites(cfg.sites) if column in s.rows}
@@ -233,7 +251,11 @@ def _split(study: Study, arm: Arm) -> Split:
     else:
         assert study.folds is not None
         outer = cohort.dev[study.folds != arm.fold]
-        subset = label_subset(outer, cohort.column, arm.fraction, derive_seed(cfg.seed, "fraction", arm.fold))
+        seed = derive_seed(cfg.seed, "fraction", arm.fold)
+        if arm.count:
+            subset = label_count_subset(outer, cohort.column, arm.count, seed)
+        else:
+            subset = label_subset(outer, cohort.column, arm.fraction, seed)
         train, val = inner_split(
             subset, cohort.column, cfg.finetune.val_fraction, derive_seed(cfg.seed, "val", arm.fold)
         )
@@ -244,40 +266,47 @@ def _split(study: Study, arm: Arm) -> Split:
 
 
 def _build(study: Study, arm: Arm) -> tuple[nn.Module, str]:
-    """The seeded task model with its encoder's start; hold-out heads start as federated phase 2's do."""
+    """The seeded task model with its encoder's start; hold-out heads start as federated phase 2's do, and
+    under CV every init of a fold starts from the same heads (paired arms)."""
     cfg, tasks = study.cfg, {study.task: study.cohort.num_classes}
-    seed_keys = (FINETUNE_SEED,) if cfg.finetune.protocol == "holdout" else ("init", arm.init_name, arm.fold)
+    seed_keys = (FINETUNE_SEED,) if cfg.finetune.protocol == "holdout" else ("init", arm.fold)
     model = finetuning_start(cfg, tasks, *seed_keys)
     origin = initialise(model.encoder, arm.init.kind, arm.init.weights, cfg.model)
     return model.to(study.device), origin
 
 
-def _train(study: Study, arm: Arm, model: nn.Module, split: Split) -> tuple[int, float | None]:
-    """`finetune.epochs` epochs (fewer with early stopping), leaving the selected epoch's weights in
-    `model` and each epoch's figures in history/<arm>.csv; returns the selected epoch (1-based) and,
-    under DP, the model's epsilon (all the steps it trained)."""
-    cfg, task, cohort = study.cfg, study.task, study.cohort
-    holdout = cfg.finetune.protocol == "holdout"
+def _train(study: Study, arm: Arm, model: TaskModel, split: Split) -> tuple[int, float | None]:
+    """`finetune.epochs` epochs (or `finetune.steps` steps; fewer with early stopping), leaving the selected
+    epoch's weights in `model` and each epoch's figures in history/<arm>.csv; returns the selected epoch
+    (1-based) and, under DP, the model's epsilon (all the steps it trained). Under CV every init of an arm
+    sees the same batches; a validation split under `min_val_images` selects nothing (the last epoch)."""
+    cfg, task, cohort, f = study.cfg, study.task, study.cohort, study.cfg.finetune
+    holdout = f.protocol == "holdout"
     weights = task_weights({task: split.train}, {task: cohort.num_classes}, cfg)
-    val = _images(study, split.val, "none") if len(split.val) else None  # a tiny site may have none
-    selection = Selection(model, lambda: _validate(study, model, val), cfg, keep_last=holdout)
-    ledger, batch = Ledger(study.out / LEDGER), cfg.finetune.batch_size
-    plan = span_plan({task: len(split.train)}, batch, Span.epochs(cfg.finetune.epochs))
-    sgd = private_sgd(cfg, ledger, arm.name, plan, batch)
-    run_phase(
-        classifier_method(model, cfg, study.device, weights),
-        {task: _images(study, split.train, cfg.finetune.augment)},
-        Span.epochs(cfg.finetune.epochs),
+    val = cohort_images(study, split.val, "none") if len(split.val) else None  # a tiny site may have none
+    keep_last = holdout or len(split.val) < f.min_val_images
+    selection = Selection(model, lambda: _validate(study, model, val), cfg, keep_last=keep_last)
+    per_epoch = max(1, len(split.train) // f.batch_size)
+    span = Span.epochs(max(1, round(f.steps / per_epoch)) if f.steps else f.epochs)
+    ledger = Ledger(study.out / LEDGER)
+    sgd = private_sgd(
+        cfg, ledger, arm.name, span_plan({task: len(split.train)}, f.batch_size, span), f.batch_size
+    )
+    train = cohort_images(study, split.train, f.augment)
+    result = run_phase(
+        classifier_method(model, cfg, study.device, weights, pretrained=arm.init.kind != "scratch"),
+        {task: train},
+        span,
         seed=cfg.seed,
-        key=data_key(list(cohort.sites.values()))
-        if holdout
-        else f"{arm.init_name}/{arm.fraction}/{arm.fold}",
+        key=data_key(list(cohort.sites.values())) if holdout else f"{arm.labels}/{arm.fold}",
         workers=cfg.data.workers,
         after_epoch=selection,
         desc=f"{arm.init_name} fold {arm.fold}",
         privacy=sgd,
     )
     model.load_state_dict(selection.best_state)
+    if not holdout and result.step < BN_SETTLED:  # hold-out stays bitwise the federation's model
+        reestimate_batchnorm(model, cohort_images(study, split.train, "none"), study.device, f.batch_size)
     history = pd.DataFrame(selection.history).to_csv(index=False)
     atomic_write_text(study.out / "history" / f"{arm.name}.csv", history)
     spent = release(cfg, ledger, arm.name, sgd.released) if sgd is not None else None
@@ -335,7 +364,7 @@ def _validate(study: Study, model: nn.Module, val: Dataset | None) -> dict[str, 
 def _score(study: Study, arm: Arm, model: nn.Module, name: str, rows: pd.DataFrame) -> dict:
     """Predict `rows`, the metrics, the AUC's bootstrap interval on a test split, the predictions saved."""
     f, task = study.cfg.finetune, study.task
-    y, p = predict(model, _images(study, rows, "none"), task, study.device, f.batch_size)
+    y, p = predict(model, cohort_images(study, rows, "none"), task, study.device, f.batch_size)
     row = {
         "split": name,
         "images": len(y),
@@ -343,6 +372,8 @@ def _score(study: Study, arm: Arm, model: nn.Module, name: str, rows: pd.DataFra
     }
     if name == study.reported:
         _save_predictions(study.out / "predictions" / f"{arm.name}.npz", y, p)
+    elif name == "test":  # for paired comparisons on the same test images (fedretina study)
+        _save_predictions(study.out / "predictions" / "test" / f"{arm.name}.npz", y, p)
     if name == "test":
         low, high = bootstrap_ci(
             y,
@@ -355,7 +386,7 @@ def _score(study: Study, arm: Arm, model: nn.Module, name: str, rows: pd.DataFra
     return row
 
 
-def _images(study: Study, rows: pd.DataFrame, recipe: Recipe) -> Dataset:
+def cohort_images(study: Study, rows: pd.DataFrame, recipe: Recipe) -> Dataset:
     """Rows from several sites as one dataset (each site's rows read through that site's cache)."""
     cfg, sites = study.cfg, study.cohort.sites
     size, task = cfg.finetune_image_size, cfg.finetune.task
@@ -471,10 +502,10 @@ def _plots(out: Path, summary: dict, task: str, reported: str) -> None:
     auc_vs_fraction(out / "auc_vs_fraction.png", shown, title=f"{task}: AUC vs label fraction ({reported})")
 
 
-def _no_nan(value: object) -> object:
+def no_nan(value: object) -> object:
     """NaN (an undefined metric) as JSON null."""
     if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
+        return {k: no_nan(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_no_nan(v) for v in value]
+        return [no_nan(v) for v in value]
     return None if isinstance(value, float) and math.isnan(value) else value

@@ -5,7 +5,7 @@
 - `inner_split`: from a fold's training part, a patient-grouped validation subset for model selection
   (the outer held-out fold is for reporting only; test splits are never used for selection).
 - `label_subset`: nested, stratified subsets of patients (10% is inside 50% is inside 100%), so label-fraction
-  curves compare like with like.
+  curves compare like with like; `label_count_subset` the same by image count (50 inside 200 inside all).
 """
 
 from __future__ import annotations
@@ -71,4 +71,19 @@ def label_subset(df: pd.DataFrame, column: str, fraction: float, seed: int) -> p
     position = order.groupby(strat).rank(method="first")  # 1.. within each stratum, in the seeded order
     size = strat.map(strat.value_counts())
     keep = position.index[position <= np.ceil(fraction * size)]  # ceil: every stratum keeps at least one
+    return df[df["patient_id"].isin(keep)]
+
+
+def label_count_subset(df: pd.DataFrame, column: str, images: int, seed: int) -> pd.DataFrame:
+    """About `images` labelled images (whole patients, never more): patients taken in a seeded order that
+    interleaves the strata in proportion, so the subset is stratified and nested across counts. 0 = all."""
+    if images <= 0 or images >= len(df):
+        return df
+    strat = patient_labels(df, column)
+    rng = np.random.default_rng(derive_seed(seed, "counts") % 2**32)
+    order = pd.Series(rng.random(len(strat)), index=strat.index)
+    position = order.groupby(strat).rank(method="first") / strat.map(strat.value_counts())
+    ranked = position.sort_values(kind="stable").index
+    sizes = df.groupby("patient_id").size().reindex(ranked).cumsum()
+    keep = sizes.index[(sizes <= images).to_numpy() | (np.arange(len(sizes)) == 0)]
     return df[df["patient_id"].isin(keep)]

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset
 
 from shared.config import ExperimentConfig
@@ -76,18 +77,22 @@ def finetune_optimizer(model: TaskModel, cfg: ExperimentConfig) -> torch.optim.O
     return optimizer_for(groups, f.optimizer, f.lr, (0.9, 0.999), 5.0)
 
 
-def finetune_schedule(cfg: ExperimentConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
-    """Warm-up in epochs of `steps_per_epoch`, then cosine down to min_lr at the end of `total_steps`."""
+def finetune_schedule(
+    cfg: ExperimentConfig, steps_per_epoch: int, total_steps: int, pretrained: bool = False
+) -> Schedule:
+    """Warm-up in epochs of `steps_per_epoch`, then cosine down to min_lr at the end of `total_steps`; the
+    peak is `lr`, times `pretrained_lr_scale` for a pretrained encoder."""
     f = cfg.finetune
+    peak = f.lr * (f.pretrained_lr_scale if pretrained else 1.0)
     warmup = round(f.warmup_epochs * steps_per_epoch)
     return Schedule(
-        f.lr,
+        peak,
         max(total_steps, 1),
         warmup,
         f.weight_decay,
         f.weight_decay,
         start_ratio=0.0,
-        end_ratio=f.min_lr / f.lr,
+        end_ratio=min(f.min_lr / peak, 1.0),
     )
 
 
@@ -103,8 +108,11 @@ def classifier_method(
     cfg: ExperimentConfig,
     device: torch.device,
     weights: dict[str, torch.Tensor] | None = None,
+    *,
+    pretrained: bool = False,
 ) -> Method:
-    """Cross-entropy of a task's head (label smoothing, mixup / CutMix, optional class weights per task)."""
+    """Cross-entropy of a task's head (label smoothing, mixup / CutMix, optional class weights per task);
+    `pretrained`: the encoder starts from pretrained weights (the lower peak lr)."""
     f = cfg.finetune
 
     def loss(
@@ -130,7 +138,7 @@ def classifier_method(
         batch_size=f.batch_size,
         loss=loss,
         optimizer=lambda: finetune_optimizer(model, cfg),
-        schedule=lambda per_epoch, total: finetune_schedule(cfg, per_epoch, total),
+        schedule=lambda per_epoch, total: finetune_schedule(cfg, per_epoch, total, pretrained),
     )
 
 
@@ -160,6 +168,33 @@ def predict(
         probs.append(torch.softmax(logits.double(), dim=1).cpu())  # float64: rows sum to 1 for sklearn
         labels.append(batch["label"])
     return torch.cat(labels).numpy(), torch.cat(probs).double().numpy()
+
+
+BN_SETTLED = 50  # steps after which BatchNorm running statistics (momentum 0.1) keep < 1% of their start
+
+
+@torch.no_grad()
+def reestimate_batchnorm(
+    model: TaskModel, dataset: Dataset, device: torch.device, batch_size: int, batches: int = 20
+) -> None:
+    """Replace every BatchNorm's running statistics by their plain average over up to `batches` batches of
+    `dataset`. A model that trained few steps still carries its start's statistics (a SparK encoder's come
+    from masked, sparse features): evaluation would normalise with the wrong ones."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for k, batch in enumerate(loader(dataset, batch_size, seed=None, train=False)):
+        if k == batches:
+            break
+        model.encoder.forward_features(batch["image"].to(device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
 
 
 def _mix(

@@ -1,0 +1,228 @@
+"""`fedretina study pretraining`: does SparK pretraining on unlabelled images make a few labels go further?
+
+1. SparK on the unlabelled sites (`study.pretrain_sites`), centralised: `fedretina pretrain`'s own run
+   (runs/NAME/pretrain/), with an encoder snapshot every `study.probe_every` epochs.
+2. The linear probe (frozen encoder, logistic regression) of a random encoder and of every snapshot: what
+   pretraining put into the features, epoch by epoch, without any fine-tuning.
+3. Fine-tuning of {scratch, spark, + `study.encoders`} x `study.label_counts` x `study.seeds` on the labelled
+   `sites`, by `fedretina finetune`'s arm (CV fold 0 of each seed; the label subset, the heads' start and the
+   batch order are the same for every init, so arms are paired), each scored on the labelled sites' own test
+   split (disjoint patients, the same images for every arm).
+4. Per label count, each init minus `study.compare_to`: the seeds' mean difference of referable-DR AUC
+   (primary), kappa and macro AUC with a paired bootstrap 95% interval over the test images.
+
+Writes runs/NAME/study/: arms.csv (one row per arm and split), probe.csv, differences.csv, table.md,
+summary.json, auc_vs_labels.png and probe.png; every arm's files under seed<k>/. Resumable: the pretraining
+continues from its checkpoint and finished arms are kept (`--resume`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shared.config import ExperimentConfig, InitConfig
+from shared.data.splits import assign_folds
+from shared.device import configure_torch
+from shared.errors import CheckpointError, ConfigError
+from shared.metrics import evaluate_predictions, paired_difference_ci
+from shared.plots import curve, metric_vs_labels
+from shared.rundir import atomic_write_text, run_dir, start_run_dir
+from shared.seeding import derive_seed
+from shared.training.initialisation import check_init
+from shared.training.probe import probe_encoder
+from simulation.centralised import run_pretraining
+from simulation.finetune_run import Arm, Cohort, Study, cohort_images, cohort_of, no_nan, run_arm
+
+log = logging.getLogger(__name__)
+COMPARED = ("referable_auc", "kappa", "auc")  # the primary metric first
+
+
+@dataclass(frozen=True)
+class StudyOutputs:
+    directory: Path
+    table: str
+
+
+def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> StudyOutputs:
+    s = cfg.study
+    if not s.pretrain_sites:
+        raise ConfigError("study.pretrain_sites: name the unlabelled site YAMLs SparK pretrains on")
+    if cfg.finetune.task != "dr":
+        raise ConfigError(
+            f"finetune.task: the study reads referable DR; set it to dr (got {cfg.finetune.task!r})"
+        )
+    arms_csv = run_dir(cfg, "study") / "arms.csv"
+    if arms_csv.exists() and not resume:
+        raise CheckpointError(
+            f"{arms_csv} exists: pass --resume to finish that study, or pick another --name"
+        )
+    encoder = _pretrained(cfg, resume)
+    inits = {"scratch": InitConfig(), "spark": InitConfig(kind="spark", weights=str(encoder))}
+    inits |= {n: InitConfig(kind="spark", weights=w) for n, w in s.encoders.items()}
+    if s.compare_to not in inits:
+        raise ConfigError(f"study.compare_to: {s.compare_to!r} is not one of {list(inits)}")
+    for init in inits.values():
+        check_init(init.kind, init.weights, cfg.model)
+    cfg = cfg.model_copy(
+        update={
+            "finetune": cfg.finetune.model_copy(update={"protocol": "cv", "inits": inits, "run_folds": 1})
+        }
+    )
+    out = start_run_dir(cfg, "study")
+    cohort = cohort_of(cfg)
+    probe = _probe_curve(cfg, cohort, encoder.parent / "encoders", out)
+    done = pd.read_csv(arms_csv) if resume and arms_csv.exists() else pd.DataFrame()
+    rows = done.to_dict("records")
+    device = configure_torch(cfg)
+    for seed in s.seeds:
+        seeded = cfg.model_copy(update={"seed": seed})
+        folds = assign_folds(cohort.dev, cohort.column, cfg.finetune.folds, seed)
+        study = Study(seeded, cohort, folds, device, out / f"seed{seed}")
+        for count in s.label_counts:
+            for name, init in inits.items():
+                if _finished(done, seed, count, name):
+                    continue
+                log.info("seed %d, %s labels, %s", seed, count or "all", name)
+                arm = Arm(name, init, 1.0, 0, count)
+                rows += [r | {"seed": seed, "labels": count} for r in run_arm(study, arm)]
+                atomic_write_text(arms_csv, pd.DataFrame(rows).to_csv(index=False))
+    arms = pd.DataFrame(rows)
+    differences = _differences(cfg, out, list(inits))
+    table = _table(arms, differences, probe, cfg)
+    atomic_write_text(out / "differences.csv", differences.to_csv(index=False))
+    atomic_write_text(out / "table.md", table)
+    summary = {"differences": differences.to_dict("records"), "probe": probe.to_dict("records")}
+    atomic_write_text(out / "summary.json", json.dumps(no_nan(summary), indent=2))
+    test = arms[arms["split"] == "test"]
+    metric_vs_labels(out / "auc_vs_labels.png", test, "referable_auc", title="referable DR AUC (test split)")
+    return StudyOutputs(out, table)
+
+
+def _pretrained(cfg: ExperimentConfig, resume: bool) -> Path:
+    """The SparK encoder of runs/NAME/pretrain/: trained here unless finished (continued on --resume)."""
+    pre = cfg.model_copy(
+        update={
+            "sites": cfg.study.pretrain_sites,
+            "pretrain": cfg.pretrain.model_copy(
+                update={"method": "spark", "export_every": cfg.study.probe_every}
+            ),
+        }
+    )
+    encoder = run_dir(pre, "pretrain") / "encoder.safetensors"
+    if encoder.exists():
+        log.info("SparK encoder already pretrained: %s", encoder)
+        return encoder
+    return run_pretraining(pre, resume=resume).encoder
+
+
+def _probe_curve(cfg: ExperimentConfig, cohort: Cohort, snapshots: Path, out: Path) -> pd.DataFrame:
+    """The linear probe (trained on the development images, scored on the test split) of a random encoder
+    (epoch 0) and of every pretraining snapshot, cached in probe.csv."""
+    path = out / "probe.csv"
+    done = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["epoch"])
+    study = Study(cfg, cohort, None, configure_torch(cfg), out)
+    train, test = cohort_images(study, cohort.dev, "none"), cohort_images(study, cohort.test, "none")
+    rows = done.to_dict("records")
+    encoders = [(0, None)] + [
+        (int(p.stem.removeprefix("epoch")), p) for p in sorted(snapshots.glob("epoch*.safetensors"))
+    ]
+    for epoch, weights in encoders:
+        if epoch in set(done["epoch"]):
+            continue
+        metrics = probe_encoder(cfg, weights, train, test, cfg.finetune.task, cohort.num_classes)
+        rows.append({"epoch": epoch} | {k: metrics[k] for k in COMPARED})
+        log.info("probe after %d pretraining epochs: referable AUC %.3f", epoch, metrics["referable_auc"])
+    probe = pd.DataFrame(rows).sort_values("epoch").reset_index(drop=True)
+    atomic_write_text(path, probe.to_csv(index=False))
+    curve(
+        out / "probe.png",
+        {k: probe[k].tolist() for k in COMPARED},
+        xlabel=f"pretraining epoch (x{cfg.study.probe_every}; 0 = random encoder)",
+        ylabel="test metric",
+        title="linear probe of the SparK encoder",
+    )
+    return probe
+
+
+def _differences(cfg: ExperimentConfig, out: Path, inits: list[str]) -> pd.DataFrame:
+    """Per label count and init: mean over seeds of (init - compare_to) on the test split, paired 95% CI."""
+    s, f = cfg.study, cfg.finetune
+    rows = []
+    for count in s.label_counts:
+        arms = {n: [_test_predictions(out, seed, n, count) for seed in s.seeds] for n in inits}
+        y = arms[s.compare_to][0][0]
+        for name in inits:
+            if name == s.compare_to:
+                continue
+            row = {"labels": count, "init": name, "versus": s.compare_to, "seeds": len(s.seeds)}
+            for key in COMPARED:
+
+                def metric(t: np.ndarray, p: np.ndarray, key: str = key) -> float:
+                    return evaluate_predictions(t, p, f.task, referable_threshold=f.referable_threshold)[key]
+
+                point, low, high = paired_difference_ci(
+                    y,
+                    [p for _, p in arms[s.compare_to]],
+                    [p for _, p in arms[name]],
+                    metric,
+                    rounds=f.bootstrap,
+                    seed=derive_seed(cfg.seed, "study-bootstrap", count),
+                )
+                row |= {key: point, f"{key}_low": low, f"{key}_high": high}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _test_predictions(out: Path, seed: int, init: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    arm = Arm(init, InitConfig(), 1.0, 0, count)
+    with np.load(
+        out / f"seed{seed}" / "predictions" / "test" / f"{arm.name}.npz", allow_pickle=False
+    ) as saved:
+        return saved["y_true"], saved["probs"]
+
+
+def _table(arms: pd.DataFrame, differences: pd.DataFrame, probe: pd.DataFrame, cfg: ExperimentConfig) -> str:
+    """Means ± std over seeds per init and label count (test split), then the paired differences."""
+    test = arms[arms["split"] == "test"]
+    lines = [
+        "| labels | init | seeds | train images | " + " | ".join(COMPARED) + " |",
+        "|---|---|---|---|" + "---|" * len(COMPARED),
+    ]
+    for (count, init), g in test.groupby(["labels", "init"], sort=False):
+        cells = [f"{g[k].mean():.3f} ± {g[k].std(ddof=1) if len(g) > 1 else math.nan:.3f}" for k in COMPARED]
+        lines.append(
+            f"| {count or 'all'} | {init} | {len(g)} | {g['train_images'].mean():.0f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Paired differences versus {cfg.study.compare_to} (mean over seeds; "
+        "95% bootstrap CI over the test images):",
+        "",
+        "| labels | init | " + " | ".join(f"Δ {k}" for k in COMPARED) + " |",
+        "|---|---|" + "---|" * len(COMPARED),
+    ]
+    for r in differences.to_dict("records"):
+        cells = [f"{r[k]:+.3f} [{r[f'{k}_low']:+.3f}, {r[f'{k}_high']:+.3f}]" for k in COMPARED]
+        lines.append(f"| {r['labels'] or 'all'} | {r['init']} | " + " | ".join(cells) + " |")
+    best = probe.loc[probe["referable_auc"].idxmax()]
+    lines += [
+        "",
+        f"Linear probe (referable AUC, test split): random encoder {probe['referable_auc'].iloc[0]:.3f}; "
+        f"best {best['referable_auc']:.3f} after {int(best['epoch'])} pretraining epochs.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _finished(done: pd.DataFrame, seed: int, count: int, init: str) -> bool:
+    if done.empty:
+        return False
+    return bool(((done["seed"] == seed) & (done["labels"] == count) & (done["init"] == init)).any())

@@ -1,0 +1,83 @@
+"""The pretraining study's parts: lesion evidence visible at the cpu size, nested label-count subsets,
+BatchNorm re-estimation, and the linear probe's read-out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from shared.data.splits import label_count_subset
+from shared.data.synth.evidence import grade_evidence
+from shared.models import TaskModel, nnmobilenet
+from shared.training.finetune import reestimate_batchnorm
+from shared.training.probe import fit_probe
+
+
+def test_every_referable_grade_shows_evidence_of_at_least_two_pixels_at_128() -> None:
+    evidence = {g: grade_evidence(g, 128, eyes=4) for g in range(5)}
+    assert evidence[0].changed == 0.0
+    assert evidence[1].changed > 0.001  # microaneurysms are visible (they were 0.06% before)
+    for grade in (2, 3, 4):
+        assert evidence[grade].diameter >= 2.0
+        assert evidence[grade].changed > 5 * evidence[1].changed
+
+
+def _rows(patients: int) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    grades = rng.integers(0, 5, patients)
+    return pd.DataFrame(
+        {
+            "image_id": [f"{p}_{e}" for p in range(patients) for e in ("l", "r")],
+            "patient_id": [str(p) for p in range(patients) for _ in range(2)],
+            "label_dr": np.repeat(grades, 2),
+        }
+    )
+
+
+def test_label_count_subsets_are_whole_patients_nested_and_stratified() -> None:
+    rows = _rows(100)
+    small, large = (label_count_subset(rows, "label_dr", n, seed=3) for n in (20, 80))
+    assert len(small) == 20 and len(large) == 80
+    assert set(small["image_id"]) <= set(large["image_id"])
+    assert (small.groupby("patient_id").size() == 2).all()
+    assert small["label_dr"].nunique() == 5  # every grade in 10 patients
+    assert label_count_subset(rows, "label_dr", 20, seed=3).equals(small)  # the same for every init
+    assert len(label_count_subset(rows, "label_dr", 0, seed=3)) == len(rows)
+
+
+class _Images(Dataset):
+    def __init__(self, n: int) -> None:
+        self.x = torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 3 + 1
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.x[i], "label": torch.tensor(0)}
+
+
+def test_batchnorm_reestimation_replaces_the_start_statistics_by_the_data_average() -> None:
+    model = TaskModel(nnmobilenet(0.25), {"dr": 5})
+    stem = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    stem.running_mean.fill_(100.0)
+    data = _Images(16)
+    reestimate_batchnorm(model, data, torch.device("cpu"), batch_size=8)
+    with torch.no_grad():
+        first = model.encoder.features[0](data.x)  # the stem conv's output feeds the first BatchNorm
+    assert torch.allclose(stem.running_mean, first.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert stem.momentum == 0.1 and not model.training
+
+
+def test_linear_probe_reads_separable_features_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 400)
+    signal = np.eye(5)[y] * 3 + rng.normal(0, 1, (400, 5))
+    noise = rng.normal(0, 1, (400, 5))
+    good = fit_probe(signal[:300], y[:300], signal[300:], y[300:], "dr", 5)
+    bad = fit_probe(noise[:300], y[:300], noise[300:], y[300:], "dr", 5)
+    assert good["auc"] > 0.95 and abs(bad["auc"] - 0.5) < 0.1
+    missing = fit_probe(signal[:300][y[:300] < 4], y[:300][y[:300] < 4], signal[300:], y[300:], "dr", 5)
+    assert np.isfinite(missing["auc"])  # class 4 never trained: probability 0, shapes still match
