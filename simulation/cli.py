@@ -165,6 +165,38 @@ def pretraining_study(
     typer.echo(f"results: {outputs.directory}")
 
 
+@app.command("probe")
+def probe(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    overrides: SetOpt = None,
+    site: Annotated[
+        list[Path] | None, typer.Option(help="Site YAML holding the task's labels (repeatable).")
+    ] = None,
+    encoder: Annotated[
+        Path | None,
+        typer.Option(help="Encoder export (SparK or MoCo); absent: a random encoder, the reference."),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Run name: outputs go to runs/NAME/probe/.")] = None,
+) -> None:
+    """Linear probe of a frozen encoder: its globally pooled last feature map, read out by a logistic
+    regression fitted on each site's fine-tuning training images (finetune.task) and scored on the sites'
+    own test splits. Cheaper than fine-tuning, and it measures the encoder alone.
+
+    Writes runs/NAME/probe/probe.json (the metrics, the encoder, the image counts) and the config and log.
+
+    Example: fedretina probe -c experiment.yaml --encoder runs/spark-tiny/pretrain/encoder.safetensors
+    """
+    from shared.rundir import run_dir
+    from shared.training.probe import PART, run_probe
+
+    cfg = with_sites(resolve_config(config, profile, overrides), site, name)
+    record = run_probe(cfg, encoder)
+    for key, value in record["metrics"].items():
+        typer.echo(f"{key:<22} {value:.4f}")
+    typer.echo(f"results: {run_dir(cfg, PART) / 'probe.json'}")
+
+
 @app.command("env")
 def flower_environment(
     stop: Annotated[

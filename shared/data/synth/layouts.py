@@ -83,7 +83,7 @@ def write_eyepacs(
     seed: int,
     height: int,
     styles: tuple[str, ...],
-    test_fraction: float = 0.4,
+    test_fraction: float = 0.25,
     unlabelled: int = 0,
 ) -> list[Job]:
     """`train/<patient>_<eye>.jpeg` + trainLabels.csv; `test/` + retinopathy_solution.csv (Public/Private).

@@ -39,7 +39,7 @@ class Plan:
     height: int
     styles: tuple[str, ...]
     options: tuple[tuple[str, str | None], ...] = ()
-    extra: tuple[tuple[str, int], ...] = ()  # further writer arguments (idrid: grading_images)
+    extra: tuple[tuple[str, float], ...] = ()  # further writer arguments (idrid: grading_images)
 
 
 def _sites(scale: float, height: int) -> list[Plan]:
@@ -48,7 +48,7 @@ def _sites(scale: float, height: int) -> list[Plan]:
 
     eyepacs_styles = ("eyepacs-mixed-a", "eyepacs-mixed-b")
     return [
-        Plan("eyepacs", "eyepacs", n(300), height, eyepacs_styles),  # 40% of patients in the test split
+        Plan("eyepacs", "eyepacs", n(300), height, eyepacs_styles, (), (("test_fraction", 0.4),)),
         Plan(
             "eyepacs-pool",
             "eyepacs",
