@@ -6,7 +6,7 @@ lesion masks are drawn straight into the final frame and stay aligned. Colour, b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageChops, ImageFilter
@@ -114,6 +114,17 @@ def canvas_for(style: CameraStyle, height: int, mirror: bool) -> Canvas:
     )
 
 
+def exposure(style: CameraStyle, rng: np.random.Generator) -> CameraStyle:
+    """This photograph's settings: the camera's, with its flash, the pupil and the focus varying from shot to
+    shot (overall gain x exp(N(0, 0.12)), a colour cast of about 4% per channel, gamma x exp(N(0, 0.08)))."""
+    gain = np.exp(rng.normal(0.0, 0.12)) * np.exp(rng.normal(0.0, 0.04, 3))
+    return replace(
+        style,
+        colour=tuple(float(c * g) for c, g in zip(style.colour, gain, strict=True)),
+        gamma=float(style.gamma * np.exp(rng.normal(0.0, 0.08))),
+    )
+
+
 def _tone_curve(style: CameraStyle, channel: int, mean: float) -> list[int]:
     """256-entry lookup table: colour gain, contrast around the FOV mean, then gamma."""
     x = np.arange(256) / 255.0 * style.colour[channel]
@@ -135,12 +146,13 @@ def photograph(
     Runs on 8-bit images in PIL, where lookup tables, blur and compositing cost little.
     """
     sample = fov[::4, ::4] > 0.5
+    shot = exposure(style, rng)
     planes = []
     for c in range(3):
         channel = img[c]
-        mean = float(channel[::4, ::4][sample].mean()) * style.colour[c] if sample.any() else 0.5
+        mean = float(channel[::4, ::4][sample].mean()) * shot.colour[c] if sample.any() else 0.5
         eight = Image.fromarray(np.clip(channel * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-        planes.append(eight.point(_tone_curve(style, c, mean)))
+        planes.append(eight.point(_tone_curve(shot, c, mean)))
     photo = Image.merge("RGB", planes)
     sigma = style.blur * canvas.height / 512
     if sigma > 0.2:

@@ -46,16 +46,16 @@ class _Burden:
 _BURDEN = {
     0: _Burden(),
     1: _Burden(ma=(1, 6)),
-    2: _Burden(ma=(3, 16), blot=(0, 8), flame=(0, 2), exudate_clusters=(0, 2), cotton=(0, 1)),
+    2: _Burden(ma=(3, 14), blot=(0, 5), flame=(0, 1), exudate_clusters=(0, 1), cotton=(0, 1)),
     3: _Burden(
-        ma=(8, 26), blot=(10, 28), flame=(2, 6), exudate_clusters=(0, 3), cotton=(2, 6), beaded_veins=(1, 3)
+        ma=(8, 24), blot=(6, 18), flame=(1, 4), exudate_clusters=(0, 2), cotton=(1, 4), beaded_veins=(1, 3)
     ),
     4: _Burden(
-        ma=(6, 24),
-        blot=(8, 26),
-        flame=(1, 6),
-        exudate_clusters=(0, 3),
-        cotton=(1, 5),
+        ma=(6, 22),
+        blot=(5, 16),
+        flame=(1, 4),
+        exudate_clusters=(0, 2),
+        cotton=(1, 4),
         beaded_veins=(0, 3),
         preretinal=0.35,
     ),
@@ -136,8 +136,8 @@ def _haemorrhages(
     for p in density.sample(rng, layout, _count(rng, burden.blot)):
         for _ in range(int(rng.integers(1, 4))):
             centre = p + rng.normal(0.0, 0.015, 2)
-            outline = blob_points(rng, centre, rng.uniform(0.02, 0.045), 0.2)
-            layer.polygon(outline, opacity=rng.uniform(0.6, 1.0))
+            outline = blob_points(rng, centre, rng.uniform(0.018, 0.035), 0.2)
+            layer.polygon(outline, opacity=rng.uniform(0.35, 0.75))
     disc = np.asarray(layout.disc)
     reach = (2.0 * layout.disc_radii[1], 6.0 * layout.disc_radii[1])
     for p in _spots(rng, layout, _count(rng, burden.flame), reach, around=layout.disc):
@@ -152,7 +152,7 @@ def _exudates(
     """Hard exudates round the eye's leaking clusters: circinate rings (0.1-0.2 FOV radii across, wider
     than half a mask patch) or irregular plaques of sharp yellow deposits."""
     for centre in density.sample(rng, layout, clusters):
-        n = int(rng.integers(10, 36))
+        n = int(rng.integers(6, 24))
         if rng.random() < 0.5:  # circinate: a broken ring round a leaking centre
             ring, arc = rng.uniform(0.1, 0.2), rng.uniform(0.4, 1.0) * 2 * np.pi
             t = rng.uniform(0.0, 2 * np.pi) + np.sort(rng.uniform(0.0, arc, n))
@@ -209,7 +209,7 @@ def paint_lesions(
     density = lesion_density(rng, layout, grade)
     layers = {key: Layer(canvas) for key in LESIONS}
     for p in density.sample(rng, layout, _count(rng, burden.ma)):
-        layers["ma"].dot(p, rng.uniform(0.012, 0.02))
+        layers["ma"].dot(p, rng.uniform(0.012, 0.02), opacity=rng.uniform(0.45, 0.9))
     _haemorrhages(layers["he"], rng, layout, burden, density)
     clusters = _count(rng, burden.exudate_clusters)
     if grade == 2 and clusters == 0 and not layers["he"].image.getbbox():
@@ -225,8 +225,8 @@ def paint_lesions(
     soft = 0.6
     layers["he"].patch(blur=0.004, min_px=soft).darken(img, _BLOOD)
     layers["ma"].patch(min_px=soft).darken(img, _BLOOD)
-    layers["ex"].patch(min_px=0.4).tint(img, _EXUDATE, opacity=0.9)
-    layers["se"].patch(blur=0.012, min_px=soft).tint(img, _COTTON, opacity=0.7)
+    layers["ex"].patch(min_px=0.4).tint(img, _EXUDATE, opacity=0.6)
+    layers["se"].patch(blur=0.012, min_px=soft).tint(img, _COTTON, opacity=0.45)
     layers["nv"].patch(blur=0.015).tint(img, _COTTON, opacity=0.25)  # fibrous veil around new vessels
     layers["nv"].patch(min_px=0.5).darken(img, _NEW_VESSEL)
     preretinal.patch(min_px=soft).darken(img, _DEEP_BLOOD)

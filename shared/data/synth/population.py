@@ -16,7 +16,7 @@ from shared.seeding import derive_seed
 
 # Labelled DR sites: flatter than EyePACS train (73.5 / 7.0 / 15.1 / 2.5 / 2.0 %), so small sites hold
 # every grade.
-DR_WEIGHTS = (0.40, 0.16, 0.22, 0.11, 0.11)
+DR_WEIGHTS = (0.50, 0.14, 0.24, 0.06, 0.06)
 # Unlabelled screening pools: EyePACS's own proportions (a diabetic screening programme).
 SCREENING_DR_WEIGHTS = (0.735, 0.07, 0.151, 0.025, 0.02)
 # UK Biobank-like volunteers: about 5% diabetic, about a third of them with some DR.

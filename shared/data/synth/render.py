@@ -1,9 +1,10 @@
 """Render one synthetic fundus photograph with its lesion masks: the public entry point of `synth`.
 
 Painting order follows the layers of the eye, back to front: choroid and RPE, macular pigment, myopic
-atrophy, optic disc, retinal vessels, DR lesions; then the camera. Each concern draws from its own generator
-seeded by (patient, eye, purpose), so changing the DR grade keeps the vessels, changing the camera keeps the
-eye, and the same arguments always give identical bytes.
+atrophy, optic disc, retinal vessels, what mimics DR (drusen, pigment, lens dust), DR lesions; then the
+camera. Each concern draws from its own generator seeded by (patient, eye, purpose), so changing the DR grade
+keeps the vessels and the mimics, changing the camera keeps the eye, and the same arguments always give
+identical bytes.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import numpy as np
 from shared.data.synth.anatomy import eye_layout, paint_background, paint_disc, paint_macula, patient_traits
 from shared.data.synth.camera import CAMERA_STYLES, CameraStyle, canvas_for, photograph
 from shared.data.synth.lesions import LESIONS, paint_lesions, venous_beading
+from shared.data.synth.mimics import paint_mimics
 from shared.data.synth.myopia import paint_myopia
 from shared.data.synth.vessels import grow_tree, paint_vessels, vasculature
 
 __all__ = ["CAMERA_STYLES", "MASK_KEYS", "CameraStyle", "FundusSpec", "Rendered", "render_fundus"]
 
 MASK_KEYS = (*LESIONS, "od")
-_PATIENT, _LAYOUT, _TEXTURE, _MYOPIA, _VESSELS, _LESIONS, _CAMERA = range(7)
+_PATIENT, _LAYOUT, _TEXTURE, _MYOPIA, _VESSELS, _LESIONS, _CAMERA, _MIMICS = range(8)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ def render_fundus(spec: FundusSpec, style: CameraStyle, height: int) -> Rendered
     tree = grow_tree(layout, vasc, int(stream(_VESSELS).integers(2**63)), canvas.r)
     lesion_rng = stream(_LESIONS)
     paint_vessels(img, canvas, tree, vasc, venous_beading(tree, spec.dr_grade, lesion_rng))
+    paint_mimics(img, canvas, layout, stream(_MIMICS))
     masks = paint_lesions(img, canvas, layout, tree, spec.dr_grade, lesion_rng)
     masks["od"] = disc
     fov = canvas.fov()

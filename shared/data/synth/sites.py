@@ -2,10 +2,11 @@
 
 The natural demo federation is an EyePACS-like DR site, an MMAC-like myopia site and two UK Biobank-like
 unlabelled shards (each with its own camera style); beside it an unlabelled EyePACS-like screening pool (the
-labelled site's cameras, EyePACS's own grade mix: in-domain images for pretraining) and an IDRiD-like lesion-
-mask set for the relevance analyses. A dataset already written with the same plan, seed and generator version
-is kept (re-running is instant); each site's images depend only on (seed, site name), so `--only` rewrites
-exactly what a full run would have written. A folder is only ever replaced if our marker says we wrote it.
+labelled site's cameras, EyePACS's own grade mix: in-domain images for pretraining), an IDRiD-like lesion-
+mask set for the relevance analyses and a Messidor-2-like site (the external test of `fedretina study
+seed2`). A dataset already written with the same plan, seed and generator version is kept (re-running is
+instant); each site's images depend only on (seed, site name), so `--only` rewrites exactly what a full run
+would have written. A folder is only ever replaced if our marker says we wrote it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from shared.seeding import derive_seed
 log = logging.getLogger(__name__)
 
 # Bump when the renderer or a layout writer changes what a (plan, seed) produces, so old folders regenerate.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 MARKER = ".synth.json"
 
 
@@ -70,6 +71,7 @@ def _sites(scale: float, height: int) -> list[Plan]:
             (("first_eid", 2000001),),
         ),
         Plan("idrid", "idrid", n(27), max(height, 256), ("idrid",), (), (("grading_images", n(60)),)),
+        Plan("messidor2", "messidor2", n(100), height, ("messidor",)),  # external test site (seed2 study)
     ]
 
 
