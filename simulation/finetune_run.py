@@ -58,7 +58,9 @@ from shared.training.finetune import (
     classifier_method,
     finetune_split,
     predict,
+    predict_logits,
     reestimate_batchnorm,
+    softmax,
     task_weights,
 )
 from shared.training.initialisation import FINETUNE_SEED, check_init, finetuning_start, initialise
@@ -78,6 +80,7 @@ class Cohort:
     test: pd.DataFrame  # the datasets' own held-out test splits
     column: str
     num_classes: int
+    external: pd.DataFrame  # every labelled image of the external sites (never trained on); may be empty
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,8 @@ def run_arm(study: Study, arm: Arm) -> list[dict]:
     return [_score(study, arm, model, name, rows) | base for name, rows in split.scored.items() if len(rows)]
 
 
-def cohort_of(cfg: ExperimentConfig) -> Cohort:
+def cohort_of(cfg: ExperimentConfig, external: tuple[str, ...] = ()) -> Cohort:
+    """The labelled images of the configured sites, and of the `external` site YAMLs (scored only)."""
     task = cfg.finetune.task
     column = label_column(task)
     sites = {s.name: s for s in load_sites(cfg.sites) if column in s.rows}
@@ -213,8 +217,16 @@ def cohort_of(cfg: ExperimentConfig) -> Cohort:
         raise ConfigError(
             f"finetune.task: no configured site holds labels for task {task!r} (column {column})"
         )
+    outside = {s.name: s for s in load_sites(external)} if external else {}
+    if shared := sorted(set(outside) & set(sites)):
+        raise ConfigError(f"study.external_sites: {shared} also trains; an external site must be new")
+    for name, site in outside.items():
+        if column not in site.rows or not len(labelled(site.rows, task)):
+            raise ConfigError(f"study.external_sites: site {name} holds no {task!r} labels to score")
     data = pd.concat([_site_unique(labelled(s.rows, task), n) for n, s in sites.items()], ignore_index=True)
     dev, test = data[data["split"] != "test"], data[data["split"] == "test"]
+    scored = [_site_unique(labelled(s.rows, task), n) for n, s in outside.items()]
+    extra = pd.concat(scored, ignore_index=True) if scored else data.iloc[0:0]
     log.info(
         "task %s: %d development images (%d patients), %d test images, sites %s",
         task,
@@ -224,7 +236,12 @@ def cohort_of(cfg: ExperimentConfig) -> Cohort:
         ", ".join(sites),
     )
     return Cohort(
-        sites, dev.reset_index(drop=True), test.reset_index(drop=True), column, task_classes(data)[task]
+        sites | outside,
+        dev.reset_index(drop=True),
+        test.reset_index(drop=True),
+        column,
+        task_classes(data)[task],
+        extra.reset_index(drop=True),
     )
 
 
@@ -262,7 +279,8 @@ def _split(study: Study, arm: Arm) -> Split:
         scored = {"cv": cohort.dev[study.folds == arm.fold]}
     # Training rows in a stable order, so an epoch's permutation depends on its seed alone.
     train = train.sort_values(["site", "image_id"]).reset_index(drop=True)
-    return Split(train, val.reset_index(drop=True), scored | {"test": cohort.test})
+    scored |= {"test": cohort.test, "external": cohort.external}
+    return Split(train, val.reset_index(drop=True), scored)
 
 
 def _build(study: Study, arm: Arm) -> tuple[nn.Module, str]:
@@ -364,16 +382,17 @@ def _validate(study: Study, model: nn.Module, val: Dataset | None) -> dict[str, 
 def _score(study: Study, arm: Arm, model: nn.Module, name: str, rows: pd.DataFrame) -> dict:
     """Predict `rows`, the metrics, the AUC's bootstrap interval on a test split, the predictions saved."""
     f, task = study.cfg.finetune, study.task
-    y, p = predict(model, cohort_images(study, rows, "none"), task, study.device, f.batch_size)
+    y, logits = predict_logits(model, cohort_images(study, rows, "none"), task, study.device, f.batch_size)
+    p = softmax(logits)
     row = {
         "split": name,
         "images": len(y),
         **evaluate_predictions(y, p, task, referable_threshold=f.referable_threshold),
     }
     if name == study.reported:
-        _save_predictions(study.out / "predictions" / f"{arm.name}.npz", y, p)
-    elif name == "test":  # for paired comparisons on the same test images (fedretina study)
-        _save_predictions(study.out / "predictions" / "test" / f"{arm.name}.npz", y, p)
+        _save_predictions(study.out / "predictions" / f"{arm.name}.npz", y, p, logits)
+    else:  # test and external images, for paired comparisons on the same images (fedretina study)
+        _save_predictions(study.out / "predictions" / name / f"{arm.name}.npz", y, p, logits)
     if name == "test":
         low, high = bootstrap_ci(
             y,
@@ -476,9 +495,9 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def _save_predictions(path: Path, y_true: np.ndarray, probs: np.ndarray) -> None:
+def _save_predictions(path: Path, y_true: np.ndarray, probs: np.ndarray, logits: np.ndarray) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, y_true=y_true, probs=probs)
+    np.savez(buffer, y_true=y_true, probs=probs, logits=logits)
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -20,25 +20,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from shared.config import ExperimentConfig, InitConfig
-from shared.data.splits import assign_folds
 from shared.device import configure_torch
 from shared.errors import CheckpointError, ConfigError
-from shared.metrics import evaluate_predictions, paired_difference_ci
 from shared.plots import curve, metric_vs_labels
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
-from shared.seeding import derive_seed
 from shared.training.initialisation import check_init
 from shared.training.probe import probe_encoder
 from simulation.centralised import run_pretraining
-from simulation.finetune_run import Arm, Cohort, Study, cohort_images, cohort_of, no_nan, run_arm
+from simulation.finetune_run import Cohort, Study, cohort_images, cohort_of, no_nan
+from simulation.paired import Amount, differences, differences_table, means_table, run_arms, study_metrics
 
 log = logging.getLogger(__name__)
 COMPARED = ("referable_auc", "kappa", "auc")  # the primary metric first
@@ -78,27 +74,13 @@ def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> Stu
     out = start_run_dir(cfg, "study")
     cohort = cohort_of(cfg)
     probe = _probe_curve(cfg, cohort, encoder.parent / "encoders", out)
-    done = pd.read_csv(arms_csv) if resume and arms_csv.exists() else pd.DataFrame()
-    rows = done.to_dict("records")
-    device = configure_torch(cfg)
-    for seed in s.seeds:
-        seeded = cfg.model_copy(update={"seed": seed})
-        folds = assign_folds(cohort.dev, cohort.column, cfg.finetune.folds, seed)
-        study = Study(seeded, cohort, folds, device, out / f"seed{seed}")
-        for count in s.label_counts:
-            for name, init in inits.items():
-                if _finished(done, seed, count, name):
-                    continue
-                log.info("seed %d, %s labels, %s", seed, count or "all", name)
-                arm = Arm(name, init, 1.0, 0, count)
-                rows += [r | {"seed": seed, "labels": count} for r in run_arm(study, arm)]
-                atomic_write_text(arms_csv, pd.DataFrame(rows).to_csv(index=False))
-    arms = pd.DataFrame(rows)
-    differences = _differences(cfg, out, list(inits))
-    table = _table(arms, differences, probe, cfg)
-    atomic_write_text(out / "differences.csv", differences.to_csv(index=False))
+    amounts = [Amount(count=c) for c in s.label_counts]
+    arms = run_arms(cfg, cohort, inits, amounts, out, resume=resume)
+    diffs = differences(cfg, out, list(inits), amounts, study_metrics(cfg))
+    table = _table(arms, diffs, probe, cfg, amounts)
+    atomic_write_text(out / "differences.csv", diffs.to_csv(index=False))
     atomic_write_text(out / "table.md", table)
-    summary = {"differences": differences.to_dict("records"), "probe": probe.to_dict("records")}
+    summary = {"differences": diffs.to_dict("records"), "probe": probe.to_dict("records")}
     atomic_write_text(out / "summary.json", json.dumps(no_nan(summary), indent=2))
     test = arms[arms["split"] == "test"]
     metric_vs_labels(out / "auc_vs_labels.png", test, "referable_auc", title="referable DR AUC (test split)")
@@ -151,68 +133,18 @@ def _probe_curve(cfg: ExperimentConfig, cohort: Cohort, snapshots: Path, out: Pa
     return probe
 
 
-def _differences(cfg: ExperimentConfig, out: Path, inits: list[str]) -> pd.DataFrame:
-    """Per label count and init: mean over seeds of (init - compare_to) on the test split, paired 95% CI."""
-    s, f = cfg.study, cfg.finetune
-    rows = []
-    for count in s.label_counts:
-        arms = {n: [_test_predictions(out, seed, n, count) for seed in s.seeds] for n in inits}
-        y = arms[s.compare_to][0][0]
-        for name in inits:
-            if name == s.compare_to:
-                continue
-            row = {"labels": count, "init": name, "versus": s.compare_to, "seeds": len(s.seeds)}
-            for key in COMPARED:
-
-                def metric(t: np.ndarray, p: np.ndarray, key: str = key) -> float:
-                    return evaluate_predictions(t, p, f.task, referable_threshold=f.referable_threshold)[key]
-
-                point, low, high = paired_difference_ci(
-                    y,
-                    [p for _, p in arms[s.compare_to]],
-                    [p for _, p in arms[name]],
-                    metric,
-                    rounds=f.bootstrap,
-                    seed=derive_seed(cfg.seed, "study-bootstrap", count),
-                )
-                row |= {key: point, f"{key}_low": low, f"{key}_high": high}
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _test_predictions(out: Path, seed: int, init: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-    arm = Arm(init, InitConfig(), 1.0, 0, count)
-    with np.load(
-        out / f"seed{seed}" / "predictions" / "test" / f"{arm.name}.npz", allow_pickle=False
-    ) as saved:
-        return saved["y_true"], saved["probs"]
-
-
-def _table(arms: pd.DataFrame, differences: pd.DataFrame, probe: pd.DataFrame, cfg: ExperimentConfig) -> str:
+def _table(
+    arms: pd.DataFrame, diffs: pd.DataFrame, probe: pd.DataFrame, cfg: ExperimentConfig, amounts: list[Amount]
+) -> str:
     """Means ± std over seeds per init and label count (test split), then the paired differences."""
-    test = arms[arms["split"] == "test"]
-    lines = [
-        "| labels | init | seeds | train images | " + " | ".join(COMPARED) + " |",
-        "|---|---|---|---|" + "---|" * len(COMPARED),
-    ]
-    for (count, init), g in test.groupby(["labels", "init"], sort=False):
-        cells = [f"{g[k].mean():.3f} ± {g[k].std(ddof=1) if len(g) > 1 else math.nan:.3f}" for k in COMPARED]
-        lines.append(
-            f"| {count or 'all'} | {init} | {len(g)} | {g['train_images'].mean():.0f} | "
-            + " | ".join(cells)
-            + " |"
-        )
+    lines = means_table(arms, amounts, list(COMPARED))
     lines += [
         "",
         f"Paired differences versus {cfg.study.compare_to} (mean over seeds; "
         "95% bootstrap CI over the test images):",
         "",
-        "| labels | init | " + " | ".join(f"Δ {k}" for k in COMPARED) + " |",
-        "|---|---|" + "---|" * len(COMPARED),
+        *differences_table(diffs, amounts, list(COMPARED)),
     ]
-    for r in differences.to_dict("records"):
-        cells = [f"{r[k]:+.3f} [{r[f'{k}_low']:+.3f}, {r[f'{k}_high']:+.3f}]" for k in COMPARED]
-        lines.append(f"| {r['labels'] or 'all'} | {r['init']} | " + " | ".join(cells) + " |")
     best = probe.loc[probe["referable_auc"].idxmax()]
     lines += [
         "",
@@ -220,9 +152,3 @@ def _table(arms: pd.DataFrame, differences: pd.DataFrame, probe: pd.DataFrame, c
         f"best {best['referable_auc']:.3f} after {int(best['epoch'])} pretraining epochs.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _finished(done: pd.DataFrame, seed: int, count: int, init: str) -> bool:
-    if done.empty:
-        return False
-    return bool(((done["seed"] == seed) & (done["labels"] == count) & (done["init"] == init)).any())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 
 @dataclass(frozen=True)
@@ -80,3 +81,16 @@ def referable_probability(probs: np.ndarray, threshold: int = REFERABLE_THRESHOL
     if probs.ndim != 2 or probs.shape[1] != DR.num_classes:
         raise ValueError(f"expected (N, {DR.num_classes}) DR grade probabilities, got {probs.shape}")
     return probs[:, threshold:].sum(axis=1)
+
+
+def referable_logit_probability(
+    logits: np.ndarray, threshold: int = REFERABLE_THRESHOLD_GULSHAN
+) -> np.ndarray:
+    """P(referable) the second seed's way (Srinivasan et al. 2022): sum the referable grades' logits and the
+    others' logits, then a softmax over the two sums, i.e. sigmoid(sum referable - sum non-referable).
+    Unlike `referable_probability` it weighs every grade's logit alike, whatever the softmax made of it."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] != DR.num_classes:
+        raise ValueError(f"expected (N, {DR.num_classes}) DR grade logits, got {logits.shape}")
+    margin = logits[:, threshold:].sum(axis=1) - logits[:, :threshold].sum(axis=1)
+    return expit(margin)  # the logistic function, accurate in both tails

@@ -151,7 +151,6 @@ def task_weights(
     return {t: class_weights(r[label_column(t)].to_numpy(int), classes[t]) for t, r in rows.items()}
 
 
-@torch.no_grad()
 def predict(
     model: TaskModel,
     dataset: Dataset,
@@ -161,13 +160,31 @@ def predict(
     workers: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,), class probabilities (N, K)) in dataset order, eval mode, no augmentation."""
+    labels, logits = predict_logits(model, dataset, task, device, batch_size, workers)
+    return labels, softmax(logits)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: TaskModel,
+    dataset: Dataset,
+    task: str,
+    device: torch.device,
+    batch_size: int = 32,
+    workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), the head's logits (N, K) as float64) in dataset order, eval mode, no augmentation."""
     model.eval()
-    labels, probs = [], []
+    labels, logits = [], []
     for batch in loader(dataset, batch_size, seed=None, train=False, workers=workers):
-        logits = model(batch["image"].to(device), task)
-        probs.append(torch.softmax(logits.double(), dim=1).cpu())  # float64: rows sum to 1 for sklearn
+        logits.append(model(batch["image"].to(device), task).double().cpu())
         labels.append(batch["label"])
-    return torch.cat(labels).numpy(), torch.cat(probs).double().numpy()
+    return torch.cat(labels).numpy(), torch.cat(logits).numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities (N, K) in float64 from logits, rows summing to 1 (as sklearn wants)."""
+    return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64)), dim=1).numpy()
 
 
 BN_SETTLED = 50  # steps after which BatchNorm running statistics (momentum 0.1) keep < 1% of their start

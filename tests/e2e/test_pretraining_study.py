@@ -40,15 +40,15 @@ def test_study_pairs_arms_and_reports_differences_with_intervals(
         },
     )
     out = run_pretraining_study(cfg).directory
-    arms = pd.read_csv(out / "arms.csv")
+    arms = pd.read_csv(out / "arms.csv", dtype={"labels": str})
     test = arms[arms["split"] == "test"]
     assert len(test) == 2 * 2 * 2  # seeds x counts x inits
-    small = test[test["labels"] == 10]
+    small = test[test["labels"] == "10img"]
     assert (small["train_images"] + small["val_images"] <= 10).all()
     # paired: within a seed and count, both inits trained on the very same images
     assert (small.groupby(["seed"])["train_images"].nunique() == 1).all()
-    diff = pd.read_csv(out / "differences.csv")
-    assert list(diff["labels"]) == [10, 0] and set(diff["init"]) == {"spark"}
+    diff = pd.read_csv(out / "differences.csv", dtype={"labels": str})
+    assert list(diff["labels"]) == ["10img", "1.0"] and set(diff["init"]) == {"spark"}
     assert (diff["referable_auc_low"] <= diff["referable_auc_high"]).all()
     probe = pd.read_csv(out / "probe.csv")
     assert list(probe["epoch"]) == [0, 1, 2]  # the random encoder, then every snapshot
@@ -56,5 +56,5 @@ def test_study_pairs_arms_and_reports_differences_with_intervals(
     assert (out / "table.md").read_text().count("| spark |") == 2 * 2  # means, then differences
     stamp = (out / "arms.csv").stat().st_mtime_ns
     run_pretraining_study(cfg, resume=True)  # nothing left to train: arms.csv is rewritten unchanged
-    assert pd.read_csv(out / "arms.csv").equals(arms)
+    assert pd.read_csv(out / "arms.csv", dtype={"labels": str}).equals(arms)
     assert stamp <= (out / "arms.csv").stat().st_mtime_ns

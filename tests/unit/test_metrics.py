@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
-from shared.data.labels import referable_probability
+from shared.data.labels import referable_logit_probability, referable_probability
 from shared.metrics import bootstrap_ci, evaluate_predictions, mean_std, metric_keys
 
 RNG = np.random.default_rng(0)
@@ -103,3 +103,21 @@ def test_mean_std_over_folds_ignores_nan() -> None:
     summary = mean_std([{"auc": 0.8}, {"auc": 0.9}, {"auc": math.nan}])
     assert summary["auc"][0] == pytest.approx(0.85)
     assert summary["auc"][1] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+
+
+@pytest.mark.parametrize("threshold", [2, 3])
+def test_referable_from_logits_is_a_softmax_over_the_two_sums(threshold: int) -> None:
+    """The second seed's reading: softmax over (sum of non-referable logits, sum of referable logits); it
+    differs from summing probabilities, and a logit shift common to all grades changes it (one grade more on
+    one side), which a softmax over the five grades would not."""
+    logits = np.random.default_rng(threshold).normal(scale=30.0, size=(64, 5))
+    sums = np.stack([logits[:, :threshold].sum(1), logits[:, threshold:].sum(1)], axis=1)
+    expected = np.exp(sums[:, 1] - np.logaddexp(sums[:, 0], sums[:, 1]))
+    got = referable_logit_probability(logits, threshold)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-300)
+    assert np.isfinite(got).all() and ((got >= 0) & (got <= 1)).all()  # no overflow at |sum| ~ 100
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert not np.allclose(got, referable_probability(probs, threshold))
+    shifted = referable_logit_probability(logits + 1.0, threshold)
+    assert not np.allclose(shifted, got)
