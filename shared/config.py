@@ -64,9 +64,10 @@ class DataConfig(Strict):
 
 
 class InitConfig(Strict):
-    """Where the encoder starts: random, one of our SparK / MoCo exports, or local ImageNet weights."""
+    """Where the encoder starts: random, one of our SparK / MoCo / natural-photo exports, or local ImageNet
+    weights."""
 
-    kind: Literal["scratch", "spark", "moco", "imagenet"] = "scratch"
+    kind: Literal["scratch", "spark", "moco", "natural", "imagenet"] = "scratch"
     weights: str | None = None  # a path (relative to the experiment YAML)
 
     @model_validator(mode="after")
@@ -77,8 +78,10 @@ class InitConfig(Strict):
 
 
 class PretrainConfig(Strict):
-    # "spark": masked image modelling (the first seed); "moco": MoCo v2 contrastive (the second seed).
-    method: Literal["spark", "moco"] = "spark"
+    # "spark": masked image modelling (the first seed); "moco": MoCo v2 contrastive (the second seed);
+    # "natural": supervised classification of scikit-image's natural photographs, the offline stand-in for
+    # ImageNet weights (shared/data/natural.py); it reads no site.
+    method: Literal["spark", "moco", "natural"] = "spark"
     epochs: int = Field(1600, ge=1)
     batch_size: int = Field(64, ge=2)  # SE blocks hold BatchNorm on a (B, C, 1, 1) vector: B >= 2
     optimizer: Literal["lamb", "adamw"] = "lamb"
@@ -107,6 +110,7 @@ class PretrainConfig(Strict):
     moco_queue: int = Field(4096, ge=8)
     moco_momentum: float = Field(0.999, gt=0, lt=1)
     moco_temperature: float = Field(0.2, gt=0)
+    natural_crops: int = Field(2048, ge=16)  # "natural": random crops per epoch, spread over the photographs
 
 
 class FinetuneConfig(Strict):
@@ -227,6 +231,11 @@ DP_REFUSED = (
         "MoCo's queue of keys carries other images into each image's loss; use spark",
     ),
     (
+        "pretrain.method",
+        lambda c: c.pretrain.method == "natural",
+        "the natural photographs are public: pretrain on them without DP (privacy.enabled=false)",
+    ),
+    (
         "pretrain.loss_reduction",
         lambda c: c.pretrain.loss_reduction == "batch",
         "the batch-wide mean couples images; set pretrain.loss_reduction=sample",
@@ -247,16 +256,30 @@ DP_REFUSED = (
 
 
 class StudyConfig(Strict):
-    """`fedretina study pretraining`: SparK on unlabelled sites, then {scratch, spark, ...} x label counts x
-    seeds fine-tuned on the labelled `sites`, paired, scored on their own test split."""
+    """The `fedretina study` commands. `pretraining`: SparK on unlabelled sites, then {scratch, spark, ...} x
+    label counts x seeds fine-tuned on the labelled `sites`, paired, scored on their own test split.
+    `seed2`: the second seed's four setups and SparK, per architecture, x `finetune.label_fractions` x seeds,
+    scored on the test split and on `external_sites`."""
 
-    pretrain_sites: tuple[str, ...] = ()  # site YAMLs SparK pretrains on (relative to the experiment YAML)
+    # site YAMLs SparK (and, in seed2, MoCo) pretrains on (relative to the experiment YAML)
+    pretrain_sites: tuple[str, ...] = ()
     label_counts: tuple[int, ...] = (50, 200, 0)  # labelled images per arm, train + validation; 0 = all
     seeds: tuple[int, ...] = (0, 1, 2)
     probe_every: int = Field(2, ge=1)  # pretraining epochs between the probe curve's encoder snapshots
     # Further encoder exports to compare like `spark` (e.g. a federated SparK run's encoder.safetensors).
     encoders: dict[str, str] = Field(default_factory=dict)
     compare_to: str = "scratch"  # the init every difference is taken against
+    # seed2: labelled sites scored only (a Messidor-2-like external test), never trained on
+    external_sites: tuple[str, ...] = ()
+    # seed2: the architectures, each with its dotted overrides (e.g. resnet50: {data.image_size: 96})
+    archs: dict[Literal["nnmobilenet", "resnet50"], dict[str, Any]] = Field(
+        default_factory=lambda: {"nnmobilenet": {}, "resnet50": {}}
+    )
+    # seed2: dotted overrides per pretraining method (spark, moco, natural), e.g. {moco: {pretrain.epochs: 8}}
+    pretraining: dict[Literal["spark", "moco", "natural"], dict[str, Any]] = Field(default_factory=dict)
+    # seed2: local ImageNet weights per architecture; an architecture without one starts its IFI setups from
+    # the natural-photo stand-in (shared/data/natural.py), named as such in every table
+    imagenet: dict[Literal["nnmobilenet", "resnet50"], str] = Field(default_factory=dict)
 
     @field_validator("label_counts")
     @classmethod
@@ -406,8 +429,21 @@ def _resolve_paths(user: dict[str, Any], base: Path) -> None:
     if isinstance(study, dict):
         if isinstance(study.get("pretrain_sites"), list):
             study["pretrain_sites"] = [str((base / s).resolve()) for s in study["pretrain_sites"]]
-        if isinstance(study.get("encoders"), dict):
-            study["encoders"] = {k: str((base / v).resolve()) for k, v in study["encoders"].items()}
+        for key in ("encoders", "imagenet"):
+            if isinstance(study.get(key), dict):
+                study[key] = {k: str((base / v).resolve()) for k, v in study[key].items()}
+        if isinstance(study.get("external_sites"), list):
+            study["external_sites"] = [str((base / s).resolve()) for s in study["external_sites"]]
+
+
+def override(
+    cfg: ExperimentConfig, overrides: Mapping[str, Any], source: str = "override"
+) -> ExperimentConfig:
+    """`cfg` with dotted overrides applied (`{"model.arch": "resnet50"}`), validated again as a whole."""
+    data = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        set_dotted(data, key, value, source)
+    return validate(ExperimentConfig, data, source)
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

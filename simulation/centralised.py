@@ -1,4 +1,5 @@
-"""`fedretina pretrain`: pretraining on the pooled images of the configured sites, centralised.
+"""`fedretina pretrain`: pretraining on the pooled images of the configured sites, centralised (or, with
+`pretrain.method: natural`, on scikit-image's natural photographs, the stand-in for ImageNet).
 
 It runs the same `run_phase` a federated site's round runs, from the same seeded model, so one simulated
 site holding these images reproduces it bitwise (SparK; MoCo v2 is centralised only). Resumable at epoch
@@ -31,12 +32,14 @@ from shared.training.checkpoint import export_encoder, load_checkpoint, save_che
 from shared.training.data import data_key, load_sites, pooled, site_images
 from shared.training.initialisation import check_init, pretraining_start
 from shared.training.moco import moco_method
+from shared.training.natural import natural_images, natural_method
 from shared.training.phase import EpochEnd, Span, run_phase
 from shared.training.pretrain import spark_method
 from shared.weights import check_settings, weights_meta
 
 log = logging.getLogger(__name__)
 PREVIEW_IMAGES = 6
+LOSS_NAMES = {"spark": "masked-patch loss", "moco": "InfoNCE loss", "natural": "cross-entropy"}
 
 
 @dataclass
@@ -59,7 +62,8 @@ class PretrainOutputs:
 
 
 def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainOutputs:
-    """Pretrain (SparK, or MoCo v2) on the pooled images of `cfg.sites`; resumable at epoch boundaries."""
+    """Pretrain (SparK or MoCo v2 on the pooled images of `cfg.sites`, or the natural-photo classifier);
+    resumable at epoch boundaries."""
     checkpoint = run_dir(cfg, "pretrain") / "checkpoint.safetensors"
     if checkpoint.exists() and not resume:
         raise CheckpointError(
@@ -67,7 +71,8 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
         )
     check_init(cfg.pretrain.init.kind, cfg.pretrain.init.weights, cfg.model)
     out = start_run_dir(cfg, "pretrain")
-    sites = load_sites(cfg.sites)
+    natural = cfg.pretrain.method == "natural"
+    sites = [] if natural else load_sites(cfg.sites)
     device = configure_torch(cfg)
     model = pretraining_start(cfg).to(device)
     history, optimizer_state = History(), None
@@ -75,8 +80,10 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
         history, optimizer_state = _resumed(checkpoint, model, cfg)
         log.info("resuming %s after epoch %d", out, len(history.losses))
     spark = cfg.pretrain.method == "spark"
-    data = {"": _images(sites, cfg)}
-    method = spark_method(model, cfg, device) if spark else moco_method(model, cfg, device)  # type: ignore[arg-type]
+    data = {"": natural_images(cfg) if natural else _images(sites, cfg)}
+    methods = {"spark": spark_method, "moco": moco_method, "natural": natural_method}
+    method = methods[cfg.pretrain.method](model, cfg, device)  # type: ignore[operator]
+    key = "natural" if natural else data_key(sites)
     ledger = Ledger(out / LEDGER)
     plan = span_plan({"": len(data[""])}, cfg.pretrain.batch_size, Span.epochs(cfg.pretrain.epochs))
     sgd = private_sgd(cfg, ledger, "pretrain", plan, cfg.pretrain.batch_size)
@@ -85,7 +92,7 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
         "%s pretraining on %d images from %s, device %s",
         cfg.pretrain.method,
         len(data[""]),
-        data_key(sites),
+        key,
         device,
     )
     run_phase(
@@ -93,7 +100,7 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
         data,
         Span.epochs(cfg.pretrain.epochs, start=len(history.losses)),
         seed=cfg.seed,
-        key=data_key(sites),
+        key=key,
         workers=cfg.data.workers,
         optimizer_state=optimizer_state,
         after_epoch=lambda end: _after_epoch(end, cfg, model, history, checkpoint, preview),
@@ -105,7 +112,7 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
         spent = release(cfg, ledger, "pretrain", [(sgd.sigma, q, n) for q, n in plan])
         privacy = {"epsilon": spent, "delta": cfg.privacy.delta, "privacy_unit": cfg.privacy.unit}
     export_encoder(encoder, model.encoder.state_dict(), cfg, epochs=len(history.losses), **privacy)
-    _write_history(out, history, "masked-patch loss" if spark else "InfoNCE loss")
+    _write_history(out, history, LOSS_NAMES[cfg.pretrain.method])
     log.info("encoder exported to %s", encoder)
     return PretrainOutputs(encoder, history, out)
 

@@ -14,6 +14,7 @@ from server.cli import certs_app
 from shared.cli_common import ConfigOpt, ProfileOpt, SetOpt, resolve_config, run_cli, with_sites
 from shared.config import dump_config
 from shared.logs import setup_logging
+from simulation.analysis.cli import app as analyze_app
 
 app = typer.Typer(
     name="fedretina",
@@ -34,6 +35,7 @@ app.add_typer(server_app, name="server")
 app.add_typer(certs_app, name="certs")
 study_app = typer.Typer(help="Studies that answer one question end to end.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
+app.add_typer(analyze_app, name="analyze")
 
 
 @app.callback()
@@ -92,7 +94,8 @@ def pretrain(
     resume: Annotated[bool, typer.Option(help="Continue the run's last checkpoint.")] = False,
 ) -> None:
     """Pretrain the encoder on one or more sites' images, centralised: SparK masked modelling (default) or
-    MoCo v2 (`--set pretrain.method=moco`).
+    MoCo v2 (`--set pretrain.method=moco`); or, with `--set pretrain.method=natural` and no site, supervised
+    on scikit-image's natural photographs (the offline stand-in for ImageNet weights).
 
     Writes runs/NAME/pretrain/: checkpoint.safetensors (resumable with --resume, which refuses changed
     settings by name), previews/epoch*.png (input, masked input, reconstruction; SparK), history.csv and
@@ -161,6 +164,31 @@ def pretraining_study(
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
     outputs = run_pretraining_study(cfg, resume=resume)
+    typer.echo(outputs.table)
+    typer.echo(f"results: {outputs.directory}")
+
+
+@study_app.command("seed2")
+def seed2_study(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    overrides: SetOpt = None,
+    name: Annotated[str | None, typer.Option(help="Run name: outputs go to runs/NAME/seed2/.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the pretrainings and skip finished arms.")] = False,
+) -> None:
+    """The second seed's study (Srinivasan et al. 2022) plus SparK: per architecture (study.archs), IWNE-FS,
+    IWNE-CL (MoCo v2 on study.pretrain_sites), IFI-FS (study.imagenet weights, or the natural-photo stand-in
+    where none are given), IFI-CL (MoCo from that start) and SparK, x finetune.label_fractions x study.seeds,
+    paired; scored on the labelled sites' test split and on study.external_sites, referable DR both by
+    summed probabilities and by the paper's summed logits. Writes runs/NAME/seed2/ (table.md, arms.csv,
+    differences.csv, AUC-vs-fraction PNGs). docs/analysis.md explains it.
+
+    Example: fedretina study seed2 -c simulation/studies/seed2.yaml --name seed2
+    """
+    from simulation.seed2_study import run_seed2_study
+
+    cfg = with_sites(resolve_config(config, profile, overrides), None, name)
+    outputs = run_seed2_study(cfg, resume=resume)
     typer.echo(outputs.table)
     typer.echo(f"results: {outputs.directory}")
 

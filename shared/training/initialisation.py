@@ -1,5 +1,5 @@
 """Where training starts: the seeded pretraining and fine-tuning models, and where their encoder starts
-(scratch, a SparK or MoCo export of ours, or ImageNet weights).
+(scratch, a SparK, MoCo or natural-photo export of ours, or ImageNet weights).
 
 Our exports are safetensors files that record their architecture, so a file from another architecture is
 refused in one line. ImageNet weights are read from a local file in torchvision's format (`resnet50`'s
@@ -21,6 +21,7 @@ from shared.models import TaskModel, build_encoder
 from shared.seeding import derive_seed, seed_everything
 from shared.training.finetune import build_task_model
 from shared.training.moco import build_moco
+from shared.training.natural import build_natural
 from shared.training.pretrain import build_spark
 from shared.weights import check_meta, load_into, load_weights, model_meta
 
@@ -86,14 +87,16 @@ def _imagenet_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def pretraining_start(cfg: ExperimentConfig) -> nn.Module:
-    """The seeded model a pretraining run starts from, its encoder initialised as `pretrain.init` says
-    (scratch, ImageNet, or an earlier export: MoCo from ImageNet is the second seed's fourth setup).
+    """The seeded model a pretraining run starts from (SparK, MoCo, or the natural-photo classifier), its
+    encoder initialised as `pretrain.init` says (scratch, ImageNet, or an earlier export: MoCo from ImageNet
+    is the second seed's fourth setup).
     `fedretina pretrain` and the federated server both start here."""
     seed_everything(derive_seed(cfg.seed, "init"))
     encoder = build_encoder(cfg.model)
     init = cfg.pretrain.init
     initialise(encoder, init.kind, init.weights, cfg.model)
-    return build_spark(cfg, encoder) if cfg.pretrain.method == "spark" else build_moco(cfg, encoder)
+    builders = {"spark": build_spark, "moco": build_moco, "natural": build_natural}
+    return builders[cfg.pretrain.method](cfg, encoder)
 
 
 def finetuning_start(cfg: ExperimentConfig, tasks: dict[str, int], *seed_keys: object) -> TaskModel:

@@ -35,7 +35,8 @@ from shared.training.initialisation import FINETUNE_SEED, check_init, initialise
 from shared.weights import load_weights
 
 PART = "probe"  # runs/NAME/probe/
-EXPORT_KINDS = ("spark", "moco")  # `initialise` kinds whose files are our encoder exports (`<kind>-encoder`)
+# `initialise` kinds whose files are our encoder exports (`<kind>-encoder`)
+EXPORT_KINDS = ("spark", "moco", "natural")
 log = logging.getLogger(__name__)
 
 
