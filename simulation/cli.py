@@ -70,8 +70,9 @@ def synth(
 ) -> None:
     """Render synthetic fundus datasets in the real datasets' layouts, and their site YAMLs.
 
-    The profile sets the size: tiny (tests, ~100 images), cpu (the demo: an EyePACS-like DR site, an
-    MMAC-like myopia site, two UK Biobank-like shards, an IDRiD-like lesion-mask set; ~2,000 images), paper.
+    The profile sets the size: tiny (tests, ~100 images), cpu (the demo: an EyePACS-like DR site and its
+    unlabelled pool, an MMAC-like myopia site, two UK Biobank-like shards, an IDRiD-like lesion-mask set, a
+    Messidor-2-like external test site; ~3,000 images), paper.
     Sites already written with the same plan and seed are kept.
 
     Example: fedretina synth --profile cpu && fedretina site check sites/generated/*.yaml
