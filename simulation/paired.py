@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 
 from shared.config import ExperimentConfig, InitConfig
-from shared.data.labels import referable, referable_logit_probability
+from shared.data.labels import referable, referable_logit_probability, referable_probability
 from shared.data.splits import assign_folds
 from shared.device import configure_torch
-from shared.metrics import auc_score, evaluate_predictions, paired_difference_ci
+from shared.metrics import auc_score, paired_difference_ci, quadratic_kappa
 from shared.rundir import atomic_write_text
 from shared.seeding import derive_seed
 from simulation.finetune_run import Arm, Cohort, Study, run_arm
@@ -78,10 +78,15 @@ def study_metrics(cfg: ExperimentConfig, *, logit_referable: bool = False) -> di
     macro AUC; with `logit_referable`, also the second seed's referable AUC from summed logits."""
     threshold = cfg.finetune.referable_threshold
 
-    def standard(key: str) -> Metric:
-        return lambda y, p: evaluate_predictions(y, p.probs, "dr", referable_threshold=threshold)[key]
+    def referable_auc(y: np.ndarray, p: Predictions) -> float:
+        ref = referable_probability(p.probs, threshold)
+        return auc_score(referable(y, threshold), np.stack([1 - ref, ref], axis=1))
 
-    metrics = {key: standard(key) for key in ("referable_auc", "kappa", "auc")}
+    metrics: dict[str, Metric] = {  # each on its own (the bootstrap calls them thousands of times)
+        "referable_auc": referable_auc,
+        "kappa": lambda y, p: quadratic_kappa(y, p.probs.argmax(axis=1), p.probs.shape[1]),
+        "auc": lambda y, p: auc_score(y, p.probs),
+    }
     if logit_referable:
         metrics["referable_auc_logits"] = lambda y, p: logit_referable_auc(y, p.logits, threshold)
     return metrics
