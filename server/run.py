@@ -18,6 +18,7 @@ overwritten.
 from __future__ import annotations
 
 import logging
+import resource
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ from flwr.serverapp import Grid
 from server.checkpoints import Checkpoints, Saved
 from server.probe import probe_batch, probe_spark
 from server.recorder import Recorder
+from server.replies import stream_replies
 from server.report import round_line, summary_table
 from server.sites import FederationError, SiteDirectory, SiteInfo
 from server.store import RunStore
@@ -244,9 +246,10 @@ class FederatedRun:
     def _round(self, strategy: FedRetina, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
         """One round: Flower's hooks in `Strategy.start`'s order, then the probe and the checkpoint."""
         arrays = self._train(strategy, rnd, arrays)
+        self.store.add_metrics(strategy.phase, rnd, "server", {"peak-rss-mb": peak_rss_mb()})
         timeout = self.cfg.federation.reply_timeout_s
         asked = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid)
-        strategy.aggregate_evaluate(rnd, self.grid.send_and_receive(asked, timeout=timeout))
+        strategy.aggregate_evaluate(rnd, stream_replies(self.grid, list(asked), timeout))
         self._probe(strategy.phase, rnd, arrays)
         meta = weights_meta(
             self.cfg,
@@ -267,9 +270,7 @@ class FederatedRun:
         strategy.recorder.attempt = 1
         while True:
             asked = strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
-            new, _ = strategy.aggregate_train(
-                rnd, self.grid.send_and_receive(asked, timeout=f.reply_timeout_s)
-            )
+            new, _ = strategy.aggregate_train(rnd, stream_replies(self.grid, list(asked), f.reply_timeout_s))
             if new is not None or f.short_round == "skip":
                 return new if new is not None else arrays
             if strategy.recorder.attempt >= f.round_attempts:
@@ -290,6 +291,12 @@ class FederatedRun:
         loss = probe_spark(model, *self._probes, self.dir / "probes" / f"pretrain-r{rnd:04d}.png")
         self.store.add_metrics(phase, rnd, "server-probe", {"probe-loss": loss})
         return loss
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB): the server's footprint, which folding replies as
+    they arrive keeps flat in the number of sites."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _numpy(state: Mapping[str, torch.Tensor] | ArrayRecord) -> Arrays:

@@ -4,11 +4,13 @@ and our own deadline replaces Flower's wait-forever for sites that never connect
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -126,6 +128,15 @@ class SiteDirectory:
                 log.info("waiting for sites: %d of %d connected", len(connected), self.expected)
                 reported = len(connected)
             time.sleep(POLL_S)
+
+
+def sample_sites(sites: list[SiteInfo], fraction: float, seed: int, at_least: int = 1) -> list[SiteInfo]:
+    """`fraction` of `sites` (rounded up, at least `at_least`), drawn by `seed`, sorted by name."""
+    if fraction >= 1.0:
+        return sites
+    k = min(len(sites), max(at_least, math.ceil(fraction * len(sites))))
+    picked = np.random.default_rng(seed).choice(len(sites), size=k, replace=False)
+    return sorted((sites[i] for i in picked), key=lambda s: s.name)
 
 
 def error_text(reply: Message) -> str:

@@ -1,10 +1,12 @@
 """One phase of the federation as a Flower Message-API strategy: Flower's hooks, nothing else.
 
 - configure_train: wait for enough eligible sites (our deadline), send `train.<phase>` with the round spec;
-- aggregate_train: validate every reply (keys, shapes, dtypes, NaN/Inf, update norm), record each with its
-  verdict, then aggregate with `shared.aggregation` (sorted by site, float64, per-key holders, so task heads
-  only average among their sites), FedAdam on top when asked. A round with fewer accepted sites than
-  `min_sites` returns no model (the run keeps the old one, or tries the round again: `short_round`).
+- aggregate_train: replies come as they land (`server/replies.py`); each is validated (keys, shapes,
+  dtypes, NaN/Inf, update norm), folded into `shared.aggregation.RunningAverage` (exact sums, so the result
+  does not depend on arrival order; per-key holders, so task heads only average among their sites) and
+  sketched for its cosine with the aggregate, then dropped: the server holds one reply's weights at a time.
+  Each reply is recorded with its verdict; FedAdam on top when asked. A round with fewer accepted sites
+  than `min_sites` returns no model (the run keeps the old one, or tries the round again: `short_round`).
   Weights travel packed in one buffer each way (`shared/wire.py:pack`); error replies are matched to the
   message they answer;
 - configure/aggregate_evaluate (phase 2): federated evaluation on each site's validation images.
@@ -17,8 +19,8 @@ averages used only for probes and exports), fedadam (server Adam on the average)
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -27,20 +29,23 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.recorder import Recorder
-from server.sites import SiteDirectory, SiteInfo, error_text
+from server.sites import SiteDirectory, SiteInfo, error_text, sample_sites
 from shared.aggregation import (
     Arrays,
     FedAdamState,
+    RunningAverage,
+    Sketch,
+    Sketches,
     Update,
     Verdict,
-    average,
     buffer_keys,
     check_update,
-    cosine,
     fedadam,
     merge_metrics,
+    sketched_cosine,
 )
 from shared.models import ENCODER, head_prefix
+from shared.seeding import derive_seed
 from shared.wire import (
     ARRAYS,
     EPSILON,
@@ -86,33 +91,43 @@ class FedRetina(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.sent = self.directory.wait(grid, self._eligible)
+        self.sent = self._participants(grid, server_round)
         self.reference = {k: v.numpy() for k, v in arrays.items()}
         self.recorder.round_started(server_round, len(self.sent))
-        log.info(
-            "[%s round %d] training on %s", self.phase, server_round, ", ".join(s.name for s in self.sent)
-        )
+        names = [s.name for s in self.sent]
+        shown = ", ".join(names) if len(names) <= 8 else f"{len(names)} sites ({', '.join(names[:3])}, ...)"
+        log.info("[%s round %d] training on %s", self.phase, server_round, shown)
         return self._messages(arrays, server_round, "train")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        candidates = [self._candidate(msg, site) for msg, site in self._match(replies, server_round, "train")]
+        running, sketches = RunningAverage(self.reference), Sketches(self.reference)
+        candidates = []
+        for msg, site in self._match(replies, server_round, "train"):
+            candidate, sketch = self._candidate(msg, site), None
+            if candidate.verdict.reason is None:
+                running.add(candidate.update(self.tasks))
+                sketch = sketches.sketch(candidate.arrays)
+            candidates.append(candidate.folded(sketch))  # its weights dropped
+        candidates.sort(key=lambda c: c.site.name)
         accepted = [c for c in candidates if c.verdict.reason is None]
         if len(accepted) < self.directory.min_sites:
             for c in candidates:
                 self.recorder.trained(server_round, c.site, **c.record(None))
             self.recorder.short(server_round, len(candidates), len(accepted), self.directory.min_sites)
             return None, None
-        new = average([c.update(self.tasks) for c in accepted], self.reference)
+        new = running.result()
         if self.federation.strategy == "fedadam":
             buffers = buffer_keys(self.reference)
             new, self.adam = fedadam(
                 self.reference, new, self.adam, lr=self.federation.server_lr, buffers=buffers
             )
+        change = sketches.sketch(new)
         for c in candidates:
-            aggregate = (new, self.reference) if c.verdict.reason is None else None
-            self.recorder.trained(server_round, c.site, **c.record(aggregate))
+            self.recorder.trained(
+                server_round, c.site, **c.record(change if c.verdict.reason is None else None)
+            )
         counts = {NUM_EXAMPLES, STEPS, *(task_key(t, NUM_EXAMPLES) for t in self.tasks)}
         timed = {SECONDS, EPSILON}  # median and max: the worst site's epsilon is the one to watch
         merged = merge_metrics((c.metrics for c in accepted), NUM_EXAMPLES, summed=counts, timed=timed)
@@ -126,7 +141,7 @@ class FedRetina(Strategy):
         if self.phase == PRETRAIN:
             self.sent = []  # no federated evaluation in pretraining (the server probes instead)
             return []
-        self.sent = self.directory.wait(grid, self._eligible)
+        self.sent = self._participants(grid, server_round)
         return self._messages(arrays, server_round, "evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -152,6 +167,13 @@ class FedRetina(Strategy):
         log.info("%s phase: %s, %s per round, min %d sites", self.phase, f.strategy, work, f.min_sites)
 
     # ------------------------------------------------------------------ helpers
+    def _participants(self, grid: Grid, rnd: int) -> list[SiteInfo]:
+        """The round's sites: every eligible one, or a seeded sample of `federation.participation` of them
+        (the same for training and evaluation, and the same again when the round is retried or resumed)."""
+        seed = derive_seed(self.run.config.seed, "participants", self.phase, rnd)
+        live = self.directory.wait(grid, self._eligible)
+        return sample_sites(live, self.federation.participation, seed, self.directory.min_sites)
+
     def _eligible(self, site: SiteInfo) -> bool:
         return self.phase == PRETRAIN or any(t in site.labelled for t in self.tasks)
 
@@ -190,12 +212,12 @@ class FedRetina(Strategy):
         )
         return Candidate(site, arrays, metrics, nbytes, verdict)
 
-    def _match(self, replies: Iterable[Message], rnd: int, kind: str) -> list[tuple[Message, SiteInfo]]:
-        """Replies with content, paired with their sites and sorted by site. Error replies are matched on
-        the message they answer (a dead node's error comes from the SuperLink's id, not the node's) and
-        recorded with Flower's code; a sent site with no reply at all timed out."""
+    def _match(self, replies: Iterable[Message], rnd: int, kind: str) -> Iterator[tuple[Message, SiteInfo]]:
+        """Replies with content, paired with their sites, as they come. Error replies are matched on the
+        message they answer (a dead node's error comes from the SuperLink's id, not the node's) and
+        recorded with Flower's code; once `replies` ends, a sent site with no reply at all timed out."""
         asked = {message.metadata.message_id: site for message, site in self.outbox}
-        good, failed = [], {}
+        answered, failed = set(), {}
         for msg in replies:
             site = asked.get(msg.metadata.reply_to_message_id)
             if site is None:
@@ -203,38 +225,44 @@ class FedRetina(Strategy):
             if msg.has_error():
                 failed[site.node_id] = (int(msg.error.code), error_text(msg))
             else:
-                good.append((msg, site))
-        answered = {site.node_id for _, site in good}
+                answered.add(site.node_id)
+                yield msg, site
         timeout = self.federation.reply_timeout_s
         for site in self.sent:
             if site.node_id not in answered:
                 code, reason = failed.get(site.node_id, (None, f"timed out: no reply within {timeout:g} s"))
                 self.recorder.failed(rnd, kind, site, reason, code)
-        return sorted(good, key=lambda pair: pair[1].name)
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One site's train reply, with the verdict of its validation."""
+    """One site's train reply, with the verdict of its validation; once folded into the round's sums, its
+    weights are dropped and only their sketch is kept."""
 
     site: SiteInfo
     arrays: Arrays
     metrics: dict
     nbytes: int
     verdict: Verdict
+    sketch: Sketch | None = None
 
     def update(self, tasks: dict[str, int]) -> Update:
         return site_update(self.site.name, self.arrays, self.metrics, tasks)
 
-    def record(self, aggregate: tuple[Arrays, Arrays] | None) -> dict:
-        """The recorder's fields; `aggregate` = (new global, reference) when this update was averaged in."""
-        similarity = cosine(self.arrays, *aggregate) if aggregate is not None else None
+    def folded(self, sketch: Sketch | None) -> Candidate:
+        return replace(self, arrays={}, sketch=sketch)
+
+    def record(self, change: Sketch | None) -> dict:
+        """The recorder's fields; `change` = the sketched aggregate change when this update was averaged in
+        (its cosine with it is then estimated)."""
+        aggregated = change is not None and self.sketch is not None
+        similarity = sketched_cosine(self.sketch, change) if aggregated else None
         return {
             "metrics": self.metrics,
             "nbytes": self.nbytes,
             "verdict": self.verdict,
             "cosine": similarity,
-            "aggregated": aggregate is not None,
+            "aggregated": aggregated,
         }
 
 

@@ -1,11 +1,16 @@
 """Aggregation as pure functions: dicts of arrays and weights in, one dict out (no Flower, no I/O).
 
-- `check_update`: the reason an update must be rejected (wrong keys, shapes or dtypes, NaN/Inf, a norm
-  above the bound), or None.
-- `average`: each key is averaged over the sites whose update holds it, weighted by their example counts,
-  accumulated in float64 over updates sorted by site, then cast back. So the encoder is averaged over every
-  participant while a task head is averaged only among the sites of that task. Integer buffers (BatchNorm's
-  `num_batches_tracked`) are never averaged as floats: the largest count is kept.
+- `check_update`: the reason an update must be rejected (wrong keys, shapes or dtypes, NaN/Inf, a negative
+  variance, a parameter-update norm above the bound), or None.
+- `RunningAverage` (and `average`, the same over a list): each key is averaged over the sites whose update
+  holds it, weighted by their example counts. Updates are folded in one at a time, as replies arrive, into
+  exact order-independent sums (`shared/exactsum.py`) and can be dropped at once: the result is the same bit
+  for bit whatever the order, and the server's memory does not grow with the number of sites. So the
+  encoder is averaged over every participant while a task head is averaged only among the sites of that
+  task. Integer buffers (BatchNorm's `num_batches_tracked`) are never averaged as floats: the largest count
+  is kept.
+- `Sketches`: each reply's change in a 4,096-bucket count sketch, kept after the reply is dropped, from which
+  its cosine with the round's aggregate change is estimated (error about 1/64 in the cosine).
 - FedBN: `bn_keys` names BatchNorm parameters and buffers, which such sites keep local.
 - FedAdam (Reddi et al. 2021): the averaged change is a pseudo-gradient for a server-side Adam step.
 - `merge_metrics`: many sites' metric records as one (counts summed, times as median and max, every other
@@ -21,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
+
+from shared.exactsum import MAX_WEIGHT, ExactSum
 
 Arrays = dict[str, np.ndarray]
 
@@ -70,59 +77,143 @@ def check_update(
             return Verdict(f"{key}: dtype {value.dtype} instead of {ref.dtype}", None)
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             return Verdict(f"{key}: holds NaN or Inf", None)
+        if key.endswith(".running_var") and (value < 0).any():
+            return Verdict(f"{key}: a negative variance", None)
     norm = update_norm(arrays, reference)
     if norm > max_norm:
         return Verdict(f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}", norm)
-    if not isinstance(examples, int | float) or not np.isfinite(examples) or examples <= 0:
-        return Verdict(f"num-examples is {examples!r}, not a positive count", norm)
+    if not _whole_count(examples):
+        return Verdict(f"num-examples is {examples!r}, not a positive whole count below 2^26", norm)
     return Verdict(None, norm)
 
 
-def average(updates: list[Update], reference: Mapping[str, np.ndarray]) -> Arrays:
-    """Per-key weighted mean over the updates holding that key (with a positive weight for it); keys nobody
-    sent keep the reference value."""
-    ordered = sorted(updates, key=lambda u: u.site)
-    out: Arrays = {}
-    for key, ref in reference.items():
-        holders = [(u, u.weight_of(key)) for u in ordered if key in u.arrays]
-        holders = [(u, w) for u, w in holders if w > 0]
-        if not holders:
-            out[key] = ref
-        elif not np.issubdtype(ref.dtype, np.floating):
-            out[key] = np.max(np.stack([u.arrays[key] for u, _ in holders]), axis=0).astype(ref.dtype)
-        else:
-            total = sum(w for _, w in holders)
-            acc = np.zeros(ref.shape, dtype=np.float64)
-            for u, w in holders:
-                acc += u.arrays[key].astype(np.float64) * (w / total)
-            out[key] = acc.astype(ref.dtype)
-    return out
+class RunningAverage:
+    """Per-key weighted mean of updates folded in one at a time (the update can be dropped after `add`):
+    float keys through exact sums of weight x value, integer keys as their running maximum. Keys nobody
+    sent (with a positive weight) keep the reference value. Weights must be whole counts (example counts)."""
+
+    def __init__(self, reference: Mapping[str, np.ndarray]) -> None:
+        self.reference = reference
+        self.sums: dict[str, ExactSum] = {}
+        self.weights: dict[str, float] = {}
+        self.maxima: Arrays = {}
+
+    def add(self, update: Update) -> None:
+        for key, value in update.arrays.items():
+            ref, weight = self.reference[key], update.weight_of(key)
+            if weight <= 0:
+                continue
+            if not np.issubdtype(ref.dtype, np.floating):
+                kept = self.maxima.get(key)
+                self.maxima[key] = value.copy() if kept is None else np.maximum(kept, value)
+                continue
+            self.sums.setdefault(key, ExactSum(ref.shape)).add(value, weight)
+            self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def result(self) -> Arrays:
+        out: Arrays = {}
+        for key, ref in self.reference.items():
+            if key in self.maxima:
+                out[key] = self.maxima[key].astype(ref.dtype)
+            elif key in self.sums:
+                out[key] = (self.sums[key].total() / self.weights[key]).astype(ref.dtype)
+            else:
+                out[key] = ref
+        return out
+
+
+def average(updates: Iterable[Update], reference: Mapping[str, np.ndarray]) -> Arrays:
+    """`RunningAverage` over `updates` (in any order: the result is the same bit for bit)."""
+    running = RunningAverage(reference)
+    for update in updates:
+        running.add(update)
+    return running.result()
+
+
+def _whole_count(examples: object) -> bool:
+    return (
+        isinstance(examples, int | float)
+        and np.isfinite(examples)
+        and float(examples).is_integer()
+        and 0 < examples < MAX_WEIGHT
+    )
 
 
 def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of (arrays - reference) over the floating-point keys both hold."""
+    """L2 norm of (arrays - reference) over the parameters both hold. BatchNorm statistics are left out:
+    behind a scale-invariant layer the weights (and so the variances) may grow freely while the function
+    does not change (measured: a healthy SparK decoder's running variances moved by 1e6 in one round)."""
     total = 0.0
     for key, value in arrays.items():
-        if key in reference and np.issubdtype(value.dtype, np.floating):
+        if key in reference and _learnt(key, value):
             diff = value.astype(np.float64) - reference[key].astype(np.float64)
             total += float(np.dot(diff.ravel(), diff.ravel()))
     return total**0.5
 
 
-def cosine(
-    arrays: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+SKETCH_BUCKETS = 4096
+Sketch = dict[str, tuple[np.ndarray, float]]  # per key group: (count sketch of the change, its squared norm)
+
+
+class Sketches:
+    """Count sketches (Charikar et al. 2002) of updates' changes from the reference, per key group, so a
+    reply's cosine with the aggregate change can be estimated after the reply itself is dropped.
+
+    Each float key's elements are hashed to one of `buckets` buckets with a random sign (seeded by the key's
+    name, the same for every site); a sketch's inner product estimates the changes' inner product without
+    bias, with a standard error of about |a| |b| / sqrt(buckets). Norms are exact. Groups are the encoder
+    (and anything else) and each task head, so a site is compared only on the keys it sent."""
+
+    def __init__(self, reference: Mapping[str, np.ndarray], buckets: int = SKETCH_BUCKETS) -> None:
+        if not 0 < buckets <= 2**16:
+            raise ValueError(f"buckets={buckets}: between 1 and 65536 (bucket ids are uint16)")
+        self.reference, self.buckets = reference, buckets
+        self.hashes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def sketch(self, arrays: Mapping[str, np.ndarray]) -> Sketch:
+        """{group: (sketch (buckets,), squared norm of the change)} over the float keys of `arrays`."""
+        out: Sketch = {}
+        for key, value in arrays.items():
+            ref = self.reference.get(key)
+            if ref is None or not _learnt(key, value):
+                continue
+            change = (value.astype(np.float64) - ref.astype(np.float64)).ravel()
+            bucket, sign = self._hash(key, change.size)
+            vec, sq = out.get(_group(key), (np.zeros(self.buckets), 0.0))
+            vec += np.bincount(bucket, weights=sign * change, minlength=self.buckets)
+            out[_group(key)] = (vec, sq + float(change @ change))
+        return out
+
+    def _hash(self, key: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if key not in self.hashes:
+            rng = np.random.default_rng(list(key.encode()))
+            bucket = rng.integers(0, self.buckets, size).astype(np.uint16)  # small: kept for the round
+            self.hashes[key] = (bucket, rng.choice(np.array([-1, 1], dtype=np.int8), size))
+        return self.hashes[key]
+
+
+def sketched_cosine(
+    site: dict[str, tuple[np.ndarray, float]], aggregate: dict[str, tuple[np.ndarray, float]]
 ) -> float:
-    """Cosine between a site's change and the aggregate's change (over the keys the site sent)."""
-    dot = na = nb = 0.0
-    for key, value in arrays.items():
-        if key in reference and np.issubdtype(value.dtype, np.floating):
-            a = (value.astype(np.float64) - reference[key]).ravel()
-            b = (aggregate[key].astype(np.float64) - reference[key]).ravel()
-            dot, na, nb = dot + float(a @ b), na + float(a @ a), nb + float(b @ b)
-    return dot / (na * nb) ** 0.5 if na > 0 and nb > 0 else 0.0
+    """The estimated cosine between a site's change and the aggregate's, over the groups the site sent."""
+    groups = [g for g in site if g in aggregate]
+    dot = sum(float(site[g][0] @ aggregate[g][0]) for g in groups)
+    na, nb = sum(site[g][1] for g in groups), sum(aggregate[g][1] for g in groups)
+    return float(np.clip(dot / (na * nb) ** 0.5, -1.0, 1.0)) if na > 0 and nb > 0 else 0.0
+
+
+def _group(key: str) -> str:
+    """A task head's keys form its own group (`heads.<task>`); everything else is one group."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] == "heads" and len(parts) > 2 else ""
 
 
 BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _learnt(key: str, value: np.ndarray) -> bool:
+    """A floating-point parameter, not a BatchNorm statistic: what update norms and cosines are taken over."""
+    return np.issubdtype(value.dtype, np.floating) and key.rsplit(".", 1)[-1] not in BUFFER_NAMES
 
 
 def buffer_keys(keys: Iterable[str]) -> set[str]:

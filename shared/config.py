@@ -181,6 +181,9 @@ class FederationConfig(Strict):
     proximal_mu: float = Field(0.01, ge=0)
     server_lr: float = Field(0.01, gt=0)  # FedAdam's eta
     min_sites: int = Field(1, ge=1)
+    # Fraction of the eligible sites that train (and evaluate) each round, drawn by seed per round; at least
+    # min_sites. 1.0 = every site every round; national programmes with 100+ sites sample.
+    participation: float = Field(1.0, gt=0, le=1)
     reply_timeout_s: float = Field(3600, gt=0)
     connect_deadline_s: float = Field(600, gt=0)
     # Deployment: sites each round waits for (up to connect_deadline_s) before going on with those there;
