@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the headless backend
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import NullFormatter
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 
@@ -97,6 +98,9 @@ def metric_vs_labels(path: Path, arms: pd.DataFrame, metric: str, *, title: str)
         stats = stats.sort_values("n")
         ax.errorbar(stats["n"], stats["m"], yerr=stats["s"].fillna(0), marker="o", capsize=3, label=init)
     ax.set(xscale="log", xlabel="labelled training images", ylabel=metric.replace("_", " "), title=title)
+    counts = sorted(arms.groupby("labels")["train_images"].mean().unique())  # label the measured counts only
+    ax.set_xticks(counts, [f"{c:.0f}" for c in counts])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save(fig, path)
