@@ -7,18 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from shared.config import load_config
 from simulation.pretraining_study import run_pretraining_study
-from tests.conftest import write_site
-
-
-@pytest.fixture(scope="module")
-def eyepacs40(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_site(
-        tmp_path_factory.mktemp("eyepacs40"), "eyepacs", 40, seed=3, height=96, styles=("eyepacs-mixed-a",)
-    )
 
 
 def test_study_pairs_arms_and_reports_differences_with_intervals(

@@ -14,16 +14,8 @@ from shared.config import load_config
 from shared.data.labels import referable
 from shared.metrics import auc_score
 from simulation.seed2_study import run_seed2_study
-from tests.conftest import write_site
 
 SETUPS = ["IWNE-FS", "IWNE-CL", "IFI-FS", "IFI-CL", "SparK"]
-
-
-@pytest.fixture(scope="module")
-def eyepacs40(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_site(
-        tmp_path_factory.mktemp("eyepacs40"), "eyepacs", 40, seed=3, height=96, styles=("eyepacs-mixed-a",)
-    )
 
 
 def test_seed2_study_runs_every_setup_on_test_and_external_images(
