@@ -31,7 +31,7 @@ from shared.spark.preview import save_preview
 from shared.training.checkpoint import export_encoder, load_checkpoint, save_checkpoint
 from shared.training.data import data_key, load_sites, pooled, site_images
 from shared.training.initialisation import check_init, pretraining_start
-from shared.training.moco import moco_method
+from shared.training.moco import check_queue, moco_method
 from shared.training.natural import natural_images, natural_method
 from shared.training.phase import EpochEnd, Span, run_phase
 from shared.training.pretrain import spark_method
@@ -70,9 +70,12 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
             f"{checkpoint} exists: pass --resume to continue that run, or pick another --name"
         )
     check_init(cfg.pretrain.init.kind, cfg.pretrain.init.weights, cfg.model)
-    out = start_run_dir(cfg, "pretrain")
     natural = cfg.pretrain.method == "natural"
     sites = [] if natural else load_sites(cfg.sites)
+    data = {"": natural_images(cfg) if natural else _images(sites, cfg)}
+    if cfg.pretrain.method == "moco":
+        check_queue(cfg, len(data[""]))
+    out = start_run_dir(cfg, "pretrain")
     device = configure_torch(cfg)
     model = pretraining_start(cfg).to(device)
     history, optimizer_state = History(), None
@@ -80,7 +83,6 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
         history, optimizer_state = _resumed(checkpoint, model, cfg)
         log.info("resuming %s after epoch %d", out, len(history.losses))
     spark = cfg.pretrain.method == "spark"
-    data = {"": natural_images(cfg) if natural else _images(sites, cfg)}
     methods = {"spark": spark_method, "moco": moco_method, "natural": natural_method}
     method = methods[cfg.pretrain.method](model, cfg, device)  # type: ignore[operator]
     key = "natural" if natural else data_key(sites)
@@ -119,7 +121,7 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
 
 def _images(sites: list[Site], cfg: ExperimentConfig) -> Dataset:
     spark = cfg.pretrain.method == "spark"
-    views = [site_images(s, cfg, cfg.data.image_size, "light" if spark else "contrastive") for s in sites]
+    views = [site_images(s, cfg, cfg.data.image_size, "light" if spark else "moco") for s in sites]
     return pooled(views if spark else [TwoViews(v) for v in views])
 
 

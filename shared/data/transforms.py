@@ -4,8 +4,12 @@
 - "heavy": nn-MobileNet's fine-tuning recipe, RandomResizedCrop(scale 0.08-1), horizontal and vertical
   flips, rotation +-180 deg, colour jitter 0.4 (brightness, contrast, saturation and hue, random order),
   then normalisation and random erasing (p 0.4).
-- "contrastive": MoCo v2's recipe for its two views, RandomResizedCrop(scale 0.2-1), horizontal flip, colour
-  jitter (0.4, 0.4, 0.4, hue 0.1); the heavy recipe makes two views of one fundus almost unrelated.
+- "contrastive": RandomResizedCrop(scale 0.2-1), horizontal flip, colour jitter (0.4, 0.4, 0.4, hue 0.1): the
+  natural-photo classifier's crops.
+- "moco": MoCo v2's recipe for its two views, "contrastive" with the jitter applied with p 0.8, then grayscale
+  (p 0.2) and Gaussian blur (p 0.5, sigma 0.1-2.0 at 224 px, scaled to the image): without them two views of
+  a photo share its colour and sharpness, a shortcut to telling photos apart. The heavy recipe makes two
+  views of one fundus almost unrelated.
 - "none": evaluation; the cached image is already the FOV crop at the target size.
 
 Parameters come from an explicit `torch.Generator` (seeded per image and epoch by the dataset), so the
@@ -23,16 +27,17 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-Recipe = Literal["light", "heavy", "contrastive", "none"]
+Recipe = Literal["light", "heavy", "contrastive", "moco", "none"]
 
 # Fundus statistics (RGB, on [0, 1]) used by nn-MobileNet for MMAC; `site check` reports a site's own.
 FUNDUS_MEAN = (0.4258, 0.2974, 0.2129)
 FUNDUS_STD = (0.2767, 0.2024, 0.1686)
 
-CROP_SCALE = {"light": (0.67, 1.0), "heavy": (0.08, 1.0), "contrastive": (0.2, 1.0)}
+CROP_SCALE = {"light": (0.67, 1.0), "heavy": (0.08, 1.0), "contrastive": (0.2, 1.0), "moco": (0.2, 1.0)}
 RATIO = (3 / 4, 4 / 3)
 JITTER = 0.4
-HUE = {"heavy": 0.4, "contrastive": 0.1}
+HUE = {"heavy": 0.4, "contrastive": 0.1, "moco": 0.1}
+MOCO_JITTER_P, MOCO_GRAY_P, MOCO_BLUR_P, MOCO_SIGMA = 0.8, 0.2, 0.5, (0.1, 2.0)  # sigma at 224 px
 ERASE_P, ERASE_SCALE, ERASE_RATIO = 0.4, (0.02, 0.33), (0.3, 3.3)
 
 
@@ -43,6 +48,8 @@ class Params:
     vflip: bool = False
     angle: float = 0.0
     jitter: tuple[tuple[str, float], ...] = ()  # (operation, factor) in application order
+    gray: bool = False
+    blur: float = 0.0  # Gaussian sigma in output pixels; 0: none
     erase: tuple[int, int, int, int] | None = None  # top, left, height, width in the output
 
 
@@ -65,7 +72,12 @@ def draw(recipe: Recipe, src: int, out: int, g: torch.Generator) -> Params:
         for i in order
     )
     erase = _random_box(out, ERASE_SCALE, ERASE_RATIO, g) if heavy and _uniform(g) < ERASE_P else None
-    return Params(crop, hflip, vflip, angle, jitter, erase)
+    if recipe != "moco":
+        return Params(crop, hflip, vflip, angle, jitter, erase=erase)
+    jitter = jitter if _uniform(g) < MOCO_JITTER_P else ()
+    gray = _uniform(g) < MOCO_GRAY_P
+    blur = _uniform(g, *MOCO_SIGMA) * out / 224 if _uniform(g) < MOCO_BLUR_P else 0.0
+    return Params(crop, hflip, jitter=jitter, gray=gray, blur=blur)
 
 
 def apply(image: torch.Tensor, fov: torch.Tensor, p: Params, out: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +96,11 @@ def apply(image: torch.Tensor, fov: torch.Tensor, p: Params, out: int) -> tuple[
     image = image.clamp_(0, 1)
     for op, factor in p.jitter:
         image = _JITTER_OPS[op](image, factor)
+    if p.gray:
+        image = F.rgb_to_grayscale(image, num_output_channels=3)
+    if p.blur:
+        kernel = 2 * math.ceil(3 * p.blur) + 1  # +-3 sigma, as torchvision sizes a blur by its sigma
+        image = F.gaussian_blur(image, [kernel, kernel], [p.blur, p.blur])
     return image, fov
 
 

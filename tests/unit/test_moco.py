@@ -1,14 +1,19 @@
-"""MoCo v2's mechanics: momentum update, queue, key shuffling that changes nothing but BN batches, and an
-InfoNCE loss equal to a hand computation from the query, the momentum-updated key and the old queue."""
+"""MoCo v2's mechanics: momentum update, queue, BN groups that change nothing but BN batches (and keep a
+positive pair's statistics apart), an InfoNCE loss equal to a hand computation from the query, the
+momentum-updated key and the old queue, and the queue-length check."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
+from shared.config import load_config
+from shared.errors import ConfigError
 from shared.models import nnmobilenet
-from shared.models.moco import MoCo
+from shared.models.moco import MoCo, _grouped, bn_groups
+from shared.training.moco import check_queue
 
 
 def tiny_moco(queue: int = 8) -> MoCo:
@@ -38,13 +43,34 @@ def test_queue_is_a_ring_buffer_of_the_latest_keys() -> None:
     assert int(moco.queue_ptr) == 2
 
 
-def test_shuffled_key_batches_return_keys_in_the_original_order() -> None:
-    moco = tiny_moco().eval()  # eval: BN uses running statistics, so chunking cannot change values
-    x = torch.randn(6, 3, 64, 64)
+def test_grouped_batches_return_rows_in_the_original_order() -> None:
+    moco = tiny_moco().eval()  # eval: BN uses running statistics, so grouping cannot change values
+    x = torch.randn(16, 3, 64, 64)
+    query_groups, key_groups = bn_groups(len(x), torch.Generator().manual_seed(3))
     with torch.no_grad():
-        shuffled = moco._keys(x, torch.Generator().manual_seed(3))
-        direct = moco.key(x)
-    assert torch.allclose(shuffled, direct, atol=1e-6)
+        for groups in (query_groups, key_groups):
+            assert torch.allclose(_grouped(moco.key, x, groups), moco.key(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "groups", "shared"), [(64, 8, 1), (16, 2, 4), (8, 1, 8), (4, 1, 4)])
+def test_key_groups_meet_each_query_group_in_as_few_images_as_the_sizes_allow(
+    n: int, groups: int, shared: int
+) -> None:
+    query_groups, key_groups = bn_groups(n, torch.Generator().manual_seed(0))
+    assert len(query_groups) == len(key_groups) == groups
+    assert sorted(torch.cat(key_groups).tolist()) == list(range(n))
+    for q in query_groups:
+        assert len(q) >= min(n, 8)
+        for k in key_groups:
+            assert len(set(q.tolist()) & set(k.tolist())) == shared
+
+
+def test_a_queue_longer_than_half_the_images_is_refused_with_the_bound() -> None:
+    cfg = load_config(profile="tiny", overrides={"pretrain.method": "moco", "pretrain.moco_queue": 64})
+    check_queue(cfg, 128)
+    bound = r"pretrain.moco_queue 64 .* at most 50 \(a power of two such as 32\)"
+    with pytest.raises(ConfigError, match=bound):
+        check_queue(cfg, 100)
 
 
 def test_loss_is_the_cross_entropy_of_the_positive_among_the_queue() -> None:

@@ -51,7 +51,7 @@ def test_crop_is_black_outside_the_fov(tmp_path: Path) -> None:
     assert 0.6 < pre.fov.mean() < 0.8  # a disc with its top and bottom cut off
 
 
-@pytest.mark.parametrize("recipe", ["light", "heavy"])
+@pytest.mark.parametrize("recipe", ["light", "heavy", "moco"])
 def test_augmentation_is_reproducible_from_its_generator_and_moves_the_fov_with_the_image(
     recipe: str,
 ) -> None:
@@ -81,6 +81,21 @@ def test_recipes_draw_within_their_documented_ranges() -> None:
     light = [T.draw("light", 128, 128, g) for _ in range(200)]
     assert min(p.crop[2] * p.crop[3] / 128**2 for p in light) >= 0.66
     assert not any(p.vflip or p.angle or p.jitter for p in light)
+    moco = [T.draw("moco", 224, 224, g) for _ in range(400)]
+    assert 0.72 < np.mean([bool(p.jitter) for p in moco]) < 0.88  # MoCo v2: jitter p 0.8
+    assert 0.12 < np.mean([p.gray for p in moco]) < 0.28  # grayscale p 0.2
+    sigmas = [p.blur for p in moco if p.blur]
+    assert 0.4 < len(sigmas) / len(moco) < 0.6 and min(sigmas) >= 0.1 and max(sigmas) <= 2.0
+    assert not any(p.gray or p.blur for p in [T.draw("contrastive", 224, 224, g) for _ in range(100)])
+
+
+def test_moco_grayscale_and_blur_act_on_the_image() -> None:
+    image = torch.rand(3, 64, 64)
+    fov = torch.ones(1, 64, 64, dtype=torch.bool)
+    gray, _ = T.apply(image, fov, T.Params((0, 0, 64, 64), gray=True), 64)
+    assert torch.allclose(gray[0], gray[1]) and torch.allclose(gray[1], gray[2])
+    blurred, _ = T.apply(image, fov, T.Params((0, 0, 64, 64), blur=1.5), 64)
+    assert blurred.std() < 0.5 * image.std() and abs(blurred.mean() - image.mean()) < 0.02
 
 
 def test_cache_gives_exactly_what_decoding_gives_and_only_processes_new_files(
