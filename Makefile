@@ -13,6 +13,8 @@ DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
 endif
 # the natural scenario's four sites, one Ray actor per CPU
 DEMO_NODES := 4
+# HOST:PORT of a running Ray cluster's head to run the simulation's actors on (docs/scale.md); empty: local
+RAY_ADDRESS ?=
 
 # Debian packages the tests need: nginx (the server's Fleet-only proxy), chromium (the dashboard tests' browser)
 SYSTEM_PACKAGES := nginx-light chromium
@@ -32,7 +34,7 @@ sync: uv  ## install the locked environment into .venv
 demo: sync  ## the main job on the embedded synthetic default (cpu profile, about 6 minutes on 2 cores)
 	$(FR) synth --profile $(PROFILE)
 	$(FR) site check sites/generated/*.yaml | grep -E "^site |images listed|^  (FATAL|excluded)"
-	eval "$$($(FR) env)" && flwr run . --stream \
+	eval "$$($(FR) env $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)))" && flwr run . --stream \
 		--federation-config "num-supernodes=$(DEMO_NODES) client-resources-num-cpus=1" \
 		--run-config 'profile="$(PROFILE)" scenario="natural" run-name="$(DEMO_RUN)" set="federation.tasks=[dr,mmac]"'
 	$(FR) server summary runs/$(DEMO_RUN)

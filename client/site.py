@@ -11,12 +11,14 @@ between runs is always seen.
 from __future__ import annotations
 
 import functools
+import socket
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from shared.data.scenario import load_scenario, scenario_sites
 from shared.data.site import Site, load_site
-from shared.errors import ConfigError
+from shared.errors import ConfigError, UserError
 from shared.wire import RunSpec
 
 SITE_KEY = "site-config"
@@ -24,6 +26,24 @@ PARTITION_KEY = "partition-id"
 
 
 def node_site(node_config: Mapping[str, Any], run: RunSpec) -> Site:
+    try:
+        return _node_site(node_config, run)
+    except UserError as exc:
+        if not _in_ray_worker():
+            raise
+        raise type(exc)(
+            f"on Ray node {socket.gethostname()}: {exc} (every node of the cluster needs this checkout and "
+            "the sites' data at the same paths as the head node)"
+        ) from exc
+
+
+def _in_ray_worker() -> bool:
+    """True inside a simulation's Ray actor, which may run on another machine than the `flwr run`."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _node_site(node_config: Mapping[str, Any], run: RunSpec) -> Site:
     if SITE_KEY in node_config:
         return _site_from_yaml(str(node_config[SITE_KEY]))
     if not run.scenario:

@@ -107,7 +107,8 @@ class SiteDirectory:
             live = sorted(
                 (s for n, s in self.known.items() if n in connected and eligible(s)), key=lambda s: s.name
             )
-            if len(connected & set(self.known)) >= self.expected and len(live) >= needed:
+            answered = connected & (set(self.known) | self.failed)  # a node that failed will not recover
+            if len(answered) >= self.expected and len(live) >= needed:
                 return live
             if time.monotonic() >= deadline:
                 if len(live) >= needed:

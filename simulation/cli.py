@@ -231,17 +231,30 @@ def flower_environment(
     stop: Annotated[
         bool, typer.Option("--stop", help="Stop this project's local SuperLink instead.")
     ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Attach simulations to this running Ray cluster (HOST:PORT of `ray start --head`); "
+            "docs/scale.md has the recipe."
+        ),
+    ] = None,
 ) -> None:
     """Print the environment for Flower commands, to `eval` in your shell before typing `flwr run .`.
+
+    With --ray-address the simulation's actors run on that Ray cluster's nodes; a local SuperLink already
+    running (started without it) is stopped, so the next `flwr run` starts one that attaches.
 
     Example: eval "$(uv run fedretina env)" && uv run flwr run . --stream
     """
     from simulation.flower_env import flower_env, shell_exports, stop_local_superlink
 
+    env = flower_env(ray_address=ray_address)
     if stop:
-        typer.echo("stopped" if stop_local_superlink(flower_env()) else "no local SuperLink was running")
-    else:
-        typer.echo(shell_exports(flower_env()))
+        typer.echo("stopped" if stop_local_superlink(env) else "no local SuperLink was running")
+        return
+    if ray_address and stop_local_superlink(env):
+        typer.echo("stopped the local SuperLink: the next flwr run starts one attached to Ray", err=True)
+    typer.echo(shell_exports(env))
 
 
 @app.command("dashboard")

@@ -29,8 +29,10 @@ from shared.daemon import APP_ROOT, VENV_BIN
 PROJECT_ROOT = APP_ROOT
 
 
-def flower_env(home: Path | None = None) -> dict[str, str]:
-    """Variables to export before any `flwr` command (only those; merge with `os.environ` yourself)."""
+def flower_env(home: Path | None = None, ray_address: str | None = None) -> dict[str, str]:
+    """Variables to export before any `flwr` command (only those; merge with `os.environ` yourself).
+    `ray_address` (HOST:PORT) attaches the local SuperLink's simulations to a running Ray cluster: Flower's
+    Ray backend calls `ray.init()`, which joins the cluster `RAY_ADDRESS` names."""
     home = (home or PROJECT_ROOT / ".flwr").resolve()
     digest = int.from_bytes(hashlib.blake2b(str(home).encode(), digest_size=4).digest(), "little")
     # 20000..31998, even (control API on the next port): below Linux's ephemeral range (32768+), where any
@@ -44,7 +46,7 @@ def flower_env(home: Path | None = None) -> dict[str, str]:
         "FLWR_TELEMETRY_ENABLED": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    } | ({"RAY_ADDRESS": ray_address} if ray_address else {})
 
 
 def shell_exports(env: dict[str, str]) -> str:

@@ -1,7 +1,7 @@
 """`make bench`: the project's numbers, as ratios measured in one run (these machines are noisy).
 
     python -m tests.bench                  # everything (about 30-40 minutes on 2 CPU cores)
-    python -m tests.bench data spark       # some groups: data, spark, federation, deployment, privacy
+    python -m tests.bench data spark       # some groups: data, spark, federation, deployment, privacy, scale
 
 Results go to runs/bench/results.json (a group run alone replaces only its own entry) and a table on stdout.
 Nothing here is asserted: targets are printed beside the figures.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tests.bench import data, deployment, federation, privacy, spark
+from tests.bench import data, deployment, federation, privacy, scale, spark
 
 GROUPS = {
     "data": data.run,
@@ -25,6 +25,7 @@ GROUPS = {
     "federation": federation.run,
     "deployment": deployment.run,
     "privacy": privacy.run,
+    "scale": scale.run,
 }
 OUT = Path("runs/bench")
 

@@ -1,0 +1,82 @@
+"""A simulation on a two-node Ray cluster: a head and a worker started with `ray start` on this machine, as
+on two hosts sharing the checkout's paths (docs/scale.md). The head offers no CPU, so every ClientApp has to
+run on the worker node: the run completing shows the actors ran off the head. One of the two sites points
+at data the worker does not have: the site's log (streamed by Ray to the run's output) names the Ray node and
+the path, the server records only the error's class, and the run goes on with the other site."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simulation.flower_env import VENV_BIN
+from tests.conftest import ROOT
+from tests.integration.flower import Flower, sets
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str) -> None:
+    subprocess.run([str(VENV_BIN / "ray"), *args], check=True, capture_output=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    address = f"127.0.0.1:{_free_port()}"
+    port = address.rsplit(":", 1)[1]
+    try:
+        _ray("start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false")
+        _ray("start", f"--address={address}", "--num-cpus=2")
+        yield address
+    finally:
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True, timeout=180)
+
+
+def test_a_simulation_runs_on_the_worker_node_and_names_the_node_missing_a_site(
+    ray_cluster: str, tiny_sites: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing, absent = tmp_path / "lost.yaml", tmp_path / "absent"
+    missing.write_text(yaml.safe_dump({"name": "lost", "format": "eyepacs", "root": str(absent)}))
+    plan = tmp_path / "two.yaml"
+    plan.write_text(yaml.safe_dump({"name": "two", "sites": [str(tiny_sites["eyepacs"]), str(missing)]}))
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)  # what `eval "$(fedretina env --ray-address ...)"` exports
+    flower = Flower(tmp_path / "flwr-home", ROOT)
+    runs = tmp_path / "runs"
+    try:
+        result = flower.run(
+            2,
+            {
+                "profile": "tiny",
+                "scenario": str(plan),
+                "run-name": "ray",
+                "set": sets(runs_dir=runs, federation__min_sites=1, federation__rounds_finetune=0),
+            },
+        )
+    finally:
+        flower.stop()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    db = sqlite3.connect(runs / "ray" / "federation" / "store.sqlite")
+    try:
+        status = db.execute("SELECT status FROM runs").fetchall()
+        sites = db.execute("SELECT site FROM sites").fetchall()
+        errors = [m for (m,) in db.execute("SELECT message FROM events WHERE kind = 'site-error'")]
+    finally:
+        db.close()
+    assert status == [("completed",)], result.stdout[-3000:]
+    assert sites == [("eyepacs",)]
+    assert len(errors) == 1 and "ConfigError at this site" in errors[0]  # the details stay at the site
+    site_log = result.stdout + result.stderr  # Ray streams the actors' logs to the run's output
+    assert f"on Ray node {socket.gethostname()}: {missing}: root: {absent} is not a directory" in site_log
+    assert "at the same paths as the head node" in site_log
