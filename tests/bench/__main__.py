@@ -4,7 +4,8 @@
     python -m tests.bench data spark       # some groups: data, spark, federation, deployment, privacy, scale
 
 Results go to runs/bench/results.json (a group run alone replaces only its own entry) and a table on stdout.
-Nothing here is asserted: targets are printed beside the figures.
+Nothing here is asserted: targets are printed beside the figures. A group that fails or times out records
+why (and, where it can, how far it got) and the others still run.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def main(argv: list[str]) -> None:
     }
     for name in chosen:
         started = time.perf_counter()
-        results[name] = GROUPS[name](OUT / name)
+        try:
+            results[name] = GROUPS[name](OUT / name)
+        except Exception as error:  # one group's failure must not cost the others' figures
+            first = (str(error).strip().splitlines() or [""])[0][:300]
+            results[name] = {"failed": f"{type(error).__name__}: {first}"}
         results[name]["bench_seconds"] = round(time.perf_counter() - started, 1)
         store.write_text(json.dumps(results, indent=2))
     print(_table(results))
