@@ -188,12 +188,12 @@ def differences_table(diffs: pd.DataFrame, amounts: list[Amount], keys: list[str
     """Markdown rows: each difference with its 95% interval."""
     shown = {a.key: a.shown for a in amounts}
     lines = [
-        "| labels | init | " + " | ".join(f"Δ {k}" for k in keys) + " |",
+        "| labels | difference | " + " | ".join(f"Δ {k}" for k in keys) + " |",
         "|---|---|" + "---|" * len(keys),
     ]
     for r in diffs.to_dict("records"):
         cells = [f"{r[k]:+.3f} [{r[f'{k}_low']:+.3f}, {r[f'{k}_high']:+.3f}]" for k in keys]
-        lines.append(f"| {shown[r['labels']]} | {r['init']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {shown[r['labels']]} | {r['init']} − {r['versus']} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -44,7 +44,8 @@ def test_study_pairs_arms_and_reports_differences_with_intervals(
     probe = pd.read_csv(out / "probe.csv")
     assert list(probe["epoch"]) == [0, 1, 2]  # the random encoder, then every snapshot
     assert np.isfinite(probe["auc"]).all()
-    assert (out / "table.md").read_text().count("| spark |") == 2 * 2  # means, then differences
+    table = (out / "table.md").read_text()
+    assert table.count("| spark |") == 2 and table.count("| spark − scratch |") == 2  # means, differences
     stamp = (out / "arms.csv").stat().st_mtime_ns
     run_pretraining_study(cfg, resume=True)  # nothing left to train: arms.csv is rewritten unchanged
     assert pd.read_csv(out / "arms.csv", dtype={"labels": str}).equals(arms)

@@ -57,7 +57,9 @@ def test_seed2_study_runs_every_setup_on_test_and_external_images(
     p /= p.sum(1, keepdims=True)
     assert row["referable_auc_logits"] == pytest.approx(auc_score(referable(y, 3), p))
     diffs = pd.read_csv(out / "differences.csv")
-    assert len(diffs) == 2 * 2 * (len(SETUPS) - 1)  # splits x fractions x setups against IWNE-FS
+    # splits x fractions x (setups against IWNE-FS, then IFI-CL against IFI-FS: the paper's CL minus FS)
+    assert len(diffs) == 2 * 2 * len(SETUPS)
+    assert set(diffs[diffs["versus"] == "IFI-FS"]["init"]) == {"IFI-CL"}
     assert (diffs["referable_auc_logits_low"] <= diffs["referable_auc_logits_high"]).all()
     table = (out / "table.md").read_text()
     assert "natural photos (scikit-image; stand-in for ImageNet)" in table
