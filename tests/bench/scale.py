@@ -22,7 +22,7 @@ from tests.conftest import ROOT, site_yaml
 from tests.integration.flower import Flower, sets
 
 SITES = (10, 50, 100)
-ROUNDS = 3
+ROUNDS = 2
 
 
 def run(out: Path) -> dict:
