@@ -92,10 +92,10 @@ def run_seed2_study(cfg: ExperimentConfig, *, resume: bool = False) -> Seed2Outp
         )
     cfg = cfg.model_copy(update={"study": s.model_copy(update={"compare_to": REFERENCE})})
     out = start_run_dir(cfg, PART)
-    amounts = [Amount(fraction=f) for f in cfg.finetune.label_fractions]
-    all_arms, all_diffs, starts = [], [], {}
+    all_arms, all_diffs, starts, fractions = [], [], {}, {}
     for arch, changes in s.archs.items():
         acfg = override(cfg, {"model.arch": arch, **changes}, f"study.archs.{arch}")
+        amounts = fractions[arch] = [Amount(fraction=f) for f in acfg.finetune.label_fractions]  # its own
         setups = _setups(acfg, arch, resume)
         starts[arch] = {name: setup.start for name, setup in setups.items()}
         inits = {name: setup.init for name, setup in setups.items()}
@@ -126,7 +126,7 @@ def run_seed2_study(cfg: ExperimentConfig, *, resume: bool = False) -> Seed2Outp
                 title=f"{arch}: referable DR AUC ({split})",
             )
     arms, diffs = pd.concat(all_arms, ignore_index=True), pd.concat(all_diffs, ignore_index=True)
-    table = _table(arms, diffs, starts, amounts, cfg)
+    table = _table(arms, diffs, starts, fractions, cfg)
     atomic_write_text(out / "arms.csv", arms.to_csv(index=False))
     atomic_write_text(out / "differences.csv", diffs.to_csv(index=False))
     atomic_write_text(out / "table.md", table)
@@ -187,7 +187,7 @@ def _table(
     arms: pd.DataFrame,
     diffs: pd.DataFrame,
     starts: dict[str, dict[str, str]],
-    amounts: list[Amount],
+    fractions: dict[str, list[Amount]],
     cfg: ExperimentConfig,
 ) -> str:
     threshold = cfg.finetune.referable_threshold
@@ -206,12 +206,12 @@ def _table(
             if rows.empty:
                 continue
             d = diffs[(diffs["arch"] == arch) & (diffs["split"] == split)]
-            lines += ["", f"### {split} split", "", *means_table(rows, amounts, list(SHOWN), split)]
+            lines += ["", f"### {split} split", "", *means_table(rows, fractions[arch], list(SHOWN), split)]
             lines += [
                 "",
                 "Paired differences (mean over seeds; 95% bootstrap CI over the images):",
                 "",
-                *differences_table(d, amounts, list(SHOWN)),
+                *differences_table(d, fractions[arch], list(SHOWN)),
             ]
     return "\n".join(lines) + "\n"
 
