@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -96,3 +97,12 @@ def _toml(value: object) -> str:
 def sets(**overrides: object) -> str:
     """The run config's `set` string from keyword overrides (dots as double underscores)."""
     return " ".join(f"{k.replace('__', '.')}={shlex.quote(str(v))}" for k, v in overrides.items())
+
+
+def store_rows(run_dir: Path, sql: str) -> list[tuple]:
+    """Rows of `sql` from a run's store (`<run_dir>/federation/store.sqlite`)."""
+    db = sqlite3.connect(run_dir / "federation" / "store.sqlite")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from shared.models import TaskModel, nnmobilenet
 from shared.weights import load_weights
 from simulation.replay import replay
 from tests.conftest import FEDRETINA, ROOT, write_site
-from tests.integration.flower import Flower, sets
+from tests.integration.flower import Flower, sets, store_rows
 
 pytestmark = pytest.mark.integration
 
@@ -41,14 +40,6 @@ def flower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flower]:
 def scenario(path: Path, sites: list[Path]) -> Path:
     path.write_text(yaml.safe_dump({"name": path.stem, "sites": [str(s) for s in sites]}))
     return path
-
-
-def store_rows(run_dir: Path, sql: str) -> list[tuple]:
-    db = sqlite3.connect(run_dir / "federation" / "store.sqlite")
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
 
 
 def test_two_virtual_sites_run_both_phases_through_flwr_run(

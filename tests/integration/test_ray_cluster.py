@@ -7,7 +7,6 @@ the path, the server records only the error's class, and the run goes on with th
 from __future__ import annotations
 
 import socket
-import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 
 from simulation.flower_env import VENV_BIN
 from tests.conftest import ROOT
-from tests.integration.flower import Flower, sets
+from tests.integration.flower import Flower, sets, store_rows
 
 pytestmark = pytest.mark.integration
 
@@ -67,13 +66,9 @@ def test_a_simulation_runs_on_the_worker_node_and_names_the_node_missing_a_site(
     finally:
         flower.stop()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    db = sqlite3.connect(runs / "ray" / "federation" / "store.sqlite")
-    try:
-        status = db.execute("SELECT status FROM runs").fetchall()
-        sites = db.execute("SELECT site FROM sites").fetchall()
-        errors = [m for (m,) in db.execute("SELECT message FROM events WHERE kind = 'site-error'")]
-    finally:
-        db.close()
+    status = store_rows(runs / "ray", "SELECT status FROM runs")
+    sites = store_rows(runs / "ray", "SELECT site FROM sites")
+    errors = [m for (m,) in store_rows(runs / "ray", "SELECT message FROM events WHERE kind = 'site-error'")]
     assert status == [("completed",)], result.stdout[-3000:]
     assert sites == [("eyepacs",)]
     assert len(errors) == 1 and "ConfigError at this site" in errors[0]  # the details stay at the site

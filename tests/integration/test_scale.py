@@ -4,7 +4,6 @@ per site, pretraining rounds of one local step: the test is about the orchestrat
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, write_site
-from tests.integration.flower import Flower, sets
+from tests.integration.flower import Flower, sets, store_rows
 
 pytestmark = pytest.mark.integration
 
@@ -52,20 +51,14 @@ def test_a_hundred_sites_train_a_seeded_tenth_each_round(flower: Flower, tmp_pat
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    db = sqlite3.connect(runs / "hundred" / "federation" / "store.sqlite")
-    try:
-        assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
-        rounds = db.execute("SELECT round, sampled, accepted, status FROM rounds ORDER BY round").fetchall()
-        replies = db.execute(
-            "SELECT round, site FROM replies WHERE kind = 'train' AND accepted = 1"
-        ).fetchall()
-        rss = db.execute("SELECT COUNT(*) FROM metrics WHERE source = 'server' AND key = 'peak-rss-mb'")
-        rss_rounds = rss.fetchone()[0]
-    finally:
-        db.close()
+    run = runs / "hundred"
+    assert store_rows(run, "SELECT status FROM runs") == [("completed",)]
+    rounds = store_rows(run, "SELECT round, sampled, accepted, status FROM rounds ORDER BY round")
+    replies = store_rows(run, "SELECT round, site FROM replies WHERE kind = 'train' AND accepted = 1")
+    rss = store_rows(run, "SELECT COUNT(*) FROM metrics WHERE source = 'server' AND key = 'peak-rss-mb'")
     assert rounds == [(r, 10, 10, "ok") for r in range(1, ROUNDS + 1)]
     trained = {r: {site for rnd, site in replies if rnd == r} for r in range(1, ROUNDS + 1)}
     names = {f"eyepacs-iid{k}" for k in range(SITES)}
     assert all(len(sites) == 10 and sites <= names for sites in trained.values())
     assert len(set.union(*trained.values())) > 10  # the sample is redrawn each round
-    assert rss_rounds == ROUNDS
+    assert rss == [(ROUNDS,)]
