@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,9 +20,11 @@ from torch.utils.data import Dataset
 from client.privacy import SitePrivacy
 from client.state import SiteState
 from shared.data.site import Site
-from shared.device import configure_torch
+from shared.device import configure_torch, pick_device
+from shared.errors import ConfigError
 from shared.metrics import evaluate_predictions, metric_keys
 from shared.models import ENCODER, head_prefix
+from shared.privacy.sgd import PrivateSGD
 from shared.training.data import site_images
 from shared.training.finetune import (
     build_task_model,
@@ -33,8 +36,10 @@ from shared.training.finetune import (
 )
 from shared.training.phase import Method, Span, run_phase
 from shared.training.pretrain import build_spark, spark_method
+from shared.training.replicas import Replica, run_replicas
 from shared.weights import load_into
 from shared.wire import (
+    DEVICES,
     EPSILON,
     NUM_EXAMPLES,
     PRETRAIN,
@@ -54,13 +59,66 @@ def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> Trained:
     """The round's local epochs (or steps) from the global weights: the weights to send (all of them in
     pretraining; the encoder and this site's heads in fine-tuning) and the reply's metrics. Under DP the
     site may refuse (its budget), and its epsilon joins the metrics."""
-    started, f = time.perf_counter(), spec.config.federation
+    started = time.perf_counter()
     privacy = SitePrivacy(site, spec) if spec.config.privacy.enabled else None
     sgd, refused = privacy.refusal() if privacy is not None else (None, None)
     if privacy is not None and sgd is None:
         log.warning("%s: %s", site.name, refused)
         return Trained(None, refused_metrics(spec, privacy.epsilon, time.perf_counter() - started), refused)
-    device = configure_torch(spec.config)
+    devices = site.config.devices
+    if devices > 1 and sgd is not None:
+        raise ConfigError(
+            f"site {site.name}: devices: {devices} cannot train with DP-SGD (Opacus clips per sample on one "
+            "device); set devices: 1 in the site YAML for private runs"
+        )
+    if devices > 1:
+        cuda = pick_device(spec.config.device).type == "cuda"
+        plain = {k: v.numpy() for k, v in arrays.items()}
+        local = run_replicas(_train_replica, devices, (site, spec, plain), cuda).as_tensors()
+    else:
+        local = _train(site, spec, arrays, sgd=sgd)
+    spent = {EPSILON: privacy.release(sgd)} if privacy is not None and sgd is not None else {}
+    images = sum(local.counts.values())
+    seconds = time.perf_counter() - started
+    metrics = {
+        NUM_EXAMPLES: images,
+        TRAIN_LOSS: local.loss,
+        STEPS: local.steps,
+        SECONDS: seconds,
+        RATE: images / max(seconds, 1e-9),
+        DEVICES: devices,
+    }
+    counts = {task_key(t, NUM_EXAMPLES): local.counts.get(t, 0) for t in spec.tasks}
+    return Trained(local.weights, metrics | counts | spent)
+
+
+@dataclass(frozen=True)
+class Local:
+    """What the local training of a round produced: the weights to send, the loss, the optimiser steps and
+    the training images per task."""
+
+    weights: dict[str, Any]
+    loss: float
+    steps: int
+    counts: dict[str, int]
+
+    def as_tensors(self) -> Local:
+        """Weights back from the numpy arrays a replica process sent (plain bytes, no shared memory)."""
+        return replace(self, weights={k: torch.from_numpy(v) for k, v in self.weights.items()})
+
+
+def _train(
+    site: Site,
+    spec: RoundSpec,
+    arrays: Tensors,
+    *,
+    sgd: PrivateSGD | None = None,
+    replica: Replica | None = None,
+) -> Local:
+    """The round's training on this process's device (one of several when `replica` is given; the first
+    keeps the site's state)."""
+    cfg, f = spec.config, spec.config.federation
+    device = replica.configure(cfg) if replica is not None else configure_torch(cfg)
     state = SiteState(site, spec)
     model, data = _work(site, spec)
     _load_global(model, arrays, state, spec.round - 1)
@@ -69,30 +127,28 @@ def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> Trained:
         method,
         data,
         round_span(spec),
-        seed=spec.config.seed,
+        seed=cfg.seed,
         key=site.name,
-        workers=spec.config.data.workers,
+        workers=cfg.data.workers,
         optimizer_state=state.optimizer_before(),
         proximal_mu=f.proximal_mu if f.strategy == "fedprox" else 0.0,  # FedProx's term, at the site
-        desc=site.name,
+        desc=site.name if replica is None else f"{site.name} device {replica.rank}",
         privacy=sgd,
+        replica=replica,
     )
-    spent = {EPSILON: privacy.release(sgd)} if privacy is not None and sgd is not None else {}
-    state.after_round(model, result.optimizer, result.step)
+    if replica is None or replica.rank == 0:
+        state.after_round(model, result.optimizer, result.step)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if spec.phase != PRETRAIN:  # the encoder and the heads this site trained; other heads stay the server's
         weights = {k: v for k, v in weights.items() if k.startswith((ENCODER, *map(head_prefix, data)))}
-    images = sum(len(d) for d in data.values())
-    seconds = time.perf_counter() - started
-    metrics = {
-        NUM_EXAMPLES: images,
-        TRAIN_LOSS: result.loss,
-        STEPS: result.steps,
-        SECONDS: seconds,
-        RATE: images / max(seconds, 1e-9),
-    }
-    counts = {task_key(t, NUM_EXAMPLES): len(data.get(t, ())) for t in spec.tasks}
-    return Trained(weights, metrics | counts | spent)
+    return Local(weights, result.loss, result.steps, {t: len(d) for t, d in data.items()})
+
+
+def _train_replica(replica: Replica, site: Site, spec: RoundSpec, arrays: dict[str, Any]) -> Local:
+    """One device's process of a multi-device site (see shared/training/replicas.py)."""
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    local = _train(site, spec, tensors, replica=replica)
+    return replace(local, weights={k: v.numpy() for k, v in local.weights.items()})
 
 
 @dataclass(frozen=True)
@@ -107,7 +163,7 @@ class Trained:
 def refused_metrics(spec: RoundSpec, spent: float, seconds: float) -> dict[str, float]:
     """A refusing site's reply still carries every metric key a train reply has (no work, its epsilon)."""
     counts = {task_key(t, NUM_EXAMPLES): 0 for t in spec.tasks}
-    zero = {NUM_EXAMPLES: 0, TRAIN_LOSS: math.nan, STEPS: 0, SECONDS: seconds, RATE: 0.0}
+    zero = {NUM_EXAMPLES: 0, TRAIN_LOSS: math.nan, STEPS: 0, SECONDS: seconds, RATE: 0.0, DEVICES: 0}
     return zero | counts | {EPSILON: spent}
 
 

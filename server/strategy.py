@@ -48,6 +48,7 @@ from shared.models import ENCODER, head_prefix
 from shared.seeding import derive_seed
 from shared.wire import (
     ARRAYS,
+    DEVICES,
     EPSILON,
     LAYOUT,
     METRICS,
@@ -128,7 +129,7 @@ class FedRetina(Strategy):
             self.recorder.trained(
                 server_round, c.site, **c.record(change if c.verdict.reason is None else None)
             )
-        counts = {NUM_EXAMPLES, STEPS, *(task_key(t, NUM_EXAMPLES) for t in self.tasks)}
+        counts = {NUM_EXAMPLES, STEPS, DEVICES, *(task_key(t, NUM_EXAMPLES) for t in self.tasks)}
         timed = {SECONDS, EPSILON}  # median and max: the worst site's epsilon is the one to watch
         merged = merge_metrics((c.metrics for c in accepted), NUM_EXAMPLES, summed=counts, timed=timed)
         self.recorder.finished(server_round, len(candidates), len(accepted), merged)

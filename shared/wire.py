@@ -33,6 +33,7 @@ PACKED = "packed"  # the one entry of a message's weights record (and of its lay
 # examples where the site lacks the task.
 NUM_EXAMPLES = "num-examples"  # images trained on (train) or evaluated (per task): the weighting key
 TRAIN_LOSS, STEPS, SECONDS, RATE = "train-loss", "steps", "duration-s", "images-per-s"
+DEVICES = "devices"  # the devices a site trained on (its YAML's `devices`; 0 when it refused the round)
 EPSILON = "privacy-epsilon"  # under DP: all a site ever released, composed (never the ledger)
 REFUSAL = "refusal"  # a site's reply that refuses a round: {REASON: why} (and no weights)
 REASON = "reason"

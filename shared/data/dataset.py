@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from shared.data import transforms as T
 from shared.data.cache import ImageCache
@@ -122,18 +122,35 @@ def loader(
     train: bool,
     workers: int = 0,
     batches: tuple[int, int | None] = (0, None),
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """Batches in the order of `EpochSampler(seed)`; training drops the last short batch (BN needs B >= 2).
 
     `batches` = (first, count) trains only that window of the epoch's batches (count None: to the end).
+    `shard` = (rank, world) loads only `batch[rank::world]` of each batch: one device's slice of it (see
+    shared/training/replicas.py); every device walks the same batches.
     """
     first, count = batches
     stop = None if count is None else (first + count) * batch_size
+    sampler = EpochSampler(len(dataset), seed, first * batch_size, stop)
+    drop_last = train and len(dataset) >= batch_size
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed, first * batch_size, stop),
-        drop_last=train and len(dataset) >= batch_size,
+        batch_sampler=Sliced(BatchSampler(sampler, batch_size, drop_last), *shard),
         num_workers=workers,
         persistent_workers=False,
     )
+
+
+class Sliced(Sampler[list[int]]):
+    """A batch sampler's batches, each cut to one device's slice `batch[rank::world]` (all of it at 1)."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield batch[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return len(self.batches)

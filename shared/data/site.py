@@ -46,6 +46,9 @@ class SiteConfig(Strict):
     max_excluded_fraction: float = Field(0.1, ge=0, le=1)
     # This site's own privacy budget over every private run it ever joins (the hospital decides).
     privacy: Budget = Budget()
+    # Devices this site trains on at once (data parallel, one process each: GPUs, or CPU processes sharing
+    # the cores); shared/training/replicas.py, docs/scale.md.
+    devices: int = Field(1, ge=1, le=64)
     source: Path | None = None  # the YAML this came from (set by the loader)
 
     @field_validator("name")

@@ -16,6 +16,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from shared.logs import progress_bar
 from shared.privacy.sgd import PrivateSGD
 from shared.seeding import derive_seed, generator, seed_everything
+from shared.training.replicas import Replica
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,13 @@ class EpochSeeds:
         for part in dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]:
             part.set_epoch_seed(self.augment)
 
-    def batch(self, index: int) -> torch.Generator:
+    def batch(self, index: int, rank: int = 0) -> torch.Generator:
         """Batch `index`'s draws (masks, mixup, key shuffles) and torch's global generator (dropout), seeded
-        by the batch's place in its epoch: any window of an epoch draws what the whole epoch would."""
-        seed_everything(derive_seed(self.torch, index))
-        return generator(derive_seed(self.mask, index))
+        by the batch's place in its epoch: any window of an epoch draws what the whole epoch would. A
+        site's other devices (`rank` > 0) draw their own for their slices of the batch."""
+        extra = (rank,) if rank else ()
+        seed_everything(derive_seed(self.torch, index, *extra))
+        return generator(derive_seed(self.mask, index, *extra))
 
 
 @dataclass
@@ -95,6 +98,7 @@ def train_epoch(
     total: int,
     penalty: Callable[[], torch.Tensor] | None = None,
     private: PrivateSGD | None = None,
+    replica: Replica | None = None,
 ) -> EpochResult:
     """The step loop every method shares: schedule, loss, backward, optional clipping, step, bookkeeping.
 
@@ -103,18 +107,25 @@ def train_epoch(
     epoch of the first batch given; `step` the global step there (it drives the schedule).
     `penalty()`, when given, is added to every step's loss (FedProx's proximal term). Under `private`
     (DP-SGD) every batch is a step, an empty one adding noise only, and per-unit clipping replaces `clip`.
+    A `replica` trains its slice of each batch and averages the gradients with the site's other devices.
     """
     meter = Meter()
     bar = progress_bar(desc, total=total, unit="batch")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, batch in enumerate(batches, start=first_batch):
         schedule(optimizer, step)
-        g = seeds.batch(index)
+        g = seeds.batch(index, replica.rank if replica else 0)
         out = loss_of(batch, g) if batch else None
-        if out is None and private is None:
+        if out is None and private is None and replica is None:
             continue
         optimizer.zero_grad(set_to_none=True)
         if out is not None:
             (out[0] + penalty() if penalty is not None else out[0]).backward()
+        if replica is not None:
+            loss, images = replica.sync(params, float(out[0].detach()) if out else 0.0, out[1] if out else 0)
+            if not images:
+                continue
+            out = (torch.tensor(loss), images)
         if private is not None:
             private.before_step(batch)
         elif clip is not None:

@@ -26,6 +26,7 @@ from shared.data.dataset import loader
 from shared.privacy.sgd import PrivateSGD
 from shared.training.loop import EpochResult, EpochSeeds, proximal_penalty, step_plan, train_epoch
 from shared.training.optim import Schedule
+from shared.training.replicas import Replica
 
 # (batch, the batch's own generator, task) -> (loss, images in the batch), or None to skip the batch
 LossFn = Callable[[dict[str, torch.Tensor], torch.Generator, str], tuple[torch.Tensor, int] | None]
@@ -148,12 +149,14 @@ def run_phase(
     after_epoch: Callable[[EpochEnd], bool] | None = None,
     desc: str = "",
     privacy: PrivateSGD | None = None,
+    replica: Replica | None = None,
 ) -> PhaseResult:
     """Train `method.model` in place over `data` (task -> images; "" for pretraining's one dataset) for
     `span`, starting from `optimizer_state` when given. `after_epoch` (epoch spans only) is called after each
     epoch and stops the run by returning True. `proximal_mu` > 0 adds FedProx's term towards the weights
-    the run started from. `privacy` trains with DP-SGD and records what it spent. The model must already
-    be on its device."""
+    the run started from. `privacy` trains with DP-SGD and records what it spent. A `replica` is one of a
+    site's devices: it trains its slice of every batch in step with the others (shared/training/replicas.py).
+    The model must already be on its device."""
     optimizer = method.optimizer()
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -180,6 +183,7 @@ def run_phase(
                 workers,
                 desc,
                 privacy,
+                replica,
             )
             if privacy is not None:
                 privacy.spend(len(data[piece.task]), done.steps)
@@ -190,6 +194,8 @@ def run_phase(
                 if after_epoch(result.epoch_end(piece.epoch, time.perf_counter() - started)):
                     break
                 started = time.perf_counter()
+    if replica is not None:
+        replica.average_buffers(method.model)
     return result
 
 
@@ -205,6 +211,7 @@ def _train_piece(
     workers: int,
     desc: str,
     privacy: PrivateSGD | None,
+    replica: Replica | None,
 ) -> EpochResult:
     """One piece of one task's epoch through the shared step loop (Poisson batches under `privacy`)."""
     seeds.start(dataset)
@@ -219,6 +226,7 @@ def _train_piece(
             train=True,
             workers=workers,
             batches=(piece.first, piece.count),
+            shard=(replica.rank, replica.world) if replica else (0, 1),
         )
 
     def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
@@ -238,4 +246,5 @@ def _train_piece(
         total=len(batches),
         penalty=penalty,
         private=privacy,
+        replica=replica,
     )

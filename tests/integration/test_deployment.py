@@ -1,9 +1,9 @@
 """Deployment with real processes on localhost: `fedretina certs create`, `fedretina server start` (a TLS
 SuperLink with node authentication behind nginx), two `fedretina site serve` daemons with their own keys,
-and a two-phase run over TLS. An unregistered key and an insecure node are refused, the Control API cannot be
-reached through the sites' address, each site reads only the site its node config names, no secret
-reaches a log or the run store, and a site refuses an app version it has not approved before any of its
-code runs."""
+and a two-phase run over TLS, one site training on two devices (two processes joined by gloo). An
+unregistered key and an insecure node are refused, the Control API cannot be reached through the sites'
+address, each site reads only the site its node config names, no secret reaches a log or the run store,
+and a site refuses an app version it has not approved before any of its code runs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import base64
 import contextlib
 import http.client
 import io
+import json
 import os
 import shutil
 import signal
@@ -22,12 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from flwr.cli.build import build_fab_from_disk
 
 from client.approval import app_hash
 from shared.daemon import APP_ROOT
 from shared.data.site import load_site
+from shared.wire import DEVICES, PHASES
 from tests.conftest import FEDRETINA
 from tests.integration.deployment import Federation, deployed, fedretina, free_ports, ok
 
@@ -37,7 +40,12 @@ SITES = ("eyepacs", "mmac")
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory, tiny_sites: dict[str, Path]) -> Iterator[Federation]:
-    with deployed(tmp_path_factory.mktemp("deployment"), {n: tiny_sites[n] for n in SITES}) as fed:
+    root = tmp_path_factory.mktemp("deployment")
+    sites = {n: tiny_sites[n] for n in SITES}
+    two = yaml.safe_load(sites["mmac"].read_text()) | {"devices": 2}  # a site with a two-device box
+    sites["mmac"] = root / "mmac-two-devices.yaml"
+    sites["mmac"].write_text(yaml.safe_dump(two))
+    with deployed(root, sites) as fed:
         yield fed
 
 
@@ -55,6 +63,9 @@ def test_two_sites_run_both_phases_over_tls_with_node_authentication(federation:
     assert store(federation, "SELECT status, scenario FROM runs") == [("completed", "deployment")]
     rounds = store(federation, "SELECT phase, sampled, accepted, status FROM rounds ORDER BY phase DESC")
     assert rounds == [("pretrain", 2, 2, "ok"), ("finetune", 2, 2, "ok")]
+    trained = store(federation, "SELECT phase, site, metrics FROM replies WHERE kind = 'train'")
+    devices = {(phase, site): json.loads(metrics)[DEVICES] for phase, site, metrics in trained}
+    assert devices == {(p, s): 2 if s == "mmac" else 1 for p in PHASES for s in SITES}
     # node ids are the ones registration gave: a site keeps its identity across restarts
     joined = dict(store(federation, "SELECT site, node_id FROM sites"))
     assert {k: int(v) for k, v in joined.items()} == federation.nodes
