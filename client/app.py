@@ -2,10 +2,10 @@
 resolves this node's site, calls one function, and replies with one ArrayRecord and one MetricRecord.
 
 Message types: `query` (who is this site), `train.pretrain` (phase 1), `train.finetune` and
-`evaluate.finetune` (phase 2). Images never leave: replies hold weights, counts and metrics only, and a
-failure tells the server only the kind of error (the message may name a patient's file); the site's own log
-keeps the whole traceback. The run config is never read here: everything run-level comes in the spec.
-"""
+`evaluate.finetune` (phase 2), and `train` (either phase's training under secure aggregation). Images never
+leave: replies hold weights, counts and metrics only, and a failure tells the server only the kind of error
+(the message may name a patient's file); the site's own log keeps the whole traceback. The run config is
+never read here: everything run-level comes in the spec."""
 
 from __future__ import annotations
 
@@ -13,14 +13,21 @@ import functools
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 
 from client.rounds import evaluate_round, train_round
 from client.site import node_site, partition_of
+from shared.aggregation import site_update
 from shared.data.manifest import labelled_counts, task_classes
 from shared.data.site import Site
+from shared.securesum import REFUSED_BUDGET, REFUSED_RANGE, OutOfRange, secure_layout
+from shared.seeding import derive_seed
 from shared.wire import (
     ARRAYS,
     LAYOUT,
@@ -29,6 +36,8 @@ from shared.wire import (
     REASON,
     REFUSAL,
     REPORT,
+    SECAGG_REFUSAL,
+    SECAGG_SCALE,
     SPEC,
     RoundSpec,
     RunSpec,
@@ -103,6 +112,36 @@ def train(msg: Message, context: Context) -> Message:
     if trained.refused is not None:  # no weights: the server records why (e.g. the privacy budget)
         reply.content[REFUSAL] = ConfigRecord({REASON: trained.refused})
     return reply
+
+
+@app.train(mods=[secaggplus_mod])
+@_private
+def train_secure(msg: Message, context: Context) -> Message:
+    """A round under secure aggregation (SecAgg+, message type "train"): Flower's mod answers the
+    protocol's other stages itself, calls this for the training stage and masks what it returns: the site's
+    weighted change (`shared/securesum.py`), in the legacy FitRes layout the mod reads. Only the metrics
+    travel in clear. A site that cannot take part (its privacy budget, an update beyond the clipping range)
+    sends zeros, which add nothing to the sum, and says why in a metric."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    spec = from_wire(RoundSpec, fitins.config)
+    site = node_site(context.node_config, spec.run)
+    (buffer,) = parameters_to_ndarrays(fitins.parameters)
+    reference = unpack(buffer, str(fitins.config[LAYOUT]))
+    layout = secure_layout(reference, spec, float(fitins.config[SECAGG_SCALE]))  # type: ignore[arg-type]
+    trained = train_round(site, spec, {k: torch.from_numpy(v.copy()) for k, v in reference.items()})
+    vector, refusal = np.zeros(layout.size), REFUSED_BUDGET if trained.refused else 0
+    if trained.weights is not None:
+        arrays = {k: v.numpy() for k, v in trained.weights.items()}
+        try:
+            vector = layout.encode(site_update(site.name, arrays, trained.metrics, spec.tasks), reference)
+        except OutOfRange as exc:
+            log.warning("%s: refused %s round %d: %s", site.name, spec.phase, spec.round, exc)
+            refusal = REFUSED_RANGE
+    # the mod rounds stochastically with numpy's global generator: seeded, a run is reproducible
+    np.random.seed(derive_seed(spec.config.seed, "secagg", spec.phase, spec.round, site.name) % 2**32)
+    metrics = {**trained.metrics, SECAGG_REFUSAL: refusal}
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vector]), 1, metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 @app.evaluate("finetune")

@@ -48,6 +48,6 @@ def main(grid: Grid, context: Context) -> None:
         flower.addFilter(_OneLine())
     try:
         cfg, options = from_run_config(context.run_config)
-        FederatedRun(grid, cfg, options, context.run_id).execute()
+        FederatedRun(grid, cfg, options, context).execute()
     except UserError as exc:
         raise RunRefused(str(exc)) from None

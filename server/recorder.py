@@ -73,6 +73,13 @@ class Recorder:
         )
         log.warning("%s round %d %s; the model is unchanged", self.phase, rnd, status)
 
+    def halted(self, rnd: int) -> None:
+        """SecAgg+ halted (too few sites left to unmask the sum): the model is kept, as for a short round."""
+        status = "halted: secure aggregation could not unmask the sum"
+        self.store.round_finished(self.phase, rnd, 0, 0, status)
+        self.store.event("round-halted", f"{self.phase} round {rnd} attempt {self.attempt} {status}", "error")
+        log.warning("%s round %d %s; the model is unchanged", self.phase, rnd, status)
+
     def retrying(self, rnd: int, attempts: int) -> None:
         message = f"{self.phase} round {rnd}: trying again (attempt {self.attempt + 1} of {attempts})"
         self.store.event("round-retry", message, "warning")

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid
 
 from server.checkpoints import Checkpoints, Saved
@@ -32,6 +32,7 @@ from server.probe import probe_batch, probe_spark
 from server.recorder import Recorder
 from server.replies import stream_replies
 from server.report import round_line, summary_table
+from server.secure import secure_round
 from server.sites import FederationError, SiteDirectory, SiteInfo
 from server.store import RunStore
 from server.strategy import FedRetina, to_record
@@ -109,7 +110,7 @@ def phase2_tasks(wanted: tuple[str, ...], sites: list[SiteInfo]) -> dict[str, in
 
 
 class FederatedRun:
-    def __init__(self, grid: Grid, cfg: ExperimentConfig, options: RunOptions, flower_run_id: int) -> None:
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, options: RunOptions, context: Context) -> None:
         # Bad settings are refused before anything is written (the run folder, its store).
         if cfg.pretrain.method != "spark":
             raise FederationError(
@@ -119,7 +120,8 @@ class FederatedRun:
         self.expected = (
             load_scenario(options.scenario).size if options.scenario else max(f.expected_sites, f.min_sites)
         )
-        self.grid, self.cfg, self.options, self.flower_run_id = grid, cfg, options, flower_run_id
+        self.grid, self.cfg, self.options, self.context = grid, cfg, options, context
+        self.flower_run_id = context.run_id
         self.dir = run_dir(cfg, "federation", options.run_name)
         self.store = RunStore(self.dir / "store.sqlite", options.run_name)
         self.checkpoints = Checkpoints(self.dir / "checkpoints", cfg.federation.keep_checkpoints)
@@ -269,8 +271,13 @@ class FederatedRun:
         f = self.cfg.federation
         strategy.recorder.attempt = 1
         while True:
-            asked = strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
-            new, _ = strategy.aggregate_train(rnd, stream_replies(self.grid, list(asked), f.reply_timeout_s))
+            if f.secure_aggregation:
+                new = secure_round(strategy, rnd, arrays, self.grid, self.context)
+            else:
+                asked = strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
+                new, _ = strategy.aggregate_train(
+                    rnd, stream_replies(self.grid, list(asked), f.reply_timeout_s)
+                )
             if new is not None or f.short_round == "skip":
                 return new if new is not None else arrays
             if strategy.recorder.attempt >= f.round_attempts:

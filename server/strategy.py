@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import FitRes, parameters_to_ndarrays
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -42,9 +43,11 @@ from shared.aggregation import (
     check_update,
     fedadam,
     merge_metrics,
+    site_update,
     sketched_cosine,
 )
 from shared.models import ENCODER, head_prefix
+from shared.securesum import REFUSALS, SecureLayout
 from shared.seeding import derive_seed
 from shared.wire import (
     ARRAYS,
@@ -57,6 +60,7 @@ from shared.wire import (
     PRETRAIN,
     REASON,
     REFUSAL,
+    SECAGG_REFUSAL,
     SECONDS,
     SPEC,
     STEPS,
@@ -92,13 +96,18 @@ class FedRetina(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.sent = self._participants(grid, server_round)
+        self.start_round(server_round, arrays, grid)
+        return self._messages(arrays, server_round, "train")
+
+    def start_round(self, rnd: int, arrays: ArrayRecord, grid: Grid) -> list[SiteInfo]:
+        """The round's sites, the weights they start from (the reference of their updates), recorded."""
+        self.sent = self._participants(grid, rnd)
         self.reference = {k: v.numpy() for k, v in arrays.items()}
-        self.recorder.round_started(server_round, len(self.sent))
+        self.recorder.round_started(rnd, len(self.sent))
         names = [s.name for s in self.sent]
         shown = ", ".join(names) if len(names) <= 8 else f"{len(names)} sites ({', '.join(names[:3])}, ...)"
-        log.info("[%s round %d] training on %s", self.phase, server_round, shown)
-        return self._messages(arrays, server_round, "train")
+        log.info("[%s round %d] training on %s", self.phase, rnd, shown)
+        return self.sent
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -118,21 +127,69 @@ class FedRetina(Strategy):
                 self.recorder.trained(server_round, c.site, **c.record(None))
             self.recorder.short(server_round, len(candidates), len(accepted), self.directory.min_sites)
             return None, None
-        new = running.result()
-        if self.federation.strategy == "fedadam":
-            buffers = buffer_keys(self.reference)
-            new, self.adam = fedadam(
-                self.reference, new, self.adam, lr=self.federation.server_lr, buffers=buffers
-            )
+        new = self._server_step(running.result())
         change = sketches.sketch(new)
         for c in candidates:
             self.recorder.trained(
                 server_round, c.site, **c.record(change if c.verdict.reason is None else None)
             )
+        return self._finished(server_round, new, [c.metrics for c in accepted], len(candidates))
+
+    def conclude_secure(self, rnd: int, outcome: SecureResult) -> ArrayRecord | None:
+        """A SecAgg+ round's end (`server/secure.py`): each site's fate from its clear metrics (its update's
+        norm and cosine are hidden), the new model from the unmasked sum; None when the round is short."""
+        if outcome.results is None:
+            for site in self.sent:
+                self.recorder.failed(rnd, "train", site, HALTED, None)
+            self.recorder.halted(rnd)
+            return None
+        by_node = {s.node_id: s for s in self.sent}
+        answered = {node: dict(fitres.metrics) for node, fitres in outcome.results}
+        for site in self.sent:
+            if site.node_id not in answered:
+                self.recorder.failed(rnd, "train", site, DROPPED, None)
+        accepted = [m for m in answered.values() if int(m.get(SECAGG_REFUSAL, 0)) == 0]
+        mean = parameters_to_ndarrays(outcome.results[0][1].parameters)[0] if outcome.results else None
+        steps = int(max((m.get(STEPS, 0) for m in accepted), default=0))
+        new = outcome.layout.decode(mean, len(outcome.results), self.reference, steps) if accepted else None
+        broken = new is not None and not all(np.isfinite(v).all() for v in new.values())
+        enough = len(accepted) >= self.directory.min_sites and not broken
+        for node, metrics in sorted(answered.items(), key=lambda kv: by_node[kv[0]].name):
+            code = int(metrics.get(SECAGG_REFUSAL, 0))
+            reason = REFUSALS.get(code) or (BROKEN_SUM if broken else None)
+            verdict = Verdict(reason, None)
+            nbytes = outcome.layout.size * 8
+            self.recorder.trained(
+                rnd,
+                by_node[node],
+                metrics=metrics,
+                nbytes=nbytes,
+                verdict=verdict,
+                cosine=None,
+                aggregated=enough and code == 0,
+            )
+        if not enough or new is None:
+            self.recorder.short(rnd, len(answered), 0 if broken else len(accepted), self.directory.min_sites)
+            return None
+        return self._finished(rnd, self._server_step(new), accepted, len(answered))[0]
+
+    def _server_step(self, average: Arrays) -> Arrays:
+        """The new global weights from the round's average: itself, or FedAdam's step along it."""
+        if self.federation.strategy != "fedadam":
+            return average
+        buffers = buffer_keys(self.reference)
+        new, self.adam = fedadam(
+            self.reference, average, self.adam, lr=self.federation.server_lr, buffers=buffers
+        )
+        return new
+
+    def _finished(
+        self, rnd: int, new: Arrays, accepted: list[dict], replied: int
+    ) -> tuple[ArrayRecord, MetricRecord]:
         counts = {NUM_EXAMPLES, STEPS, DEVICES, *(task_key(t, NUM_EXAMPLES) for t in self.tasks)}
         timed = {SECONDS, EPSILON}  # median and max: the worst site's epsilon is the one to watch
-        merged = merge_metrics((c.metrics for c in accepted), NUM_EXAMPLES, summed=counts, timed=timed)
-        self.recorder.finished(server_round, len(candidates), len(accepted), merged)
+        merged = merge_metrics(accepted, NUM_EXAMPLES, summed=counts, timed=timed)
+        self.recorder.finished(rnd, replied, len(accepted), merged)
         return to_record(new), MetricRecord(merged)
 
     # ---------------------------------------------------------------- evaluation
@@ -235,6 +292,20 @@ class FedRetina(Strategy):
                 self.recorder.failed(rnd, kind, site, reason, code)
 
 
+HALTED = "secure aggregation halted: fewer sites than its reconstruction threshold answered; no update used"
+DROPPED = "dropped out of the secure aggregation before sending its masked update"
+BROKEN_SUM = "the secure sum holds NaN or Inf (one site's update was broken; which one is hidden)"
+
+
+@dataclass(frozen=True)
+class SecureResult:
+    """What SecAgg+'s workflow left: the round's layout and each answering site's reply (its vector
+    replaced by the unmasked mean of all of them), or None when the protocol halted."""
+
+    layout: SecureLayout
+    results: list[tuple[int, FitRes]] | None
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One site's train reply, with the verdict of its validation; once folded into the round's sums, its
@@ -265,12 +336,6 @@ class Candidate:
             "cosine": similarity,
             "aggregated": aggregated,
         }
-
-
-def site_update(site: str, arrays: Arrays, metrics: dict, tasks: dict[str, int]) -> Update:
-    """A reply as an update to aggregate: weighted by its examples, each task head by that task's."""
-    heads = {head_prefix(t): float(metrics.get(task_key(t, NUM_EXAMPLES), 0)) for t in tasks}
-    return Update(site, arrays, float(metrics[NUM_EXAMPLES]), heads)
 
 
 def to_record(arrays: Arrays) -> ArrayRecord:

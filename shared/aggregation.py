@@ -28,6 +28,8 @@ import numpy as np
 from torch import nn
 
 from shared.exactsum import MAX_WEIGHT, ExactSum
+from shared.models import head_prefix
+from shared.wire import NUM_EXAMPLES, task_key
 
 Arrays = dict[str, np.ndarray]
 
@@ -42,6 +44,13 @@ class Update:
 
     def weight_of(self, key: str) -> float:
         return next((w for prefix, w in self.prefix_weights.items() if key.startswith(prefix)), self.weight)
+
+
+def site_update(site: str, arrays: Arrays, metrics: Mapping, tasks: Mapping[str, int]) -> Update:
+    """A site's train reply as an update to aggregate: weighted by its examples, each task head by that
+    task's examples at the site."""
+    heads = {head_prefix(t): float(metrics.get(task_key(t, NUM_EXAMPLES), 0)) for t in tasks}
+    return Update(site, arrays, float(metrics[NUM_EXAMPLES]), heads)
 
 
 @dataclass(frozen=True)

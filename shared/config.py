@@ -197,6 +197,13 @@ class FederationConfig(Strict):
     round_attempts: int = Field(3, ge=1)
     keep_optimizer_state: bool = True  # persist each site's optimiser state across rounds (its state dir)
     keep_checkpoints: int = Field(3, ge=1)  # server checkpoints kept per phase (the phase's last always)
+    # SecAgg+ (docs/secure-aggregation.md): the server sees only the sum of the sites' weighted changes, not
+    # any one site's. Each entry a site sends must lie within +/- secagg_clipping_range (a site whose update
+    # would not refuses the round); the sum's resolution is 2 x secagg_clipping_range / 2^22.
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = Field(8.0, ge=1)  # >= 1: a site's weight entry is up to 1
+    # Share of a site's neighbours whose key shares rebuild its masks when it drops out mid-round.
+    secagg_threshold: float = Field(0.66, gt=0, le=1)
 
 
 class Budget(Strict):

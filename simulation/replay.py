@@ -24,8 +24,7 @@ from client.rounds import train_round
 from server.checkpoints import Checkpoints
 from server.run import initial_weights
 from server.store import RunStore
-from server.strategy import site_update
-from shared.aggregation import Arrays, average
+from shared.aggregation import Arrays, average, site_update
 from shared.config import ExperimentConfig
 from shared.data.scenario import load_scenario, scenario_sites
 from shared.data.site import Site, load_site

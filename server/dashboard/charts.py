@@ -10,6 +10,7 @@ from typing import Any
 Chart = dict[str, Any]
 SLOW = 1.5  # a site is flagged slow when its round took this many times the round's median
 # The per-site curves of each phase: (chart id, title, reply field, y label).
+HIDDEN_BY_SECURE_AGGREGATION = ("norm", "cosine")  # the server never sees one site's update
 PER_SITE = (
     ("site-loss", "train loss per site", "train_loss", "loss"),
     ("examples", "examples per site", "examples", "images"),
@@ -94,6 +95,7 @@ def run_view(detail: dict) -> dict[str, Any]:
         charts += [
             chart(f"{cid}-{phase}", f"{phase}: {title}", per_site(detail, phase, field), unit)
             for cid, title, field, unit in PER_SITE
+            if not (detail["secure"] and cid in HIDDEN_BY_SECURE_AGGREGATION)
         ]
         if detail["privacy_unit"]:
             unit = detail["privacy_unit"]
@@ -110,6 +112,9 @@ def run_view(detail: dict) -> dict[str, Any]:
         "stragglers": stragglers(detail),
         "bytes_total": sum(r["bytes"] or 0 for r in detail["replies"]),
         "epsilon": latest_epsilon(detail),
+        "hidden": [
+            title for cid, title, *_ in PER_SITE if detail["secure"] and cid in HIDDEN_BY_SECURE_AGGREGATION
+        ],
     }
 
 

@@ -110,6 +110,7 @@ def run_detail(store: Store) -> dict[str, Any]:
         "privacy_unit": config.get("privacy", {}).get("unit")
         if config.get("privacy", {}).get("enabled")
         else None,
+        "secure": bool(config.get("federation", {}).get("secure_aggregation")),
         "eta_s": _eta(rounds, config),
         "rounds": rounds,
         "sites": sites,

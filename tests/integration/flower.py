@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -13,7 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from simulation.flower_env import VENV_BIN, flower_env, stop_local_superlink
+from tests.conftest import ROOT
 
 
 @dataclass(frozen=True)
@@ -106,3 +110,24 @@ def store_rows(run_dir: Path, sql: str) -> list[tuple]:
         return db.execute(sql).fetchall()
     finally:
         db.close()
+
+
+def app_with_client(tmp_path: Path, client: str) -> Path:
+    """A copy of this app whose clientapp is `tests/integration/<client>.py` (its server is ours, unchanged):
+    sites that misbehave on purpose, for the tests that need them."""
+    app = tmp_path / f"{client}-app"
+    for package in ("server", "client", "shared", "simulation"):
+        shutil.copytree(ROOT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "tests" / "integration" / f"{client}.py", app / f"{client}.py")
+    ours = (ROOT / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(ours.replace('"client.app:app"', f'"{client}:app"'))
+    (app / "README.md").write_text(f"{client}: sites for a test\n")
+    return app
+
+
+def iid_scenario(tmp_path: Path, source: Path, parts: int) -> Path:
+    """A scenario splitting `source` into `parts` IID virtual sites."""
+    plan = tmp_path / f"iid{parts}.yaml"
+    split = {"kind": "iid", "source": str(source), "parts": parts}
+    plan.write_text(yaml.safe_dump({"name": f"iid{parts}", "split": split}))
+    return plan

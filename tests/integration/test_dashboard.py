@@ -8,74 +8,21 @@ Set FEDRETINA_SCREENSHOTS=<folder> to keep a screenshot of each page (docs/img h
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sqlite3
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import FEDRETINA
 from tests.integration.dashboard_store import REFUSED, REJECTED, record_round, start
+from tests.integration.web import dashboard, screenshot
 
 pytestmark = pytest.mark.integration
-CHROMIUM = "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def dashboard(root: Path, *extra: str) -> Iterator[str]:
-    """`fedretina dashboard root` on a free port; yields its base URL."""
-    port = free_port()
-    process = subprocess.Popen(
-        [FEDRETINA, "dashboard", str(root), "--port", str(port), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert process.poll() is None, process.stdout.read()  # type: ignore[union-attr]
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-@pytest.fixture
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `make system` (Debian's chromium)")
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
-
-
-def screenshot(page: object, name: str) -> None:
-    folder = os.environ.get("FEDRETINA_SCREENSHOTS")
-    if folder:
-        page.screenshot(path=str(Path(folder) / f"dashboard-{name}.png"), full_page=True)  # type: ignore[attr-defined]
 
 
 def rows(store: Path, sql: str) -> list[tuple]:

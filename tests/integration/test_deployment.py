@@ -1,9 +1,10 @@
 """Deployment with real processes on localhost: `fedretina certs create`, `fedretina server start` (a TLS
 SuperLink with node authentication behind nginx), two `fedretina site serve` daemons with their own keys,
-and a two-phase run over TLS, one site training on two devices (two processes joined by gloo). An
-unregistered key and an insecure node are refused, the Control API cannot be reached through the sites'
-address, each site reads only the site its node config names, no secret reaches a log or the run store,
-and a site refuses an app version it has not approved before any of its code runs."""
+and a two-phase run over TLS, one site training on two devices (two processes joined by gloo), then a
+round through secure aggregation (SecAgg+). An unregistered key and an insecure node are refused, the
+Control API cannot be reached through the sites' address, each site reads only the site its node config
+names, no secret reaches a log or the run store, and a site refuses an app version it has not approved
+before any of its code runs."""
 
 from __future__ import annotations
 
@@ -71,6 +72,25 @@ def test_two_sites_run_both_phases_over_tls_with_node_authentication(federation:
     assert {k: int(v) for k, v in joined.items()} == federation.nodes
     listed = ok(fedretina("server", "sites", "--state", str(federation.state)))
     assert all(name in listed for name in SITES)
+
+
+def test_a_secure_round_sums_the_two_sites_over_tls(federation: Federation, tls_run) -> None:
+    """SecAgg+ across SuperNodes, whose ClientApps run in a new process per message: the protocol's state
+    lives in the node's context between its four stages, and the server records no site's norm."""
+    secure = federation.run(
+        "secure",
+        rounds_pretrain=1,
+        rounds_finetune=0,
+        min_sites=2,
+        connect_deadline_s=180,
+        secure_aggregation=True,
+    )
+    ok(secure)
+    assert federation.store("secure", "SELECT phase, accepted, status FROM rounds") == [("pretrain", 2, "ok")]
+    hidden = federation.store(
+        "secure", "SELECT aggregated, update_norm, cosine FROM replies WHERE kind = 'train'"
+    )
+    assert hidden == [(1, None, None), (1, None, None)]
 
 
 def test_each_site_reads_only_the_site_its_node_config_names(federation: Federation, tls_run) -> None:

@@ -25,7 +25,7 @@ from shared.models import TaskModel, nnmobilenet
 from shared.weights import load_weights
 from simulation.replay import replay
 from tests.conftest import FEDRETINA, ROOT, write_site
-from tests.integration.flower import Flower, sets, store_rows
+from tests.integration.flower import Flower, app_with_client, iid_scenario, sets, store_rows
 
 pytestmark = pytest.mark.integration
 
@@ -217,36 +217,10 @@ def test_bad_run_config_fails_the_run_with_one_line_naming_the_fix(flower: Flowe
 
 
 # -------------------------------------------------------------------------------------------- faulty sites
-def faulty_app(tmp_path: Path) -> Path:
-    """A copy of this app whose clientapp is `faulty_client.py` (its server is ours, unchanged)."""
-    import shutil
-
-    app = tmp_path / "faulty-app"
-    for package in ("server", "client", "shared", "simulation"):
-        shutil.copytree(ROOT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "tests" / "integration" / "faulty_client.py", app / "faulty_client.py")
-    text = (
-        (ROOT / "pyproject.toml")
-        .read_text()
-        .replace('clientapp = "client.app:app"', 'clientapp = "faulty_client:app"')
-    )
-    (app / "pyproject.toml").write_text(text)
-    (app / "README.md").write_text("faulty sites for a test\n")
-    return app
-
-
-def iid4(tmp_path: Path, source: Path) -> Path:
-    plan = tmp_path / "iid4.yaml"
-    plan.write_text(
-        yaml.safe_dump({"name": "iid4", "split": {"kind": "iid", "source": str(source), "parts": 4}})
-    )
-    return plan
-
-
 def test_a_short_round_under_wait_is_tried_again_then_fails_the_run_in_one_line(
     tiny_sites: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    fl = Flower(tmp_path_factory.mktemp("flwr-home-short"), faulty_app(tmp_path))
+    fl = Flower(tmp_path_factory.mktemp("flwr-home-short"), app_with_client(tmp_path, "faulty_client"))
     runs = tmp_path / "runs"
     settings = sets(
         runs_dir=runs,
@@ -260,7 +234,7 @@ def test_a_short_round_under_wait_is_tried_again_then_fails_the_run_in_one_line(
             4,
             {
                 "profile": "tiny",
-                "scenario": str(iid4(tmp_path, tiny_sites["aptos"])),
+                "scenario": str(iid_scenario(tmp_path, tiny_sites["aptos"], 4)),
                 "run-name": "short",
                 "set": settings,
             },
@@ -284,8 +258,8 @@ def test_a_short_round_under_wait_is_tried_again_then_fails_the_run_in_one_line(
 def test_faulty_sites_are_rejected_with_their_reasons_and_the_run_completes(
     tiny_sites: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    fl = Flower(tmp_path_factory.mktemp("flwr-home-faulty"), faulty_app(tmp_path))
-    plan = iid4(tmp_path, tiny_sites["aptos"])
+    fl = Flower(tmp_path_factory.mktemp("flwr-home-faulty"), app_with_client(tmp_path, "faulty_client"))
+    plan = iid_scenario(tmp_path, tiny_sites["aptos"], 4)
     runs = tmp_path / "runs"
     try:
         result = fl.run(
