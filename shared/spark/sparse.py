@@ -33,6 +33,7 @@ class SparseMask:
             )
         self.active_b1ff = active_b1ff
         self._cache: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self._rows: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def grid(self) -> int:
@@ -48,6 +49,13 @@ class SparseMask:
             up = self.active_b1ff.repeat_interleave(h // f, dim=2).repeat_interleave(w // f, dim=3)
             self._cache[key] = up if dtype == torch.bool else up.to(dtype)
         return self._cache[key]
+
+    def rows(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """Indices of the visible positions among the B*h*w positions of an h x w map, batch-major then
+        row-major (the rows of a channels_last tensor)."""
+        if (h, w) not in self._rows or self._rows[(h, w)].device != device:
+            self._rows[(h, w)] = self.at(h, w).reshape(-1).nonzero().squeeze(1).to(device)
+        return self._rows[(h, w)]
 
     def like(self, x: torch.Tensor) -> torch.Tensor:
         """The mask for tensor `x` (B, C, h, w), in x's dtype and on x's device."""
@@ -114,83 +122,39 @@ def masked_mean(x: torch.Tensor, mask: SparseMask) -> torch.Tensor:
 def masked_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, mask: SparseMask) -> torch.Tensor:
     """BatchNorm over the visible positions of the whole batch; 0 at masked positions.
 
-    `x` may hold anything at masked positions (a convolution's raw output): statistics are mask-weighted.
-    Training: biased batch statistics normalise, running statistics take the unbiased variance with
-    `bn.momentum`, as nn.BatchNorm does, but over visible positions only. Eval: running statistics.
+    `x` may hold anything at masked positions (a convolution's raw output). Training: the visible positions
+    are gathered as rows (B*H*W, C), normalised by the native BatchNorm kernel (biased batch statistics;
+    running statistics with the unbiased variance and `bn.momentum`, over visible positions only) and
+    scattered back into zeros. The rows are a view of a channels_last tensor, and the output is
+    channels_last, so after the first norm the whole network runs channels_last and no layout copy is
+    paid. SparK gathers the same positions with advanced indexing on a permuted NCHW tensor; a flat row
+    index is about 3x faster here, and faster than dense BatchNorm, which normalises every position.
+    Eval: running statistics.
     """
-    m = mask.like(x)
     if bn.training or not bn.track_running_stats:
-        weight = bn.weight if bn.affine else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
-        bias = bn.bias if bn.affine else torch.zeros_like(weight)
-        y, mean, var, n = _MaskedBatchNorm.apply(x, m, weight, bias, bn.eps)
-        if bn.training and bn.track_running_stats:
-            _update_running(bn, mean, var, n)
-        return y
+        b, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        visible = mask.rows(h, w, x.device)
+        track = bn.training and bn.track_running_stats
+        momentum = 0.0
+        if track:
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        normed = F.batch_norm(
+            rows.index_select(0, visible),
+            bn.running_mean if track else None,
+            bn.running_var if track else None,
+            bn.weight,
+            bn.bias,
+            True,
+            momentum,
+            bn.eps,
+        )
+        out = rows.new_zeros(rows.shape).index_copy(0, visible, normed.to(rows.dtype))  # bf16 under autocast
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)
     scale = torch.rsqrt(bn.running_var + bn.eps) * (bn.weight if bn.affine else 1.0)
     shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
-    return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None]) * m
-
-
-class _MaskedBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm over visible positions, with a hand-written backward.
-
-    Autograd of the plain formula takes about ten full-size passes each way; here the forward is two
-    reductions and one fused multiply-add, the backward a few passes with per-channel coefficients (the
-    standard BatchNorm gradient restricted to visible positions: hidden ones get 0).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        m: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = m.sum()  # visible positions over the batch
-        mean = _visible_sum(x, m) / n
-        var = (_visible_sum(x * x, m) / n - mean * mean).clamp_min(0)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd * weight
-        shift = bias - mean * scale
-        y = torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None]).mul_(m)
-        ctx.save_for_backward(x, m, weight, mean, invstd)
-        ctx.n = n
-        ctx.mark_non_differentiable(mean, var, n)
-        return y, mean, var, n
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor, *_: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, m, weight, mean, invstd = ctx.saved_tensors
-        n = ctx.n
-        sum_dy = _visible_sum(dy, m)  # dy is not 0 where hidden (later convs spread it): weigh by the mask
-        sum_dy_xhat = (_visible_sum(dy * x, m) - mean * sum_dy) * invstd  # sum of dy * xhat over visible
-        k = weight * invstd
-        # dx = k * (dy - sum_dy / n - xhat * sum_dy_xhat / n), at visible positions
-        coef_x = -k * invstd * sum_dy_xhat / n
-        const = -k * sum_dy / n - coef_x * mean
-        dx = torch.addcmul(const[None, :, None, None], x, coef_x[None, :, None, None])
-        dx.addcmul_(dy, k[None, :, None, None]).mul_(m)
-        return dx, None, sum_dy_xhat, sum_dy, None
-
-
-def _visible_sum(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Per-channel sum of x over visible positions, as a batched matrix-vector product: no (B, C, H, W)
-    temporary for x * m (channels_last inputs are copied to NCHW first)."""
-    b, c, h, w = x.shape
-    return torch.bmm(x.reshape(b, c, h * w), m.reshape(b, h * w, 1)).sum(dim=(0, 2))
-
-
-def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
-    n = float(n)
-    bn.num_batches_tracked.add_(1)
-    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    unbiased = var * (n / max(n - 1.0, 1.0))
-    bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
-    bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
+    return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None]) * mask.like(x)
 
 
 class MaskedGroupNorm(MaskAware):

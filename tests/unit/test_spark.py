@@ -214,15 +214,16 @@ def test_reconstruction_keeps_visible_pixels() -> None:
     assert 0.5 < loss.item() < 2.0  # about 1 at initialisation: unit-variance targets
 
 
-def test_masked_batchnorm_backward_equals_autograd_of_the_plain_formula() -> None:
-    from shared.spark.sparse import _MaskedBatchNorm
-
+def test_masked_batchnorm_and_its_gradients_equal_the_plain_formula_over_visible_positions() -> None:
+    """Whatever a convolution left at hidden positions: the output there is 0 and gets no gradient."""
     g = torch.Generator().manual_seed(9)
-    active = random_mask(3, 2, 0.5, g)
-    m = SparseMask(active).at(8, 8, torch.float64)
-    x = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) * m).requires_grad_()
-    w = torch.rand(4, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
-    b = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    mask = SparseMask(random_mask(3, 2, 0.5, g))
+    m = mask.at(8, 8, torch.float64)
+    x = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64).requires_grad_()  # not 0 where hidden
+    bn = nn.BatchNorm2d(4).double().train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.normal_(generator=g)
     upstream = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
 
     def plain(x: torch.Tensor) -> torch.Tensor:
@@ -230,15 +231,14 @@ def test_masked_batchnorm_backward_equals_autograd_of_the_plain_formula() -> Non
         mean = (x * m).sum((0, 2, 3)) / n
         var = (((x - mean[None, :, None, None]) * m) ** 2).sum((0, 2, 3)) / n
         xhat = (x - mean[None, :, None, None]) / torch.sqrt(var + 1e-5)[None, :, None, None]
-        return (xhat * w[None, :, None, None] + b[None, :, None, None]) * m
+        return (xhat * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]) * m
 
-    ours = _MaskedBatchNorm.apply(x, m, w, b, 1e-5)[0]
+    ours = masked_batch_norm(bn, x, mask)
     assert torch.allclose(ours, plain(x), atol=1e-12)
-    grads = torch.autograd.grad((ours * upstream).sum(), (x, w, b))
-    ref = torch.autograd.grad((plain(x) * upstream).sum(), (x, w, b))
+    params = (x, bn.weight, bn.bias)
+    grads = torch.autograd.grad((ours * upstream).sum(), params)
+    ref = torch.autograd.grad((plain(x) * upstream).sum(), params)
     for ours_g, ref_g in zip(grads, ref, strict=True):
         assert torch.allclose(ours_g, ref_g, atol=1e-10)
-    # Layers hand it inputs that are 0 where hidden, so check it as they call it: on x * m.
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: _MaskedBatchNorm.apply(x * m, m, w, b, 1e-5)[0], (x, w, b)
-    )
+    assert torch.equal(grads[0] * (1 - m), torch.zeros_like(x))
+    assert torch.autograd.gradcheck(lambda x: masked_batch_norm(bn, x, mask), (x,))
