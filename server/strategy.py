@@ -154,17 +154,16 @@ class FedRetina(Strategy):
         new = outcome.layout.decode(mean, len(outcome.results), self.reference, steps) if accepted else None
         broken = new is not None and not all(np.isfinite(v).all() for v in new.values())
         enough = len(accepted) >= self.directory.min_sites and not broken
+        nbytes = outcome.layout.size * 8  # every answering site sent a whole vector, zeros if it refused
         for node, metrics in sorted(answered.items(), key=lambda kv: by_node[kv[0]].name):
             code = int(metrics.get(SECAGG_REFUSAL, 0))
             reason = REFUSALS.get(code) or (BROKEN_SUM if broken else None)
-            verdict = Verdict(reason, None)
-            nbytes = outcome.layout.size * 8
             self.recorder.trained(
                 rnd,
                 by_node[node],
                 metrics=metrics,
                 nbytes=nbytes,
-                verdict=verdict,
+                verdict=Verdict(reason, None),
                 cosine=None,
                 aggregated=enough and code == 0,
             )
