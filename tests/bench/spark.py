@@ -114,9 +114,10 @@ def run(out: Path) -> dict:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         result[f"peak_rss_mb_{mode}"] = int(done.stdout) / 1024
     for width, batch, decoder in REFERENCE_SETUPS:
+        setup = f"w{width}_bs{batch}_dec{decoder}"
         for key, value in against_reference(width, batch, decoder).items():
-            result[f"{key}_w{width}_bs{batch}_dec{decoder}"] = value
-    result["ours_over_reference_step_time_target"] = "<= 0.8"
+            result[f"{key}_{setup}"] = value
+        result[f"ours_over_reference_step_time_{setup}_target"] = "<= 0.8"
     out.mkdir(parents=True, exist_ok=True)
     (out / "steps.json").write_text(json.dumps({"masked": masked, "dense": dense}))
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+    return {k: round(v, 6 if "loss" in k else 3) if isinstance(v, float) else v for k, v in result.items()}
