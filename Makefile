@@ -34,7 +34,7 @@ uv:  # bootstrap uv from pip when it is missing
 sync: uv  ## install the locked environment into .venv
 	@$(UV) sync --locked --extra dev --quiet --compile-bytecode
 
-demo: sync  ## the main job on the embedded synthetic default (cpu profile, about 6 minutes on 2 cores)
+demo: sync  ## the main job on the embedded synthetic default (cpu profile, about 5 minutes on 2 cores)
 	$(FR) synth --profile $(PROFILE)
 	$(FR) site check sites/generated/*.yaml | grep -E "^site |images listed|^  (FATAL|excluded)"
 	eval "$$($(FR) env $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)))" && flwr run . --stream \
