@@ -48,17 +48,17 @@ class Replica:
     def sync(self, params: Sequence[nn.Parameter], loss: float, images: int) -> tuple[float, int]:
         """Replace each gradient by the image-weighted mean of every replica's (a parameter has one when any
         replica gave it one) and return the whole batch's (mean loss, images)."""
-        device = params[0].device
+        device, dtype = params[0].device, params[0].dtype
         held = [p.grad is not None for p in params]
         sums = [(p.grad * images if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-        head = torch.tensor([loss * images, images, *held], dtype=torch.float32, device=device)
+        head = torch.tensor([loss * images, images, *held], dtype=dtype, device=device)
         flat = torch.cat([head, *sums])
         dist.all_reduce(flat)  # one message per step, like DDP's buckets merged into one
         total_loss, total = float(flat[0]), int(flat[1])
         offset = 2 + len(params)
         for p, anyone in zip(params, flat[2:offset].tolist(), strict=True):
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).div(total) if anyone and total else None
+            p.grad = flat[offset : offset + n].view_as(p).div(total).to(p.dtype) if anyone and total else None
             offset += n
         return total_loss / max(total, 1), total
 
