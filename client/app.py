@@ -86,7 +86,11 @@ def _reply(msg: Message, metrics: dict, arrays: dict[str, torch.Tensor] | None =
 
 
 def _weights(msg: Message) -> dict[str, torch.Tensor]:
-    arrays = unpack(msg.content[ARRAYS][PACKED].numpy(), str(msg.content[LAYOUT][PACKED]))
+    return _tensors(unpack(msg.content[ARRAYS][PACKED].numpy(), str(msg.content[LAYOUT][PACKED])))
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Writable tensors of the unpacked weights (which are views of the message's read-only buffer)."""
     return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
 
 
@@ -128,7 +132,7 @@ def train_secure(msg: Message, context: Context) -> Message:
     (buffer,) = parameters_to_ndarrays(fitins.parameters)
     reference = unpack(buffer, str(fitins.config[LAYOUT]))
     layout = secure_layout(reference, spec, float(fitins.config[SECAGG_SCALE]))  # type: ignore[arg-type]
-    trained = train_round(site, spec, {k: torch.from_numpy(v.copy()) for k, v in reference.items()})
+    trained = train_round(site, spec, _tensors(reference))
     vector, refusal = np.zeros(layout.size), REFUSED_BUDGET if trained.refused else 0
     if trained.weights is not None:
         arrays = {k: v.numpy() for k, v in trained.weights.items()}

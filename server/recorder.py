@@ -67,17 +67,15 @@ class Recorder:
     def short(self, rnd: int, replied: int, accepted: int, needed: int) -> None:
         """Too few accepted updates: the model is kept (and the round may be tried again)."""
         status = f"skipped: {accepted} accepted update(s), {needed} needed"
-        self.store.round_finished(self.phase, rnd, replied, accepted, status)
-        self.store.event(
-            "round-short", f"{self.phase} round {rnd} attempt {self.attempt} {status}", "warning"
-        )
-        log.warning("%s round %d %s; the model is unchanged", self.phase, rnd, status)
+        self._kept(rnd, replied, accepted, status, "round-short", "warning")
 
     def halted(self, rnd: int) -> None:
         """SecAgg+ halted (too few sites left to unmask the sum): the model is kept, as for a short round."""
-        status = "halted: secure aggregation could not unmask the sum"
-        self.store.round_finished(self.phase, rnd, 0, 0, status)
-        self.store.event("round-halted", f"{self.phase} round {rnd} attempt {self.attempt} {status}", "error")
+        self._kept(rnd, 0, 0, "halted: secure aggregation could not unmask the sum", "round-halted", "error")
+
+    def _kept(self, rnd: int, replied: int, accepted: int, status: str, kind: str, level: str) -> None:
+        self.store.round_finished(self.phase, rnd, replied, accepted, status)
+        self.store.event(kind, f"{self.phase} round {rnd} attempt {self.attempt} {status}", level)
         log.warning("%s round %d %s; the model is unchanged", self.phase, rnd, status)
 
     def retrying(self, rnd: int, attempts: int) -> None:

@@ -121,7 +121,6 @@ class FederatedRun:
             load_scenario(options.scenario).size if options.scenario else max(f.expected_sites, f.min_sites)
         )
         self.grid, self.cfg, self.options, self.context = grid, cfg, options, context
-        self.flower_run_id = context.run_id
         self.dir = run_dir(cfg, "federation", options.run_name)
         self.store = RunStore(self.dir / "store.sqlite", options.run_name)
         self.checkpoints = Checkpoints(self.dir / "checkpoints", cfg.federation.keep_checkpoints)
@@ -142,9 +141,9 @@ class FederatedRun:
             timeout_s=f.reply_timeout_s,
         )
         scenario = self.options.scenario or "deployment"
-        self.store.start_run(uid, self.flower_run_id, scenario, f.strategy, self.cfg.model_dump(mode="json"))
+        self.store.start_run(uid, self.context.run_id, scenario, f.strategy, self.cfg.model_dump(mode="json"))
         resumed = f", resumed after {saved.phase} round {saved.round}" if saved else ""
-        self.store.event("start", f"Flower run {self.flower_run_id}{resumed}")
+        self.store.event("start", f"Flower run {self.context.run_id}{resumed}")
         try:
             self._check_simulation_size()
             self.directory.wait(self.grid)

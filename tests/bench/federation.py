@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from shared.config import ExperimentConfig, InitConfig, load_config
 from shared.data.checks import check_site
@@ -36,7 +35,7 @@ from shared.weights import load_weights
 from simulation.centralised import run_pretraining
 from simulation.finetune_run import run_finetuning
 from tests.conftest import ROOT, site_yaml
-from tests.integration.flower import Flower, sets
+from tests.integration.flower import Flower, iid_scenario, sets
 
 # 16 fine-tuning rounds: both models level off (at 8 the centralised one was still improving); the test split
 # (~240 images) is large enough to read an AUC from.
@@ -54,12 +53,7 @@ def run(out: Path) -> dict:
     site_path = site_yaml(out, "eyepacs", out / "eyepacs")
     config = load_site_config(site_path)
     site = Site(config.name, config, check_site(config).manifest)
-    scenario = out / "iid4.yaml"
-    scenario.write_text(
-        yaml.safe_dump(
-            {"name": "iid4", "split": {"kind": "iid", "source": str(site_path.resolve()), "parts": 4}}
-        )
-    )
+    scenario = iid_scenario(out, site_path.resolve(), 4)
     flower = Flower(out / "flwr-home", ROOT)
     try:
         done = flower.run(

@@ -9,8 +9,8 @@ What SparK's code does, and this does too:
 - densify: sparse BatchNorm, `torch.where` filling hidden positions with the mask token, the projection;
 - the loss: per-patch normalised targets, MSE averaged over masked patches.
 
-It runs through our encoders' own forward code, with our layer rules (`shared.spark.sparse`) swapped for
-these while it runs, so both steps compute the same function of the same weights (the bench reports the
+It runs through our encoders' own forward code and layer dispatch, with the rules that differ swapped for
+SparK's while it runs, so both steps compute the same function of the same weights (the bench reports the
 two losses at the first step) and differ only in how the sparsity is paid for.
 """
 
@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import shared.spark.sparse
 from shared.spark.spark import SparK, patchify
-from shared.spark.sparse import ELEMENTWISE, MaskAware, SparseMask, masked_mean
+from shared.spark.sparse import SparseMask
 
 
 def active_ex(mask: SparseMask, x: torch.Tensor) -> torch.Tensor:
@@ -47,41 +48,22 @@ def sparse_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, mask: SparseMask) -> 
     return out.permute(0, 3, 1, 2)
 
 
-def sparse(module: nn.Module, x: torch.Tensor, mask: SparseMask | None) -> torch.Tensor:
-    """One layer as SparK's converted model runs it."""
-    if mask is None:
-        return module(x)
-    if isinstance(module, MaskAware):
-        return module(x, mask)
-    if isinstance(module, nn.Sequential):
-        return sparse_chain(list(module), x, mask)
-    if isinstance(module, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
-        y = module(x)
-        y *= active_ex(mask, y)
-        return y
-    if isinstance(module, nn.BatchNorm2d):
-        return sparse_batch_norm(module, x, mask)
-    if isinstance(module, nn.AdaptiveAvgPool2d):
-        return masked_mean(x, mask)
-    if isinstance(module, ELEMENTWISE):
-        return module(x)
-    raise TypeError(f"SparK's reference has no rule for {type(module).__name__}")
-
-
 def sparse_chain(modules: list[nn.Module], x: torch.Tensor, mask: SparseMask | None) -> torch.Tensor:
     """Layer after layer, each with its own mask multiplication (no convolution + norm fusion)."""
     for module in modules:
-        x = sparse(module, x, mask)
+        x = shared.spark.sparse.sparse(module, x, mask)
     return x
 
 
 @contextlib.contextmanager
 def sparks_rules() -> Iterator[None]:
-    """Our encoders' forward code, run with SparK's layer rules instead of ours."""
+    """Our encoders' forward code and layer dispatch (`shared.spark.sparse.sparse`), with SparK's rules
+    where they differ: a mask rebuilt on every call, BatchNorm by gather and scatter, no fusion."""
     with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(SparseMask, "like", active_ex))
+        stack.enter_context(mock.patch.object(shared.spark.sparse, "masked_batch_norm", sparse_batch_norm))
         for name in ("shared.spark.sparse", "shared.models.nnmobilenet"):
             where = importlib.import_module(name)
-            stack.enter_context(mock.patch.object(where, "sparse", sparse))
             stack.enter_context(mock.patch.object(where, "sparse_chain", sparse_chain))
         yield
 

@@ -17,14 +17,9 @@ import yaml
 from simulation.flower_env import VENV_BIN
 from tests.conftest import ROOT
 from tests.integration.flower import Flower, sets, store_rows
+from tests.integration.web import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray(*args: str) -> None:
@@ -33,7 +28,7 @@ def _ray(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     port = address.rsplit(":", 1)[1]
     try:
         _ray("start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false")
