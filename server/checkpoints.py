@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.aggregation import Arrays, FedAdamState
+from shared.aggregation import Arrays, ServerMoments
 from shared.weights import load_weights, save_weights
 from shared.wire import PHASES
 
@@ -27,7 +27,7 @@ class Saved:
     phase: str
     round: int
     arrays: Arrays
-    adam: FedAdamState | None
+    adam: ServerMoments | None
     meta: dict[str, Any]
 
 
@@ -39,7 +39,7 @@ class Checkpoints:
         return self.dir / f"{phase}-r{rnd:04d}.safetensors"
 
     def save(
-        self, phase: str, rnd: int, arrays: Arrays, adam: FedAdamState | None, meta: dict[str, Any]
+        self, phase: str, rnd: int, arrays: Arrays, adam: ServerMoments | None, meta: dict[str, Any]
     ) -> Path:
         tensors = {
             f"global.{k}": torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()
@@ -72,5 +72,5 @@ class Checkpoints:
         if meta.get("adam_step") is not None:
             m = {k[7:]: v.numpy() for k, v in tensors.items() if k.startswith("adam.m.")}
             v = {k[7:]: t.numpy() for k, t in tensors.items() if k.startswith("adam.v.")}
-            adam = FedAdamState(m, v, int(meta["adam_step"]))
+            adam = ServerMoments(m, v, int(meta["adam_step"]))
         return Saved(phase, rnd, arrays, adam, meta)

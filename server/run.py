@@ -42,9 +42,9 @@ from shared.data.scenario import load_scenario
 from shared.models import ENCODER
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
 from shared.training.checkpoint import export_encoder
-from shared.training.initialisation import FINETUNE_SEED, finetuning_start, pretraining_start
+from shared.training.initialisation import FINETUNE_SEED, check_init, finetuning_start, pretraining_start
 from shared.training.pretrain import build_spark
-from shared.weights import check_meta, check_settings, load_into, save_weights, weights_meta
+from shared.weights import check_meta, check_settings, load_into, load_weights, save_weights, weights_meta
 from shared.wire import FINETUNE, PRETRAIN, RunSpec
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,16 @@ def initial_weights(
         return _numpy(pretraining_start(cfg).state_dict())
     state = _numpy(finetuning_start(cfg, tasks, FINETUNE_SEED).state_dict())
     return state | {k: v for k, v in (pretrained or {}).items() if k.startswith(ENCODER)}
+
+
+def _given_encoder(cfg: ExperimentConfig) -> Arrays | None:
+    """`federation.start_encoder` as phase 2's encoder entries (checked against the model first)."""
+    path = cfg.federation.start_encoder
+    if not path:
+        return None
+    tensors, meta = load_weights(Path(path))
+    check_init(str(meta.get("kind", "")).removesuffix("-encoder"), path, cfg.model)
+    return {ENCODER + k: v.numpy() for k, v in tensors.items()}
 
 
 def phase2_tasks(wanted: tuple[str, ...], sites: list[SiteInfo]) -> dict[str, int]:
@@ -196,7 +206,7 @@ class FederatedRun:
     def _pretrain(self, saved: Saved | None) -> Arrays | None:
         total = self.cfg.federation.rounds_pretrain
         if total == 0:
-            return None
+            return _given_encoder(self.cfg)
         self._run_phase(PRETRAIN, {}, saved, None)
         final = self.checkpoints.load(PRETRAIN, total).arrays
         encoder = {k.removeprefix(ENCODER): v for k, v in _tensors(final).items() if k.startswith(ENCODER)}

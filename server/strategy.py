@@ -13,7 +13,8 @@
 
 The run (`server/run.py`) calls the hooks round by round, then probes and checkpoints. Strategies: fedavg,
 fedprox (sites add mu/2 ||w - w_global||^2), fedbn (sites keep their BatchNorm; the server's BN entries are
-averages used only for probes and exports), fedadam (server Adam on the average).
+averages used only for probes and exports), fedadam (server Adam on the average), fedavgm (server SGD with
+momentum on the average).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from server.recorder import Recorder
 from server.sites import SiteDirectory, SiteInfo, error_text, sample_sites
 from shared.aggregation import (
     Arrays,
-    FedAdamState,
     RunningAverage,
+    ServerMoments,
     Sketch,
     Sketches,
     Update,
@@ -42,6 +43,7 @@ from shared.aggregation import (
     buffer_keys,
     check_update,
     fedadam,
+    fedavgm,
     merge_metrics,
     site_update,
     sketched_cosine,
@@ -83,7 +85,7 @@ class FedRetina(Strategy):
         tasks: dict[str, int],
         directory: SiteDirectory,
         recorder: Recorder,
-        adam: FedAdamState | None = None,
+        adam: ServerMoments | None = None,
     ) -> None:
         self.run, self.phase, self.tasks = run, phase, tasks
         self.directory, self.recorder, self.adam = directory, recorder, adam
@@ -173,13 +175,22 @@ class FedRetina(Strategy):
         return self._finished(rnd, self._server_step(new), accepted, len(answered))[0]
 
     def _server_step(self, average: Arrays) -> Arrays:
-        """The new global weights from the round's average: itself, or FedAdam's step along it."""
-        if self.federation.strategy != "fedadam":
-            return average
+        """The new global weights from the round's average: itself, or a FedAdam or FedAvgM step along it."""
+        f = self.federation
         buffers = buffer_keys(self.reference)
-        new, self.adam = fedadam(
-            self.reference, average, self.adam, lr=self.federation.server_lr, buffers=buffers
-        )
+        if f.strategy == "fedadam":
+            new, self.adam = fedadam(self.reference, average, self.adam, lr=f.server_step, buffers=buffers)
+        elif f.strategy == "fedavgm":
+            new, self.adam = fedavgm(
+                self.reference,
+                average,
+                self.adam,
+                lr=f.server_step,
+                momentum=f.server_momentum,
+                buffers=buffers,
+            )
+        else:
+            new = average
         return new
 
     def _finished(

@@ -241,7 +241,9 @@ def bn_keys(model: nn.Module) -> set[str]:
 
 
 @dataclass
-class FedAdamState:
+class ServerMoments:
+    """The server optimiser's state across rounds: FedAdam's moments m and v, or FedAvgM's momentum (m)."""
+
     m: Arrays
     v: Arrays
     step: int = 0
@@ -250,20 +252,20 @@ class FedAdamState:
 def fedadam(
     reference: Mapping[str, np.ndarray],
     averaged: Mapping[str, np.ndarray],
-    state: FedAdamState | None,
+    state: ServerMoments | None,
     *,
     lr: float,
     buffers: Iterable[str] = (),
     beta1: float = 0.9,
     beta2: float = 0.99,
     tau: float = 1e-3,
-) -> tuple[Arrays, FedAdamState]:
+) -> tuple[Arrays, ServerMoments]:
     """One server Adam step (Reddi et al. 2021) on the pseudo-gradient (averaged - reference) of the
     parameters. Buffers (BatchNorm running statistics and counters, named in `buffers`) and non-float keys
     take the plain average: an Adam step would move a variance by about `lr` whatever it should be."""
     plain = set(buffers)
     if state is None:
-        state = FedAdamState({}, {})
+        state = ServerMoments({}, {})
     out: Arrays = {}
     for key, ref in reference.items():
         if key in plain or not np.issubdtype(ref.dtype, np.floating):
@@ -274,6 +276,33 @@ def fedadam(
         v = beta2 * state.v.get(key, np.zeros_like(delta)) + (1 - beta2) * delta * delta
         state.m[key], state.v[key] = m, v
         out[key] = (ref.astype(np.float64) + lr * m / (np.sqrt(v) + tau)).astype(ref.dtype)
+    state.step += 1
+    return out, state
+
+
+def fedavgm(
+    reference: Mapping[str, np.ndarray],
+    averaged: Mapping[str, np.ndarray],
+    state: ServerMoments | None,
+    *,
+    lr: float,
+    momentum: float,
+    buffers: Iterable[str] = (),
+) -> tuple[Arrays, ServerMoments]:
+    """One server SGD step with momentum (FedAvgM, Hsu et al. 2019) along the round's average change:
+    m = momentum * m + (averaged - reference), new = reference + lr * m. With lr 1 and momentum 0 it is
+    FedAvg. Buffers and non-float keys take the plain average, as in `fedadam`."""
+    plain = set(buffers)
+    state = state or ServerMoments({}, {})
+    out: Arrays = {}
+    for key, ref in reference.items():
+        if key in plain or not np.issubdtype(ref.dtype, np.floating):
+            out[key] = averaged[key]
+            continue
+        delta = averaged[key].astype(np.float64) - ref.astype(np.float64)
+        m = momentum * state.m.get(key, np.zeros_like(delta)) + delta
+        state.m[key] = m
+        out[key] = (ref.astype(np.float64) + lr * m).astype(ref.dtype)
     state.step += 1
     return out, state
 

@@ -174,12 +174,18 @@ class FederationConfig(Strict):
     tasks: tuple[str, ...] = ()
     rounds_pretrain: int = Field(100, ge=0)
     rounds_finetune: int = Field(50, ge=0)
-    strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedavgm"] = "fedavg"
     local_epochs: int = Field(1, ge=1)
     # Local steps (batches) per round instead of epochs when > 0; sites continue their epochs across rounds.
     local_steps: int = Field(0, ge=0)
     proximal_mu: float = Field(0.01, ge=0)
-    server_lr: float = Field(0.01, gt=0)  # FedAdam's eta
+    # Phase 2's encoder when phase 1 does not run (rounds_pretrain 0): a SparK or MoCo encoder export read
+    # by the server; empty = a seeded random encoder.
+    start_encoder: str = ""
+    # The server's step along the round's average change: FedAdam's eta (default 0.01) or FedAvgM's server
+    # lr (default 1.0, with server_momentum; docs/compare.md has the measurements that chose them).
+    server_lr: float | None = Field(None, gt=0)
+    server_momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM's beta (Hsu et al. 2019)
     min_sites: int = Field(1, ge=1)
     # Fraction of the eligible sites that train (and evaluate) each round, drawn by seed per round; at least
     # min_sites. 1.0 = every site every round; national programmes with 100+ sites sample.
@@ -204,6 +210,11 @@ class FederationConfig(Strict):
     secagg_clipping_range: float = Field(8.0, ge=1)  # >= 1: a site's weight entry is up to 1
     # Share of a site's neighbours whose key shares rebuild its masks when it drops out mid-round.
     secagg_threshold: float = Field(0.66, gt=0, le=1)
+
+    @property
+    def server_step(self) -> float:
+        """server_lr, or the strategy's default where it is unset."""
+        return self.server_lr or (0.01 if self.strategy == "fedadam" else 1.0)
 
 
 class Budget(Strict):
@@ -299,6 +310,37 @@ class StudyConfig(Strict):
         return tuple(sorted(set(v), key=lambda c: c or math.inf))
 
 
+class CompareConfig(Strict):
+    """`fedretina compare`: centralised (pooled), each site alone (local) and federated strategies, per
+    scenario and seed, at equal sample-gradient steps (docs/compare.md)."""
+
+    # arm name -> dotted overrides of the federated arm (e.g. fedbn: {federation.strategy: fedbn})
+    strategies: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"fedavg": {"federation.strategy": "fedavg"}}
+    )
+    # scenario (a name in simulation/scenarios/ or a YAML path) -> its strategies (empty: all of them)
+    scenarios: dict[str, tuple[str, ...]] = Field(default_factory=lambda: {"iid-4": ()})
+    local: bool = True  # also train each site alone, on its own images
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    # both phases (SparK pretraining, federated in federated arms, then fine-tuning); false: fine-tuning
+    # only, from `encoder` (an encoder export) or, empty, from random weights
+    pretrain: bool = False
+    encoder: str = ""
+    metric: Literal["referable_auc", "kappa", "auc"] = "referable_auc"  # the verdict's metric
+    margin: float = Field(0.02, gt=0)  # federated may lose at most this much of it to be non-inferior
+
+    @model_validator(mode="after")
+    def _known_strategies(self) -> CompareConfig:
+        for scenario, names in self.scenarios.items():
+            if unknown := sorted(set(names) - set(self.strategies)):
+                raise ValueError(
+                    f"scenarios.{scenario}: strategies {unknown} are not defined under compare.strategies"
+                )
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        return self
+
+
 class ExperimentConfig(Strict):
     name: str = "run"
     profile: Literal["tiny", "cpu", "paper"] = "cpu"
@@ -317,6 +359,7 @@ class ExperimentConfig(Strict):
     federation: FederationConfig = FederationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     study: StudyConfig = StudyConfig()
+    compare: CompareConfig = CompareConfig()
 
     @model_validator(mode="after")
     def _private_settings(self) -> ExperimentConfig:

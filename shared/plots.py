@@ -28,6 +28,32 @@ def curve(path: Path, series: dict[str, Sequence[float]], *, xlabel: str, ylabel
     _save(fig, path)
 
 
+def curve_panels(
+    path: Path,
+    panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
+    *,
+    xlabel: str,
+    title: str,
+) -> None:
+    """One panel per metric (its name -> series label -> (x, y)), side by side, one legend; series whose
+    label starts with `local:` dashed (the sites alone, beside the arms that pool them)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=120, squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items(), strict=True):
+        for label, (x, y) in series.items():
+            style = "--" if label.startswith("local:") else "-"
+            ax.plot(x, y, style, marker="o", markersize=2.5, label=label)
+        ax.set(xlabel=xlabel, ylabel=name)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08 + 0.05 * (len(labels) // 5), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def roc_plot(path: Path, y_true: np.ndarray, probs: np.ndarray, *, title: str) -> None:
     """One-vs-rest ROC curve per class (binary tasks: the positive class), with each AUC in the legend."""
     k = probs.shape[1]

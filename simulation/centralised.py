@@ -61,9 +61,11 @@ class PretrainOutputs:
         return self.history.losses
 
 
-def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainOutputs:
-    """Pretrain (SparK or MoCo v2 on the pooled images of `cfg.sites`, or the natural-photo classifier);
-    resumable at epoch boundaries."""
+def run_pretraining(
+    cfg: ExperimentConfig, *, resume: bool = False, sites: list[Site] | None = None
+) -> PretrainOutputs:
+    """Pretrain (SparK or MoCo v2 on the pooled images of `cfg.sites`, or of the given `sites`; or the
+    natural-photo classifier); resumable at epoch boundaries."""
     checkpoint = run_dir(cfg, "pretrain") / "checkpoint.safetensors"
     if checkpoint.exists() and not resume:
         raise CheckpointError(
@@ -71,7 +73,7 @@ def run_pretraining(cfg: ExperimentConfig, *, resume: bool = False) -> PretrainO
         )
     check_init(cfg.pretrain.init.kind, cfg.pretrain.init.weights, cfg.model)
     natural = cfg.pretrain.method == "natural"
-    sites = [] if natural else load_sites(cfg.sites)
+    sites = [] if natural else sites or load_sites(cfg.sites)
     data = {"": natural_images(cfg) if natural else _images(sites, cfg)}
     if cfg.pretrain.method == "moco":
         check_queue(cfg, len(data[""]))

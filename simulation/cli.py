@@ -194,6 +194,36 @@ def seed2_study(
     typer.echo(f"results: {outputs.directory}")
 
 
+@app.command("compare")
+def compare(
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    overrides: SetOpt = None,
+    name: Annotated[str | None, typer.Option(help="Run name: the report goes to runs/NAME/compare/.")] = None,
+) -> None:
+    """Does federated training match pooling the data? Per scenario (compare.scenarios) and seed: the
+    centralised arm (the scenario's sites pooled), each site alone (compare.local) and every federated
+    strategy (compare.strategies; real `flwr run .` simulations), at equal sample-gradient steps, all
+    scored on the same test images. Both phases (compare.pretrain) or fine-tuning only.
+
+    Writes runs/NAME/compare/: report.html and report.md (mean and 95% CI per arm, each arm minus
+    centralised with a paired bootstrap CI and a verdict against compare.margin, each site's own test
+    images, learning curves on an equal-compute axis, label mix, bytes, wall-clock, epsilon, versions),
+    results.csv (arm, scenario, seed, site, metric, value) and differences.csv. Arms live under
+    runs/arms/ named by their settings: a finished arm is reused by any comparison that asks for it, so
+    running the same command again after an interruption continues where it stopped.
+
+    Example: fedretina compare -c simulation/compare.yaml --name compare
+    """
+    from simulation.compare.run import run_compare
+
+    cfg = with_sites(resolve_config(config, profile, overrides), None, name)
+    outputs = run_compare(cfg)
+    shown = outputs.differences[["scenario", "arm", "referable_auc", "kappa", "verdict"]]
+    typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
+    typer.echo(f"report: {outputs.directory / 'report.html'}")
+
+
 @app.command("probe")
 def probe(
     config: ConfigOpt = None,

@@ -137,7 +137,10 @@ class FinetuneOutputs:
     summary: dict
 
 
-def run_finetuning(cfg: ExperimentConfig, *, resume: bool = False) -> FinetuneOutputs:
+def run_finetuning(
+    cfg: ExperimentConfig, *, resume: bool = False, sites: list[Site] | None = None
+) -> FinetuneOutputs:
+    """Every arm of `cfg.finetune` on `cfg.sites` (or the given `sites`: a scenario's parts)."""
     f = cfg.finetune
     if f.select_metric not in metric_keys(f.task):
         raise ConfigError(
@@ -151,7 +154,7 @@ def run_finetuning(cfg: ExperimentConfig, *, resume: bool = False) -> FinetuneOu
     if resume:
         _check_resumable(run_dir(cfg, "finetune"), cfg)
     out = start_run_dir(cfg, "finetune")
-    cohort = cohort_of(cfg)
+    cohort = cohort_of(cfg, sites=sites)
     folds = assign_folds(cohort.dev, cohort.column, f.folds, cfg.seed) if f.protocol == "cv" else None
     study = Study(cfg, cohort, folds, configure_torch(cfg), out)
     done = pd.read_csv(folds_csv) if resume and folds_csv.exists() else pd.DataFrame()
@@ -208,11 +211,14 @@ def run_arm(study: Study, arm: Arm) -> list[dict]:
     return [_score(study, arm, model, name, rows) | base for name, rows in split.scored.items() if len(rows)]
 
 
-def cohort_of(cfg: ExperimentConfig, external: tuple[str, ...] = ()) -> Cohort:
-    """The labelled images of the configured sites, and of the `external` site YAMLs (scored only)."""
+def cohort_of(
+    cfg: ExperimentConfig, external: tuple[str, ...] = (), sites: list[Site] | None = None
+) -> Cohort:
+    """The labelled images of the configured sites (or of `sites`), and of the `external` site YAMLs
+    (scored only)."""
     task = cfg.finetune.task
     column = label_column(task)
-    sites = {s.name: s for s in load_sites(cfg.sites) if column in s.rows}
+    sites = {s.name: s for s in (sites or load_sites(cfg.sites)) if column in s.rows}
     if not sites:
         raise ConfigError(
             f"finetune.task: no configured site holds labels for task {task!r} (column {column})"
@@ -418,9 +424,11 @@ def cohort_images(study: Study, rows: pd.DataFrame, recipe: Recipe) -> Dataset:
 
 
 def _site_unique(rows: pd.DataFrame, site: str) -> pd.DataFrame:
-    """`rows` with patient ids prefixed by their site, so pooled sites never share a patient."""
+    """`rows` with patient ids prefixed by their site, so pooled sites never share a patient, and the site
+    named (a scenario's part, not the dataset it was split from)."""
     rows = rows.copy()
     rows["patient_id"] = site + "/" + rows["patient_id"]
+    rows["site"] = site
     return rows
 
 

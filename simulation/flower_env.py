@@ -22,6 +22,7 @@ import os
 import shlex
 import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 from shared.daemon import APP_ROOT, VENV_BIN
@@ -47,6 +48,35 @@ def flower_env(home: Path | None = None, ray_address: str | None = None) -> dict
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     } | ({"RAY_ADDRESS": ray_address} if ray_address else {})
+
+
+def flwr_run_command(nodes: int, run_config: Mapping[str, object], cpus_per_node: int = 1) -> list[str]:
+    """`flwr run . --stream` of this app's simulation with `nodes` sites and the given run config (its
+    `set` entry a string of overrides: `override_string`)."""
+    config = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+    return [
+        str(VENV_BIN / "flwr"),
+        "run",
+        ".",
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node}",
+        "--run-config",
+        config,
+    ]
+
+
+def override_string(overrides: Mapping[str, object]) -> str:
+    """The run config's `set` string from dotted overrides ({"federation.rounds_pretrain": 2})."""
+    return " ".join(f"{k}={shlex.quote(str(v))}" for k, v in overrides.items())
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return '"' + str(value).replace('"', '\\"') + '"'
 
 
 def shell_exports(env: dict[str, str]) -> str:

@@ -4,7 +4,6 @@ ports) per test module, started from the app's directory, stopped afterwards."""
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import signal
 import sqlite3
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from simulation.flower_env import VENV_BIN, flower_env, stop_local_superlink
+from simulation.flower_env import flower_env, flwr_run_command, override_string, stop_local_superlink
 from tests.conftest import ROOT
 
 
@@ -30,17 +29,7 @@ class Flower:
         return {**os.environ, **flower_env(self.home)}
 
     def command(self, nodes: int, run_config: dict[str, object]) -> list[str]:
-        config = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
-        return [
-            str(VENV_BIN / "flwr"),
-            "run",
-            ".",
-            "--stream",
-            "--federation-config",
-            f"num-supernodes={nodes} client-resources-num-cpus=1",
-            "--run-config",
-            config,
-        ]
+        return flwr_run_command(nodes, run_config)
 
     def run(
         self, nodes: int, run_config: dict[str, object], timeout: float = 600
@@ -90,17 +79,9 @@ class Flower:
         stop_local_superlink(flower_env(self.home))
 
 
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return '"' + str(value).replace('"', '\\"') + '"'
-
-
 def sets(**overrides: object) -> str:
     """The run config's `set` string from keyword overrides (dots as double underscores)."""
-    return " ".join(f"{k.replace('__', '.')}={shlex.quote(str(v))}" for k, v in overrides.items())
+    return override_string({k.replace("__", "."): v for k, v in overrides.items()})
 
 
 def store_rows(run_dir: Path, sql: str) -> list[tuple]:

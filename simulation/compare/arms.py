@@ -1,0 +1,372 @@
+"""The compared arms, each trained once: centralised (the scenario's sites pooled), local (one site alone) and
+federated (a real `flwr run .` simulation of the scenario with one strategy's settings).
+
+Equal compute: a federated round is one local epoch at every site, so R rounds make R passes over the pooled
+training images; the centralised arm trains R epochs over them, and each local arm R epochs over its own
+(together the same sample-gradient steps as one pooled run). Pretraining, when compared, follows the same
+rule.
+
+An arm's identity is a digest of everything that shapes it (its kind, the resolved settings, the scenario
+and its sites' YAMLs, the part a local arm holds), and its folder is `<runs_dir>/arms/<kind>-<digest>/`.
+`arm.json` (what the report needs: predictions aside) and `test.npz` (every scenario test image's labels,
+probabilities and logits, with its site) are written last, atomically: an arm whose `arm.json` exists is
+finished and is reused by any comparison asking for the same settings; an interrupted one is continued
+(centralised and local) or started again (federated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from server.sites import FederationError
+from shared.config import ExperimentConfig, InitConfig, dump_config, override
+from shared.data.labels import label_column
+from shared.data.manifest import labelled, task_classes
+from shared.data.scenario import Scenario, load_scenario, scenario_path, scenario_sites
+from shared.data.site import Site
+from shared.errors import ConfigError
+from shared.logs import progress_bar
+from shared.rundir import atomic_write_bytes, atomic_write_text
+from shared.training.data import site_images
+from shared.training.finetune import build_task_model, finetune_split, predict_logits, softmax
+from shared.weights import load_weights
+from simulation.centralised import run_pretraining
+from simulation.finetune_run import run_finetuning
+from simulation.flower_env import PROJECT_ROOT, flower_env, flwr_run_command, stop_local_superlink
+
+log = logging.getLogger(__name__)
+CENTRALISED, LOCAL, FEDERATED = "centralised", "local", "federated"
+ARM_JSON, TEST_NPZ = "arm.json", "test.npz"
+START = "start"  # the fine-tuning init's name in centralised and local runs
+CURVE_KEYS = ("referable_auc", "kappa", "auc")  # validation metrics per round / epoch
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained model of a comparison: `kind`, its `label` in tables (centralised, local:<site>, or the
+    strategy's name), the scenario it belongs to and the seed, with its resolved settings."""
+
+    kind: str
+    label: str
+    scenario: str
+    seed: int
+    cfg: ExperimentConfig
+    part: int = -1  # local: which of the scenario's sites
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.runs_dir) / self.cfg.name
+
+
+def plan_arms(cfg: ExperimentConfig) -> list[Arm]:
+    """Every arm of `cfg.compare`, scenario by scenario, seed by seed: centralised first, then the local
+    arms, then the strategies."""
+    c = cfg.compare
+    if cfg.finetune.task != "dr":
+        raise ConfigError(f"finetune.task: compare grades DR; set it to dr (got {cfg.finetune.task!r})")
+    if cfg.federation.local_steps:
+        raise ConfigError(
+            "federation.local_steps: compare matches compute by epochs; set it to 0 (one epoch per round)"
+        )
+    if c.encoder and c.pretrain:
+        raise ConfigError("compare.encoder: a given encoder replaces pretraining; set compare.pretrain=false")
+    arms = []
+    for key, names in c.scenarios.items():
+        scenario = load_scenario(key)
+        for seed in c.seeds:
+            base = _phases(cfg.model_copy(update={"seed": seed}))
+            arms.append(_arm(CENTRALISED, CENTRALISED, key, scenario, base))
+            if c.local:
+                labelled_parts = _labelled_parts(scenario, seed, cfg.finetune.task)
+                arms += [
+                    _arm(LOCAL, f"local:{name}", key, scenario, base, part) for part, name in labelled_parts
+                ]
+            for name in names or tuple(c.strategies):
+                fed = override(base, c.strategies[name], f"compare.strategies.{name}")
+                arms.append(_arm(FEDERATED, name, key, scenario, fed))
+    return arms
+
+
+def run_arm(arm: Arm) -> dict:
+    """The arm's record (arm.json), training it unless a finished one exists."""
+    done = arm.folder / ARM_JSON
+    if done.exists():
+        log.info("%s / seed %d / %s: reusing %s", arm.scenario, arm.seed, arm.label, arm.folder)
+        return json.loads(done.read_text())
+    arm.folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(arm.folder / "settings.yaml", dump_config(arm.cfg))
+    started = time.monotonic()
+    sites = scenario_sites(load_scenario(arm.scenario), arm.seed)
+    if arm.kind == FEDERATED:
+        model, record = _federated(arm, len(sites))
+    else:
+        model, record = _centralised(arm, sites if arm.kind == CENTRALISED else [sites[arm.part]])
+    record |= {
+        "kind": arm.kind,
+        "label": arm.label,
+        "scenario": arm.scenario,
+        "seed": arm.seed,
+        "wall_s": time.monotonic() - started,
+        "train_images": _train_images(arm.cfg, sites if arm.kind != LOCAL else [sites[arm.part]]),
+    }
+    _save_predictions(arm.folder / TEST_NPZ, _score(arm.cfg, sites, model))
+    atomic_write_text(done, json.dumps(record, indent=2))
+    return record
+
+
+def load_predictions(arm: Arm) -> dict[str, np.ndarray]:
+    """The arm's test.npz: image_id, site, y, probs and logits, in image-id order (the same for every arm
+    of a scenario, so arms pair image by image)."""
+    with np.load(arm.folder / TEST_NPZ, allow_pickle=False) as saved:
+        return {k: saved[k] for k in saved.files}
+
+
+# ------------------------------------------------------------------------------------------ settings
+def _phases(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The settings every arm of a seed shares: phases sized by the federation's rounds, and the start."""
+    c, f = cfg.compare, cfg.federation
+    pretrain_rounds = f.rounds_pretrain if c.pretrain else 0
+    return cfg.model_copy(
+        update={
+            "pretrain": cfg.pretrain.model_copy(update={"epochs": max(1, pretrain_rounds * f.local_epochs)}),
+            "finetune": cfg.finetune.model_copy(
+                update={
+                    "protocol": "holdout",
+                    "label_fractions": (1.0,),
+                    "epochs": f.rounds_finetune * f.local_epochs,
+                    "steps": 0,
+                }
+            ),
+            "federation": f.model_copy(
+                update={"rounds_pretrain": pretrain_rounds, "start_encoder": c.encoder}
+            ),
+        }
+    )
+
+
+def _arm(kind: str, label: str, key: str, scenario: Scenario, cfg: ExperimentConfig, part: int = -1) -> Arm:
+    settings = cfg.model_dump(mode="json", exclude={"name", "runs_dir", "compare", "study"})
+    identity = {
+        "kind": kind,
+        "part": part,
+        "settings": settings,
+        "scenario": scenario.model_dump(mode="json", exclude={"name", "description"}),
+        "site_yamls": [Path(p).read_text() for p in (*scenario.sites, *_sources(scenario))],
+    }
+    digest = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=6).hexdigest()
+    resolved = cfg.model_copy(
+        update={"name": f"{kind}-{digest}", "runs_dir": str((Path(cfg.runs_dir) / "arms").resolve())}
+    )
+    return Arm(kind, label, key, cfg.seed, resolved, part)
+
+
+def _sources(scenario: Scenario) -> list[str]:
+    return [scenario.split.source] if scenario.split else []
+
+
+def _labelled_parts(scenario: Scenario, seed: int, task: str) -> list[tuple[int, str]]:
+    """(part, site name) of the scenario's sites that hold the task's labels."""
+    sites = scenario_sites(scenario, seed)
+    column = label_column(task)
+    return [(i, s.name) for i, s in enumerate(sites) if column in s.rows and len(labelled(s.rows, task))]
+
+
+def _train_images(cfg: ExperimentConfig, sites: list[Site]) -> dict[str, int]:
+    """Each site's labelled training images (its development split less its validation split)."""
+    task = cfg.finetune.task
+    return {s.name: len(finetune_split(s.rows, task, cfg)[0]) for s in sites if label_column(task) in s.rows}
+
+
+# ------------------------------------------------------------------------------------------ training
+def _centralised(arm: Arm, sites: list[Site]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Pretraining (when compared) and fine-tuning on the pooled `sites`, through `fedretina pretrain` and
+    `fedretina finetune`'s own functions (resumed where an interrupted arm left them)."""
+    cfg = arm.cfg
+    init = (
+        InitConfig(kind="spark", weights=cfg.federation.start_encoder)
+        if cfg.federation.start_encoder
+        else None
+    )
+    if cfg.federation.rounds_pretrain:
+        encoder = run_pretraining(cfg, resume=True, sites=sites)
+        init = InitConfig(kind="spark", weights=str(encoder.encoder))
+    if init is not None:
+        init = init.model_copy(update={"kind": _export_kind(init.weights)})
+    finetune = cfg.finetune.model_copy(update={"inits": {START: init or InitConfig()}})
+    out = run_finetuning(cfg.model_copy(update={"finetune": finetune}), resume=True, sites=sites).directory
+    history = pd.read_csv(out / "history" / f"{START}_100pct_fold0.csv")
+    model, _ = load_weights(out / "checkpoints" / f"{START}_100pct_fold0.safetensors")
+    pooled = sum(_train_images(cfg, scenario_sites(load_scenario(arm.scenario), arm.seed)).values())
+    mine = sum(_train_images(cfg, sites).values())
+    curve = [
+        {"epochs": (i + 1) * mine / pooled, **{k: _num(row.get(k)) for k in CURVE_KEYS}}
+        for i, row in enumerate(history.to_dict("records"))
+    ]
+    return model, {"curve": curve, "bytes_per_round": [], "epsilon": {}}
+
+
+def _export_kind(weights: str) -> str:
+    """spark or moco, from an encoder export's own metadata."""
+    _, meta = load_weights(Path(weights))
+    return str(meta.get("kind", "spark")).removesuffix("-encoder")
+
+
+def _federated(arm: Arm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The scenario simulated with real `flwr run .` under the arm's settings; a progress bar follows the
+    rounds in the run store."""
+    experiment = arm.folder / "experiment.yaml"
+    atomic_write_text(experiment, dump_config(arm.cfg))
+    federation = arm.folder / "federation"
+    resume = (federation / "checkpoints").is_dir() and any((federation / "checkpoints").iterdir())
+    run_config = {
+        "config": str(experiment.resolve()),
+        "profile": arm.cfg.profile,
+        "scenario": str(scenario_path(arm.scenario).resolve()),
+        "run-name": arm.cfg.name,
+        "seed": arm.seed,
+        "resume": resume,
+        "set": "",
+    }
+    home = Path(arm.cfg.runs_dir).resolve() / ".flwr-home"
+    env = {**os.environ, **flower_env(home)}
+    total = arm.cfg.federation.rounds_pretrain + arm.cfg.federation.rounds_finetune
+    log_path = arm.folder / "flwr-run.log"
+    store = federation / "store.sqlite"
+    with (
+        log_path.open("a") as out,
+        progress_bar(f"{arm.scenario} seed {arm.seed} {arm.label}", total, "round") as bar,
+    ):
+        process = subprocess.Popen(
+            flwr_run_command(nodes, run_config),
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            while process.poll() is None:
+                time.sleep(2)
+                bar.update(_rounds_done(store) - bar.n)
+        finally:
+            if process.poll() is None:
+                process.terminate()
+            process.wait()
+            stop_local_superlink(flower_env(home))
+    status = _status(store)
+    if process.returncode != 0 or status != "completed":
+        raise FederationError(
+            f"{arm.label} ({arm.scenario}, seed {arm.seed}): the federated run ended {status!r} "
+            f"(flwr run exit {process.returncode}); its log: {log_path}"
+        )
+    model, _ = load_weights(federation / "model.safetensors")
+    return model, _store_record(store)
+
+
+def _rounds_done(store: Path) -> int:
+    rows = _query(store, "SELECT count(*) FROM rounds WHERE finished IS NOT NULL")
+    return int(rows[0][0]) if rows else 0
+
+
+def _status(store: Path) -> str:
+    rows = _query(store, "SELECT status FROM runs")
+    return str(rows[0][0]) if rows else "missing"
+
+
+def _query(store: Path, sql: str) -> list[tuple]:
+    if not store.is_file():
+        return []
+    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    except sqlite3.OperationalError:  # the run has not created its tables yet
+        return []
+    finally:
+        db.close()
+
+
+def _store_record(store: Path) -> dict:
+    """The curve (validation metrics after every fine-tuning round, image-weighted over the sites), upload
+    bytes per round and each site's epsilon, from the run store."""
+    keys = {f"dr-{k}": k for k in CURVE_KEYS}
+    curve: dict[int, dict] = {}
+    rows = _query(
+        store, "SELECT round, key, value FROM metrics WHERE phase = 'finetune' AND source = 'federated-eval'"
+    )
+    for rnd, key, value in rows:
+        if key in keys:
+            curve.setdefault(int(rnd), {"epochs": float(rnd)})[keys[key]] = _num(value)
+    uploads = _query(
+        store,
+        "SELECT phase, round, sum(bytes) FROM replies WHERE kind = 'train' GROUP BY phase, round "
+        "ORDER BY phase DESC, round",
+    )
+    epsilon: dict[str, float] = {}
+    for site, metrics in _query(store, "SELECT site, metrics FROM replies WHERE kind = 'train'"):
+        value = json.loads(metrics or "{}").get("epsilon")
+        if value is not None:
+            epsilon[site] = max(epsilon.get(site, 0.0), float(value))
+    return {
+        "curve": [curve[r] for r in sorted(curve)],
+        "bytes_per_round": [{"phase": p, "round": int(r), "bytes": int(b or 0)} for p, r, b in uploads],
+        "epsilon": epsilon,
+    }
+
+
+def _num(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(number) else number
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def _score(cfg: ExperimentConfig, sites: list[Site], state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The model's predictions on every scenario site's own test images, in image-id order."""
+    task = cfg.finetune.task
+    classes = task_classes(pd.concat([labelled(s.rows, task) for s in sites]))[task]
+    model = build_task_model(cfg, {task: classes})
+    model.load_state_dict(state)
+    parts = []
+    for site in sites:
+        rows = labelled(site.rows, task)
+        rows = rows[rows["split"] == "test"].sort_values("image_id")
+        if not len(rows):
+            continue
+        data = site_images(site, cfg, cfg.finetune_image_size, "none", rows=rows, task=task)
+        y, logits = predict_logits(model, data, task, torch.device("cpu"))
+        parts.append(
+            pd.DataFrame(
+                {"image_id": rows["image_id"].astype(str).to_numpy(), "site": site.name, "y": y}
+            ).assign(logits=list(logits))
+        )
+    if not parts:
+        raise ConfigError(f"the scenario's sites hold no {task} test images to score the arms on")
+    table = pd.concat(parts, ignore_index=True).sort_values("image_id", kind="stable")
+    logits = np.stack(table["logits"].to_numpy())
+    return {
+        "image_id": table["image_id"].to_numpy(dtype=str),
+        "site": table["site"].to_numpy(dtype=str),
+        "y": table["y"].to_numpy(dtype=np.int64),
+        "probs": softmax(logits),
+        "logits": logits,
+    }
+
+
+def _save_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
