@@ -213,7 +213,7 @@ def compare(
     runs/arms/ named by their settings: a finished arm is reused by any comparison that asks for it, so
     running the same command again after an interruption continues where it stopped.
 
-    Example: fedretina compare -c simulation/compare.yaml --name compare
+    Example: fedretina compare -c simulation/studies/compare.yaml --name compare
     """
     from simulation.compare.run import run_compare
 

@@ -78,11 +78,16 @@ def run_view(detail: dict) -> dict[str, Any]:
     ]
     for task in tasks(detail):
         keys = {m: f"federated-eval:{task}-{m}" for m in ("auc", "kappa", "accuracy")}
+        central = {
+            f"centralised {m}": detail["centralised"][m]
+            for m in ("auc", "kappa")
+            if m in detail["centralised"]
+        }
         charts.append(
             chart(
                 f"eval-{task}",
                 f"Phase 2: {task} on the sites' validation images",
-                global_series(detail, "finetune", keys),
+                global_series(detail, "finetune", keys) | central,
             )
         )
         loss = global_series(

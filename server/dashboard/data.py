@@ -14,6 +14,9 @@ from typing import Any
 
 from shared.wire import EPSILON, SECONDS, TRAIN_LOSS
 
+# Beside a run's store when `fedretina compare` ran it: the centralised arm's validation curve of the same
+# data and seed ([{"epochs": passes over the pooled images, "auc": ..., "kappa": ...}, ...]), overlaid.
+CENTRALISED_CURVE = "centralised-curve.json"
 # A participation cell's fate, from its reply (or its absence).
 FATES = ("accepted", "rejected", "failed", "timed out", "refused", "sampled")
 
@@ -118,7 +121,25 @@ def run_detail(store: Store) -> dict[str, Any]:
         "metrics": {p: dict(v) for p, v in metrics.items()},
         "events": store.query("SELECT time, level, kind, message FROM events ORDER BY time"),
         "probes": probes(store),
+        "centralised": _centralised_curve(store, config),
     }
+
+
+def _centralised_curve(store: Store, config: dict) -> dict[str, dict[int, float | None]]:
+    """{metric: {round: value}}: the centralised curve `fedretina compare` left beside the store, its epochs
+    put on the run's rounds (a round is `local_epochs` passes); empty when there is none."""
+    path = store.path.parent / CENTRALISED_CURVE
+    if not path.is_file():
+        return {}
+    per_round = config.get("federation", {}).get("local_epochs", 1)
+    out: dict[str, dict[int, float | None]] = {}
+    for point in json.loads(path.read_text()):
+        rnd = point["epochs"] / per_round
+        if rnd == int(rnd):
+            for key, value in point.items():
+                if key != "epochs":
+                    out.setdefault(key, {})[int(rnd)] = _num(value)
+    return out
 
 
 def probes(store: Store) -> list[str]:

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -43,6 +44,7 @@ from shared.rundir import atomic_write_bytes, atomic_write_text
 from shared.training.data import site_images
 from shared.training.finetune import build_task_model, finetune_split, predict_logits, softmax
 from shared.weights import load_weights
+from shared.wire import EPSILON
 from simulation.centralised import run_pretraining
 from simulation.finetune_run import run_finetuning
 from simulation.flower_env import PROJECT_ROOT, flower_env, flwr_run_command, stop_local_superlink
@@ -151,7 +153,11 @@ def _phases(cfg: ExperimentConfig) -> ExperimentConfig:
                 }
             ),
             "federation": f.model_copy(
-                update={"rounds_pretrain": pretrain_rounds, "start_encoder": c.encoder}
+                update={
+                    "rounds_pretrain": pretrain_rounds,
+                    "start_encoder": c.encoder,
+                    "tasks": (cfg.finetune.task,),  # one head, the one every arm is scored on
+                }
             ),
         }
     )
@@ -195,27 +201,31 @@ def _centralised(arm: Arm, sites: list[Site]) -> tuple[dict[str, torch.Tensor], 
     """Pretraining (when compared) and fine-tuning on the pooled `sites`, through `fedretina pretrain` and
     `fedretina finetune`'s own functions (resumed where an interrupted arm left them)."""
     cfg = arm.cfg
-    init = (
-        InitConfig(kind="spark", weights=cfg.federation.start_encoder)
-        if cfg.federation.start_encoder
-        else None
-    )
-    if cfg.federation.rounds_pretrain:
-        encoder = run_pretraining(cfg, resume=True, sites=sites)
-        init = InitConfig(kind="spark", weights=str(encoder.encoder))
-    if init is not None:
-        init = init.model_copy(update={"kind": _export_kind(init.weights)})
-    finetune = cfg.finetune.model_copy(update={"inits": {START: init or InitConfig()}})
+    finetune = cfg.finetune.model_copy(update={"inits": {START: _start(cfg, sites)}})
     out = run_finetuning(cfg.model_copy(update={"finetune": finetune}), resume=True, sites=sites).directory
     history = pd.read_csv(out / "history" / f"{START}_100pct_fold0.csv")
     model, _ = load_weights(out / "checkpoints" / f"{START}_100pct_fold0.safetensors")
     pooled = sum(_train_images(cfg, scenario_sites(load_scenario(arm.scenario), arm.seed)).values())
-    mine = sum(_train_images(cfg, sites).values())
+    share = sum(_train_images(cfg, sites).values()) / pooled  # of a pass over the pooled images
     curve = [
-        {"epochs": (i + 1) * mine / pooled, **{k: _num(row.get(k)) for k in CURVE_KEYS}}
+        {"epochs": (i + 1) * share, **{k: _num(row.get(k)) for k in CURVE_KEYS}}
         for i, row in enumerate(history.to_dict("records"))
     ]
-    return model, {"curve": curve, "bytes_per_round": [], "epsilon": {}}
+    folds = pd.read_csv(out / "folds.csv")
+    spent = folds["epsilon"].max() if "epsilon" in folds else None
+    epsilon = {"+".join(s.name for s in sites): float(spent)} if spent is not None else {}
+    return model, {"curve": curve, "bytes_per_round": [], "epsilon": epsilon}
+
+
+def _start(cfg: ExperimentConfig, sites: list[Site]) -> InitConfig:
+    """Fine-tuning's encoder: SparK pretrained on `sites` (when compared), the given encoder, or random."""
+    if cfg.federation.rounds_pretrain:
+        weights = str(run_pretraining(cfg, resume=True, sites=sites).encoder)
+    elif cfg.federation.start_encoder:
+        weights = cfg.federation.start_encoder
+    else:
+        return InitConfig()
+    return InitConfig(kind=_export_kind(weights), weights=weights)
 
 
 def _export_kind(weights: str) -> str:
@@ -229,8 +239,12 @@ def _federated(arm: Arm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
     rounds in the run store."""
     experiment = arm.folder / "experiment.yaml"
     atomic_write_text(experiment, dump_config(arm.cfg))
+    home = Path(arm.cfg.runs_dir) / ".flwr-home"
+    stop_local_superlink(flower_env(home))  # an interrupted comparison's simulation may still be running
     federation = arm.folder / "federation"
-    resume = (federation / "checkpoints").is_dir() and any((federation / "checkpoints").iterdir())
+    resume = any((federation / "checkpoints").glob("*.safetensors"))
+    if not resume:  # interrupted before its first checkpoint: nothing to keep
+        shutil.rmtree(federation, ignore_errors=True)
     run_config = {
         "config": str(experiment.resolve()),
         "profile": arm.cfg.profile,
@@ -240,7 +254,6 @@ def _federated(arm: Arm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
         "resume": resume,
         "set": "",
     }
-    home = Path(arm.cfg.runs_dir).resolve() / ".flwr-home"
     env = {**os.environ, **flower_env(home)}
     total = arm.cfg.federation.rounds_pretrain + arm.cfg.federation.rounds_finetune
     log_path = arm.folder / "flwr-run.log"
@@ -315,7 +328,7 @@ def _store_record(store: Path) -> dict:
     )
     epsilon: dict[str, float] = {}
     for site, metrics in _query(store, "SELECT site, metrics FROM replies WHERE kind = 'train'"):
-        value = json.loads(metrics or "{}").get("epsilon")
+        value = json.loads(metrics or "{}").get(EPSILON)
         if value is not None:
             epsilon[site] = max(epsilon.get(site, 0.0), float(value))
     return {

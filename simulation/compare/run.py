@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from server.dashboard.data import CENTRALISED_CURVE
 from shared.config import ExperimentConfig
 from shared.data.labels import label_column
 from shared.data.scenario import load_scenario, scenario_sites
@@ -21,7 +22,6 @@ from simulation.compare.report import write_report
 
 log = logging.getLogger(__name__)
 PART = "compare"
-CENTRAL_CURVE = "centralised-curve.json"  # beside a federated arm's run: the dashboard overlays it
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _central_curves(arms: list[Arm], records: list[dict]) -> None:
     for arm in arms:
         if arm.kind == FEDERATED:
             curve = central[(arm.scenario, arm.seed)]
-            atomic_write_text(arm.folder / "federation" / CENTRAL_CURVE, json.dumps(curve))
+            atomic_write_text(arm.folder / "federation" / CENTRALISED_CURVE, json.dumps(curve))
 
 
 def _label_mix(cfg: ExperimentConfig, scenario: str) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from shared.aggregation import (
     buffer_keys,
     check_update,
     fedadam,
+    fedavgm,
     merge_metrics,
     sketched_cosine,
     update_norm,
@@ -199,6 +200,20 @@ def test_fedadam_moves_parameters_along_the_pseudo_gradient_and_leaves_buffers_a
     # first step: m = 0.1 * delta, v = 0.01 * delta^2 -> lr * 0.1 * 0.1 / (0.1 * 0.1 + tau) along +delta
     assert np.allclose(step, 0.01 * 0.01 / (0.01 + 1e-3), atol=1e-6)
     assert state.step == 1 and int(out["bn.num_batches_tracked"]) == 0
+
+
+def test_fedavgm_without_momentum_at_lr_1_is_fedavg_bitwise_and_carries_its_momentum() -> None:
+    ref = {**REF, "bn.running_var": np.full(3, 0.001, np.float32)}
+    first = {k: (v + 0.1 if v.dtype == np.float32 else v) for k, v in ref.items()}
+    plain, _ = fedavgm(ref, first, None, lr=1.0, momentum=0.0, buffers=buffer_keys(ref))
+    assert all(np.array_equal(plain[k], first[k]) for k in ref)
+    out, state = fedavgm(ref, first, None, lr=2.0, momentum=0.5, buffers=buffer_keys(ref))
+    assert np.array_equal(out["bn.running_var"], first["bn.running_var"])  # buffers take the average
+    assert np.allclose(out["enc.w"], REF["enc.w"] + 2.0 * 0.1, atol=1e-6)
+    second = {k: (v + 0.2 if v.dtype == np.float32 else v) for k, v in out.items()}
+    again, state = fedavgm(out, second, state, lr=2.0, momentum=0.5, buffers=buffer_keys(ref))
+    # m = 0.5 * 0.1 + 0.2 = 0.25, so the second step moves 2 * 0.25
+    assert np.allclose(again["enc.w"] - out["enc.w"], 0.5, atol=1e-6) and state.step == 2
 
 
 def test_merged_metrics_sum_counts_summarise_times_and_weight_the_rest() -> None:

@@ -1,0 +1,73 @@
+"""`fedretina compare`'s settings and statistics that need no training: what it refuses, the verdict
+against the margin, the interval over seeds and the paired interval of identical predictions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shared.config import load_config
+from shared.errors import ConfigError
+from shared.metrics import paired_difference_ci
+from simulation.compare.arms import plan_arms
+from simulation.compare.report import INCONCLUSIVE, INFERIOR, NON_INFERIOR, mean_ci, verdict
+from simulation.paired import Predictions, study_metrics
+
+
+def test_a_scenario_naming_an_undefined_strategy_is_refused_in_one_line() -> None:
+    with pytest.raises(
+        ConfigError, match=r"compare.*scenarios.iid-4: strategies \['fedprox'\] are not defined"
+    ):
+        load_config(profile="tiny", overrides={"compare.scenarios": {"iid-4": ["fedprox"]}})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"finetune.task": "mmac"}, "finetune.task: compare grades DR"),
+        ({"federation.local_steps": 5}, "federation.local_steps: compare matches compute by epochs"),
+        ({"compare.pretrain": True, "compare.encoder": "x.safetensors"}, "compare.encoder: a given encoder"),
+    ],
+)
+def test_settings_compare_cannot_honour_are_refused_before_training(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_arms(load_config(profile="tiny", overrides=overrides))
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [
+        (-0.015, 0.01, NON_INFERIOR),  # the whole interval above -margin
+        (-0.03, 0.01, INCONCLUSIVE),  # it straddles -margin
+        (-0.08, -0.03, INFERIOR),  # wholly below
+        (math.nan, math.nan, INCONCLUSIVE),
+    ],
+)
+def test_the_verdict_reads_the_interval_against_the_margin(low: float, high: float, expected: str) -> None:
+    assert verdict(low, high, 0.02) == expected
+
+
+def test_the_interval_over_seeds_is_students_t_and_absent_for_one_seed() -> None:
+    mean, low, high = mean_ci(pd.Series([0.80, 0.82, 0.84]))
+    assert mean == pytest.approx(0.82) and mean - low == pytest.approx(high - mean)
+    assert high - mean == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-5)  # t(0.975, 2)
+    one = mean_ci(pd.Series([0.9]))
+    assert one[0] == 0.9 and math.isnan(one[1]) and math.isnan(one[2])
+
+
+def test_identical_predictions_pair_to_zero_with_an_interval_of_zero_width() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 200)
+    logits = rng.normal(size=(200, 5)) + np.eye(5)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    runs = [Predictions(y, probs, logits)] * 2
+    metrics = study_metrics(load_config(profile="tiny"))
+    for name, metric in metrics.items():
+        point, low, high = paired_difference_ci(y, runs, runs, metric, rounds=200, seed=1)
+        assert point == low == high == 0.0, name
+    other = [Predictions(y, np.roll(probs, 1, axis=0), logits)] * 2
+    point, low, high = paired_difference_ci(y, runs, other, metrics["referable_auc"], rounds=200, seed=1)
+    assert low <= point <= high and low < high < 0  # predictions shuffled off their images: worse, surely
