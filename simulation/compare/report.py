@@ -32,6 +32,7 @@ from simulation.paired import Metric, Predictions, study_metrics
 
 METRICS = ("referable_auc", "kappa", "auc")
 NAMES = {"referable_auc": "referable-DR AUC", "kappa": "DR kappa (quadratic)", "auc": "DR macro AUC"}
+RANGES = {"referable_auc": (0.0, 1.0), "kappa": (-1.0, 1.0), "auc": (0.0, 1.0)}  # where each metric can lie
 NON_INFERIOR, INCONCLUSIVE, INFERIOR = "non-inferior", "inconclusive", "inferior"
 
 
@@ -69,8 +70,11 @@ def results_table(cfg: ExperimentConfig, arms: list[Arm]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def mean_ci(values: pd.Series) -> tuple[float, float, float]:
-    """(mean, 95% low, 95% high) over seeds, Student's t; one seed has no interval (NaN)."""
+def mean_ci(
+    values: pd.Series, bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> tuple[float, float, float]:
+    """(mean, 95% low, 95% high) over seeds, Student's t, cut to the metric's `bounds`; one seed has no
+    interval (NaN)."""
     x = values.dropna().to_numpy(dtype=float)
     if len(x) == 0:
         return math.nan, math.nan, math.nan
@@ -78,7 +82,7 @@ def mean_ci(values: pd.Series) -> tuple[float, float, float]:
     if len(x) < 2:
         return mean, math.nan, math.nan
     half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return mean, mean - half, mean + half
+    return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])
 
 
 def main_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -88,7 +92,8 @@ def main_table(results: pd.DataFrame) -> pd.DataFrame:
     for (scenario, arm), g in pooled.groupby(["scenario", "arm"], sort=False):
         row = {"scenario": scenario, "arm": arm, "kind": g["kind"].iloc[0], "seeds": g["seed"].nunique()}
         for key in METRICS:
-            row[key], row[f"{key}_low"], row[f"{key}_high"] = mean_ci(g.loc[g["metric"] == key, "value"])
+            values = g.loc[g["metric"] == key, "value"]
+            row[key], row[f"{key}_low"], row[f"{key}_high"] = mean_ci(values, RANGES[key])
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -54,6 +54,7 @@ def test_the_interval_over_seeds_is_students_t_and_absent_for_one_seed() -> None
     mean, low, high = mean_ci(pd.Series([0.80, 0.82, 0.84]))
     assert mean == pytest.approx(0.82) and mean - low == pytest.approx(high - mean)
     assert high - mean == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-5)  # t(0.975, 2)
+    assert mean_ci(pd.Series([0.90, 0.99, 0.999]), (0.0, 1.0))[2] == 1.0  # an AUC's interval stops at 1
     one = mean_ci(pd.Series([0.9]))
     assert one[0] == 0.9 and math.isnan(one[1]) and math.isnan(one[2])
 
