@@ -169,7 +169,7 @@ def _arm(kind: str, label: str, key: str, scenario: Scenario, cfg: ExperimentCon
         "kind": kind,
         "part": part,
         "settings": settings,
-        "scenario": scenario.model_dump(mode="json", exclude={"name", "description"}),
+        "scenario": _absolute(scenario).model_dump(mode="json", exclude={"name", "description"}),
         "site_yamls": [Path(p).read_text() for p in (*scenario.sites, *_sources(scenario))],
     }
     digest = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=6).hexdigest()
@@ -177,6 +177,15 @@ def _arm(kind: str, label: str, key: str, scenario: Scenario, cfg: ExperimentCon
         update={"name": f"{kind}-{digest}", "runs_dir": str((Path(cfg.runs_dir) / "arms").resolve())}
     )
     return Arm(kind, label, key, cfg.seed, resolved, part)
+
+
+def _absolute(scenario: Scenario) -> Scenario:
+    """The scenario with absolute site paths: the same data named from another folder is the same arm."""
+    sites = tuple(str(Path(p).resolve()) for p in scenario.sites)
+    split = scenario.split and scenario.split.model_copy(
+        update={"source": str(Path(scenario.split.source).resolve())}
+    )
+    return scenario.model_copy(update={"sites": sites, "split": split})
 
 
 def _sources(scenario: Scenario) -> list[str]:

@@ -4,10 +4,12 @@ against the margin, the interval over seeds and the paired interval of identical
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from shared.config import load_config
 from shared.errors import ConfigError
@@ -72,3 +74,39 @@ def test_identical_predictions_pair_to_zero_with_an_interval_of_zero_width() -> 
     other = [Predictions(y, np.roll(probs, 1, axis=0), logits)] * 2
     point, low, high = paired_difference_ci(y, runs, other, metrics["referable_auc"], rounds=200, seed=1)
     assert low <= point <= high and low < high < 0  # predictions shuffled off their images: worse, surely
+
+
+def test_an_arms_folder_is_named_by_its_settings_wherever_the_scenario_is_named_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "eyepacs.yaml").write_text("name: eyepacs\nformat: eyepacs\nroot: data\n")
+    scenario = tmp_path / "iid2.yaml"
+    scenario.write_text(
+        yaml.safe_dump({"name": "iid2", "split": {"kind": "iid", "source": "eyepacs.yaml", "parts": 2}})
+    )
+    strategies = {
+        "a": {"federation.strategy": "fedavg"},
+        "same-as-a": {"federation.strategy": "fedavg"},
+        "fedbn": {"federation.strategy": "fedbn"},
+    }
+
+    def folders(scenario_key: str) -> dict[tuple[str, int], Path]:
+        overrides = {
+            "runs_dir": str(tmp_path / "runs"),
+            "compare.local": False,
+            "compare.seeds": [0, 1],
+            "compare.strategies": strategies,
+            "compare.scenarios": {scenario_key: []},
+        }
+        return {
+            (a.label, a.seed): a.folder for a in plan_arms(load_config(profile="tiny", overrides=overrides))
+        }
+
+    absolute = folders(str(scenario))
+    assert absolute[("a", 0)] == absolute[("same-as-a", 0)]  # identical settings: one arm, trained once
+    assert (
+        len({absolute[("a", 0)], absolute[("fedbn", 0)], absolute[("a", 1)], absolute[("centralised", 0)]})
+        == 4
+    )
+    monkeypatch.chdir(tmp_path)
+    assert folders("iid2.yaml") == absolute  # the same data named from another folder
