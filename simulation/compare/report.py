@@ -24,6 +24,7 @@ from scipy import stats
 
 from shared.config import ExperimentConfig
 from shared.data.scenario import load_scenario
+from shared.logs import progress_bar
 from shared.metrics import paired_difference_ci
 from shared.plots import curve_panels
 from shared.seeding import derive_seed
@@ -104,10 +105,13 @@ def differences(cfg: ExperimentConfig, arms: list[Arm]) -> pd.DataFrame:
     c = cfg.compare
     metrics = {k: v for k, v in study_metrics(cfg).items() if k in METRICS}
     rows = []
+    pairs = [(a.scenario, a.label) for a in arms if a.kind != CENTRALISED]
+    bar = progress_bar("paired bootstrap", len(dict.fromkeys(pairs)), "arm")
     for scenario in dict.fromkeys(a.scenario for a in arms):
         mine = [a for a in arms if a.scenario == scenario]
         central = {a.seed: a for a in mine if a.kind == CENTRALISED}
         for label in dict.fromkeys(a.label for a in mine if a.kind != CENTRALISED):
+            bar.update()
             paired = sorted((a.seed, a) for a in mine if a.label == label)
             ref = [_predictions(central[seed]) for seed, _ in paired]
             other = [_predictions(a) for _, a in paired]
@@ -117,6 +121,7 @@ def differences(cfg: ExperimentConfig, arms: list[Arm]) -> pd.DataFrame:
                 row |= {key: point, f"{key}_low": low, f"{key}_high": high}
             row["verdict"] = verdict(row[f"{c.metric}_low"], row[f"{c.metric}_high"], c.margin)
             rows.append(row)
+    bar.close()
     return pd.DataFrame(rows)
 
 
