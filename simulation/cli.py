@@ -3,6 +3,7 @@ beyond `config`; every command parses its options, calls one library function an
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -218,7 +219,13 @@ def compare(
     from simulation.compare.run import run_compare
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
-    outputs = run_compare(cfg)
+    # SIGTERM stops it as Ctrl-C does: the running simulation is stopped with it, finished arms are kept
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        outputs = run_compare(cfg)
+    except KeyboardInterrupt:
+        typer.echo("compare: interrupted; run the same command again to continue", err=True)
+        raise typer.Exit(130) from None
     shown = outputs.differences[["scenario", "arm", "referable_auc", "kappa", "verdict"]]
     typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
     typer.echo(f"report: {outputs.directory / 'report.html'}")
