@@ -42,9 +42,14 @@ from shared.data.scenario import load_scenario
 from shared.models import ENCODER
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
 from shared.training.checkpoint import export_encoder
-from shared.training.initialisation import FINETUNE_SEED, check_init, finetuning_start, pretraining_start
+from shared.training.initialisation import (
+    FINETUNE_SEED,
+    finetuning_start,
+    pretraining_start,
+    read_encoder_export,
+)
 from shared.training.pretrain import build_spark
-from shared.weights import check_meta, check_settings, load_into, load_weights, save_weights, weights_meta
+from shared.weights import check_meta, check_settings, load_into, save_weights, weights_meta
 from shared.wire import FINETUNE, PRETRAIN, RunSpec
 
 log = logging.getLogger(__name__)
@@ -99,8 +104,7 @@ def _given_encoder(cfg: ExperimentConfig) -> Arrays | None:
     path = cfg.federation.start_encoder
     if not path:
         return None
-    tensors, meta = load_weights(Path(path))
-    check_init(str(meta.get("kind", "")).removesuffix("-encoder"), path, cfg.model)
+    tensors, _ = read_encoder_export(Path(path), cfg.model)
     return {ENCODER + k: v.numpy() for k, v in tensors.items()}
 
 

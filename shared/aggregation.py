@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -263,19 +263,15 @@ def fedadam(
     """One server Adam step (Reddi et al. 2021) on the pseudo-gradient (averaged - reference) of the
     parameters. Buffers (BatchNorm running statistics and counters, named in `buffers`) and non-float keys
     take the plain average: an Adam step would move a variance by about `lr` whatever it should be."""
-    plain = set(buffers)
-    if state is None:
-        state = ServerMoments({}, {})
-    out: Arrays = {}
-    for key, ref in reference.items():
-        if key in plain or not np.issubdtype(ref.dtype, np.floating):
-            out[key] = averaged[key]
-            continue
-        delta = averaged[key].astype(np.float64) - ref.astype(np.float64)
+    state = state or ServerMoments({}, {})
+
+    def step(key: str, delta: np.ndarray) -> np.ndarray:
         m = beta1 * state.m.get(key, np.zeros_like(delta)) + (1 - beta1) * delta
         v = beta2 * state.v.get(key, np.zeros_like(delta)) + (1 - beta2) * delta * delta
         state.m[key], state.v[key] = m, v
-        out[key] = (ref.astype(np.float64) + lr * m / (np.sqrt(v) + tau)).astype(ref.dtype)
+        return lr * m / (np.sqrt(v) + tau)
+
+    out = _server_move(reference, averaged, buffers, step)
     state.step += 1
     return out, state
 
@@ -292,19 +288,34 @@ def fedavgm(
     """One server SGD step with momentum (FedAvgM, Hsu et al. 2019) along the round's average change:
     m = momentum * m + (averaged - reference), new = reference + lr * m. With lr 1 and momentum 0 it is
     FedAvg. Buffers and non-float keys take the plain average, as in `fedadam`."""
-    plain = set(buffers)
     state = state or ServerMoments({}, {})
+
+    def step(key: str, delta: np.ndarray) -> np.ndarray:
+        state.m[key] = momentum * state.m.get(key, np.zeros_like(delta)) + delta
+        return lr * state.m[key]
+
+    out = _server_move(reference, averaged, buffers, step)
+    state.step += 1
+    return out, state
+
+
+def _server_move(
+    reference: Mapping[str, np.ndarray],
+    averaged: Mapping[str, np.ndarray],
+    buffers: Iterable[str],
+    step: Callable[[str, np.ndarray], np.ndarray],
+) -> Arrays:
+    """reference + step(key, averaged - reference) in float64 for every float parameter (the server
+    optimiser's move along the pseudo-gradient); buffers and non-float keys take the plain average."""
+    plain = set(buffers)
     out: Arrays = {}
     for key, ref in reference.items():
         if key in plain or not np.issubdtype(ref.dtype, np.floating):
             out[key] = averaged[key]
             continue
         delta = averaged[key].astype(np.float64) - ref.astype(np.float64)
-        m = momentum * state.m.get(key, np.zeros_like(delta)) + delta
-        state.m[key] = m
-        out[key] = (ref.astype(np.float64) + lr * m).astype(ref.dtype)
-    state.step += 1
-    return out, state
+        out[key] = (ref.astype(np.float64) + step(key, delta)).astype(ref.dtype)
+    return out
 
 
 def merge_metrics(

@@ -55,6 +55,19 @@ def initialise(encoder: nn.Module, kind: str, weights: str | None, model_cfg: Mo
     return f"{kind} encoder from {path} ({meta.get('epochs', '?')} epochs)"
 
 
+def read_encoder_export(path: Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """An encoder export of ours, read once, whatever method made it: its tensors and its kind (spark or
+    moco), checked against the model."""
+    tensors, meta = load_weights(path)
+    kind = str(meta.get("kind", "")).removesuffix("-encoder")
+    if kind not in ("spark", "moco"):
+        raise CheckpointError(
+            f"{path}: not a SparK or MoCo encoder export (its kind is {meta.get('kind')!r})"
+        )
+    check_meta(path, meta, model_meta(model_cfg))
+    return tensors, kind
+
+
 def _our_export(path: Path, kind: str, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = load_weights(path)
     expected_kind = f"{kind}-encoder"

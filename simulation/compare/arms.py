@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from server.dashboard.data import Store
 from server.sites import FederationError
 from shared.config import ExperimentConfig, InitConfig, dump_config, override
 from shared.data.labels import label_column
@@ -43,6 +44,7 @@ from shared.logs import progress_bar
 from shared.rundir import atomic_write_bytes, atomic_write_text
 from shared.training.data import site_images
 from shared.training.finetune import build_task_model, finetune_split, predict_logits, softmax
+from shared.training.initialisation import read_encoder_export
 from shared.weights import load_weights
 from shared.wire import EPSILON
 from simulation.centralised import run_pretraining
@@ -112,17 +114,20 @@ def run_arm(arm: Arm) -> dict:
     atomic_write_text(arm.folder / "settings.yaml", dump_config(arm.cfg))
     started = time.monotonic()
     sites = scenario_sites(load_scenario(arm.scenario), arm.seed)
+    mine = [sites[arm.part]] if arm.kind == LOCAL else sites
+    counts = _train_images(arm.cfg, sites)
     if arm.kind == FEDERATED:
         model, record = _federated(arm, len(sites))
     else:
-        model, record = _centralised(arm, sites if arm.kind == CENTRALISED else [sites[arm.part]])
+        share = sum(counts.get(s.name, 0) for s in mine) / sum(counts.values())  # of a pooled pass
+        model, record = _centralised(arm, mine, share)
     record |= {
         "kind": arm.kind,
         "label": arm.label,
         "scenario": arm.scenario,
         "seed": arm.seed,
         "wall_s": time.monotonic() - started,
-        "train_images": _train_images(arm.cfg, sites if arm.kind != LOCAL else [sites[arm.part]]),
+        "train_images": {s.name: counts[s.name] for s in mine if s.name in counts},
     }
     _save_predictions(arm.folder / TEST_NPZ, _score(arm.cfg, sites, model))
     atomic_write_text(done, json.dumps(record, indent=2))
@@ -206,16 +211,15 @@ def _train_images(cfg: ExperimentConfig, sites: list[Site]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------ training
-def _centralised(arm: Arm, sites: list[Site]) -> tuple[dict[str, torch.Tensor], dict]:
+def _centralised(arm: Arm, sites: list[Site], share: float) -> tuple[dict[str, torch.Tensor], dict]:
     """Pretraining (when compared) and fine-tuning on the pooled `sites`, through `fedretina pretrain` and
-    `fedretina finetune`'s own functions (resumed where an interrupted arm left them)."""
+    `fedretina finetune`'s own functions (resumed where an interrupted arm left them). An epoch over these
+    sites is `share` of a pass over the scenario's pooled training images."""
     cfg = arm.cfg
     finetune = cfg.finetune.model_copy(update={"inits": {START: _start(cfg, sites)}})
     out = run_finetuning(cfg.model_copy(update={"finetune": finetune}), resume=True, sites=sites).directory
     history = pd.read_csv(out / "history" / f"{START}_100pct_fold0.csv")
     model, _ = load_weights(out / "checkpoints" / f"{START}_100pct_fold0.safetensors")
-    pooled = sum(_train_images(cfg, scenario_sites(load_scenario(arm.scenario), arm.seed)).values())
-    share = sum(_train_images(cfg, sites).values()) / pooled  # of a pass over the pooled images
     curve = [
         {"epochs": (i + 1) * share, **{k: _num(row.get(k)) for k in CURVE_KEYS}}
         for i, row in enumerate(history.to_dict("records"))
@@ -234,13 +238,8 @@ def _start(cfg: ExperimentConfig, sites: list[Site]) -> InitConfig:
         weights = cfg.federation.start_encoder
     else:
         return InitConfig()
-    return InitConfig(kind=_export_kind(weights), weights=weights)
-
-
-def _export_kind(weights: str) -> str:
-    """spark or moco, from an encoder export's own metadata."""
-    _, meta = load_weights(Path(weights))
-    return str(meta.get("kind", "spark")).removesuffix("-encoder")
+    _, kind = read_encoder_export(Path(weights), cfg.model)
+    return InitConfig(kind=kind, weights=weights)
 
 
 def _federated(arm: Arm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -298,25 +297,23 @@ def _federated(arm: Arm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _rounds_done(store: Path) -> int:
-    rows = _query(store, "SELECT count(*) FROM rounds WHERE finished IS NOT NULL")
-    return int(rows[0][0]) if rows else 0
+    rows = _query(store, "SELECT count(*) AS n FROM rounds WHERE finished IS NOT NULL")
+    return int(rows[0]["n"]) if rows else 0
 
 
 def _status(store: Path) -> str:
     rows = _query(store, "SELECT status FROM runs")
-    return str(rows[0][0]) if rows else "missing"
+    return str(rows[0]["status"]) if rows else "missing"
 
 
-def _query(store: Path, sql: str) -> list[tuple]:
+def _query(store: Path, sql: str) -> list[dict]:
+    """Rows of the run store, read-only as the dashboard reads it; none before the run has written it."""
     if not store.is_file():
         return []
-    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     try:
-        return db.execute(sql).fetchall()
+        return Store(store, "").query(sql)
     except sqlite3.OperationalError:  # the run has not created its tables yet
         return []
-    finally:
-        db.close()
 
 
 def _store_record(store: Path) -> dict:
@@ -327,24 +324,21 @@ def _store_record(store: Path) -> dict:
     rows = _query(
         store, "SELECT round, key, value FROM metrics WHERE phase = 'finetune' AND source = 'federated-eval'"
     )
-    for rnd, key, value in rows:
-        if key in keys:
-            curve.setdefault(int(rnd), {"epochs": float(rnd)})[keys[key]] = _num(value)
+    for row in rows:
+        if row["key"] in keys:
+            rnd = int(row["round"])
+            curve.setdefault(rnd, {"epochs": float(rnd)})[keys[row["key"]]] = _num(row["value"])
     uploads = _query(
         store,
-        "SELECT phase, round, sum(bytes) FROM replies WHERE kind = 'train' GROUP BY phase, round "
-        "ORDER BY phase DESC, round",
+        "SELECT phase, round, coalesce(sum(bytes), 0) AS bytes FROM replies WHERE kind = 'train' "
+        "GROUP BY phase, round ORDER BY phase DESC, round",
     )
     epsilon: dict[str, float] = {}
-    for site, metrics in _query(store, "SELECT site, metrics FROM replies WHERE kind = 'train'"):
-        value = json.loads(metrics or "{}").get(EPSILON)
+    for row in _query(store, "SELECT site, metrics FROM replies WHERE kind = 'train'"):
+        value = json.loads(row["metrics"] or "{}").get(EPSILON)
         if value is not None:
-            epsilon[site] = max(epsilon.get(site, 0.0), float(value))
-    return {
-        "curve": [curve[r] for r in sorted(curve)],
-        "bytes_per_round": [{"phase": p, "round": int(r), "bytes": int(b or 0)} for p, r, b in uploads],
-        "epsilon": epsilon,
-    }
+            epsilon[row["site"]] = max(epsilon.get(row["site"], 0.0), float(value))
+    return {"curve": [curve[r] for r in sorted(curve)], "bytes_per_round": uploads, "epsilon": epsilon}
 
 
 def _num(value: object) -> float | None:
@@ -365,27 +359,18 @@ def _score(cfg: ExperimentConfig, sites: list[Site], state: dict[str, torch.Tens
     parts = []
     for site in sites:
         rows = labelled(site.rows, task)
-        rows = rows[rows["split"] == "test"].sort_values("image_id")
-        if not len(rows):
-            continue
-        data = site_images(site, cfg, cfg.finetune_image_size, "none", rows=rows, task=task)
-        y, logits = predict_logits(model, data, task, torch.device("cpu"))
-        parts.append(
-            pd.DataFrame(
-                {"image_id": rows["image_id"].astype(str).to_numpy(), "site": site.name, "y": y}
-            ).assign(logits=list(logits))
-        )
+        rows = rows[rows["split"] == "test"]
+        if len(rows):
+            data = site_images(site, cfg, cfg.finetune_image_size, "none", rows=rows, task=task)
+            y, logits = predict_logits(model, data, task, torch.device("cpu"))
+            ids = rows["image_id"].to_numpy(dtype=str)
+            parts.append({"image_id": ids, "site": np.full(len(ids), site.name), "y": y, "logits": logits})
     if not parts:
         raise ConfigError(f"the scenario's sites hold no {task} test images to score the arms on")
-    table = pd.concat(parts, ignore_index=True).sort_values("image_id", kind="stable")
-    logits = np.stack(table["logits"].to_numpy())
-    return {
-        "image_id": table["image_id"].to_numpy(dtype=str),
-        "site": table["site"].to_numpy(dtype=str),
-        "y": table["y"].to_numpy(dtype=np.int64),
-        "probs": softmax(logits),
-        "logits": logits,
-    }
+    joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(joined["image_id"], kind="stable")
+    out = {k: v[order] for k, v in joined.items()}
+    return out | {"y": out["y"].astype(np.int64), "probs": softmax(out["logits"])}
 
 
 def _save_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:

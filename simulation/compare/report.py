@@ -47,12 +47,15 @@ class Block:
     image: str = ""
 
 
-def results_table(cfg: ExperimentConfig, arms: list[Arm]) -> pd.DataFrame:
+Saved = dict[Path, dict[str, np.ndarray]]  # each arm's folder -> its test.npz, read once
+
+
+def results_table(cfg: ExperimentConfig, arms: list[Arm], predictions: Saved) -> pd.DataFrame:
     """The long results table: each arm's metrics on the pooled test images and on each site's own."""
     metrics = {k: v for k, v in study_metrics(cfg).items() if k in METRICS}
     rows = []
     for arm in arms:
-        saved = load_predictions(arm)
+        saved = predictions[arm.folder]
         for site in ["all", *sorted(set(saved["site"]))]:
             mask = np.ones(len(saved["y"]), bool) if site == "all" else saved["site"] == site
             p = Predictions(saved["y"][mask], saved["probs"][mask], saved["logits"][mask])
@@ -99,7 +102,7 @@ def main_table(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def differences(cfg: ExperimentConfig, arms: list[Arm]) -> pd.DataFrame:
+def differences(cfg: ExperimentConfig, arms: list[Arm], predictions: Saved) -> pd.DataFrame:
     """Each federated and local arm minus the centralised arm of its scenario: mean over seeds, paired
     bootstrap 95% CI over the test images, and the verdict on `compare.metric` against `compare.margin`."""
     c = cfg.compare
@@ -113,8 +116,8 @@ def differences(cfg: ExperimentConfig, arms: list[Arm]) -> pd.DataFrame:
         for label in dict.fromkeys(a.label for a in mine if a.kind != CENTRALISED):
             bar.update()
             paired = sorted((a.seed, a) for a in mine if a.label == label)
-            ref = [_predictions(central[seed]) for seed, _ in paired]
-            other = [_predictions(a) for _, a in paired]
+            ref = [_paired(predictions[central[seed].folder]) for seed, _ in paired]
+            other = [_paired(predictions[a.folder]) for _, a in paired]
             row = {"scenario": scenario, "arm": label, "kind": paired[0][1].kind, "seeds": len(paired)}
             for key, metric in metrics.items():
                 point, low, high = _difference(cfg, ref, other, metric, f"{scenario}/{label}/{key}")
@@ -135,8 +138,7 @@ def verdict(low: float, high: float, margin: float) -> str:
     return INFERIOR if high < -margin else INCONCLUSIVE
 
 
-def _predictions(arm: Arm) -> Predictions:
-    saved = load_predictions(arm)
+def _paired(saved: dict[str, np.ndarray]) -> Predictions:
     return Predictions(saved["y"], saved["probs"], saved["logits"])
 
 
@@ -165,9 +167,10 @@ def write_report(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """results.csv, differences.csv, the learning-curve PNGs, report.md and report.html; returns (results,
     main table, differences)."""
-    results = results_table(cfg, arms)
+    predictions = {arm.folder: load_predictions(arm) for arm in arms}
+    results = results_table(cfg, arms, predictions)
     results.to_csv(out / "results.csv", index=False)
-    table, diffs = main_table(results), differences(cfg, arms)
+    table, diffs = main_table(results), differences(cfg, arms, predictions)
     diffs.to_csv(out / "differences.csv", index=False)
     blocks = _blocks(cfg, results, table, diffs, records, label_mix, out)
     (out / "report.md").write_text(_markdown(blocks))

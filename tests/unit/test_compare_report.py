@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from shared.config import load_config
-from shared.errors import ConfigError
+from shared.errors import CheckpointError, ConfigError
 from shared.metrics import paired_difference_ci
+from shared.training.checkpoint import export_encoder
+from shared.training.initialisation import read_encoder_export
+from shared.weights import save_weights, weights_meta
 from simulation.compare.arms import plan_arms
 from simulation.compare.report import INCONCLUSIVE, INFERIOR, NON_INFERIOR, mean_ci, verdict
 from simulation.paired import Predictions, study_metrics
@@ -110,3 +114,17 @@ def test_an_arms_folder_is_named_by_its_settings_wherever_the_scenario_is_named_
     )
     monkeypatch.chdir(tmp_path)
     assert folders("iid2.yaml") == absolute  # the same data named from another folder
+
+
+def test_an_encoder_export_is_read_with_its_kind_and_anything_else_is_refused(tmp_path: Path) -> None:
+    cfg = load_config(profile="tiny", overrides={"pretrain.method": "moco"})
+    state = {"w": torch.zeros(2)}
+    export_encoder(tmp_path / "moco.safetensors", state, cfg)
+    tensors, kind = read_encoder_export(tmp_path / "moco.safetensors", cfg.model)
+    assert kind == "moco" and torch.equal(tensors["w"], state["w"])
+    save_weights(tmp_path / "model.safetensors", state, weights_meta(cfg, "task-model"))
+    with pytest.raises(CheckpointError, match="not a SparK or MoCo encoder export"):
+        read_encoder_export(tmp_path / "model.safetensors", cfg.model)
+    wider = cfg.model.model_copy(update={"width_mult": 1.0})
+    with pytest.raises(CheckpointError):
+        read_encoder_export(tmp_path / "moco.safetensors", wider)
