@@ -5,7 +5,10 @@
   LAMB / AdamW moments as a centralised run would, and a restarted node loses nothing;
 - `<phase>-bn-rNNNN.safetensors` (FedBN): the site's own BatchNorm parameters and statistics;
 - `<phase>-progress.json`: where the site stands (round, global step), for people and audits.
-The last `KEEP_ROUNDS` rounds are kept per phase, so a server resumed from an earlier checkpoint finds them.
+The site's last `KEEP_ROUNDS` rounds are kept per phase, so a server resumed from an earlier checkpoint
+finds them.
+A round reads the latest kept round before it: the previous one, or an earlier one for a site that sat
+rounds out (partial participation), whose own BatchNorm and moments must not fall back to the server's.
 Data order needs no state: each epoch's order, augmentations and masks are derived from (run seed, phase,
 global epoch, site).
 """
@@ -35,7 +38,7 @@ class SiteState:
 
     def __init__(self, site: Site, spec: RoundSpec) -> None:
         self.spec = spec
-        self.dir = site.federation_dir / spec.config.name / spec.run.run_uid
+        self.dir = state_dir(site, spec.config.name, spec.run.run_uid)
 
     @property
     def fedbn(self) -> bool:
@@ -43,25 +46,32 @@ class SiteState:
         return self.spec.config.federation.strategy == "fedbn"
 
     def optimizer_before(self) -> dict | None:
-        """The optimiser state this site saved after the previous round, when the run keeps it."""
-        spec, rnd = self.spec, self.spec.round - 1
-        if not spec.config.federation.keep_optimizer_state or rnd < 1:
+        """The optimiser state this site kept after its last round before this one, when the run keeps it
+        (the previous round, unless the site sat a round out under partial participation)."""
+        spec = self.spec
+        if not spec.config.federation.keep_optimizer_state or spec.round < 2:
             return None
-        path = self._path("optimizer", rnd)
-        if not path.exists():
+        found = _latest(self.dir, spec.phase, "optimizer", spec.round - 1)
+        if found is None:
             log.warning(
-                "no optimiser state for %s round %d in %s: starting it afresh", spec.phase, rnd, self.dir
+                "no optimiser state for %s before round %d in %s: starting it afresh",
+                spec.phase,
+                spec.round,
+                self.dir,
             )
             return None
-        return load_checkpoint(path, expected=self._expected(rnd, "site-optimizer")).optimizer
+        rnd, path = found
+        return load_checkpoint(
+            path, expected=_expected(spec.phase, "site-optimizer", rnd, spec.run.run_uid)
+        ).optimizer
 
     def load_bn(self, model: nn.Module, rnd: int) -> None:
-        """FedBN: replace the server's BatchNorm entries by this site's own after round `rnd`, if any."""
-        path = self._path("bn", rnd)
-        if path.exists():
-            tensors, meta = load_weights(path)
-            check_meta(path, meta, self._expected(rnd, "site-batchnorm"))
-            load_into(model, {**model.state_dict(), **tensors}, path)
+        """FedBN: replace the server's BatchNorm entries by this site's own as of round `rnd`, if any."""
+        phase = self.spec.phase
+        found = own_batchnorm(self.dir, phase, rnd, self.spec.run.run_uid)
+        if found is not None:
+            kept, tensors = found
+            load_into(model, {**model.state_dict(), **tensors}, _state_file(self.dir, phase, "bn", kept))
 
     def after_round(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Keep this round's optimiser state (and BatchNorm under FedBN), and record the progress."""
@@ -69,19 +79,64 @@ class SiteState:
         if self.fedbn:
             keys = bn_keys(model)
             tensors = {k: v for k, v in model.state_dict().items() if k in keys}
-            save_weights(self._path("bn", rnd), tensors, self._meta("site-batchnorm"))
-        save_checkpoint(self._path("optimizer", rnd), self._meta("site-optimizer"), optimizer=optimizer)
+            save_weights(_state_file(self.dir, spec.phase, "bn", rnd), tensors, self._meta("site-batchnorm"))
+        save_checkpoint(
+            _state_file(self.dir, spec.phase, "optimizer", rnd),
+            self._meta("site-optimizer"),
+            optimizer=optimizer,
+        )
         for kind in ("bn", "optimizer"):
-            self._path(kind, rnd - KEEP_ROUNDS).unlink(missing_ok=True)
+            for _, path in _kept(self.dir, spec.phase, kind)[:-KEEP_ROUNDS]:
+                path.unlink(missing_ok=True)
         record = {"round": rnd, "total_rounds": spec.rounds, "step": step}
         atomic_write_text(self.dir / f"{spec.phase}-progress.json", json.dumps(record))
-
-    def _path(self, kind: str, rnd: int) -> Path:
-        return self.dir / f"{self.spec.phase}-{kind}-r{rnd:04d}.safetensors"
 
     def _meta(self, kind: str) -> dict:
         spec = self.spec
         return weights_meta(spec.config, kind, phase=spec.phase, round=spec.round, run_uid=spec.run.run_uid)
 
-    def _expected(self, rnd: int, kind: str) -> dict:
-        return {"kind": kind, "phase": self.spec.phase, "round": rnd, "run_uid": self.spec.run.run_uid}
+
+def state_dir(site: Site, run_name: str, run_uid: str) -> Path:
+    """Where `site` keeps its state for one federated run."""
+    return site.federation_dir / run_name / run_uid
+
+
+def own_batchnorm(
+    directory: Path, phase: str, rnd: int, run_uid: str
+) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """A FedBN site's own BatchNorm entries as of round `rnd` of `phase` (its latest kept round up to `rnd`,
+    with that round), or None before it kept any. The site trains from them next round and predicts with
+    them, so `fedretina compare` scores a FedBN arm with them too."""
+    found = _latest(directory, phase, "bn", rnd)
+    if found is None:
+        return None
+    kept, path = found
+    tensors, meta = load_weights(path)
+    check_meta(path, meta, _expected(phase, "site-batchnorm", kept, run_uid))
+    return kept, tensors
+
+
+def _state_file(directory: Path, phase: str, kind: str, rnd: int) -> Path:
+    return directory / f"{phase}-{kind}-r{rnd:04d}.safetensors"
+
+
+def _kept(directory: Path, phase: str, kind: str) -> list[tuple[int, Path]]:
+    """(round, file) of every round of `kind` kept, oldest first."""
+    prefix = f"{phase}-{kind}-r"
+    found = []
+    for path in directory.glob(f"{prefix}*.safetensors"):
+        number = path.name[len(prefix) : -len(".safetensors")]
+        if number.isdigit():
+            found.append((int(number), path))
+    return sorted(found)
+
+
+def _latest(directory: Path, phase: str, kind: str, rnd: int) -> tuple[int, Path] | None:
+    """The latest kept round of `kind` up to `rnd`: files after it belong to rounds a resumed server will
+    train again, so they are never read."""
+    earlier = [found for found in _kept(directory, phase, kind) if found[0] <= rnd]
+    return earlier[-1] if earlier else None
+
+
+def _expected(phase: str, kind: str, rnd: int, run_uid: str) -> dict:
+    return {"kind": kind, "phase": phase, "round": rnd, "run_uid": run_uid}

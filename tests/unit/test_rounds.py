@@ -93,6 +93,30 @@ def test_fedbn_sites_keep_their_own_batchnorm_across_rounds(ukb) -> None:
     ]
 
 
+def test_a_site_that_sat_rounds_out_continues_from_its_own_last_round(ukb, caplog) -> None:
+    """Partial participation: a FedBN site back in round 4 after round 1 trains from its own BatchNorm and
+    moments of round 1, never from files of rounds after the one it resumes from (a resumed server's re-run
+    round), and keeps its last three rounds."""
+    cfg = load_config(
+        profile="tiny", overrides={"federation.strategy": "fedbn", "federation.rounds_pretrain": 6}
+    )
+    first = train_round(ukb, spec(cfg, 1, "sampled"), start(cfg)).weights
+    keys = {k for k in bn_keys(pretraining_start(cfg)) if first[k].is_floating_point()}
+    server = {k: torch.zeros_like(v) if k in keys else v for k, v in first.items()}
+    from_server = train_round(ukb, spec(cfg, 4, "sampled"), server).weights
+    from_own = train_round(ukb, spec(cfg, 4, "sampled"), first).weights  # round 4's own files exist by now
+    assert all(torch.equal(from_server[k], from_own[k]) for k in first)
+    assert "no optimiser state" not in caplog.text
+    for rnd in (5, 6):
+        train_round(ukb, spec(cfg, rnd, "sampled"), from_own)
+    state = SiteState(ukb, spec(cfg, 6, "sampled"))
+    assert sorted(p.name for p in state.dir.glob("pretrain-bn-*")) == [  # its last three
+        "pretrain-bn-r0004.safetensors",
+        "pretrain-bn-r0005.safetensors",
+        "pretrain-bn-r0006.safetensors",
+    ]
+
+
 def test_proximal_penalty_pulls_towards_the_round_start() -> None:
     model = torch.nn.Linear(3, 2)
     penalty = proximal_penalty(model, mu=0.5)
