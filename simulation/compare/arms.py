@@ -11,7 +11,8 @@ and its sites' YAMLs, the part a local arm holds), and its folder is `<runs_dir>
 `arm.json` (what the report needs: predictions aside) and `test.npz` (every scenario test image's labels,
 probabilities and logits, with its site) are written last, atomically: an arm whose `arm.json` exists is
 finished and is reused by any comparison asking for the same settings; an interrupted one is continued
-(centralised and local) or started again (federated).
+(centralised and local) or started again (federated). A FedBN arm is scored as FedBN is used: each site's
+test images with that site's own BatchNorm, from the site's state folder.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from client.state import own_batchnorm, state_dir
 from server.dashboard.data import Store
 from server.sites import FederationError
 from shared.config import ExperimentConfig, InitConfig, dump_config, override
@@ -46,7 +48,7 @@ from shared.training.data import site_images
 from shared.training.finetune import build_task_model, finetune_split, predict_logits, softmax
 from shared.training.initialisation import read_encoder_export
 from shared.weights import load_weights
-from shared.wire import EPSILON
+from shared.wire import EPSILON, FINETUNE
 from simulation.centralised import run_pretraining
 from simulation.finetune_run import run_finetuning
 from simulation.flower_env import PROJECT_ROOT, flower_env, flwr_run_command, stop_local_superlink
@@ -116,8 +118,11 @@ def run_arm(arm: Arm) -> dict:
     sites = scenario_sites(load_scenario(arm.scenario), arm.seed)
     mine = [sites[arm.part]] if arm.kind == LOCAL else sites
     counts = _train_images(arm.cfg, sites)
+    own_bn: dict[str, dict[str, torch.Tensor]] = {}
     if arm.kind == FEDERATED:
         model, record = _federated(arm, len(sites))
+        if arm.cfg.federation.strategy == "fedbn":
+            own_bn = _own_batchnorm(arm, sites)
     else:
         share = sum(counts.get(s.name, 0) for s in mine) / sum(counts.values())  # of a pooled pass
         model, record = _centralised(arm, mine, share)
@@ -129,7 +134,7 @@ def run_arm(arm: Arm) -> dict:
         "wall_s": time.monotonic() - started,
         "train_images": {s.name: counts[s.name] for s in mine if s.name in counts},
     }
-    _save_predictions(arm.folder / TEST_NPZ, _score(arm.cfg, sites, model))
+    _save_predictions(arm.folder / TEST_NPZ, _score(arm.cfg, sites, model, own_bn))
     atomic_write_text(done, json.dumps(record, indent=2))
     return record
 
@@ -296,6 +301,25 @@ def _federated(arm: Arm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
     return model, _store_record(store)
 
 
+def _own_batchnorm(arm: Arm, sites: list[Site]) -> dict[str, dict[str, torch.Tensor]]:
+    """FedBN: each site's own BatchNorm after its last fine-tuning round, read from the site's state folder
+    (what that site predicts with; the exported model carries the server's average instead)."""
+    rows = _query(arm.folder / "federation" / "store.sqlite", "SELECT run_uid FROM runs")
+    uid = str(rows[0]["run_uid"])
+    own = {}
+    for site in sites:
+        found = own_batchnorm(
+            state_dir(site, arm.cfg.name, uid), FINETUNE, arm.cfg.federation.rounds_finetune, uid
+        )
+        if found is not None:
+            own[site.name] = found[1]
+        elif _train_images(arm.cfg, [site]).get(site.name, 0):
+            log.warning(
+                "%s: site %s kept no BatchNorm of its own; scoring it with the server's", arm.label, site.name
+            )
+    return own
+
+
 def _rounds_done(store: Path) -> int:
     rows = _query(store, "SELECT count(*) AS n FROM rounds WHERE finished IS NOT NULL")
     return int(rows[0]["n"]) if rows else 0
@@ -350,17 +374,23 @@ def _num(value: object) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def _score(cfg: ExperimentConfig, sites: list[Site], state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """The model's predictions on every scenario site's own test images, in image-id order."""
+def _score(
+    cfg: ExperimentConfig,
+    sites: list[Site],
+    state: dict[str, torch.Tensor],
+    own_bn: dict[str, dict[str, torch.Tensor]],
+) -> dict[str, np.ndarray]:
+    """The model's predictions on every scenario site's own test images, in image-id order; a site in
+    `own_bn` (FedBN) predicts with its own BatchNorm."""
     task = cfg.finetune.task
     classes = task_classes(pd.concat([labelled(s.rows, task) for s in sites]))[task]
     model = build_task_model(cfg, {task: classes})
-    model.load_state_dict(state)
     parts = []
     for site in sites:
         rows = labelled(site.rows, task)
         rows = rows[rows["split"] == "test"]
         if len(rows):
+            model.load_state_dict({**state, **own_bn.get(site.name, {})})
             data = site_images(site, cfg, cfg.finetune_image_size, "none", rows=rows, task=task)
             y, logits = predict_logits(model, data, task, torch.device("cpu"))
             ids = rows["image_id"].to_numpy(dtype=str)

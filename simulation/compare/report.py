@@ -191,6 +191,11 @@ def _blocks(
     c, f = cfg.compare, cfg.federation
     phases = "SparK pretraining then fine-tuning" if c.pretrain else "fine-tuning only"
     start = f"from {c.encoder}" if c.encoder else "from random weights" if not c.pretrain else ""
+    fedbn = (
+        " A FedBN arm scores each site's test images with that site's own BatchNorm."
+        if any(o.get("federation.strategy") == "fedbn" for o in c.strategies.values())
+        else ""
+    )
     blocks = [
         Block(heading="# Centralised vs federated"),
         Block(
@@ -198,7 +203,7 @@ def _blocks(
             f"{f.rounds_finetune} fine-tuning rounds of {f.local_epochs} local epoch(s); the centralised arm "
             "trains as many epochs over the pooled images, each local arm as many over its own (equal "
             f"sample-gradient steps). Seeds {list(c.seeds)}; profile {cfg.profile}. Test metrics on every "
-            f"scenario site's own test images, pooled; margin: {NAMES[c.metric]} within {c.margin}."
+            f"scenario site's own test images, pooled; margin: {NAMES[c.metric]} within {c.margin}." + fedbn
         ),
     ]
     by_label = pd.DataFrame(records)

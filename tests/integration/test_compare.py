@@ -19,8 +19,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
+from shared.config import load_config
+from shared.data.manifest import labelled
+from shared.data.scenario import load_scenario, scenario_sites
+from shared.training.data import site_images
+from shared.training.finetune import build_task_model, predict_logits
+from shared.weights import load_weights
 from simulation.compare.report import METRICS, NAMES, mean_ci
 from tests.conftest import FEDRETINA, ROOT, write_site
 from tests.integration.web import dashboard, screenshot
@@ -52,8 +59,11 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "compare": {
             "pretrain": True,
             "seeds": [0],
-            "strategies": {"fedavg": {"federation.strategy": "fedavg"}},
-            "scenarios": {str(single): [], str(iid): []},
+            "strategies": {
+                "fedavg": {"federation.strategy": "fedavg"},
+                "fedbn": {"federation.strategy": "fedbn"},
+            },
+            "scenarios": {str(single): ["fedavg"], str(iid): []},
         },
     }
     config.write_text(yaml.safe_dump(settings, sort_keys=False))  # the scenarios in this order
@@ -105,7 +115,7 @@ def test_an_interrupted_comparison_resumes_without_redoing_finished_arms(compare
     resumed = compared["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert {k: after[k] for k in before} == before, "a finished arm was trained again"
-    assert len(after) == 7  # per scenario: centralised, each site alone, fedavg
+    assert len(after) == 8  # per scenario: centralised, each site alone, fedavg (and fedbn on iid2)
     assert resumed.stderr.count("reusing") == len(before)
     log = (_folders(compared)[("single", "fedavg")] / "flwr-run.log").read_text()
     assert "resuming after" in log  # the interrupted simulation continued from its last checkpoint
@@ -115,7 +125,7 @@ def test_an_arm_of_identical_settings_is_not_recomputed(compared: dict) -> None:
     again = compared["again"]
     assert again.returncode == 0, again.stderr[-3000:]
     assert compared["final"] == compared["after"], "another comparison of the same arms trained one again"
-    assert again.stderr.count("reusing") == 7
+    assert again.stderr.count("reusing") == 8
     first = pd.read_csv(compared["out"] / "results.csv")
     second = pd.read_csv(compared["root"] / "runs" / "again" / "compare" / "results.csv")
     pd.testing.assert_frame_equal(first, second)
@@ -137,6 +147,35 @@ def test_identical_arms_pair_to_an_interval_of_zero_width_at_zero(compared: dict
     assert fed["verdict"] == "non-inferior"
     split = diffs[diffs["scenario"].str.endswith("iid2.yaml") & (diffs["arm"] == "fedavg")].iloc[0]
     assert split["referable_auc_low"] < split["referable_auc_high"]  # different models: a real interval
+
+
+def test_a_fedbn_arm_scores_each_sites_test_images_with_that_sites_own_batchnorm(compared: dict) -> None:
+    """FedBN's exported model carries the server's average BatchNorm; each site predicts with its own, kept
+    in the site's state folder, and that is what the arm is scored with."""
+    arm = _folders(compared)[("iid2", "fedbn")]
+    kept = sorted((compared["root"] / "state").glob(f"**/{arm.name}/*/finetune-bn-r0002.safetensors"))
+    own = {path.parents[2].name: load_weights(path)[0] for path in kept}  # <site>/<run>/<uid>/file
+    cfg = load_config(arm / "experiment.yaml")
+    exported, _ = load_weights(arm / "federation" / "model.safetensors")
+    with np.load(arm / "test.npz") as saved:
+        scored = {k: saved[k] for k in saved.files}
+    sites = scenario_sites(load_scenario(str(compared["root"] / "iid2.yaml")), 0)
+    assert sorted(own) == sorted(s.name for s in sites)
+    model = build_task_model(cfg, {"dr": 5})
+    for site in sites:
+        rows = labelled(site.rows, "dr")
+        rows = rows[rows["split"] == "test"]
+        data = site_images(site, cfg, cfg.finetune_image_size, "none", rows=rows, task="dr")
+        mine = scored["site"] == site.name
+        assert mine.sum() == len(rows) > 0
+        logits = {}
+        for name, weights in (("own", {**exported, **own[site.name]}), ("average", exported)):
+            model.load_state_dict(weights)
+            logits[name] = predict_logits(model, data, "dr", torch.device("cpu"))[1]
+        order = np.argsort(rows["image_id"].to_numpy(dtype=str), kind="stable")
+        # equal up to the summation order of another thread count; the server's average is far off
+        assert np.abs(scored["logits"][mine] - logits["own"][order]).max() < 1e-6
+        assert np.abs(logits["own"] - logits["average"]).max() > 1e-4
 
 
 def test_the_reports_numbers_equal_those_recomputed_from_results_csv(compared: dict) -> None:
