@@ -107,11 +107,13 @@ def plan_arms(cfg: ExperimentConfig) -> list[Arm]:
 
 
 def run_arm(arm: Arm) -> dict:
-    """The arm's record (arm.json), training it unless a finished one exists."""
+    """The arm's record (arm.json), training it unless a finished one exists. A reused record speaks for
+    this comparison: its label and scenario are this comparison's names for the arm, whatever names the
+    comparison that trained it used."""
     done = arm.folder / ARM_JSON
     if done.exists():
         log.info("%s / seed %d / %s: reusing %s", arm.scenario, arm.seed, arm.label, arm.folder)
-        return json.loads(done.read_text())
+        return json.loads(done.read_text()) | _names(arm)
     arm.folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(arm.folder / "settings.yaml", dump_config(arm.cfg))
     started = time.monotonic()
@@ -126,17 +128,17 @@ def run_arm(arm: Arm) -> dict:
     else:
         share = sum(counts.get(s.name, 0) for s in mine) / sum(counts.values())  # of a pooled pass
         model, record = _centralised(arm, mine, share)
-    record |= {
-        "kind": arm.kind,
-        "label": arm.label,
-        "scenario": arm.scenario,
-        "seed": arm.seed,
+    record |= _names(arm) | {
         "wall_s": time.monotonic() - started,
         "train_images": {s.name: counts[s.name] for s in mine if s.name in counts},
     }
     _save_predictions(arm.folder / TEST_NPZ, _score(arm.cfg, sites, model, own_bn))
     atomic_write_text(done, json.dumps(record, indent=2))
     return record
+
+
+def _names(arm: Arm) -> dict:
+    return {"kind": arm.kind, "label": arm.label, "scenario": arm.scenario, "seed": arm.seed}
 
 
 def load_predictions(arm: Arm) -> dict[str, np.ndarray]:

@@ -3,6 +3,7 @@ against the margin, the interval over seeds and the paired interval of identical
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from shared.metrics import paired_difference_ci
 from shared.training.checkpoint import export_encoder
 from shared.training.initialisation import read_encoder_export
 from shared.weights import save_weights, weights_meta
-from simulation.compare.arms import plan_arms
+from simulation.compare.arms import ARM_JSON, FEDERATED, Arm, plan_arms, run_arm
 from simulation.compare.report import INCONCLUSIVE, INFERIOR, NON_INFERIOR, mean_ci, verdict
 from simulation.paired import Predictions, study_metrics
 
@@ -114,6 +115,29 @@ def test_an_arms_folder_is_named_by_its_settings_wherever_the_scenario_is_named_
     )
     monkeypatch.chdir(tmp_path)
     assert folders("iid2.yaml") == absolute  # the same data named from another folder
+
+
+def test_a_reused_arm_is_reported_under_this_comparisons_names(tmp_path: Path) -> None:
+    """The cost table and the curves group records by label and scenario: an arm trained by a comparison
+    that named it otherwise must still land in this comparison's rows."""
+    cfg = load_config(profile="tiny", overrides={"runs_dir": str(tmp_path), "name": "federated-0123456789ab"})
+    arm = Arm(FEDERATED, "fedavg-small-batch", "iid-4", 3, cfg)
+    arm.folder.mkdir(parents=True)
+    trained = {
+        "kind": FEDERATED,
+        "label": "site-batch-8",
+        "scenario": "/old/iid-4.yaml",
+        "seed": 3,
+        "wall_s": 7.0,
+    }
+    (arm.folder / ARM_JSON).write_text(json.dumps(trained))
+    record = run_arm(arm)
+    assert (record["label"], record["scenario"], record["seed"], record["wall_s"]) == (
+        "fedavg-small-batch",
+        "iid-4",
+        3,
+        7.0,
+    )
 
 
 def test_an_encoder_export_is_read_with_its_kind_and_anything_else_is_refused(tmp_path: Path) -> None:
