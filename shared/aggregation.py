@@ -263,17 +263,14 @@ def fedadam(
     """One server Adam step (Reddi et al. 2021) on the pseudo-gradient (averaged - reference) of the
     parameters. Buffers (BatchNorm running statistics and counters, named in `buffers`) and non-float keys
     take the plain average: an Adam step would move a variance by about `lr` whatever it should be."""
-    state = state or ServerMoments({}, {})
 
-    def step(key: str, delta: np.ndarray) -> np.ndarray:
+    def step(state: ServerMoments, key: str, delta: np.ndarray) -> np.ndarray:
         m = beta1 * state.m.get(key, np.zeros_like(delta)) + (1 - beta1) * delta
         v = beta2 * state.v.get(key, np.zeros_like(delta)) + (1 - beta2) * delta * delta
         state.m[key], state.v[key] = m, v
         return lr * m / (np.sqrt(v) + tau)
 
-    out = _server_move(reference, averaged, buffers, step)
-    state.step += 1
-    return out, state
+    return _server_move(reference, averaged, state, buffers, step)
 
 
 def fedavgm(
@@ -288,25 +285,25 @@ def fedavgm(
     """One server SGD step with momentum (FedAvgM, Hsu et al. 2019) along the round's average change:
     m = momentum * m + (averaged - reference), new = reference + lr * m. With lr 1 and momentum 0 it is
     FedAvg. Buffers and non-float keys take the plain average, as in `fedadam`."""
-    state = state or ServerMoments({}, {})
 
-    def step(key: str, delta: np.ndarray) -> np.ndarray:
+    def step(state: ServerMoments, key: str, delta: np.ndarray) -> np.ndarray:
         state.m[key] = momentum * state.m.get(key, np.zeros_like(delta)) + delta
         return lr * state.m[key]
 
-    out = _server_move(reference, averaged, buffers, step)
-    state.step += 1
-    return out, state
+    return _server_move(reference, averaged, state, buffers, step)
 
 
 def _server_move(
     reference: Mapping[str, np.ndarray],
     averaged: Mapping[str, np.ndarray],
+    state: ServerMoments | None,
     buffers: Iterable[str],
-    step: Callable[[str, np.ndarray], np.ndarray],
-) -> Arrays:
-    """reference + step(key, averaged - reference) in float64 for every float parameter (the server
-    optimiser's move along the pseudo-gradient); buffers and non-float keys take the plain average."""
+    step: Callable[[ServerMoments, str, np.ndarray], np.ndarray],
+) -> tuple[Arrays, ServerMoments]:
+    """reference + step(state, key, averaged - reference) in float64 for every float parameter (the server
+    optimiser's move along the pseudo-gradient, its state fresh on the first round and counted on every
+    one); buffers and non-float keys take the plain average."""
+    state = state or ServerMoments({}, {})
     plain = set(buffers)
     out: Arrays = {}
     for key, ref in reference.items():
@@ -314,8 +311,9 @@ def _server_move(
             out[key] = averaged[key]
             continue
         delta = averaged[key].astype(np.float64) - ref.astype(np.float64)
-        out[key] = (ref.astype(np.float64) + step(key, delta)).astype(ref.dtype)
-    return out
+        out[key] = (ref.astype(np.float64) + step(state, key, delta)).astype(ref.dtype)
+    state.step += 1
+    return out, state
 
 
 def merge_metrics(

@@ -58,20 +58,20 @@ def initialise(encoder: nn.Module, kind: str, weights: str | None, model_cfg: Mo
 def read_encoder_export(path: Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], str]:
     """An encoder export of ours, read once, whatever method made it: its tensors and its kind (spark or
     moco), checked against the model."""
-    tensors, meta = load_weights(path)
-    kind = str(meta.get("kind", "")).removesuffix("-encoder")
-    if kind not in ("spark", "moco"):
-        raise CheckpointError(
-            f"{path}: not a SparK or MoCo encoder export (its kind is {meta.get('kind')!r})"
-        )
-    check_meta(path, meta, model_meta(model_cfg))
-    return tensors, kind
+    tensors, meta = _our_export(path, None, model_cfg)
+    return tensors, str(meta["kind"]).removesuffix("-encoder")
 
 
-def _our_export(path: Path, kind: str, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+def _our_export(path: Path, kind: str | None, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """An encoder export of ours for this model: of `kind`, or (None) of either method's."""
     tensors, meta = load_weights(path)
-    expected_kind = f"{kind}-encoder"
-    check_meta(path, meta, {"kind": expected_kind, **model_meta(model_cfg)})
+    if kind is None:
+        kind = str(meta.get("kind", "")).removesuffix("-encoder")
+        if kind not in ("spark", "moco"):
+            raise CheckpointError(
+                f"{path}: not a SparK or MoCo encoder export (its kind is {meta.get('kind')!r})"
+            )
+    check_meta(path, meta, {"kind": f"{kind}-encoder", **model_meta(model_cfg)})
     return tensors, meta
 
 

@@ -124,7 +124,7 @@ def run_arm(arm: Arm) -> dict:
     if arm.kind == FEDERATED:
         model, record = _federated(arm, len(sites))
         if arm.cfg.federation.strategy == "fedbn":
-            own_bn = _own_batchnorm(arm, sites)
+            own_bn = _own_batchnorm(arm, sites, counts)
     else:
         share = sum(counts.get(s.name, 0) for s in mine) / sum(counts.values())  # of a pooled pass
         model, record = _centralised(arm, mine, share)
@@ -303,9 +303,12 @@ def _federated(arm: Arm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
     return model, _store_record(store)
 
 
-def _own_batchnorm(arm: Arm, sites: list[Site]) -> dict[str, dict[str, torch.Tensor]]:
+def _own_batchnorm(
+    arm: Arm, sites: list[Site], train_images: dict[str, int]
+) -> dict[str, dict[str, torch.Tensor]]:
     """FedBN: each site's own BatchNorm after its last fine-tuning round, read from the site's state folder
-    (what that site predicts with; the exported model carries the server's average instead)."""
+    (what that site predicts with; the exported model carries the server's average instead). A site that
+    trained (`train_images`) but kept none is scored with the average, and said so."""
     rows = _query(arm.folder / "federation" / "store.sqlite", "SELECT run_uid FROM runs")
     uid = str(rows[0]["run_uid"])
     own = {}
@@ -315,7 +318,7 @@ def _own_batchnorm(arm: Arm, sites: list[Site]) -> dict[str, dict[str, torch.Ten
         )
         if found is not None:
             own[site.name] = found[1]
-        elif _train_images(arm.cfg, [site]).get(site.name, 0):
+        elif train_images.get(site.name):
             log.warning(
                 "%s: site %s kept no BatchNorm of its own; scoring it with the server's", arm.label, site.name
             )
