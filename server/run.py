@@ -286,6 +286,8 @@ class FederatedRun:
         while True:
             if f.secure_aggregation:
                 new = secure_round(strategy, rnd, arrays, self.grid, self.context)
+            elif f.strategy == "cyclic":
+                new = strategy.cyclic_round(rnd, arrays, self.grid, f.reply_timeout_s)
             else:
                 asked = strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
                 new, _ = strategy.aggregate_train(

@@ -14,7 +14,8 @@
 The run (`server/run.py`) calls the hooks round by round, then probes and checkpoints. Strategies: fedavg,
 fedprox (sites add mu/2 ||w - w_global||^2), fedbn (sites keep their BatchNorm; the server's BN entries are
 averages used only for probes and exports), fedadam (server Adam on the average), fedavgm (server SGD with
-momentum on the average).
+momentum on the average), cyclic (cyclic weight transfer: the sites train one after another, each from
+the previous one's model; `cyclic_round`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.recorder import Recorder
+from server.replies import stream_replies
 from server.sites import SiteDirectory, SiteInfo, error_text, sample_sites
 from shared.aggregation import (
     Arrays,
@@ -40,8 +42,10 @@ from shared.aggregation import (
     Sketches,
     Update,
     Verdict,
+    average,
     buffer_keys,
     check_update,
+    cycle_order,
     fedadam,
     fedavgm,
     merge_metrics,
@@ -136,6 +140,33 @@ class FedRetina(Strategy):
                 server_round, c.site, **c.record(change if c.verdict.reason is None else None)
             )
         return self._finished(server_round, new, [c.metrics for c in accepted], len(candidates))
+
+    def cyclic_round(self, rnd: int, arrays: ArrayRecord, grid: Grid, timeout: float) -> ArrayRecord | None:
+        """Cyclic weight transfer: the round's sites train one after another in `cycle_order`, each from the
+        model the previous accepted one returned, so a round makes as many sequential optimiser steps as a
+        centralised epoch over their pooled images (FedAvg averages parallel ones). A rejected or silent
+        site is passed over. Same bytes as FedAvg; each site waits for the one before it. None when fewer
+        than `min_sites` were accepted (the round is short and the model kept)."""
+        by_name = {s.name: s for s in self.start_round(rnd, arrays, grid)}
+        model = {k: v.numpy() for k, v in arrays.items()}
+        candidates = []
+        for name in cycle_order(by_name, self.run.config.seed, self.phase, rnd):
+            self.sent, self.reference = [by_name[name]], model
+            asked = self._messages(to_record(model), rnd, "train")
+            for msg, site in self._match(stream_replies(grid, asked, timeout), rnd, "train"):
+                candidate = self._candidate(msg, site)
+                if candidate.verdict.reason is None:
+                    model = average([candidate.update(self.tasks)], model)  # its entries; other heads kept
+                candidates.append(candidate.folded(None))
+        accepted = [c for c in candidates if c.verdict.reason is None]
+        enough = len(accepted) >= self.directory.min_sites
+        for c in candidates:
+            record = c.record(None) | {"aggregated": enough and c.verdict.reason is None}
+            self.recorder.trained(rnd, c.site, **record)
+        if not enough:
+            self.recorder.short(rnd, len(candidates), len(accepted), self.directory.min_sites)
+            return None
+        return self._finished(rnd, model, [c.metrics for c in accepted], len(candidates))[0]
 
     def conclude_secure(self, rnd: int, outcome: SecureResult) -> ArrayRecord | None:
         """A SecAgg+ round's end (`server/secure.py`): each site's fate from its clear metrics (its update's

@@ -13,6 +13,8 @@
   its cosine with the round's aggregate change is estimated (error about 1/64 in the cosine).
 - FedBN: `bn_keys` names BatchNorm parameters and buffers, which such sites keep local.
 - FedAdam (Reddi et al. 2021): the averaged change is a pseudo-gradient for a server-side Adam step.
+- Cyclic weight transfer (Chang et al. 2018): `cycle_order` is the seeded order in which a round's sites
+  train one after another, each from the model the previous one returned.
 - `merge_metrics`: many sites' metric records as one (counts summed, times as median and max, every other
   value weighted by examples).
 """
@@ -29,6 +31,7 @@ from torch import nn
 
 from shared.exactsum import MAX_WEIGHT, ExactSum
 from shared.models import head_prefix
+from shared.seeding import derive_seed
 from shared.wire import NUM_EXAMPLES, task_key
 
 Arrays = dict[str, np.ndarray]
@@ -314,6 +317,13 @@ def _server_move(
         out[key] = (ref.astype(np.float64) + step(state, key, delta)).astype(ref.dtype)
     state.step += 1
     return out, state
+
+
+def cycle_order(names: Iterable[str], run_seed: int, phase: str, rnd: int) -> list[str]:
+    """A round's sites in the order cyclic weight transfer trains them: sorted by a key seeded per (round,
+    site), so the order changes every round (no site is always last, the one the model remembers best) and
+    any subset of the sites keeps its relative order (a replay of the sites that were aggregated)."""
+    return sorted(names, key=lambda name: derive_seed(run_seed, "cycle", phase, rnd, name))
 
 
 def merge_metrics(

@@ -174,7 +174,8 @@ class FederationConfig(Strict):
     tasks: tuple[str, ...] = ()
     rounds_pretrain: int = Field(100, ge=0)
     rounds_finetune: int = Field(50, ge=0)
-    strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedavgm"] = "fedavg"
+    # cyclic: cyclic weight transfer, the round's sites train one after another (server/strategy.py)
+    strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedavgm", "cyclic"] = "fedavg"
     local_epochs: int = Field(1, ge=1)
     # Local steps (batches) per round instead of epochs when > 0; sites continue their epochs across rounds.
     local_steps: int = Field(0, ge=0)
@@ -210,6 +211,15 @@ class FederationConfig(Strict):
     secagg_clipping_range: float = Field(8.0, ge=1)  # >= 1: a site's weight entry is up to 1
     # Share of a site's neighbours whose key shares rebuild its masks when it drops out mid-round.
     secagg_threshold: float = Field(0.66, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _cyclic_alone(self) -> FederationConfig:
+        if self.strategy == "cyclic" and self.secure_aggregation:
+            raise ValueError(
+                "secure_aggregation: cyclic weight transfer passes each site's own model on, there is no "
+                "sum to hide it in; use strategy fedavg with secure aggregation"
+            )
+        return self
 
     @property
     def server_step(self) -> float:

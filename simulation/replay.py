@@ -1,14 +1,17 @@
 """Recompute a federated run's final weights from its run store: the audit that the store is an exact
 account of the run, faults included.
 
-Each round, the sites whose train replies the store marks as aggregated are trained again from the
-previous global model with `client/rounds.py:train_round` (the ClientApp's own function) and averaged as
-the server averages. Sites that failed, timed out or were rejected contribute nothing, as in the run. The
-replay needs every site's data in one place, so it is for test federations and audits of pooled data.
+Each round, the sites whose train replies the store marks as aggregated are trained again with
+`client/rounds.py:train_round` (the ClientApp's own function): from the previous global model, then
+averaged as the server averages; under cyclic weight transfer one after another in the round's
+`cycle_order`, each from the previous one's model. Sites that failed, timed out or were rejected
+contribute nothing, as in the run. The replay needs every site's data in one place, so it is for test
+federations and audits of pooled data.
 
-Exact for FedAvg and FedProx. A site's optimiser state (`federation.keep_optimizer_state`) comes from its
-previous round: a straggler that trained a round whose reply came too late carries that round's state on,
-which the server never saw; replays of such runs are exact with `keep_optimizer_state: false`.
+Exact for FedAvg, FedProx and cyclic weight transfer. A site's optimiser state
+(`federation.keep_optimizer_state`) comes from its previous round: a straggler that trained a round whose
+reply came too late carries that round's state on, which the server never saw; replays of such runs are
+exact with `keep_optimizer_state: false`.
 Private runs are refused: their noise and sampling come from each site's own entropy.
 """
 
@@ -24,12 +27,14 @@ from client.rounds import train_round
 from server.checkpoints import Checkpoints
 from server.run import initial_weights
 from server.store import RunStore
-from shared.aggregation import Arrays, average, site_update
+from shared.aggregation import Arrays, Update, average, cycle_order, site_update
 from shared.config import ExperimentConfig
 from shared.data.scenario import load_scenario, scenario_sites
 from shared.data.site import Site, load_site
 from shared.errors import ConfigError
 from shared.wire import FINETUNE, PRETRAIN, RoundSpec, RunSpec
+
+REPLAYABLE = ("fedavg", "fedprox", "cyclic")
 
 
 def replay(federation_dir: Path, site_yamls: list[Path] = ()) -> dict[str, tuple[Arrays, Arrays]]:
@@ -38,8 +43,8 @@ def replay(federation_dir: Path, site_yamls: list[Path] = ()) -> dict[str, tuple
     store = RunStore(federation_dir / "store.sqlite", "")
     (run,) = store.query("SELECT run_name, run_uid, config, scenario FROM runs")
     cfg = ExperimentConfig.model_validate_json(run["config"])
-    if cfg.federation.strategy not in ("fedavg", "fedprox"):
-        raise ConfigError(f"replay covers fedavg and fedprox, not {cfg.federation.strategy}")
+    if cfg.federation.strategy not in REPLAYABLE:
+        raise ConfigError(f"replay covers {', '.join(REPLAYABLE)}, not {cfg.federation.strategy}")
     if cfg.privacy.enabled:
         raise ConfigError(
             "replay: a private run is not replayable (its sites' noise and sampling are secret)"
@@ -72,17 +77,23 @@ def _round(
     spec: RunSpec, phase: str, rnd: int, tasks: dict[str, int], arrays: Arrays, sites: list[Site]
 ) -> Arrays:
     """One round as the server aggregated it; a round nobody was aggregated in keeps the model."""
-    if not sites:
-        return arrays
     round_spec = RoundSpec(spec, phase, rnd, tasks)
+    if spec.config.federation.strategy == "cyclic":
+        names = cycle_order([s.name for s in sites], spec.config.seed, phase, rnd)
+        by_name = {s.name: s for s in sites}
+        for name in names:
+            arrays = average([_trained(by_name[name], round_spec, arrays)], arrays)
+        return arrays
+    return average([_trained(site, round_spec, arrays) for site in sites], arrays)
+
+
+def _trained(site: Site, round_spec: RoundSpec, arrays: Arrays) -> Update:
+    """The site's update when it trains the round from `arrays`, as the ClientApp trains it."""
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-    updates = []
-    for site in sites:
-        trained = train_round(site, round_spec, tensors)
-        assert trained.weights is not None  # only private runs refuse, and they are not replayed
-        weights = {k: v.numpy() for k, v in trained.weights.items()}
-        updates.append(site_update(site.name, weights, trained.metrics, tasks))
-    return average(updates, arrays)
+    trained = train_round(site, round_spec, tensors)
+    assert trained.weights is not None  # only private runs refuse, and they are not replayed
+    weights = {k: v.numpy() for k, v in trained.weights.items()}
+    return site_update(site.name, weights, trained.metrics, round_spec.tasks)
 
 
 def _aggregated(store: RunStore, run_name: str, phase: str) -> dict[int, list[str]]:

@@ -3,7 +3,7 @@
 It runs the real handlers of `client/app.py` and corrupts the train reply of some partitions: 1 sends a
 NaN, 2 a tensor of the wrong shape, 3 an update of enormous norm in pretraining and, in fine-tuning, fails
 inside the handler on a site YAML whose path names a patient (which must not reach the server); partition 0
-is honest. Only the test
+and any from 4 on are honest. Only the test
 that needs faulty participants installs it (as its app's clientapp); nothing in the product uses it.
 """
 
@@ -27,7 +27,7 @@ def _corrupt(msg: Message, context: Context, call_next) -> Message:
         )
         return call_next(msg, lost)
     reply = call_next(msg, context)
-    if not msg.metadata.message_type.startswith("train") or partition == 0 or reply.has_error():
+    if not msg.metadata.message_type.startswith("train") or partition not in (1, 2, 3) or reply.has_error():
         return reply
     arrays = {
         k: v.copy()
@@ -38,7 +38,7 @@ def _corrupt(msg: Message, context: Context, call_next) -> Message:
         arrays[key].flat[0] = np.nan
     elif partition == 2:
         arrays[key] = arrays[key][:-1]  # one output channel short: does not broadcast against the reference
-    else:
+    else:  # partition 3
         arrays[key] = arrays[key] * 1e7
     buffer, layout = pack(arrays)
     reply.content[ARRAYS] = ArrayRecord({PACKED: Array(buffer)})

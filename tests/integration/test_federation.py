@@ -3,6 +3,8 @@
 - two virtual sites, 1+1 rounds: both phases complete and everything lands in the run store;
 - four virtual sites of which three send bad updates: each is rejected with its reason, and under
   `short_round: wait` a round short of `min_sites` is tried again, then fails the run;
+- cyclic weight transfer over five sites, three faulty: the honest ones train in turn, the faulty are
+  passed over, and the replay gives the run's weights bitwise;
 - one site holding all the data: final weights of both phases equal the CLI's centralised runs bitwise
   (`fedretina pretrain`, then `fedretina finetune` with the hold-out protocol from that encoder), two
   identical runs are bitwise identical, a server killed mid-run resumes to the same weights, and resuming
@@ -220,27 +222,17 @@ def test_bad_run_config_fails_the_run_with_one_line_naming_the_fix(flower: Flowe
 def test_a_short_round_under_wait_is_tried_again_then_fails_the_run_in_one_line(
     tiny_sites: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    fl = Flower(tmp_path_factory.mktemp("flwr-home-short"), app_with_client(tmp_path, "faulty_client"))
     runs = tmp_path / "runs"
-    settings = sets(
-        runs_dir=runs,
+    result = faulty_run(
+        tmp_path,
+        tmp_path_factory,
+        iid_scenario(tmp_path, tiny_sites["aptos"], 4),
+        "short",
         federation__min_sites=2,  # only one of the four faulty-app sites sends a usable update
         federation__short_round="wait",
         federation__round_attempts=2,
         federation__connect_deadline_s=60,
     )
-    try:
-        result = fl.run(
-            4,
-            {
-                "profile": "tiny",
-                "scenario": str(iid_scenario(tmp_path, tiny_sites["aptos"], 4)),
-                "run-name": "short",
-                "set": settings,
-            },
-        )
-    finally:
-        fl.stop()
     output = result.stdout + result.stderr  # (`flwr run` exits 0 whatever the run's fate)
     assert "fedretina: error: pretrain round 1: fewer than 2 accepted update(s) in 2 attempts" in output, (
         output[-3000:]
@@ -258,29 +250,10 @@ def test_a_short_round_under_wait_is_tried_again_then_fails_the_run_in_one_line(
 def test_faulty_sites_are_rejected_with_their_reasons_and_the_run_completes(
     tiny_sites: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    fl = Flower(tmp_path_factory.mktemp("flwr-home-faulty"), app_with_client(tmp_path, "faulty_client"))
     plan = iid_scenario(tmp_path, tiny_sites["aptos"], 4)
-    runs = tmp_path / "runs"
-    try:
-        result = fl.run(
-            4,
-            {
-                "profile": "tiny",
-                "scenario": str(plan),
-                "run-name": "faulty",
-                "set": sets(
-                    runs_dir=runs,
-                    threads=1,  # the replay below computes the same floats only with the same thread count
-                    federation__min_sites=1,
-                    federation__rounds_finetune=1,
-                    federation__max_update_norm=1e5,
-                ),
-            },
-        )
-    finally:
-        fl.stop()
+    result = faulty_run(tmp_path, tmp_path_factory, plan, "faulty", **REPLAYED)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = runs / "faulty"
+    run = tmp_path / "runs" / "faulty"
     assert store_rows(run, "SELECT status FROM runs") == [("completed",)]
     rows = store_rows(
         run, "SELECT phase, site, accepted, reason FROM replies WHERE kind = 'train' ORDER BY site"
@@ -304,7 +277,52 @@ def test_faulty_sites_are_rejected_with_their_reasons_and_the_run_completes(
     assert store_rows(run, "SELECT accepted, status FROM rounds") == [(1, "ok"), (1, "ok")]
     model, _ = load_weights(run / "federation" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
-    # the store is an exact account: replaying the replies it marks as aggregated gives the run's weights
+    assert_replays_exactly(run)
+
+
+def test_cyclic_weight_transfer_chains_the_honest_sites_and_passes_over_the_faulty(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Five sites train one after another (partitions 0 and 4 honest, 1-3 faulty): the faulty ones are
+    rejected and passed over, and the replay, which trains the two honest sites in turn in each round's
+    `cycle_order`, the second from the first's model, gives the run's weights bit for bit."""
+    source = write_site(tmp_path, "aptos", 25, seed=5)
+    plan = iid_scenario(tmp_path, source, 5)
+    result = faulty_run(tmp_path, tmp_path_factory, plan, "cyclic", federation__strategy="cyclic", **REPLAYED)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "runs" / "cyclic"
+    aggregated = store_rows(run, "SELECT DISTINCT site FROM replies WHERE aggregated = 1 ORDER BY site")
+    assert aggregated == [("aptos-iid0",), ("aptos-iid4",)]
+    rejected = store_rows(run, "SELECT count(*) FROM replies WHERE kind = 'train' AND NOT accepted")
+    assert rejected == [(6,)]  # three faulty sites in each of the two rounds
+    assert store_rows(run, "SELECT sampled, accepted, status FROM rounds") == [(5, 2, "ok"), (5, 2, "ok")]
+    assert_replays_exactly(run)
+
+
+# The replay computes the same floats only with the same thread count; one fine-tuning round.
+REPLAYED = {
+    "threads": 1,
+    "federation__min_sites": 1,
+    "federation__rounds_finetune": 1,
+    "federation__max_update_norm": 1e5,
+}
+
+
+def faulty_run(
+    tmp_path: Path, factory: pytest.TempPathFactory, plan: Path, name: str, **settings: object
+) -> subprocess.CompletedProcess:
+    """One tiny-profile run of `plan` (IID parts) whose sites are `faulty_client`'s, in `tmp_path/runs`."""
+    nodes = yaml.safe_load(plan.read_text())["split"]["parts"]
+    fl = Flower(factory.mktemp(f"flwr-home-{name}"), app_with_client(tmp_path, "faulty_client"))
+    config = {"profile": "tiny", "scenario": str(plan), "run-name": name}
+    try:
+        return fl.run(nodes, config | {"set": sets(runs_dir=tmp_path / "runs", **settings)})
+    finally:
+        fl.stop()
+
+
+def assert_replays_exactly(run: Path) -> None:
+    """The store is an exact account: replaying the replies it marks as aggregated gives the run's weights."""
     replayed_phases = replay(run / "federation")
     assert set(replayed_phases) == {"pretrain", "finetune"}
     for phase, (replayed, final) in replayed_phases.items():

@@ -17,6 +17,7 @@ from shared.aggregation import (
     bn_keys,
     buffer_keys,
     check_update,
+    cycle_order,
     fedadam,
     fedavgm,
     merge_metrics,
@@ -255,3 +256,15 @@ def test_rows_without_a_usable_weight_count_only_towards_sums() -> None:
     rows = [{"n": 0, "loss": 5.0, "steps": 1}, {"loss": 7.0, "steps": 2}, {"n": 2, "loss": 1.0, "steps": 3}]
     assert merge_metrics(rows, "n", summed={"n", "steps"}) == {"n": 2.0, "loss": 1.0, "steps": 6.0}
     assert merge_metrics([{"n": 0, "loss": 5.0}], "n", summed={"n"}) == {"n": 0.0}  # nothing to average
+
+
+def test_the_cycle_order_changes_every_round_and_a_subset_keeps_its_relative_order() -> None:
+    sites = [f"site{i}" for i in range(6)]
+    orders = [cycle_order(sites, 0, "finetune", rnd) for rnd in range(1, 9)]
+    assert all(sorted(o) == sites for o in orders)
+    assert len({tuple(o) for o in orders}) == len(orders)  # a new order each round
+    assert len({o[-1] for o in orders}) > 1  # no site is always last
+    assert cycle_order(sites, 0, "finetune", 3) == orders[2]  # seeded: the same again on a replay
+    assert cycle_order(sites, 1, "finetune", 3) != orders[2]
+    subset = ["site5", "site1", "site3"]
+    assert cycle_order(subset, 0, "finetune", 3) == [s for s in orders[2] if s in subset]

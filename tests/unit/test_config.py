@@ -58,6 +58,10 @@ def test_config_is_frozen() -> None:
         ("pretrain:\n  epochs: ten\n", "pretrain.epochs: input should be a valid integer"),
         ("data:\n  image_size: 100\n", "data.image_size: must be a positive multiple of 32"),
         ("profile: huge\n", "profile: unknown profile 'huge'"),
+        (
+            "federation:\n  strategy: cyclic\n  secure_aggregation: true\n",
+            "federation: secure_aggregation: cyclic weight transfer passes each site's own model on",
+        ),
         ("pretrain: [\n", "not valid YAML (line 2)"),
         ("- a\n- b\n", "expected a mapping"),
     ],
