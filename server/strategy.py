@@ -36,13 +36,13 @@ from server.replies import stream_replies
 from server.sites import SiteDirectory, SiteInfo, error_text, sample_sites
 from shared.aggregation import (
     Arrays,
+    Chain,
     RunningAverage,
     ServerMoments,
     Sketch,
     Sketches,
     Update,
     Verdict,
-    average,
     buffer_keys,
     check_update,
     cycle_order,
@@ -145,18 +145,19 @@ class FedRetina(Strategy):
         """Cyclic weight transfer: the round's sites train one after another in `cycle_order`, each from the
         model the previous accepted one returned, so a round makes as many sequential optimiser steps as a
         centralised epoch over their pooled images (FedAvg averages parallel ones). A rejected or silent
-        site is passed over. Same bytes as FedAvg; each site waits for the one before it. None when fewer
-        than `min_sites` were accepted (the round is short and the model kept)."""
+        site is passed over. The round's BatchNorm statistics are the sites' average (`Chain`). Same bytes as
+        FedAvg; each site waits for the one before it. None when fewer than `min_sites` were accepted (the
+        round is short and the model kept)."""
         by_name = {s.name: s for s in self.start_round(rnd, arrays, grid)}
-        model = {k: v.numpy() for k, v in arrays.items()}
+        chain = Chain({k: v.numpy() for k, v in arrays.items()})
         candidates = []
         for name in cycle_order(by_name, self.run.config.seed, self.phase, rnd):
-            self.sent, self.reference = [by_name[name]], model
-            asked = self._messages(to_record(model), rnd, "train")
+            self.sent, self.reference = [by_name[name]], chain.model
+            asked = self._messages(to_record(chain.model), rnd, "train")
             for msg, site in self._match(stream_replies(grid, asked, timeout), rnd, "train"):
                 candidate = self._candidate(msg, site)
                 if candidate.verdict.reason is None:
-                    model = average([candidate.update(self.tasks)], model)  # its entries; other heads kept
+                    chain.add(candidate.update(self.tasks))
                 candidates.append(candidate.folded(None))
         accepted = [c for c in candidates if c.verdict.reason is None]
         enough = len(accepted) >= self.directory.min_sites
@@ -166,7 +167,7 @@ class FedRetina(Strategy):
         if not enough:
             self.recorder.short(rnd, len(candidates), len(accepted), self.directory.min_sites)
             return None
-        return self._finished(rnd, model, [c.metrics for c in accepted], len(candidates))[0]
+        return self._finished(rnd, chain.result(), [c.metrics for c in accepted], len(candidates))[0]
 
     def conclude_secure(self, rnd: int, outcome: SecureResult) -> ArrayRecord | None:
         """A SecAgg+ round's end (`server/secure.py`): each site's fate from its clear metrics (its update's

@@ -14,7 +14,7 @@
 - FedBN: `bn_keys` names BatchNorm parameters and buffers, which such sites keep local.
 - FedAdam (Reddi et al. 2021): the averaged change is a pseudo-gradient for a server-side Adam step.
 - Cyclic weight transfer (Chang et al. 2018): `cycle_order` is the seeded order in which a round's sites
-  train one after another, each from the model the previous one returned.
+  train one after another, each from the model the previous one returned (`Chain`).
 - `merge_metrics`: many sites' metric records as one (counts summed, times as median and max, every other
   value weighted by examples).
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from torch import nn
@@ -317,6 +317,29 @@ def _server_move(
         out[key] = (ref.astype(np.float64) + step(state, key, delta)).astype(ref.dtype)
     state.step += 1
     return out, state
+
+
+class Chain:
+    """One round of cyclic weight transfer: each accepted site's weights become the model the next site
+    trains from (its entries; heads it does not hold stay as they were), while the BatchNorm statistics
+    the round ends with are the sites' running statistics averaged as FedAvg averages them. Chained too,
+    they would be the last site's alone: measured under camera skew, the model then scored the other
+    camera's images with the wrong colour statistics. Training never reads them (batches normalise with
+    their own), so only the model the round hands on changes."""
+
+    def __init__(self, start: Arrays) -> None:
+        self.model = start
+        self.statistics = RunningAverage(start)
+        self.buffers = buffer_keys(start)
+
+    def add(self, update: Update) -> None:
+        self.model = average([update], self.model)
+        own = {k: v for k, v in update.arrays.items() if k in self.buffers}
+        self.statistics.add(replace(update, arrays=own))
+
+    def result(self) -> Arrays:
+        averaged = self.statistics.result()
+        return {k: averaged[k] if k in self.buffers else v for k, v in self.model.items()}
 
 
 def cycle_order(names: Iterable[str], run_seed: int, phase: str, rnd: int) -> list[str]:

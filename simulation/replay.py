@@ -27,7 +27,7 @@ from client.rounds import train_round
 from server.checkpoints import Checkpoints
 from server.run import initial_weights
 from server.store import RunStore
-from shared.aggregation import Arrays, Update, average, cycle_order, site_update
+from shared.aggregation import Arrays, Chain, Update, average, cycle_order, site_update
 from shared.config import ExperimentConfig
 from shared.data.scenario import load_scenario, scenario_sites
 from shared.data.site import Site, load_site
@@ -79,11 +79,10 @@ def _round(
     """One round as the server aggregated it; a round nobody was aggregated in keeps the model."""
     round_spec = RoundSpec(spec, phase, rnd, tasks)
     if spec.config.federation.strategy == "cyclic":
-        names = cycle_order([s.name for s in sites], spec.config.seed, phase, rnd)
-        by_name = {s.name: s for s in sites}
-        for name in names:
-            arrays = average([_trained(by_name[name], round_spec, arrays)], arrays)
-        return arrays
+        chain, by_name = Chain(arrays), {s.name: s for s in sites}
+        for name in cycle_order(by_name, spec.config.seed, phase, rnd):
+            chain.add(_trained(by_name[name], round_spec, chain.model))
+        return chain.result()
     return average([_trained(site, round_spec, arrays) for site in sites], arrays)
 
 

@@ -10,6 +10,7 @@ import pytest
 from torch import nn
 
 from shared.aggregation import (
+    Chain,
     RunningAverage,
     Sketches,
     Update,
@@ -268,3 +269,18 @@ def test_the_cycle_order_changes_every_round_and_a_subset_keeps_its_relative_ord
     assert cycle_order(sites, 1, "finetune", 3) != orders[2]
     subset = ["site5", "site1", "site3"]
     assert cycle_order(subset, 0, "finetune", 3) == [s for s in orders[2] if s in subset]
+
+
+def test_a_chain_hands_on_each_sites_weights_and_ends_with_their_averaged_statistics() -> None:
+    first, second = arrays(1), {k: v for k, v in arrays(2).items() if k != "heads.dr.w"}  # no DR labels
+    chain = Chain(REF)
+    chain.add(Update("a", first, 10))
+    assert all(np.array_equal(chain.model[k], first[k]) for k in REF)  # the next site trains from a's model
+    chain.add(Update("b", second, 30))
+    out = chain.result()
+    for key in ("enc.w", "enc.b"):
+        assert np.array_equal(out[key], second[key])  # the last site's parameters, not a mean
+    assert np.array_equal(out["heads.dr.w"], first["heads.dr.w"])  # b holds no DR head: a's stays
+    mean = (10 * first["bn.running_var"].astype(np.float64) + 30 * second["bn.running_var"]) / 40
+    np.testing.assert_allclose(out["bn.running_var"], mean, rtol=1e-6)  # statistics averaged as FedAvg does
+    assert out["bn.num_batches_tracked"] == 2  # counters: the largest
