@@ -323,9 +323,9 @@ class Chain:
     """One round of cyclic weight transfer: each accepted site's weights become the model the next site
     trains from (its entries; heads it does not hold stay as they were), while the BatchNorm statistics
     the round ends with are the sites' running statistics averaged as FedAvg averages them. Chained too,
-    they would be the last site's alone: measured under camera skew, the model then scored the other
-    camera's images with the wrong colour statistics. Training never reads them (batches normalise with
-    their own), so only the model the round hands on changes."""
+    they would be the last site's alone, which under camera skew cost the other camera's test images
+    (seed 0: referable AUC 0.776 on camera 1, 0.861 with the average). Training never reads them (batches
+    normalise with their own), so only the model the round hands on changes."""
 
     def __init__(self, start: Arrays) -> None:
         self.model = start
