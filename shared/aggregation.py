@@ -333,7 +333,10 @@ class Chain:
         self.buffers = buffer_keys(start)
 
     def add(self, update: Update) -> None:
-        self.model = average([update], self.model)
+        # The site's entries as they are (one update's average is itself); those it holds no examples of
+        # (a head of a task it lacks) stay, as `average` leaves them
+        sent = {k: v for k, v in update.arrays.items() if update.weight_of(k) > 0}
+        self.model = {k: sent.get(k, v) for k, v in self.model.items()}
         own = {k: v for k, v in update.arrays.items() if k in self.buffers}
         self.statistics.add(replace(update, arrays=own))
 

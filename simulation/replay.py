@@ -81,14 +81,18 @@ def _round(
     if spec.config.federation.strategy == "cyclic":
         chain, by_name = Chain(arrays), {s.name: s for s in sites}
         for name in cycle_order(by_name, spec.config.seed, phase, rnd):
-            chain.add(_trained(by_name[name], round_spec, chain.model))
+            chain.add(_trained(by_name[name], round_spec, _tensors(chain.model)))
         return chain.result()
-    return average([_trained(site, round_spec, arrays) for site in sites], arrays)
+    start = _tensors(arrays)
+    return average([_trained(site, round_spec, start) for site in sites], arrays)
 
 
-def _trained(site: Site, round_spec: RoundSpec, arrays: Arrays) -> Update:
-    """The site's update when it trains the round from `arrays`, as the ClientApp trains it."""
-    tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+def _tensors(arrays: Arrays) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+
+
+def _trained(site: Site, round_spec: RoundSpec, tensors: dict[str, torch.Tensor]) -> Update:
+    """The site's update when it trains the round from `tensors`, as the ClientApp trains it."""
     trained = train_round(site, round_spec, tensors)
     assert trained.weights is not None  # only private runs refuse, and they are not replayed
     weights = {k: v.numpy() for k, v in trained.weights.items()}
