@@ -32,6 +32,7 @@ from shared.wire import (
     ARRAYS,
     LAYOUT,
     METRICS,
+    MOMENTS,
     PACKED,
     REASON,
     REFUSAL,
@@ -43,9 +44,10 @@ from shared.wire import (
     RunSpec,
     SiteReport,
     from_wire,
-    pack,
+    pack_records,
     to_wire,
     unpack,
+    unpacked,
 )
 
 app = ClientApp()
@@ -76,17 +78,24 @@ def _round(msg: Message, context: Context) -> tuple[Site, RoundSpec]:
     return node_site(context.node_config, spec.run), spec
 
 
-def _reply(msg: Message, metrics: dict, arrays: dict[str, torch.Tensor] | None = None) -> Message:
+def _reply(
+    msg: Message,
+    metrics: dict,
+    arrays: dict[str, torch.Tensor] | None = None,
+    moments: dict[str, torch.Tensor] | None = None,
+) -> Message:
     content = RecordDict({METRICS: MetricRecord(metrics)})
     if arrays is not None:  # packed in one buffer, as the server sends them (`shared/wire.py:pack`)
-        buffer, layout = pack({k: v.numpy() for k, v in arrays.items()})
-        content[ARRAYS] = ArrayRecord({PACKED: Array(buffer)})
-        content[LAYOUT] = ConfigRecord({PACKED: layout})
+        plain = {k: v.numpy() for k, v in moments.items()} if moments is not None else None
+        buffers, layouts = pack_records({k: v.numpy() for k, v in arrays.items()}, plain)
+        for name, buffer in buffers.items():
+            content[name] = ArrayRecord({PACKED: Array(buffer)})
+        content[LAYOUT] = ConfigRecord(layouts)
     return Message(content=content, reply_to=msg)
 
 
-def _weights(msg: Message) -> dict[str, torch.Tensor]:
-    return _tensors(unpack(msg.content[ARRAYS][PACKED].numpy(), str(msg.content[LAYOUT][PACKED])))
+def _weights(msg: Message, name: str = ARRAYS) -> dict[str, torch.Tensor]:
+    return _tensors(unpacked(msg.content, name))
 
 
 def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -111,8 +120,9 @@ def describe(msg: Message, context: Context) -> Message:
 @_private
 def train(msg: Message, context: Context) -> Message:
     site, spec = _round(msg, context)
-    trained = train_round(site, spec, _weights(msg))
-    reply = _reply(msg, trained.metrics, trained.weights)
+    carried = _weights(msg, MOMENTS) if MOMENTS in msg.content else None  # cyclic, carry_optimizer
+    trained = train_round(site, spec, _weights(msg), carried)
+    reply = _reply(msg, trained.metrics, trained.weights, trained.moments)
     if trained.refused is not None:  # no weights: the server records why (e.g. the privacy budget)
         reply.content[REFUSAL] = ConfigRecord({REASON: trained.refused})
     return reply

@@ -34,6 +34,7 @@ from shared.training.finetune import (
     site_tasks,
     task_weights,
 )
+from shared.training.moments import named_moments, with_moments
 from shared.training.phase import Method, Span, run_phase
 from shared.training.pretrain import build_spark, spark_method
 from shared.training.replicas import Replica, run_replicas
@@ -55,10 +56,12 @@ Tensors = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
 
 
-def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> Trained:
+def train_round(site: Site, spec: RoundSpec, arrays: Tensors, carried: Tensors | None = None) -> Trained:
     """The round's local epochs (or steps) from the global weights: the weights to send (all of them in
     pretraining; the encoder and this site's heads in fine-tuning) and the reply's metrics. Under DP the
-    site may refuse (its budget), and its epsilon joins the metrics."""
+    site may refuse (its budget), and its epsilon joins the metrics. With `federation.carry_optimizer` the
+    site starts from the `carried` optimiser moments of the site before it in the chain (its own state for
+    parameters they lack) and returns its moments to hand on."""
     started = time.perf_counter()
     privacy = SitePrivacy(site, spec) if spec.config.privacy.enabled else None
     sgd, refused = privacy.refusal() if privacy is not None else (None, None)
@@ -73,10 +76,10 @@ def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> Trained:
         )
     if devices > 1:
         cuda = pick_device(spec.config.device).type == "cuda"
-        plain = {k: v.numpy() for k, v in arrays.items()}
-        local = run_replicas(_train_replica, devices, (site, spec, plain), cuda).as_tensors()
+        plain = _numpy(arrays), _numpy(carried) if carried is not None else None
+        local = run_replicas(_train_replica, devices, (site, spec, *plain), cuda).as_tensors()
     else:
-        local = _train(site, spec, arrays, sgd=sgd)
+        local = _train(site, spec, arrays, carried, sgd=sgd)
     spent = {EPSILON: privacy.release(sgd)} if privacy is not None and sgd is not None else {}
     images = sum(local.counts.values())
     seconds = time.perf_counter() - started
@@ -89,28 +92,43 @@ def train_round(site: Site, spec: RoundSpec, arrays: Tensors) -> Trained:
         DEVICES: devices,
     }
     counts = {task_key(t, NUM_EXAMPLES): local.counts.get(t, 0) for t in spec.tasks}
-    return Trained(local.weights, metrics | counts | spent)
+    return Trained(local.weights, metrics | counts | spent, moments=local.moments)
 
 
 @dataclass(frozen=True)
 class Local:
-    """What the local training of a round produced: the weights to send, the loss, the optimiser steps and
-    the training images per task."""
+    """What the local training of a round produced: the weights to send, the loss, the optimiser steps,
+    the training images per task, and the optimiser moments to hand on (carry_optimizer)."""
 
     weights: dict[str, Any]
     loss: float
     steps: int
     counts: dict[str, int]
+    moments: dict[str, Any] | None = None
 
     def as_tensors(self) -> Local:
-        """Weights back from the numpy arrays a replica process sent (plain bytes, no shared memory)."""
-        return replace(self, weights={k: torch.from_numpy(v) for k, v in self.weights.items()})
+        """Back from the numpy arrays a replica process sent (plain bytes, no shared memory)."""
+        moments = _from_numpy(self.moments) if self.moments is not None else None
+        return replace(self, weights=_from_numpy(self.weights), moments=moments)
+
+    def as_numpy(self) -> Local:
+        moments = _numpy(self.moments) if self.moments is not None else None
+        return replace(self, weights=_numpy(self.weights), moments=moments)
+
+
+def _numpy(tensors: Tensors) -> dict[str, Any]:
+    return {k: v.numpy() for k, v in tensors.items()}
+
+
+def _from_numpy(arrays: dict[str, Any]) -> Tensors:
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def _train(
     site: Site,
     spec: RoundSpec,
     arrays: Tensors,
+    carried: Tensors | None = None,
     *,
     sgd: PrivateSGD | None = None,
     replica: Replica | None = None,
@@ -130,7 +148,7 @@ def _train(
         seed=cfg.seed,
         key=site.name,
         workers=cfg.data.workers,
-        optimizer_state=state.optimizer_before(),
+        optimizer_state=_optimizer_state(method, state.optimizer_before(), carried),
         proximal_mu=f.proximal_mu if f.strategy == "fedprox" else 0.0,  # FedProx's term, at the site
         desc=site.name if replica is None else f"{site.name} device {replica.rank}",
         privacy=sgd,
@@ -141,23 +159,38 @@ def _train(
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if spec.phase != PRETRAIN:  # the encoder and the heads this site trained; other heads stay the server's
         weights = {k: v for k, v in weights.items() if k.startswith((ENCODER, *map(head_prefix, data)))}
-    return Local(weights, result.loss, result.steps, {t: len(d) for t, d in data.items()})
+    moments = named_moments(model, result.optimizer) if f.carry_optimizer else None
+    return Local(weights, result.loss, result.steps, {t: len(d) for t, d in data.items()}, moments)
 
 
-def _train_replica(replica: Replica, site: Site, spec: RoundSpec, arrays: dict[str, Any]) -> Local:
+def _optimizer_state(method: Method, own: dict | None, carried: Tensors | None) -> dict | None:
+    """The optimiser state a round starts from: the site's own (or None: fresh), with the carried moments
+    of the previous site in the chain over it."""
+    if carried is None:
+        return own
+    optimizer = method.optimizer()
+    if own is not None:
+        optimizer.load_state_dict(own)
+    return with_moments(optimizer, method.model, carried)
+
+
+def _train_replica(
+    replica: Replica, site: Site, spec: RoundSpec, arrays: dict[str, Any], carried: dict[str, Any] | None
+) -> Local:
     """One device's process of a multi-device site (see shared/training/replicas.py)."""
-    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    local = _train(site, spec, tensors, replica=replica)
-    return replace(local, weights={k: v.numpy() for k, v in local.weights.items()})
+    moments = _from_numpy(carried) if carried is not None else None
+    return _train(site, spec, _from_numpy(arrays), moments, replica=replica).as_numpy()
 
 
 @dataclass(frozen=True)
 class Trained:
-    """A train round's outcome: weights and metrics, or (weights None) why the site refused the round."""
+    """A train round's outcome: weights and metrics, or (weights None) why the site refused the round;
+    with carry_optimizer, the optimiser moments to hand on."""
 
     weights: Tensors | None
     metrics: dict[str, float]
     refused: str | None = None
+    moments: Tensors | None = None
 
 
 def refused_metrics(spec: RoundSpec, spent: float, seconds: float) -> dict[str, float]:

@@ -1,6 +1,7 @@
-"""Server checkpoints: after every round, the global weights (and FedAdam's moments) as safetensors with the
-record of `shared.weights.weights_meta` (kind, architecture, settings, run uid, scenario, tasks) plus the
-phase, round and FedAdam step. The newest few per phase are kept, the last of a phase always.
+"""Server checkpoints: after every round, the global weights (and FedAdam's moments, or the optimiser
+moments cyclic weight transfer carries from round to round) as safetensors with the record of
+`shared.weights.weights_meta` (kind, architecture, settings, run uid, scenario, tasks) plus the phase, round
+and FedAdam step. The newest few per phase are kept, the last of a phase always.
 A server restarted with resume continues after the newest one; all other randomness is derived from
 (run seed, round, site), so the continued run computes what the uninterrupted one would have.
 """
@@ -29,6 +30,7 @@ class Saved:
     arrays: Arrays
     adam: ServerMoments | None
     meta: dict[str, Any]
+    carried: Arrays  # cyclic with carry_optimizer: the moments the round's chain ended with
 
 
 class Checkpoints:
@@ -39,11 +41,15 @@ class Checkpoints:
         return self.dir / f"{phase}-r{rnd:04d}.safetensors"
 
     def save(
-        self, phase: str, rnd: int, arrays: Arrays, adam: ServerMoments | None, meta: dict[str, Any]
+        self,
+        phase: str,
+        rnd: int,
+        arrays: Arrays,
+        adam: ServerMoments | None,
+        meta: dict[str, Any],
+        carried: Arrays | None = None,
     ) -> Path:
-        tensors = {
-            f"global.{k}": torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()
-        }
+        tensors = _prefixed("global.", arrays) | _prefixed(CARRIED, carried or {})
         if adam is not None:
             tensors |= {f"adam.m.{k}": torch.from_numpy(v) for k, v in adam.m.items()}
             tensors |= {f"adam.v.{k}": torch.from_numpy(v) for k, v in adam.v.items()}
@@ -68,9 +74,17 @@ class Checkpoints:
     def load(self, phase: str, rnd: int) -> Saved:
         tensors, meta = load_weights(self.path(phase, rnd))
         arrays = {k[7:]: v.numpy() for k, v in tensors.items() if k.startswith("global.")}
+        carried = {k[len(CARRIED) :]: v.numpy() for k, v in tensors.items() if k.startswith(CARRIED)}
         adam = None
         if meta.get("adam_step") is not None:
             m = {k[7:]: v.numpy() for k, v in tensors.items() if k.startswith("adam.m.")}
             v = {k[7:]: t.numpy() for k, t in tensors.items() if k.startswith("adam.v.")}
             adam = ServerMoments(m, v, int(meta["adam_step"]))
-        return Saved(phase, rnd, arrays, adam, meta)
+        return Saved(phase, rnd, arrays, adam, meta, carried)
+
+
+CARRIED = "carried."
+
+
+def _prefixed(prefix: str, arrays: Arrays) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()}

@@ -247,8 +247,9 @@ class FederatedRun:
             return
         mine = saved is not None and saved.phase == phase
         start = saved.arrays if mine else initial_weights(self.cfg, phase, tasks, pretrained)
-        adam = saved.adam if mine else None
-        strategy = FedRetina(self.spec, phase, tasks, self.directory, Recorder(self.store, phase), adam)
+        adam, carried = (saved.adam, saved.carried) if mine else (None, None)
+        recorder = Recorder(self.store, phase)
+        strategy = FedRetina(self.spec, phase, tasks, self.directory, recorder, adam, carried)
         strategy.summary()
         arrays = to_record(start)
         loss = self._probe(phase, 0, arrays) if done == 0 else None
@@ -273,7 +274,9 @@ class FederatedRun:
             scenario=self.options.scenario,
             tasks=strategy.tasks,
         )
-        path = self.checkpoints.save(strategy.phase, rnd, _numpy(arrays), strategy.adam, meta)
+        path = self.checkpoints.save(
+            strategy.phase, rnd, _numpy(arrays), strategy.adam, meta, strategy.carried
+        )
         self.store.add_checkpoint(strategy.phase, rnd, path)
         return arrays
 

@@ -15,14 +15,14 @@ The run (`server/run.py`) calls the hooks round by round, then probes and checkp
 fedprox (sites add mu/2 ||w - w_global||^2), fedbn (sites keep their BatchNorm; the server's BN entries are
 averages used only for probes and exports), fedadam (server Adam on the average), fedavgm (server SGD with
 momentum on the average), cyclic (cyclic weight transfer: the sites train one after another, each from
-the previous one's model; `cyclic_round`).
+the previous one's model; `cyclic_round`; with `carry_optimizer` the optimiser moments travel with it).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from shared.aggregation import (
     Update,
     Verdict,
     buffer_keys,
+    check_moments,
     check_update,
     cycle_order,
     fedadam,
@@ -61,6 +62,7 @@ from shared.wire import (
     EPSILON,
     LAYOUT,
     METRICS,
+    MOMENTS,
     NUM_EXAMPLES,
     PACKED,
     PRETRAIN,
@@ -72,10 +74,10 @@ from shared.wire import (
     STEPS,
     RoundSpec,
     RunSpec,
-    pack,
+    pack_records,
     task_key,
     to_wire,
-    unpack,
+    unpacked,
 )
 
 log = logging.getLogger(__name__)
@@ -90,10 +92,13 @@ class FedRetina(Strategy):
         directory: SiteDirectory,
         recorder: Recorder,
         adam: ServerMoments | None = None,
+        carried: Arrays | None = None,
     ) -> None:
         self.run, self.phase, self.tasks = run, phase, tasks
         self.directory, self.recorder, self.adam = directory, recorder, adam
         self.federation = run.config.federation
+        # cyclic with carry_optimizer: the optimiser moments the last round's chain ended with
+        self.carried: Arrays = carried or {}
         self.reference: Arrays = {}
         self.sent: list[SiteInfo] = []
         self.outbox: list[tuple[Message, SiteInfo]] = []
@@ -146,18 +151,20 @@ class FedRetina(Strategy):
         model the previous accepted one returned, so a round makes as many sequential optimiser steps as a
         centralised epoch over their pooled images (FedAvg averages parallel ones). A rejected or silent
         site is passed over. The round's BatchNorm statistics are the sites' average (`Chain`). Same bytes as
-        FedAvg; each site waits for the one before it. None when fewer than `min_sites` were accepted (the
-        round is short and the model kept)."""
+        FedAvg (3x with `carry_optimizer`, whose moments follow the model and outlive the round); each site
+        waits for the one before it. None when fewer than `min_sites` were accepted (the round is short and
+        the model and moments kept)."""
         by_name = {s.name: s for s in self.start_round(rnd, arrays, grid)}
-        chain = Chain({k: v.numpy() for k, v in arrays.items()})
+        carry = self.federation.carry_optimizer
+        chain = Chain({k: v.numpy() for k, v in arrays.items()}, self.carried)
         candidates = []
         for name in cycle_order(by_name, self.run.config.seed, self.phase, rnd):
             self.sent, self.reference = [by_name[name]], chain.model
-            asked = self._messages(to_record(chain.model), rnd, "train")
+            asked = self._messages(to_record(chain.model), rnd, "train", chain.moments if carry else None)
             for msg, site in self._match(stream_replies(grid, asked, timeout), rnd, "train"):
                 candidate = self._candidate(msg, site)
                 if candidate.verdict.reason is None:
-                    chain.add(candidate.update(self.tasks))
+                    chain.add(candidate.update(self.tasks), candidate.moments)
                 candidates.append(candidate.folded(None))
         accepted = [c for c in candidates if c.verdict.reason is None]
         enough = len(accepted) >= self.directory.min_sites
@@ -167,6 +174,7 @@ class FedRetina(Strategy):
         if not enough:
             self.recorder.short(rnd, len(candidates), len(accepted), self.directory.min_sites)
             return None
+        self.carried = chain.moments
         return self._finished(rnd, chain.result(), [c.metrics for c in accepted], len(candidates))[0]
 
     def conclude_secure(self, rnd: int, outcome: SecureResult) -> ArrayRecord | None:
@@ -277,12 +285,14 @@ class FedRetina(Strategy):
     def _eligible(self, site: SiteInfo) -> bool:
         return self.phase == PRETRAIN or any(t in site.labelled for t in self.tasks)
 
-    def _messages(self, arrays: ArrayRecord, rnd: int, kind: str) -> list[Message]:
+    def _messages(
+        self, arrays: ArrayRecord, rnd: int, kind: str, moments: Arrays | None = None
+    ) -> list[Message]:
         """One message per sent site; kept, since the grid gives each its id when it pushes it."""
         spec = ConfigRecord(to_wire(RoundSpec(self.run, self.phase, rnd, self.tasks)))
-        buffer, layout = pack({k: v.numpy() for k, v in arrays.items()})
-        weights = {ARRAYS: ArrayRecord({PACKED: Array(buffer)}), LAYOUT: ConfigRecord({PACKED: layout})}
-        content = RecordDict({**weights, SPEC: spec})
+        buffers, layouts = pack_records({k: v.numpy() for k, v in arrays.items()}, moments)
+        packed = {name: ArrayRecord({PACKED: Array(buffer)}) for name, buffer in buffers.items()}
+        content = RecordDict({**packed, LAYOUT: ConfigRecord(layouts), SPEC: spec})
         self.outbox = [
             (Message(content, dst_node_id=s.node_id, message_type=f"{kind}.{self.phase}"), s)
             for s in self.sent
@@ -294,9 +304,9 @@ class FedRetina(Strategy):
         if REFUSAL in msg.content:  # the site chose not to train (its privacy budget): no weights
             reason = str(msg.content[REFUSAL][REASON])
             return Candidate(site, {}, metrics, 0, Verdict(f"refused by the site: {reason}", None))
-        nbytes = msg.content[ARRAYS].count_bytes()
+        nbytes = sum(msg.content[r].count_bytes() for r in (ARRAYS, MOMENTS) if r in msg.content)
         try:
-            arrays = unpack(msg.content[ARRAYS][PACKED].numpy(), str(msg.content[LAYOUT][PACKED]))
+            arrays = unpacked(msg.content)
         except (KeyError, ValueError) as exc:
             return Candidate(site, {}, metrics, nbytes, Verdict(f"malformed weights: {exc}", None))
         required = list(self.reference)
@@ -310,7 +320,21 @@ class FedRetina(Strategy):
             max_norm=self.federation.max_update_norm,
             examples=metrics.get(NUM_EXAMPLES),
         )
-        return Candidate(site, arrays, metrics, nbytes, verdict)
+        moments: Arrays = {}
+        if self.federation.carry_optimizer and verdict.reason is None:
+            moments, wrong = self._moments(msg.content)
+            verdict = Verdict(wrong, verdict.norm) if wrong is not None else verdict
+        return Candidate(site, arrays, metrics, nbytes, verdict, moments)
+
+    def _moments(self, content: RecordDict) -> tuple[Arrays, str | None]:
+        """carry_optimizer: the optimiser moments a site hands on, and why they cannot be (or None)."""
+        if MOMENTS not in content:
+            return {}, "sent no optimiser moments (federation.carry_optimizer is on)"
+        try:
+            moments = unpacked(content, MOMENTS)
+        except (KeyError, ValueError) as exc:
+            return {}, f"malformed optimiser moments: {exc}"
+        return moments, check_moments(moments, self.reference)
 
     def _match(self, replies: Iterable[Message], rnd: int, kind: str) -> Iterator[tuple[Message, SiteInfo]]:
         """Replies with content, paired with their sites, as they come. Error replies are matched on the
@@ -358,13 +382,14 @@ class Candidate:
     metrics: dict
     nbytes: int
     verdict: Verdict
+    moments: Arrays = field(default_factory=dict)  # carry_optimizer: the optimiser moments to hand on
     sketch: Sketch | None = None
 
     def update(self, tasks: dict[str, int]) -> Update:
         return site_update(self.site.name, self.arrays, self.metrics, tasks)
 
     def folded(self, sketch: Sketch | None) -> Candidate:
-        return replace(self, arrays={}, sketch=sketch)
+        return replace(self, arrays={}, moments={}, sketch=sketch)
 
     def record(self, change: Sketch | None) -> dict:
         """The recorder's fields; `change` = the sketched aggregate change when this update was averaged in

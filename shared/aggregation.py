@@ -1,7 +1,8 @@
 """Aggregation as pure functions: dicts of arrays and weights in, one dict out (no Flower, no I/O).
 
 - `check_update`: the reason an update must be rejected (wrong keys, shapes or dtypes, NaN/Inf, a negative
-  variance, a parameter-update norm above the bound), or None.
+  variance, a parameter-update norm above the bound), or None; `check_moments` the same for the optimiser
+  moments a site hands on under cyclic weight transfer with `federation.carry_optimizer`.
 - `RunningAverage` (and `average`, the same over a list): each key is averaged over the sites whose update
   holds it, weighted by their example counts. Updates are folded in one at a time, as replies arrive, into
   exact order-independent sums (`shared/exactsum.py`) and can be dropped at once: the result is the same bit
@@ -14,7 +15,8 @@
 - FedBN: `bn_keys` names BatchNorm parameters and buffers, which such sites keep local.
 - FedAdam (Reddi et al. 2021): the averaged change is a pseudo-gradient for a server-side Adam step.
 - Cyclic weight transfer (Chang et al. 2018): `cycle_order` is the seeded order in which a round's sites
-  train one after another, each from the model the previous one returned (`Chain`).
+  train one after another, each from the model (and, with `carry_optimizer`, the optimiser moments) the
+  previous one returned (`Chain`).
 - `merge_metrics`: many sites' metric records as one (counts summed, times as median and max, every other
   value weighted by examples).
 """
@@ -32,6 +34,7 @@ from torch import nn
 from shared.exactsum import MAX_WEIGHT, ExactSum
 from shared.models import head_prefix
 from shared.seeding import derive_seed
+from shared.training.moments import SEPARATOR
 from shared.wire import NUM_EXAMPLES, task_key
 
 Arrays = dict[str, np.ndarray]
@@ -97,6 +100,25 @@ def check_update(
     if not _whole_count(examples):
         return Verdict(f"num-examples is {examples!r}, not a positive whole count below 2^26", norm)
     return Verdict(None, norm)
+
+
+def check_moments(moments: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    """Why a site's optimiser moments (`shared/training/moments.py`) cannot be handed on to the next site,
+    or None: each must name a parameter of the model and hold finite floats of its shape (a step count: one
+    number), second moments and step counts not negative."""
+    for key, value in moments.items():
+        name, _, entry = key.rpartition(SEPARATOR)
+        ref = reference.get(name)
+        if ref is None or not _learnt(name, ref):
+            return f"optimiser moments {key}: {name!r} is no parameter of the model"
+        expected = () if entry == "step" else ref.shape
+        if value.shape != expected:
+            return f"optimiser moments {key}: shape {value.shape} instead of {expected}"
+        if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
+            return f"optimiser moments {key}: not finite floats"
+        if entry in ("step", "exp_avg_sq") and (value < 0).any():
+            return f"optimiser moments {key}: negative"
+    return None
 
 
 class RunningAverage:
@@ -325,18 +347,23 @@ class Chain:
     the round ends with are the sites' running statistics averaged as FedAvg averages them. Chained too,
     they would be the last site's alone, which under camera skew cost the other camera's test images
     (seed 0: referable AUC 0.776 on camera 1, 0.861 with the average). Training never reads them (batches
-    normalise with their own), so only the model the round hands on changes."""
+    normalise with their own), so only the model the round hands on changes.
 
-    def __init__(self, start: Arrays) -> None:
+    With `federation.carry_optimizer` the optimiser moments are chained too, per parameter: those of a head
+    the site did not train stay the previous holder's."""
+
+    def __init__(self, start: Arrays, moments: Arrays | None = None) -> None:
         self.model = start
+        self.moments = dict(moments or {})
         self.statistics = RunningAverage(start)
         self.buffers = buffer_keys(start)
 
-    def add(self, update: Update) -> None:
+    def add(self, update: Update, moments: Arrays | None = None) -> None:
         # The site's entries as they are (one update's average is itself); those it holds no examples of
         # (a head of a task it lacks) stay, as `average` leaves them
         sent = {k: v for k, v in update.arrays.items() if update.weight_of(k) > 0}
         self.model = {k: sent.get(k, v) for k, v in self.model.items()}
+        self.moments |= moments or {}
         own = {k: v for k, v in update.arrays.items() if k in self.buffers}
         self.statistics.add(replace(update, arrays=own))
 

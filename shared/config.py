@@ -203,6 +203,9 @@ class FederationConfig(Strict):
     short_round: Literal["skip", "wait"] = "skip"
     round_attempts: int = Field(3, ge=1)
     keep_optimizer_state: bool = True  # persist each site's optimiser state across rounds (its state dir)
+    # cyclic only: the optimiser's moments travel with the model from site to site (3x the bytes), so the
+    # chain's optimiser steps continue one another as a centralised run's do (docs/compare.md)
+    carry_optimizer: bool = False
     keep_checkpoints: int = Field(3, ge=1)  # server checkpoints kept per phase (the phase's last always)
     # SecAgg+ (docs/secure-aggregation.md): the server sees only the sum of the sites' weighted changes, not
     # any one site's. Each entry a site sends must lie within +/- secagg_clipping_range (a site whose update
@@ -213,11 +216,16 @@ class FederationConfig(Strict):
     secagg_threshold: float = Field(0.66, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _cyclic_alone(self) -> FederationConfig:
+    def _cyclic_settings(self) -> FederationConfig:
         if self.strategy == "cyclic" and self.secure_aggregation:
             raise ValueError(
                 "secure_aggregation: cyclic weight transfer passes each site's own model on, there is no "
                 "sum to hide it in; use strategy fedavg with secure aggregation"
+            )
+        if self.carry_optimizer and self.strategy != "cyclic":
+            raise ValueError(
+                f"carry_optimizer: the optimiser travels along the chain of strategy cyclic, not "
+                f"{self.strategy}; set strategy: cyclic or carry_optimizer: false"
             )
         return self
 

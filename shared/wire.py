@@ -25,9 +25,11 @@ PRETRAIN, FINETUNE = "pretrain", "finetune"
 PHASES = (PRETRAIN, FINETUNE)
 
 # The records of a message's content: weights and metrics (Flower's own names), the server's spec, a
-# site's report of itself, and the layout of the packed weights.
+# site's report of itself, the layouts of the packed records (keyed by record), and under cyclic weight
+# transfer with `federation.carry_optimizer` the optimiser moments handed along the chain.
 ARRAYS, METRICS, SPEC, REPORT, LAYOUT = "arrays", "metrics", "config", "site", "layout"
-PACKED = "packed"  # the one entry of a message's weights record (and of its layout record)
+MOMENTS = "moments"
+PACKED = "packed"  # the one entry of a packed record
 
 # Reply metrics. Every site sends every key (Flower ends a run on mismatched keys): per task, NaN and 0
 # examples where the site lacks the task.
@@ -169,6 +171,23 @@ def pack(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
         offset += raw.size
     buffer = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
     return buffer, json.dumps(entries)
+
+
+def pack_records(
+    weights: Mapping[str, np.ndarray], moments: Mapping[str, np.ndarray] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A message's weights (and moments) as one buffer each, and their layouts, keyed by record name: the
+    sender puts each buffer in an ArrayRecord's PACKED entry and the layouts in the LAYOUT ConfigRecord."""
+    buffers, layouts = {}, {}
+    for name, arrays in ((ARRAYS, weights), (MOMENTS, moments)):
+        if arrays is not None:
+            buffers[name], layouts[name] = pack(arrays)
+    return buffers, layouts
+
+
+def unpacked(content: Mapping[str, Any], name: str = ARRAYS) -> dict[str, np.ndarray]:
+    """Record `name` of a message's content as `pack_records` packed it (read-only views of its buffer)."""
+    return unpack(content[name][PACKED].numpy(), str(content[LAYOUT][name]))
 
 
 def unpack(buffer: np.ndarray, layout: str) -> dict[str, np.ndarray]:

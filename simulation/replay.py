@@ -4,9 +4,9 @@ account of the run, faults included.
 Each round, the sites whose train replies the store marks as aggregated are trained again with
 `client/rounds.py:train_round` (the ClientApp's own function): from the previous global model, then
 averaged as the server averages; under cyclic weight transfer one after another in the round's
-`cycle_order`, each from the previous one's model. Sites that failed, timed out or were rejected
-contribute nothing, as in the run. The replay needs every site's data in one place, so it is for test
-federations and audits of pooled data.
+`cycle_order`, each from the previous one's model (and, with `carry_optimizer`, its optimiser moments).
+Sites that failed, timed out or were rejected contribute nothing, as in the run. The replay needs every
+site's data in one place, so it is for test federations and audits of pooled data.
 
 Exact for FedAvg, FedProx and cyclic weight transfer. A site's optimiser state
 (`federation.keep_optimizer_state`) comes from its previous round: a straggler that trained a round whose
@@ -65,38 +65,46 @@ def replay(federation_dir: Path, site_yamls: list[Path] = ()) -> dict[str, tuple
                 continue
             final = checkpoints.load(phase, max(accounts))
             tasks = final.meta.get("tasks") or {}
-            arrays = initial_weights(cfg, phase, tasks, pretrained)
+            arrays, carried = initial_weights(cfg, phase, tasks, pretrained), {}
             for rnd in sorted(accounts):
-                arrays = _round(spec, phase, rnd, tasks, arrays, [sites[n] for n in accounts[rnd]])
+                round_spec, trained = RoundSpec(spec, phase, rnd, tasks), [sites[n] for n in accounts[rnd]]
+                arrays, carried = _round(round_spec, arrays, carried, trained)
             out[phase] = (arrays, final.arrays)
             pretrained = arrays
     return out
 
 
-def _round(
-    spec: RunSpec, phase: str, rnd: int, tasks: dict[str, int], arrays: Arrays, sites: list[Site]
-) -> Arrays:
-    """One round as the server aggregated it; a round nobody was aggregated in keeps the model."""
-    round_spec = RoundSpec(spec, phase, rnd, tasks)
-    if spec.config.federation.strategy == "cyclic":
-        chain, by_name = Chain(arrays), {s.name: s for s in sites}
-        for name in cycle_order(by_name, spec.config.seed, phase, rnd):
-            chain.add(_trained(by_name[name], round_spec, _tensors(chain.model)))
-        return chain.result()
+def _round(spec: RoundSpec, arrays: Arrays, carried: Arrays, sites: list[Site]) -> tuple[Arrays, Arrays]:
+    """One round as the server aggregated it, and the optimiser moments cyclic weight transfer carries on
+    (`carry_optimizer`); a round nobody was aggregated in keeps both."""
+    f = spec.config.federation
+    if f.strategy == "cyclic":
+        chain, by_name = Chain(arrays, carried), {s.name: s for s in sites}
+        for name in cycle_order(by_name, spec.config.seed, spec.phase, spec.round):
+            moments = _tensors(chain.moments) if f.carry_optimizer else None
+            chain.add(*_trained(by_name[name], spec, _tensors(chain.model), moments))
+        return chain.result(), chain.moments
     start = _tensors(arrays)
-    return average([_trained(site, round_spec, start) for site in sites], arrays)
+    return average([_trained(site, spec, start)[0] for site in sites], arrays), carried
 
 
 def _tensors(arrays: Arrays) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
 
-def _trained(site: Site, round_spec: RoundSpec, tensors: dict[str, torch.Tensor]) -> Update:
-    """The site's update when it trains the round from `tensors`, as the ClientApp trains it."""
-    trained = train_round(site, round_spec, tensors)
+def _trained(
+    site: Site,
+    round_spec: RoundSpec,
+    tensors: dict[str, torch.Tensor],
+    carried: dict[str, torch.Tensor] | None = None,
+) -> tuple[Update, Arrays]:
+    """The site's update (and the moments it hands on) when it trains the round from `tensors`, as the
+    ClientApp trains it."""
+    trained = train_round(site, round_spec, tensors, carried)
     assert trained.weights is not None  # only private runs refuse, and they are not replayed
     weights = {k: v.numpy() for k, v in trained.weights.items()}
-    return site_update(site.name, weights, trained.metrics, round_spec.tasks)
+    moments = {k: v.numpy() for k, v in (trained.moments or {}).items()}
+    return site_update(site.name, weights, trained.metrics, round_spec.tasks), moments
 
 
 def _aggregated(store: RunStore, run_name: str, phase: str) -> dict[int, list[str]]:

@@ -280,22 +280,38 @@ def test_faulty_sites_are_rejected_with_their_reasons_and_the_run_completes(
     assert_replays_exactly(run)
 
 
+@pytest.mark.parametrize("carry", [False, True], ids=["own-moments", "carried-moments"])
 def test_cyclic_weight_transfer_chains_the_honest_sites_and_passes_over_the_faulty(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, carry: bool
 ) -> None:
     """Five sites train one after another (partitions 0 and 4 honest, 1-3 faulty): the faulty ones are
     rejected and passed over, and the replay, which trains the two honest sites in turn in each round's
-    `cycle_order`, the second from the first's model, gives the run's weights bit for bit."""
+    `cycle_order`, the second from the first's model, gives the run's weights bit for bit. With
+    `carry_optimizer` the optimiser moments follow the model, from site to site and from round to round
+    (two fine-tuning rounds); partition 1's NaN is then in the moments it hands on, and refused."""
     source = write_site(tmp_path, "aptos", 25, seed=5)
     plan = iid_scenario(tmp_path, source, 5)
-    result = faulty_run(tmp_path, tmp_path_factory, plan, "cyclic", federation__strategy="cyclic", **REPLAYED)
+    settings: dict[str, object] = {**REPLAYED, "federation__strategy": "cyclic"}
+    if carry:  # the sites keep no moments of their own: those they start from are all the chain's
+        settings |= {
+            "federation__carry_optimizer": True,
+            "federation__rounds_finetune": 2,
+            "federation__keep_optimizer_state": False,
+        }
+    result = faulty_run(tmp_path, tmp_path_factory, plan, "cyclic", **settings)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "runs" / "cyclic"
     aggregated = store_rows(run, "SELECT DISTINCT site FROM replies WHERE aggregated = 1 ORDER BY site")
     assert aggregated == [("aptos-iid0",), ("aptos-iid4",)]
+    rounds = 3 if carry else 2
     rejected = store_rows(run, "SELECT count(*) FROM replies WHERE kind = 'train' AND NOT accepted")
-    assert rejected == [(6,)]  # three faulty sites in each of the two rounds
-    assert store_rows(run, "SELECT sampled, accepted, status FROM rounds") == [(5, 2, "ok"), (5, 2, "ok")]
+    assert rejected == [(3 * rounds,)]  # three faulty sites in each round
+    assert store_rows(run, "SELECT sampled, accepted, status FROM rounds") == [(5, 2, "ok")] * rounds
+    reasons = store_rows(
+        run, "SELECT DISTINCT reason FROM replies WHERE site = 'aptos-iid1' AND kind = 'train'"
+    )
+    expected = "optimiser moments" if carry else "holds NaN or Inf"
+    assert len(reasons) == 1 and expected in reasons[0][0], reasons
     assert_replays_exactly(run)
 
 

@@ -17,6 +17,7 @@ from shared.aggregation import (
     average,
     bn_keys,
     buffer_keys,
+    check_moments,
     check_update,
     cycle_order,
     fedadam,
@@ -90,6 +91,36 @@ def test_bad_updates_are_rejected_with_a_reason_and_never_raise(mutate, reason: 
     mutate(update)
     verdict = check_update(update, REF, required=("enc.w", "enc.b"), max_norm=1e3, examples=10)
     assert verdict.reason is not None and reason in verdict.reason
+
+
+def moments(seed: int, keys: tuple[str, ...] = ("enc.w", "heads.dr.w")) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {f"{k}/step": np.array(5.0, np.float32) for k in keys}
+    out |= {f"{k}/exp_avg": rng.normal(size=(3, 4)).astype(np.float32) for k in keys}
+    return out | {f"{k}/exp_avg_sq": np.abs(rng.normal(size=(3, 4))).astype(np.float32) for k in keys}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda m: m.update({"enc.x/exp_avg": np.zeros((3, 4), np.float32)}), "'enc.x' is no parameter"),
+        (lambda m: m.update({"bn.running_var/exp_avg": np.zeros(3, np.float32)}), "is no parameter"),
+        (
+            lambda m: m.update({"enc.w/exp_avg": np.zeros((4, 3), np.float32)}),
+            "shape (4, 3) instead of (3, 4)",
+        ),
+        (lambda m: m.update({"enc.w/step": np.ones(1, np.float32)}), "shape (1,) instead of ()"),
+        (lambda m: m["enc.w/exp_avg"].__setitem__((0, 0), np.inf), "not finite floats"),
+        (lambda m: m.update({"enc.w/exp_avg": np.zeros((3, 4), np.int32)}), "not finite floats"),
+        (lambda m: m.update({"enc.w/exp_avg_sq": -np.ones((3, 4), np.float32)}), "negative"),
+    ],
+)
+def test_bad_optimiser_moments_are_refused_with_a_reason(mutate, reason: str) -> None:
+    assert check_moments(moments(1), REF) is None
+    sent = {k: v.copy() for k, v in moments(1).items()}
+    mutate(sent)
+    found = check_moments(sent, REF)
+    assert found is not None and reason in found, found
 
 
 @pytest.mark.parametrize("examples", [None, 0, -3, float("nan"), "12"])
@@ -284,3 +315,16 @@ def test_a_chain_hands_on_each_sites_weights_and_ends_with_their_averaged_statis
     mean = (10 * first["bn.running_var"].astype(np.float64) + 30 * second["bn.running_var"]) / 40
     np.testing.assert_allclose(out["bn.running_var"], mean, rtol=1e-6)  # statistics averaged as FedAvg does
     assert out["bn.num_batches_tracked"] == 2  # counters: the largest
+
+
+def test_a_chain_hands_on_the_moments_of_each_parameter_from_its_last_trainer() -> None:
+    start = moments(0)
+    chain = Chain(REF, start)
+    chain.add(Update("a", arrays(1), 10), moments(1))
+    assert chain.moments.keys() == start.keys()
+    assert all(np.array_equal(chain.moments[k], v) for k, v in moments(1).items())
+    chain.add(Update("b", arrays(2), 30), moments(2, keys=("enc.w",)))  # b trained no DR head
+    for key, value in chain.moments.items():
+        expected = moments(1) if key.startswith("heads.dr.w/") else moments(2, keys=("enc.w",))
+        assert np.array_equal(value, expected[key]), key
+    assert all(np.array_equal(start[k], v) for k, v in moments(0).items())  # what it started from: untouched

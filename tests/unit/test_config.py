@@ -62,6 +62,11 @@ def test_config_is_frozen() -> None:
             "federation:\n  strategy: cyclic\n  secure_aggregation: true\n",
             "federation: secure_aggregation: cyclic weight transfer passes each site's own model on",
         ),
+        (
+            "federation:\n  carry_optimizer: true\n",
+            "federation: carry_optimizer: the optimiser travels along the chain of strategy cyclic, not "
+            "fedavg",
+        ),
         ("pretrain: [\n", "not valid YAML (line 2)"),
         ("- a\n- b\n", "expected a mapping"),
     ],

@@ -32,6 +32,18 @@ def saved_checkpoint(tmp_path: Path) -> tuple[Path, dict]:
 OPTIONS = RunOptions(scenario="natural", run_name="r", resume=True)
 
 
+def test_a_checkpoint_keeps_the_moments_a_cyclic_chain_carries_into_the_next_round(tmp_path: Path) -> None:
+    store = Checkpoints(tmp_path / "checkpoints")
+    arrays = {"encoder.w": np.zeros((2, 2), np.float32)}
+    carried = {"encoder.w/exp_avg": np.full((2, 2), 0.5, np.float32), "encoder.w/step": np.array(7.0)}
+    store.save("finetune", 2, arrays, None, {}, carried)
+    saved = store.load("finetune", 2)
+    assert saved.carried.keys() == carried.keys() and saved.arrays.keys() == arrays.keys()
+    assert all(np.array_equal(saved.carried[k], v) for k, v in carried.items())
+    store.save("finetune", 3, arrays, None, {})
+    assert store.load("finetune", 3).carried == {}  # nothing carried: nothing kept
+
+
 def test_a_federated_run_resumes_with_its_own_settings(tmp_path: Path) -> None:
     path, meta = saved_checkpoint(tmp_path)
     check_resumable(path, meta, load_config(profile="tiny"), OPTIONS)
@@ -87,7 +99,7 @@ def test_a_federated_resume_ignores_the_settings_only_centralised_commands_read(
     ],
 )
 def test_a_resumed_run_knows_how_many_rounds_of_each_phase_are_done(saved, phase: str, done: int) -> None:
-    checkpoint = Saved(saved[0], saved[1], {}, None, {}) if saved else None
+    checkpoint = Saved(saved[0], saved[1], {}, None, {}, {}) if saved else None
     assert rounds_done(checkpoint, phase, total=3) == done
 
 
