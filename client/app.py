@@ -85,7 +85,7 @@ def _reply(
     moments: dict[str, torch.Tensor] | None = None,
 ) -> Message:
     content = RecordDict({METRICS: MetricRecord(metrics)})
-    if arrays is not None:  # packed in one buffer, as the server sends them (`shared/wire.py:pack`)
+    if arrays is not None:  # packed, as the server sends them (`shared/wire.py:pack_records`)
         plain = {k: v.numpy() for k, v in moments.items()} if moments is not None else None
         buffers, layouts = pack_records({k: v.numpy() for k, v in arrays.items()}, plain)
         for name, buffer in buffers.items():

@@ -154,12 +154,13 @@ def _train(
         privacy=sgd,
         replica=replica,
     )
-    if replica is None or replica.rank == 0:
+    keeps = replica is None or replica.rank == 0  # the process whose result the site keeps and sends
+    if keeps:
         state.after_round(model, result.optimizer, result.step)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if spec.phase != PRETRAIN:  # the encoder and the heads this site trained; other heads stay the server's
         weights = {k: v for k, v in weights.items() if k.startswith((ENCODER, *map(head_prefix, data)))}
-    moments = named_moments(model, result.optimizer) if f.carry_optimizer else None
+    moments = named_moments(model, result.optimizer, weights) if f.carry_optimizer and keeps else None
     return Local(weights, result.loss, result.steps, {t: len(d) for t, d in data.items()}, moments)
 
 

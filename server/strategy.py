@@ -56,6 +56,7 @@ from shared.aggregation import (
 from shared.models import ENCODER, head_prefix
 from shared.securesum import REFUSALS, SecureLayout
 from shared.seeding import derive_seed
+from shared.training.moments import ENTRIES
 from shared.wire import (
     ARRAYS,
     DEVICES,
@@ -334,7 +335,9 @@ class FedRetina(Strategy):
             moments = unpacked(content, MOMENTS)
         except (KeyError, ValueError) as exc:
             return {}, f"malformed optimiser moments: {exc}"
-        return moments, check_moments(moments, self.reference)
+        cfg = self.run.config
+        optimizer = cfg.pretrain.optimizer if self.phase == PRETRAIN else cfg.finetune.optimizer
+        return moments, check_moments(moments, self.reference, ENTRIES[optimizer])
 
     def _match(self, replies: Iterable[Message], rnd: int, kind: str) -> Iterator[tuple[Message, SiteInfo]]:
         """Replies with content, paired with their sites, as they come. Error replies are matched on the

@@ -34,7 +34,7 @@ from torch import nn
 from shared.exactsum import MAX_WEIGHT, ExactSum
 from shared.models import head_prefix
 from shared.seeding import derive_seed
-from shared.training.moments import SEPARATOR
+from shared.training.moments import split
 from shared.wire import NUM_EXAMPLES, task_key
 
 Arrays = dict[str, np.ndarray]
@@ -102,22 +102,33 @@ def check_update(
     return Verdict(None, norm)
 
 
-def check_moments(moments: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+def check_moments(
+    moments: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], entries: Collection[str]
+) -> str | None:
     """Why a site's optimiser moments (`shared/training/moments.py`) cannot be handed on to the next site,
-    or None: each must name a parameter of the model and hold finite floats of its shape (a step count: one
-    number), second moments and step counts not negative."""
+    or None. Each parameter named must be one of the model's, with exactly the optimiser's `entries` (one
+    missing would fail the next site's first step): finite floats of the parameter's shape and dtype (a
+    step count: one float), second moments and step counts not negative."""
+    held: dict[str, set[str]] = {}
     for key, value in moments.items():
-        name, _, entry = key.rpartition(SEPARATOR)
+        name, entry = split(key)
+        held.setdefault(name, set()).add(entry)
         ref = reference.get(name)
         if ref is None or not _learnt(name, ref):
             return f"optimiser moments {key}: {name!r} is no parameter of the model"
-        expected = () if entry == "step" else ref.shape
+        step = entry == "step"
+        expected = () if step else ref.shape
         if value.shape != expected:
             return f"optimiser moments {key}: shape {value.shape} instead of {expected}"
-        if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
-            return f"optimiser moments {key}: not finite floats"
+        if not np.issubdtype(value.dtype, np.floating) or (not step and value.dtype != ref.dtype):
+            return f"optimiser moments {key}: dtype {value.dtype}, not the parameter's {ref.dtype}"
+        if not np.isfinite(value).all():
+            return f"optimiser moments {key}: holds NaN or Inf"
         if entry in ("step", "exp_avg_sq") and (value < 0).any():
             return f"optimiser moments {key}: negative"
+    for name, found in held.items():
+        if found != set(entries):
+            return f"optimiser moments of {name}: entries {sorted(found)} instead of {sorted(entries)}"
     return None
 
 
@@ -349,8 +360,9 @@ class Chain:
     (seed 0: referable AUC 0.776 on camera 1, 0.861 with the average). Training never reads them (batches
     normalise with their own), so only the model the round hands on changes.
 
-    With `federation.carry_optimizer` the optimiser moments are chained too, per parameter: those of a head
-    the site did not train stay the previous holder's."""
+    With `federation.carry_optimizer` the optimiser moments are chained too, for the parameters the chain
+    takes from the site: those of a head the site holds no examples of (which DP-SGD's noise still moves)
+    stay the previous holder's."""
 
     def __init__(self, start: Arrays, moments: Arrays | None = None) -> None:
         self.model = start
@@ -363,7 +375,7 @@ class Chain:
         # (a head of a task it lacks) stay, as `average` leaves them
         sent = {k: v for k, v in update.arrays.items() if update.weight_of(k) > 0}
         self.model = {k: sent.get(k, v) for k, v in self.model.items()}
-        self.moments |= moments or {}
+        self.moments |= {k: v for k, v in (moments or {}).items() if split(k)[0] in sent}
         own = {k: v for k, v in update.arrays.items() if k in self.buffers}
         self.statistics.add(replace(update, arrays=own))
 

@@ -186,8 +186,13 @@ def pack_records(
 
 
 def unpacked(content: Mapping[str, Any], name: str = ARRAYS) -> dict[str, np.ndarray]:
-    """Record `name` of a message's content as `pack_records` packed it (read-only views of its buffer)."""
-    return unpack(content[name][PACKED].numpy(), str(content[LAYOUT][name]))
+    """Record `name` of a message's content as `pack_records` packed it (read-only views of its buffer); a
+    record of another kind (a site's reply is input) is a ValueError, a missing one a KeyError."""
+    try:
+        buffer = content[name][PACKED].numpy()
+    except (AttributeError, TypeError) as exc:
+        raise ValueError(f"record {name!r} holds no packed buffer ({exc})") from None
+    return unpack(buffer, str(content[LAYOUT][name]))
 
 
 def unpack(buffer: np.ndarray, layout: str) -> dict[str, np.ndarray]:

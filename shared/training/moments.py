@@ -8,21 +8,34 @@ on which task heads a site's model holds; names do not. Every tensor entry of a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
 
 SEPARATOR = "/"
+_ADAM = frozenset({"step", "exp_avg", "exp_avg_sq"})
+ENTRIES = {"adamw": _ADAM, "lamb": _ADAM, "sgd": frozenset({"momentum_buffer"})}  # per optimiser name
 
 
-def named_moments(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimiser's tensor state of every parameter of `model` that has one (the trained ones)."""
+def split(key: str) -> tuple[str, str]:
+    """(parameter name, state entry) of a moments key."""
+    name, _, entry = key.rpartition(SEPARATOR)
+    return name, entry
+
+
+def named_moments(
+    model: nn.Module, optimizer: torch.optim.Optimizer, names: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The optimiser's tensor state of every parameter of `model` that has one (the trained ones), or of
+    those in `names` (the parameters a site sends)."""
     out = {}
     for name, param in model.named_parameters():
+        if names is not None and name not in names:
+            continue
         for entry, value in optimizer.state.get(param, {}).items():
             if torch.is_tensor(value):
-                out[f"{name}{SEPARATOR}{entry}"] = value.detach().cpu().clone()
+                out[f"{name}{SEPARATOR}{entry}"] = value.detach().to("cpu", copy=True)
     return out
 
 
@@ -33,7 +46,7 @@ def with_moments(
     (the others keep theirs: a head the previous site lacked continues from this site's own state)."""
     by_name: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in moments.items():
-        name, _, entry = key.rpartition(SEPARATOR)
+        name, entry = split(key)
         by_name.setdefault(name, {})[entry] = value.clone()
     for name, param in model.named_parameters():
         if name in by_name:

@@ -27,6 +27,7 @@ from shared.aggregation import (
     update_norm,
 )
 from shared.exactsum import ExactSum
+from shared.training.moments import ENTRIES
 
 
 def arrays(seed: int, keys: tuple[str, ...] = ("enc.w", "enc.b", "heads.dr.w")) -> dict[str, np.ndarray]:
@@ -110,17 +111,22 @@ def moments(seed: int, keys: tuple[str, ...] = ("enc.w", "heads.dr.w")) -> dict[
             "shape (4, 3) instead of (3, 4)",
         ),
         (lambda m: m.update({"enc.w/step": np.ones(1, np.float32)}), "shape (1,) instead of ()"),
-        (lambda m: m["enc.w/exp_avg"].__setitem__((0, 0), np.inf), "not finite floats"),
-        (lambda m: m.update({"enc.w/exp_avg": np.zeros((3, 4), np.int32)}), "not finite floats"),
+        (lambda m: m["enc.w/exp_avg"].__setitem__((0, 0), np.inf), "holds NaN or Inf"),
+        (lambda m: m.update({"enc.w/exp_avg": np.zeros((3, 4), np.int32)}), "dtype int32"),
+        (lambda m: m.update({"enc.w/exp_avg": np.zeros((3, 4), np.float16)}), "not the parameter's float32"),
         (lambda m: m.update({"enc.w/exp_avg_sq": -np.ones((3, 4), np.float32)}), "negative"),
+        # the next site's first step would fail on a missing entry, so a partial state is refused
+        (lambda m: m.pop("enc.w/step"), "enc.w: entries ['exp_avg', 'exp_avg_sq'] instead of"),
+        (lambda m: m.update({"enc.w/momentum_buffer": np.zeros((3, 4), np.float32)}), "entries"),
     ],
 )
 def test_bad_optimiser_moments_are_refused_with_a_reason(mutate, reason: str) -> None:
-    assert check_moments(moments(1), REF) is None
+    assert check_moments(moments(1), REF, ENTRIES["adamw"]) is None
     sent = {k: v.copy() for k, v in moments(1).items()}
     mutate(sent)
-    found = check_moments(sent, REF)
+    found = check_moments(sent, REF, ENTRIES["adamw"])
     assert found is not None and reason in found, found
+    assert "entries" in (check_moments(moments(1), REF, ENTRIES["sgd"]) or "")  # another optimiser's
 
 
 @pytest.mark.parametrize("examples", [None, 0, -3, float("nan"), "12"])
@@ -323,8 +329,11 @@ def test_a_chain_hands_on_the_moments_of_each_parameter_from_its_last_trainer() 
     chain.add(Update("a", arrays(1), 10), moments(1))
     assert chain.moments.keys() == start.keys()
     assert all(np.array_equal(chain.moments[k], v) for k, v in moments(1).items())
-    chain.add(Update("b", arrays(2), 30), moments(2, keys=("enc.w",)))  # b trained no DR head
+    # b holds no DR labels, so the chain keeps a's DR head; the moments b sends for it (DP-SGD's noise moves
+    # every parameter) are not taken either
+    second = Update("b", arrays(2), 30, {"heads.dr.": 0.0})
+    chain.add(second, moments(2))
     for key, value in chain.moments.items():
-        expected = moments(1) if key.startswith("heads.dr.w/") else moments(2, keys=("enc.w",))
+        expected = moments(1) if key.startswith("heads.dr.w/") else moments(2)
         assert np.array_equal(value, expected[key]), key
     assert all(np.array_equal(start[k], v) for k, v in moments(0).items())  # what it started from: untouched

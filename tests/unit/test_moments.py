@@ -48,6 +48,9 @@ def test_a_site_that_continues_from_carried_moments_steps_as_the_uninterrupted_r
     assert set(moments) == {
         f"{name}/{e}" for name, _ in first.named_parameters() for e in ("step", "exp_avg", "exp_avg_sq")
     }
+    assert set(named_moments(first, optimizer, {"heads.dr.bias"})) == {
+        f"heads.dr.bias/{e}" for e in ("step", "exp_avg", "exp_avg_sq")
+    }  # a site sends the moments of the parameters it sends
     train(first, optimizer, seed=2)  # the uninterrupted run
 
     second = Net(("amd", "dr"))  # the DR head's parameters sit two places later in its optimiser

@@ -5,14 +5,28 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from client.rounds import round_span
 from shared.config import load_config
 from shared.errors import ConfigError
 from shared.models import nnmobilenet
 from shared.training.phase import Span
-from shared.wire import FINETUNE, RoundSpec, RunSpec, SiteReport, from_wire, pack, to_wire, unpack
+from shared.wire import (
+    FINETUNE,
+    LAYOUT,
+    MOMENTS,
+    PACKED,
+    RoundSpec,
+    RunSpec,
+    SiteReport,
+    from_wire,
+    pack,
+    pack_records,
+    to_wire,
+    unpack,
+    unpacked,
+)
 
 
 def round_spec() -> RoundSpec:
@@ -71,3 +85,18 @@ def test_a_layout_that_does_not_describe_the_buffer_is_a_value_error_naming_the_
         unpack(buffer, layout.replace("[2, 3]", "[5]"))
     with pytest.raises(ValueError, match="malformed weights layout"):
         unpack(buffer, "not json")
+
+
+def test_a_reply_record_of_the_wrong_kind_is_a_value_error_and_a_missing_one_a_key_error() -> None:
+    weights = {"encoder.w": np.ones((2, 3), np.float32)}
+    buffers, layouts = pack_records(weights, {"encoder.w/step": np.array(3.0)})
+    records = {name: ArrayRecord({PACKED: Array(buffer)}) for name, buffer in buffers.items()}
+    content = RecordDict({**records, LAYOUT: ConfigRecord(layouts)})
+    assert np.array_equal(unpacked(content)["encoder.w"], weights["encoder.w"])
+    assert float(unpacked(content, MOMENTS)["encoder.w/step"]) == 3.0
+    # a site's reply is input: any record may hold anything
+    wrong = RecordDict({**records, MOMENTS: ConfigRecord({PACKED: "text"}), LAYOUT: ConfigRecord(layouts)})
+    with pytest.raises(ValueError, match="record 'moments' holds no packed buffer"):
+        unpacked(wrong, MOMENTS)
+    with pytest.raises(KeyError):
+        unpacked(RecordDict({LAYOUT: ConfigRecord(layouts)}), MOMENTS)
