@@ -49,10 +49,9 @@ class Checkpoints:
         meta: dict[str, Any],
         carried: Arrays | None = None,
     ) -> Path:
-        tensors = _prefixed("global.", arrays) | _prefixed(CARRIED, carried or {})
+        tensors = _prefixed("global.", arrays) | _prefixed("carried.", carried or {})
         if adam is not None:
-            tensors |= {f"adam.m.{k}": torch.from_numpy(v) for k, v in adam.m.items()}
-            tensors |= {f"adam.v.{k}": torch.from_numpy(v) for k, v in adam.v.items()}
+            tensors |= _prefixed("adam.m.", adam.m) | _prefixed("adam.v.", adam.v)
         record = {**meta, "phase": phase, "round": rnd, "adam_step": adam.step if adam else None}
         path = self.path(phase, rnd)
         save_weights(path, tensors, record)
@@ -73,18 +72,18 @@ class Checkpoints:
 
     def load(self, phase: str, rnd: int) -> Saved:
         tensors, meta = load_weights(self.path(phase, rnd))
-        arrays = {k[7:]: v.numpy() for k, v in tensors.items() if k.startswith("global.")}
-        carried = {k[len(CARRIED) :]: v.numpy() for k, v in tensors.items() if k.startswith(CARRIED)}
         adam = None
         if meta.get("adam_step") is not None:
-            m = {k[7:]: v.numpy() for k, v in tensors.items() if k.startswith("adam.m.")}
-            v = {k[7:]: t.numpy() for k, t in tensors.items() if k.startswith("adam.v.")}
+            m, v = _unprefixed("adam.m.", tensors), _unprefixed("adam.v.", tensors)
             adam = ServerMoments(m, v, int(meta["adam_step"]))
+        arrays, carried = _unprefixed("global.", tensors), _unprefixed("carried.", tensors)
         return Saved(phase, rnd, arrays, adam, meta, carried)
 
 
-CARRIED = "carried."
-
-
 def _prefixed(prefix: str, arrays: Arrays) -> dict[str, torch.Tensor]:
+    """`arrays` as tensors under `prefix`: one checkpoint file holds several named sets."""
     return {f"{prefix}{k}": torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> Arrays:
+    return {k[len(prefix) :]: v.numpy() for k, v in tensors.items() if k.startswith(prefix)}

@@ -12,6 +12,7 @@ import pytest
 from server.checkpoints import Checkpoints, Saved
 from server.run import CHECKPOINT, check_resumable, rounds_done
 from server.store import RunStore, StoreError
+from shared.aggregation import ServerMoments
 from shared.config import RunOptions, load_config
 from shared.errors import CheckpointError
 from shared.weights import check_settings, weights_meta
@@ -32,7 +33,9 @@ def saved_checkpoint(tmp_path: Path) -> tuple[Path, dict]:
 OPTIONS = RunOptions(scenario="natural", run_name="r", resume=True)
 
 
-def test_a_checkpoint_keeps_the_moments_a_cyclic_chain_carries_into_the_next_round(tmp_path: Path) -> None:
+def test_a_checkpoint_keeps_the_moments_a_cyclic_chain_or_fedadam_carries_into_the_next_round(
+    tmp_path: Path,
+) -> None:
     store = Checkpoints(tmp_path / "checkpoints")
     arrays = {"encoder.w": np.zeros((2, 2), np.float32)}
     carried = {"encoder.w/exp_avg": np.full((2, 2), 0.5, np.float32), "encoder.w/step": np.array(7.0)}
@@ -42,6 +45,13 @@ def test_a_checkpoint_keeps_the_moments_a_cyclic_chain_carries_into_the_next_rou
     assert all(np.array_equal(saved.carried[k], v) for k, v in carried.items())
     store.save("finetune", 3, arrays, None, {})
     assert store.load("finetune", 3).carried == {}  # nothing carried: nothing kept
+    m, v = {"encoder.w": np.full((2, 2), 0.1, np.float32)}, {"encoder.w": np.full((2, 2), 0.2, np.float32)}
+    store.save("finetune", 4, arrays, ServerMoments(m, v, 4), {})  # FedAdam's moments beside the weights
+    adam = store.load("finetune", 4).adam
+    assert adam is not None and adam.step == 4
+    assert np.array_equal(adam.m["encoder.w"], m["encoder.w"]) and np.array_equal(
+        adam.v["encoder.w"], v["encoder.w"]
+    )
 
 
 def test_a_federated_run_resumes_with_its_own_settings(tmp_path: Path) -> None:
