@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,11 +23,13 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from client.limits import check_round
 from client.rounds import evaluate_round, train_round
 from client.site import node_site, partition_of
 from shared.aggregation import site_update
 from shared.data.manifest import labelled_counts, task_classes
 from shared.data.site import Site
+from shared.errors import ConfigError
 from shared.securesum import REFUSED_BUDGET, REFUSED_RANGE, OutOfRange, secure_layout
 from shared.seeding import derive_seed
 from shared.wire import (
@@ -73,9 +77,12 @@ def _private(handler: Handler) -> Handler:
     return guarded
 
 
-def _round(msg: Message, context: Context) -> tuple[Site, RoundSpec]:
-    spec = from_wire(RoundSpec, msg.content[SPEC])
-    return node_site(context.node_config, spec.run), spec
+def _round(msg: Message, context: Context, record: Any = None) -> tuple[Site, RoundSpec]:
+    """This node's site and the round's spec, checked (form on parsing, then against the site's limits)."""
+    spec = from_wire(RoundSpec, msg.content[SPEC] if record is None else record)
+    site = node_site(context.node_config, spec.run)
+    check_round(site, spec)
+    return site, spec
 
 
 def _reply(
@@ -120,6 +127,8 @@ def describe(msg: Message, context: Context) -> Message:
 @_private
 def train(msg: Message, context: Context) -> Message:
     site, spec = _round(msg, context)
+    if (MOMENTS in msg.content) != spec.config.federation.carry_optimizer:
+        raise ConfigError("moments travel with the model only under federation.carry_optimizer")
     carried = _weights(msg, MOMENTS) if MOMENTS in msg.content else None  # cyclic, carry_optimizer
     trained = train_round(site, spec, _weights(msg), carried)
     reply = _reply(msg, trained.metrics, trained.weights, trained.moments)
@@ -137,11 +146,13 @@ def train_secure(msg: Message, context: Context) -> Message:
     travel in clear. A site that cannot take part (its privacy budget, an update beyond the clipping range)
     sends zeros, which add nothing to the sum, and says why in a metric."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    spec = from_wire(RoundSpec, fitins.config)
-    site = node_site(context.node_config, spec.run)
+    site, spec = _round(msg, context, fitins.config)
     (buffer,) = parameters_to_ndarrays(fitins.parameters)
     reference = unpack(buffer, str(fitins.config[LAYOUT]))
-    layout = secure_layout(reference, spec, float(fitins.config[SECAGG_SCALE]))  # type: ignore[arg-type]
+    scale = float(fitins.config[SECAGG_SCALE])  # type: ignore[arg-type]
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"{SECAGG_SCALE} {scale}: expected a finite number > 0")
+    layout = secure_layout(reference, spec, scale)
     trained = train_round(site, spec, _tensors(reference))
     vector, refusal = np.zeros(layout.size), REFUSED_BUDGET if trained.refused else 0
     if trained.weights is not None:

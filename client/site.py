@@ -45,6 +45,10 @@ def _in_ray_worker() -> bool:
 
 def _node_site(node_config: Mapping[str, Any], run: RunSpec) -> Site:
     if SITE_KEY in node_config:
+        if run.scenario:  # a site served from its YAML reads that site, never one the server names
+            raise ConfigError(
+                f"the server asks this node to play scenario {run.scenario!r}; it serves its site YAML only"
+            )
         return _site_from_yaml(str(node_config[SITE_KEY]))
     if not run.scenario:
         raise ConfigError(

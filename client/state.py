@@ -1,6 +1,8 @@
 """What a site keeps between the rounds of a federated run, in its own folder (never sent).
 
-`<site state>/federation/[<virtual site>/]<run name>/<run uid>/`:
+`<site state>/federation/[<virtual site>/]<run uid>/`: the site's own folder (its YAML) and the run's
+content-free uid, checked where the spec is parsed (`shared/wire.py`); the run's name, which the server
+chooses, is only recorded in the progress file, never made a path.
 - `<phase>-optimizer-rNNNN.safetensors`: the optimiser state after round NNNN, so a site continues its
   LAMB / AdamW moments as a centralised run would, and a restarted node loses nothing;
 - `<phase>-bn-rNNNN.safetensors` (FedBN): the site's own BatchNorm parameters and statistics;
@@ -24,6 +26,7 @@ from torch import nn
 
 from shared.aggregation import bn_keys
 from shared.data.site import Site
+from shared.names import check_run_uid, inside
 from shared.rundir import atomic_write_text
 from shared.training.checkpoint import load_checkpoint, save_checkpoint
 from shared.weights import check_meta, load_into, load_weights, save_weights, weights_meta
@@ -38,7 +41,7 @@ class SiteState:
 
     def __init__(self, site: Site, spec: RoundSpec) -> None:
         self.spec = spec
-        self.dir = state_dir(site, spec.config.name, spec.run.run_uid)
+        self.dir = state_dir(site, spec.run.run_uid)
 
     @property
     def fedbn(self) -> bool:
@@ -88,7 +91,7 @@ class SiteState:
         for kind in ("bn", "optimizer"):
             for _, path in _kept(self.dir, spec.phase, kind)[:-KEEP_ROUNDS]:
                 path.unlink(missing_ok=True)
-        record = {"round": rnd, "total_rounds": spec.rounds, "step": step}
+        record = {"run": spec.config.name, "round": rnd, "total_rounds": spec.rounds, "step": step}
         atomic_write_text(self.dir / f"{spec.phase}-progress.json", json.dumps(record))
 
     def _meta(self, kind: str) -> dict:
@@ -96,9 +99,9 @@ class SiteState:
         return weights_meta(spec.config, kind, phase=spec.phase, round=spec.round, run_uid=spec.run.run_uid)
 
 
-def state_dir(site: Site, run_name: str, run_uid: str) -> Path:
-    """Where `site` keeps its state for one federated run."""
-    return site.federation_dir / run_name / run_uid
+def state_dir(site: Site, run_uid: str) -> Path:
+    """Where `site` keeps its state for one federated run: below its own folder, whatever the uid says."""
+    return inside(site.federation_dir, check_run_uid(run_uid))
 
 
 def own_batchnorm(

@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 from shared.config import ExperimentConfig, load_config, parse_overrides
-from shared.errors import UserError
+from shared.errors import ConfigError, UserError
+from shared.names import check_run_name
 
 ConfigOpt = Annotated[
     Path | None,
@@ -38,7 +39,10 @@ def with_sites(cfg: ExperimentConfig, sites: list[Path] | None, name: str | None
     if sites:
         update["sites"] = tuple(dict.fromkeys([*cfg.sites, *(str(s.resolve()) for s in sites)]))
     if name:
-        update["name"] = name
+        try:
+            update["name"] = check_run_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"--name: {exc}") from None
     return cfg.model_copy(update=update)
 
 

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import ConfigError
+from shared.names import check_run_name
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 PROFILES = ("tiny", "cpu", "paper")
@@ -378,6 +379,11 @@ class ExperimentConfig(Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     study: StudyConfig = StudyConfig()
     compare: CompareConfig = CompareConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_run_name(v)  # it names folders (runs/<name>/), here and in every file of the run
 
     @model_validator(mode="after")
     def _private_settings(self) -> ExperimentConfig:

@@ -7,12 +7,18 @@ import tempfile
 from pathlib import Path
 
 from shared.config import ExperimentConfig, dump_config
+from shared.errors import ConfigError
 from shared.logs import add_logfile
+from shared.names import check_run_name, inside
 
 
 def run_dir(config: ExperimentConfig, part: str, name: str | None = None) -> Path:
-    """`runs/<name>/<part>/`: where one command's outputs (pretrain, finetune, federation) go."""
-    return Path(config.runs_dir) / (name or config.name) / part
+    """`runs/<name>/<part>/`: where one command's outputs (pretrain, finetune, federation) go. The name is
+    checked (a run name from the command line or the run config); the folder never leaves `runs_dir`."""
+    try:
+        return inside(Path(config.runs_dir), check_run_name(name or config.name), part)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def start_run_dir(config: ExperimentConfig, part: str, name: str | None = None) -> Path:

@@ -11,6 +11,7 @@ re-reads an experiment YAML (which in deployment it may not have).
 from __future__ import annotations
 
 import json
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass
@@ -20,6 +21,7 @@ import numpy as np
 
 from shared.config import ExperimentConfig, validate
 from shared.errors import ConfigError
+from shared.names import check_run_uid, check_task
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 PHASES = (PRETRAIN, FINETUNE)
@@ -44,6 +46,18 @@ REFUSAL = "refusal"  # a site's reply that refuses a round: {REASON: why} (and n
 REASON = "reason"
 
 Scalar = str | int | float | bool
+MAX_TASKS, MAX_CLASSES = 16, 100  # what a round may ask of a site: heads and their classes
+MAX_SPEC_CHARS = 256_000  # a spec's longest entry (the resolved config, as JSON, is ~10 kB)
+MAX_LAYOUT_ENTRIES = 4096  # tensors in one packed record (the paper-size model has ~600)
+# dtypes a packed record may hold: model weights and moments in float, BatchNorm's step counter in int64
+WIRE_DTYPES = frozenset({"<f2", "<f4", "<f8", "<i8"})
+
+
+def _checked(where: str, check: typing.Callable[[str], str], value: str) -> None:
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def task_key(task: str, name: str) -> str:
@@ -59,6 +73,9 @@ class RunSpec:
     run_uid: str  # the run's identity, kept across resumes: a site files its state under it
     scenario: str  # simulation: the scenario whose partition a node plays; "" in deployment
 
+    def __post_init__(self) -> None:
+        _checked("run spec: run-uid", check_run_uid, self.run_uid)
+
 
 @dataclass(frozen=True)
 class RoundSpec:
@@ -68,6 +85,20 @@ class RoundSpec:
     phase: str  # PRETRAIN or FINETUNE
     round: int  # 1-based within the phase
     tasks: dict[str, int]  # phase 2: the federation's tasks (one head each) and their class counts
+
+    def __post_init__(self) -> None:
+        """A site acts on a round spec (its state folder, its heads, its ledger): everything in it is checked
+        here, where it is parsed, not where it is used."""
+        if self.phase not in PHASES:
+            raise ConfigError(f"round spec: phase {self.phase!r} is not one of {PHASES}")
+        if not 1 <= self.round <= max(self.rounds, 1):
+            raise ConfigError(f"round spec: round {self.round} outside the phase's 1..{self.rounds}")
+        if len(self.tasks) > MAX_TASKS:
+            raise ConfigError(f"round spec: {len(self.tasks)} tasks; at most {MAX_TASKS}")
+        for task, classes in self.tasks.items():
+            _checked("round spec: task", check_task, task)
+            if not 2 <= classes <= MAX_CLASSES:
+                raise ConfigError(f"round spec: task {task} has {classes} classes; expected 2..{MAX_CLASSES}")
 
     @property
     def config(self) -> ExperimentConfig:
@@ -134,6 +165,8 @@ _WHAT = {"RunSpec": "run spec", "RoundSpec": "round spec", "SiteReport": "site r
 
 
 def _decode(kind: Any, raw: Any, where: str) -> Any:
+    if isinstance(raw, str) and len(raw) > MAX_SPEC_CHARS:
+        raise ConfigError(f"{where}: {len(raw)} characters; at most {MAX_SPEC_CHARS}")
     try:
         if kind is ExperimentConfig:
             return validate(ExperimentConfig, json.loads(raw), f"{where}")
@@ -196,16 +229,47 @@ def unpacked(content: Mapping[str, Any], name: str = ARRAYS) -> dict[str, np.nda
 
 
 def unpack(buffer: np.ndarray, layout: str) -> dict[str, np.ndarray]:
-    """`pack`'s inverse; a layout that does not describe the buffer is a ValueError naming the entry."""
-    out: dict[str, np.ndarray] = {}
+    """`pack`'s inverse. The layout is a peer's input: its entries must tile the buffer exactly, in order
+    (no overlap, no gap, so the arrays never take more memory than the bytes that came), each with a
+    known dtype, a shape that fits its bytes and a unique key. Anything else is a ValueError naming the
+    entry."""
+    if len(layout) > MAX_SPEC_CHARS * 4:
+        raise ValueError(f"weights layout of {len(layout)} characters")
     try:
         entries = json.loads(layout)
-        for key, dtype, shape, offset, size in entries:
-            if offset < 0 or offset + size > buffer.size:
-                raise ValueError(f"{key}: bytes {offset}..{offset + size} outside the buffer")
-            out[str(key)] = np.frombuffer(buffer[offset : offset + size].tobytes(), np.dtype(dtype)).reshape(
-                shape
-            )
-    except (TypeError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise ValueError(f"malformed weights layout: {exc}") from None
+    if not isinstance(entries, list) or len(entries) > MAX_LAYOUT_ENTRIES:
+        raise ValueError(f"a weights layout is a list of at most {MAX_LAYOUT_ENTRIES} entries")
+    raw = np.asarray(buffer).reshape(-1).view(np.uint8)
+    out: dict[str, np.ndarray] = {}
+    expected = 0
+    for entry in entries:
+        key, dtype, shape, offset, size = _entry(entry)
+        if key in out:
+            raise ValueError(f"{key}: twice in the weights layout")
+        if offset != expected or offset + size > raw.size:
+            raise ValueError(f"{key}: bytes {offset}..{offset + size} do not follow the previous entry")
+        if math.prod(shape) * dtype.itemsize != size:
+            raise ValueError(f"{key}: shape {shape} of {dtype.str} is not {size} bytes")
+        out[key] = np.frombuffer(raw[offset : offset + size].tobytes(), dtype).reshape(shape)
+        expected = offset + size
+    if expected != raw.size:
+        raise ValueError(f"the weights layout covers {expected} of the buffer's {raw.size} bytes")
     return out
+
+
+def _entry(entry: Any) -> tuple[str, np.dtype, tuple[int, ...], int, int]:
+    """One layout entry [key, dtype, shape, offset, size], type-checked."""
+    try:
+        key, dtype, shape, offset, size = entry
+    except (TypeError, ValueError):
+        raise ValueError(f"layout entry {str(entry)[:80]!r}: not [key, dtype, shape, offset, size]") from None
+    ints = [offset, size, *shape] if isinstance(shape, list) else None
+    if not isinstance(key, str) or not key or len(key) > 256 or ints is None or len(shape) > 8:
+        raise ValueError(f"layout entry {str(entry)[:80]!r}: malformed")
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in ints):
+        raise ValueError(f"{key}: offsets, sizes and shapes are whole numbers >= 0")
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"{key}: dtype {dtype!r} is not one of {sorted(WIRE_DTYPES)}")
+    return key, np.dtype(dtype), tuple(shape), offset, size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDRETINA = str(Path(sys.executable).parent / "fedretina")
+UID = "0123456789ab"  # a run uid of the server's form (12 hex digits), for specs built by hand
+
+
+def uid_of(name: str) -> str:
+    """A run uid of the server's form, one per name (a site keeps each run's state under its uid)."""
+    return hashlib.sha256(name.encode()).hexdigest()[:12]
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 

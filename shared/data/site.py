@@ -20,7 +20,6 @@ A site that trains privately sets its own budget (defaults shown):
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,21 @@ from shared.config import Budget, Strict, read_yaml, validate
 from shared.data.checks import load_checked_manifest
 from shared.data.formats import FORMATS
 from shared.errors import ConfigError
+from shared.names import SITE_NAME
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
+
+class SiteLimits(Strict):
+    """The most a round may ask of this site (a server's config is checked against it, `client/limits.py`):
+    the defaults admit the paper profile on a GPU box; a hospital may lower them."""
+
+    image_size: int = Field(1024, ge=32)  # pretraining and fine-tuning input side
+    batch_size: int = Field(512, ge=1)
+    width_mult: float = Field(4.0, gt=0)  # nn-MobileNet's (the paper's encoder is 3.0)
+    decoder_width: int = Field(2048, ge=1)
+    local_epochs: int = Field(50, ge=1)
+    local_steps: int = Field(100_000, ge=1)
+    workers: int = Field(16, ge=0)  # data-loading processes
+    threads: int = Field(os.cpu_count() or 1, ge=1)  # torch's CPU threads
 
 
 class SiteConfig(Strict):
@@ -49,12 +61,13 @@ class SiteConfig(Strict):
     # Devices this site trains on at once (data parallel, one process each: GPUs, or CPU processes sharing
     # the cores); shared/training/replicas.py, docs/scale.md.
     devices: int = Field(1, ge=1, le=64)
+    limits: SiteLimits = SiteLimits()
     source: Path | None = None  # the YAML this came from (set by the loader)
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not SITE_NAME.fullmatch(v):
             raise ValueError("use lower-case letters, digits, '-' or '_' (at most 48), e.g. 'eyepacs-a'")
         return v
 

@@ -4,7 +4,6 @@ its own record (arch, width, norm) and loaded strictly, checked before any data 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,10 +14,10 @@ from torch import nn
 from shared.config import ModelConfig
 from shared.errors import CheckpointError, ConfigError
 from shared.models import TaskModel, build_encoder
+from shared.names import LABEL
 from shared.weights import load_into, load_weights
 
 TASK = "dr"  # robustness and relevance read the DR head
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +28,7 @@ def parse_models(specs: Sequence[str]) -> dict[str, Path]:
     models: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep or not path or not NAME_RE.match(name):
+        if not sep or not path or not LABEL.fullmatch(name):
             raise ConfigError(
                 f"--model {spec!r}: expected NAME=PATH, NAME of letters, digits, '.', '-' or '_' "
                 "(e.g. --model IWNE-FS=runs/fs/finetune/checkpoints/scratch_100pct_fold0.safetensors)"

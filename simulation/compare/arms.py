@@ -314,7 +314,7 @@ def _own_batchnorm(
     own = {}
     for site in sites:
         found = own_batchnorm(
-            state_dir(site, arm.cfg.name, uid), FINETUNE, arm.cfg.federation.rounds_finetune, uid
+            state_dir(site, uid), FINETUNE, arm.cfg.federation.rounds_finetune, uid
         )
         if found is not None:
             own[site.name] = found[1]

@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from client.app import SiteFailure, describe
 from shared.config import load_config
 from shared.wire import SPEC, RunSpec, to_wire
+from tests.conftest import UID
 
 
 def test_a_failure_leaves_the_site_as_its_class_name_only(
@@ -22,7 +23,7 @@ def test_a_failure_leaves_the_site_as_its_class_name_only(
         run_id=1, node_id=7, node_config={"site-config": str(secret)}, state=RecordDict(), run_config={}
     )
     meta = Metadata(1, "m1", 0, 7, "", "", 0.0, 60.0, "query")  # as a SuperNode receives it
-    spec = RunSpec(load_config(profile="tiny"), "uid", "")
+    spec = RunSpec(load_config(profile="tiny"), UID, "")
     msg = Message(RecordDict({SPEC: ConfigRecord(to_wire(spec))}), metadata=meta)
     with caplog.at_level(logging.ERROR, logger="client.app"), pytest.raises(SiteFailure) as raised:
         describe(msg, context)

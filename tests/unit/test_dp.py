@@ -31,7 +31,7 @@ from shared.training.initialisation import pretraining_start
 from shared.training.phase import Span, run_phase
 from shared.training.pretrain import spark_method
 from shared.wire import EPSILON, FINETUNE, PRETRAIN, RoundSpec, RunSpec
-from tests.conftest import FEDRETINA
+from tests.conftest import FEDRETINA, UID
 
 PRIVATE = {"privacy.enabled": True, "model.norm": "gn", "pretrain.loss_reduction": "sample"}
 
@@ -40,7 +40,7 @@ def private(**overrides: object) -> ExperimentConfig:
     return load_config(profile="tiny", overrides=PRIVATE | overrides)
 
 
-def spec(cfg: ExperimentConfig, rnd: int, uid: str = "uid") -> RoundSpec:
+def spec(cfg: ExperimentConfig, rnd: int, uid: str = UID) -> RoundSpec:
     return RoundSpec(RunSpec(cfg, uid, ""), PRETRAIN, rnd, {})
 
 
@@ -78,7 +78,7 @@ def test_epsilon_after_k_rounds_equals_one_accountant_over_all_steps(ukb: Site) 
 def test_a_private_finetune_round_spends_each_held_tasks_steps(ukb: Site) -> None:
     cfg = private(**{"privacy.noise_multiplier": 1.0, "federation.local_steps": 1})
     tasks = {"ad": 2, "dr": 5, "pd": 2}
-    round_spec = RoundSpec(RunSpec(cfg, "uid", ""), FINETUNE, 1, tasks)
+    round_spec = RoundSpec(RunSpec(cfg, UID, ""), FINETUNE, 1, tasks)
     trained = train_round(ukb, round_spec, build_task_model(cfg, tasks).state_dict())
     assert trained.metrics["steps"] == 2 and trained.metrics["dr-num-examples"] == 0  # ad and pd, one each
     (release,) = [e for e in Ledger(ukb.ledger_path).entries() if e["kind"] == "release"]

@@ -19,6 +19,7 @@ from shared.errors import ConfigError
 from shared.training.finetune import build_task_model
 from shared.training.replicas import Replica, check_devices, run_replicas
 from shared.wire import FINETUNE, RoundSpec, RunSpec
+from tests.conftest import uid_of
 
 TASKS = {"ad": 2, "pd": 2}
 
@@ -76,7 +77,7 @@ def test_two_devices_train_what_one_does_with_groupnorm(ukb: Site) -> None:
     start = build_task_model(cfg, TASKS).state_dict()
 
     def run(devices: int, name: str) -> tuple[dict[str, torch.Tensor], float]:
-        spec = RoundSpec(RunSpec(cfg.model_copy(update={"name": name}), "uid", ""), FINETUNE, 1, TASKS)
+        spec = RoundSpec(RunSpec(cfg.model_copy(update={"name": name}), uid_of(name), ""), FINETUNE, 1, TASKS)
         trained = train_round(on_devices(ukb, devices), spec, start)
         assert trained.metrics["steps"] == 6  # three batches of each task, on both devices
         return trained.weights, trained.metrics["train-loss"]
@@ -91,7 +92,7 @@ def test_two_devices_train_what_one_does_with_groupnorm(ukb: Site) -> None:
 
 def test_batchnorm_replicas_stay_bitwise_equal_to_each_other(ukb: Site) -> None:
     cfg = load_config(profile="tiny", overrides={"federation.local_steps": 2})
-    spec = RoundSpec(RunSpec(cfg.model_copy(update={"name": "bn"}), "uid", ""), FINETUNE, 1, TASKS)
+    spec = RoundSpec(RunSpec(cfg.model_copy(update={"name": "bn"}), uid_of("bn"), ""), FINETUNE, 1, TASKS)
     arrays = {k: v.numpy() for k, v in build_task_model(cfg, TASKS).state_dict().items()}
     digests, weights = run_replicas(_ranks_agree, 2, (on_devices(ukb, 2), spec, arrays), cuda=False)
     assert digests[0] == digests[1]
@@ -101,7 +102,7 @@ def test_batchnorm_replicas_stay_bitwise_equal_to_each_other(ukb: Site) -> None:
 def test_a_private_multi_device_site_is_refused_in_one_line(ukb: Site) -> None:
     private = {"privacy.enabled": True, "model.norm": "gn", "pretrain.loss_reduction": "sample"}
     cfg = load_config(profile="tiny", overrides=private)
-    spec = RoundSpec(RunSpec(cfg.model_copy(update={"name": "dp"}), "uid", ""), FINETUNE, 1, TASKS)
+    spec = RoundSpec(RunSpec(cfg.model_copy(update={"name": "dp"}), uid_of("dp"), ""), FINETUNE, 1, TASKS)
     with pytest.raises(ConfigError, match=r"devices: 2 cannot train with DP-SGD.*set devices: 1"):
         train_round(on_devices(ukb, 2), spec, build_task_model(cfg, TASKS).state_dict())
 

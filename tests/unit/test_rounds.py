@@ -18,10 +18,11 @@ from shared.training.initialisation import pretraining_start
 from shared.training.loop import proximal_penalty, step_plan
 from shared.training.phase import Piece, Span
 from shared.wire import PRETRAIN, RoundSpec, RunSpec
+from tests.conftest import uid_of
 
 
 def spec(cfg: ExperimentConfig, rnd: int, name: str, phase: str = PRETRAIN) -> RoundSpec:
-    return RoundSpec(RunSpec(cfg.model_copy(update={"name": name}), "uid", ""), phase, rnd, {})
+    return RoundSpec(RunSpec(cfg.model_copy(update={"name": name}), uid_of(name), ""), phase, rnd, {})
 
 
 def test_step_plan_windows_cover_a_run_of_epochs() -> None:
@@ -71,7 +72,7 @@ def test_two_rounds_of_half_an_epoch_equal_one_round_of_one_epoch(ukb) -> None:
     middle = train_round(ukb, spec(halves, 1, "b"), start(cfg)).weights  # optimiser state: the site's folder
     two_halves = train_round(ukb, spec(halves, 2, "b"), middle).weights
     assert all(torch.equal(one_epoch[k], two_halves[k]) for k in one_epoch)
-    progress = (ukb.federation_dir / "b" / "uid" / "pretrain-progress.json").read_text()
+    progress = (ukb.federation_dir / uid_of("b") / "pretrain-progress.json").read_text()
     assert '"round": 2' in progress and '"step": 2' in progress
 
 

@@ -10,21 +10,28 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from client.daemon import SiteDaemon, site_keys
 from client.site import node_site
 from shared.config import load_config
 from shared.data.site import load_site_config
+from shared.errors import ConfigError
 from shared.wire import RunSpec
-from tests.conftest import FEDRETINA, write_site
+from tests.conftest import FEDRETINA, UID, write_site
 
 
-def test_the_node_configs_site_wins_over_any_scenario_the_server_names(tiny_sites: dict[str, Path]) -> None:
-    run = RunSpec(load_config(profile="tiny"), "uid", scenario="natural")  # a server asking for other data
-    site = node_site({"site-config": str(tiny_sites["mmac"]), "partition-id": 0}, run)
+def test_a_node_serves_its_own_site_and_refuses_a_scenario_the_server_names(
+    tiny_sites: dict[str, Path],
+) -> None:
+    node = {"site-config": str(tiny_sites["mmac"]), "partition-id": 0}
+    site = node_site(node, RunSpec(load_config(profile="tiny"), UID, scenario=""))
     root = load_site_config(tiny_sites["mmac"]).root
     assert site.name == "mmac" and all(Path(p).is_relative_to(root) for p in site.rows["path"])
+    asking = RunSpec(load_config(profile="tiny"), UID, scenario="natural")  # a server asking for other data
+    with pytest.raises(ConfigError, match="scenario 'natural'; it serves its site YAML only"):
+        node_site(node, asking)
 
 
 def test_the_supernode_gets_the_site_yaml_its_ca_and_its_own_key(tiny_sites: dict[str, Path]) -> None:
