@@ -1,10 +1,14 @@
 """A site's privacy policy for a federated round: the run's noise, the budget check, the ledger entry.
 
-The site decides, from its own YAML's budget (`privacy: {target_epsilon, delta}`) and its own ledger
+The site decides, from its own YAML's budget (`privacy: {target_epsilon, delta}`) and its dataset's ledger
 (`<state>/privacy/<site>.jsonl`): at a run's first private round here it picks the noise for the run's
 whole remaining plan (every round of both phases, after all it spent before) unless the run fixes
 `privacy.noise_multiplier`; it refuses any round that would take its epsilon past the budget; and it
 records a round's steps in the ledger BEFORE the reply leaves, so a crash can only over-count.
+
+Epsilon is a patient's: the site's epsilon is that of its worst-off patient, every release that used them
+composed, whichever run, seed or simulated part used them (a simulation deals a dataset's patients into
+other parts under another seed; the ledger is the dataset's and each release names its patients).
 """
 
 from __future__ import annotations
@@ -34,12 +38,19 @@ class SitePrivacy:
         self.site, self.spec, self.cfg = site, spec, spec.config
         self.budget = site.config.privacy
         self.ledger = Ledger(site.ledger_path)
+        self.patients = sorted(set(site.rows["patient_id"].astype(str)))
         self._sizes: dict[str, tuple[dict[str, int], int]] = {}
 
     @property
     def epsilon(self) -> float:
-        """Everything this site ever released, composed, at its delta."""
-        return self.ledger.epsilon(self.budget.delta)
+        """What this site's worst-off patient has had released, composed, at its delta."""
+        return self.ledger.epsilon(self.budget.delta, patients=self.patients)
+
+    def _after(self, mechanisms: list[Mechanism]) -> float:
+        """The worst-off patient's epsilon once `mechanisms` are released too."""
+        return max(
+            epsilon([*h, *mechanisms], self.budget.delta) for h in self.ledger.histories(self.patients)
+        )
 
     def round_plan(self, phase: str, rnd: int) -> list[tuple[float, int]]:
         """(q, steps) of round `rnd` of `phase` at this site."""
@@ -53,14 +64,19 @@ class SitePrivacy:
         if self.cfg.privacy.noise_multiplier is not None:
             return self.cfg.privacy.noise_multiplier
         run = self.spec.run.run_uid
-        if (plan := self.ledger.plan(run)) is not None:
+        if (plan := self.ledger.plan(run, self.site.name)) is not None:
             return plan["sigma"]
         remaining = self._remaining_plan()
-        sigma = noise_for(self.budget.target_epsilon, self.budget.delta, self.ledger.history(), remaining)
+        sigmas = [
+            noise_for(self.budget.target_epsilon, self.budget.delta, spent, remaining)
+            for spent in self.ledger.histories(self.patients)
+        ]
+        sigma = None if None in sigmas else max(sigmas)  # type: ignore[type-var]
         if sigma is not None:
             self.ledger.append(
                 "plan",
                 run_uid=run,
+                site=self.site.name,
                 run_name=self.cfg.name,
                 sigma=sigma,
                 planned=[list(m) for m in remaining],
@@ -79,13 +95,12 @@ class SitePrivacy:
         sigma = self.sigma()
         spent = self.epsilon
         target = self.budget.target_epsilon
+        projected = None  # None: the budget is spent before the run's first round here
         if sigma is not None:
             mine = [(sigma, q, n) for q, n in self.round_plan(self.spec.phase, self.spec.round)]
-            projected = epsilon([*self.ledger.history(), *mine], self.budget.delta)
+            projected = self._after(mine)
             if projected <= target * (1 + 1e-9):
                 return self._sgd(sigma), None
-        else:
-            projected = math.inf  # the budget is spent before the run's first round here
         over = (
             f"this round would reach {projected:.3f} >"
             if sigma is not None
@@ -95,17 +110,19 @@ class SitePrivacy:
             f"privacy budget exhausted: epsilon {spent:.3f} spent, {over} the site's target {target:g} "
             f"(delta {self.budget.delta:g}, unit {self.cfg.privacy.unit})"
         )
-        self.ledger.append("refused", **self._round_fields(), projected=projected, **self._budget_fields())
+        finite = projected if projected is not None and math.isfinite(projected) else None
+        self.ledger.append("refused", **self._round_fields(), projected=finite, **self._budget_fields())
         return None, reason
 
     def release(self, sgd: PrivateSGD) -> float:
         """Record the round's steps (before its reply leaves); returns the site's epsilon after them."""
-        after = epsilon([*self.ledger.history(), *sgd.released], self.budget.delta)
+        after = self._after(list(sgd.released))
         self.ledger.append(
             "release",
             **self._round_fields(),
             mechanisms=[list(m) for m in sgd.released],
             epsilon=after,
+            patients=self.ledger.cohort(self.patients),
             data=data_fingerprint(self.site.rows["image_id"]),
             **self._budget_fields(),
         )
@@ -146,6 +163,7 @@ class SitePrivacy:
     def _round_fields(self) -> dict:
         spec = self.spec
         return {
+            "site": self.site.name,
             "run_uid": spec.run.run_uid,
             "run_name": self.cfg.name,
             "phase": spec.phase,
@@ -175,15 +193,18 @@ def ledger_report(config: SiteConfig) -> str:
     if not paths:
         return "\n".join([*lines, f"no private training yet (no ledger in {config.privacy_dir})"])
     for path in paths:
-        entries = Ledger(path).entries()
+        ledger = Ledger(path)
+        entries = ledger.entries()
         lines += ["", f"ledger {path}", _table(entries)]
-        spent = Ledger(path).epsilon(budget.delta)
+        named = ledger.patients()
+        spent = ledger.epsilon(budget.delta, patients=named) if named else ledger.epsilon(budget.delta)
         units = sorted({e["unit"] for e in entries if "unit" in e})
         largest = max((e.get("largest_patient", 0) for e in entries), default=0)
         share = f"{100 * spent / budget.target_epsilon:.0f}%"
         refused = sum(e["kind"] == "refused" for e in entries)
         lines.append(
-            f"epsilon spent: {spent:.3f} of {budget.target_epsilon:g} ({share}) at delta {budget.delta:g}; "
+            f"epsilon spent (worst-off patient): {spent:.3f} of {budget.target_epsilon:g} ({share}) at delta "
+            f"{budget.delta:g}; "
             f"privacy unit: {', '.join(units)}; refused rounds: {refused}"
         )
         if "image" in units and largest > 1:
@@ -202,19 +223,20 @@ def _table(entries: list[dict]) -> str:
         if e["kind"] != "release":
             continue
         for sigma, q, steps in e["mechanisms"]:
-            key = (e.get("run_name", e.get("model", "")), e.get("phase", ""), sigma, q)
+            key = (e.get("run_name", e.get("model", "")), e.get("site", ""), e.get("phase", ""), sigma, q)
             g = groups.setdefault(key, {"rounds": [], "steps": 0})
             g["rounds"].append(e.get("round", 0))
             g["steps"] += steps
             g["epsilon"] = e["epsilon"]
     rows = [
-        "| run | phase | rounds | steps | sigma | sample rate | epsilon after |",
-        "|---|---|---|---|---|---|---|",
+        "| run | site | phase | rounds | steps | sigma | sample rate | epsilon after |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (run, phase, sigma, q), g in groups.items():
+    for (run, site, phase, sigma, q), g in groups.items():
         rounds = sorted(set(g["rounds"]))
         span = f"{rounds[0]}-{rounds[-1]}" if len(rounds) > 1 else str(rounds[0])
         rows.append(
-            f"| {run} | {phase} | {span} | {g['steps']} | {sigma:.3f} | {q:.4f} | {g['epsilon']:.3f} |"
+            f"| {run} | {site} | {phase} | {span} | {g['steps']} | {sigma:.3f} | {q:.4f} "
+            f"| {g['epsilon']:.3f} |"
         )
     return "\n".join(rows)

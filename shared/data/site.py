@@ -136,8 +136,9 @@ class Site:
 
     @property
     def ledger_path(self) -> Path:
-        """This (possibly virtual) site's privacy ledger: one per set of images, shared by all its runs."""
-        return self.config.privacy_dir / f"{self.name}.jsonl"
+        """The privacy ledger of this site's dataset: one per dataset, shared by every run and every
+        simulated part of it; each release names the patients it used (`shared/privacy/ledger.py`)."""
+        return self.config.privacy_dir / f"{self.config.name}.jsonl"
 
 
 def load_site(path: str | Path) -> Site:

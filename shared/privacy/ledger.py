@@ -7,6 +7,13 @@ at any point leaves either the old ledger or the new one, never a torn line:
   the whole ledger after them;
 - `refused`: a round the site would not train, because it would have crossed the budget.
 Nothing is ever removed or rolled back (a server that resumes re-runs rounds that really were released).
+
+The ledger follows the patients, not the name of whoever trained on them: a site's release names the
+patients it used (`patients`: the fingerprint of their sorted ids, whose list is kept once beside the ledger
+in `<ledger>.patients/`), and a patient's epsilon composes every release that used them. One dataset has one
+ledger, so a simulation that deals its patients into other parts under another seed still charges each
+patient what earlier runs spent on them. A release that names no patients (centralised runs, older ledgers)
+counts for every patient.
 """
 
 from __future__ import annotations
@@ -49,30 +56,83 @@ class Ledger:
 
     def history(self, model: str | None = None) -> list[Mechanism]:
         """Every released mechanism (of one `model` only, for centralised runs that train several)."""
+        return [m for e in self._releases(model) for m in _mechanisms(e)]
+
+    def histories(self, patients: Iterable[str]) -> list[list[Mechanism]]:
+        """The distinct histories of `patients`: each patient's is every release that used them (a release
+        naming no patients used all of them). Patients with the same releases share one history."""
+        releases = self._releases(None)
+        members = {fp: self._cohort(fp) for fp in {e["patients"] for e in releases if "patients" in e}}
+        patterns = {
+            tuple("patients" not in e or patient in members[e["patients"]] for e in releases)
+            for patient in set(map(str, patients))
+        }
         return [
-            (float(s), float(q), int(n))
+            [m for e, used in zip(releases, pattern, strict=True) if used for m in _mechanisms(e)]
+            for pattern in sorted(patterns)
+        ] or [[]]
+
+    def epsilon(self, delta: float, model: str | None = None, patients: Iterable[str] | None = None) -> float:
+        """Epsilon at `delta` of the ledger's releases (of one `model`), or of the worst-off of `patients`."""
+        if patients is None:
+            return epsilon(self.history(model), delta)
+        return max(epsilon(h, delta) for h in self.histories(patients))
+
+    def patients(self) -> set[str]:
+        """Every patient some release of this ledger named."""
+        return set().union(*(self._cohort(e["patients"]) for e in self._releases(None) if "patients" in e))
+
+    def cohort(self, patients: Iterable[str]) -> str:
+        """The fingerprint naming this set of patients in release entries; the set is kept beside the ledger
+        (once: the same patients always make the same file)."""
+        ids = sorted(set(map(str, patients)))
+        fingerprint = data_fingerprint(ids)
+        path = self._cohort_path(fingerprint)
+        if not path.exists():
+            atomic_write_text(path, "".join(f"{i}\n" for i in ids))
+        return fingerprint
+
+    def plan(self, run_uid: str, site: str | None = None) -> dict[str, Any] | None:
+        """The noise plan a run made here (for `site`, one of a dataset's simulated parts), if it made one."""
+        plans = [
+            e
             for e in self.entries()
-            if e["kind"] == "release" and (model is None or e.get("model") == model)
-            for s, q, n in e["mechanisms"]
+            if e["kind"] == "plan" and e.get("run_uid") == run_uid and e.get("site", site) == site
         ]
-
-    def epsilon(self, delta: float, model: str | None = None) -> float:
-        return epsilon(self.history(model), delta)
-
-    def plan(self, run_uid: str) -> dict[str, Any] | None:
-        """The noise plan a run made here, if it made one."""
-        plans = [e for e in self.entries() if e["kind"] == "plan" and e.get("run_uid") == run_uid]
         return plans[0] if plans else None
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Add one entry atomically, under a lock (two runs at one site never lose each other's)."""
+        """Add one entry atomically, under a lock (two runs at one site never lose each other's). Entries are
+        strict JSON: a value that is not a finite number is refused here, not found by the next reader."""
         entry = {"kind": kind, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **fields}
+        line = json.dumps(entry, sort_keys=True, allow_nan=False)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             old = self.path.read_text() if self.path.exists() else ""
-            atomic_write_text(self.path, old + json.dumps(entry, sort_keys=True) + "\n")
+            atomic_write_text(self.path, old + line + "\n")
         return entry
+
+    def _releases(self, model: str | None) -> list[dict[str, Any]]:
+        return [
+            e for e in self.entries() if e["kind"] == "release" and (model is None or e.get("model") == model)
+        ]
+
+    def _cohort_path(self, fingerprint: str) -> Path:
+        return self.path.with_suffix(".patients") / f"{fingerprint.removeprefix('sha256:')}.txt"
+
+    def _cohort(self, fingerprint: str) -> set[str]:
+        path = self._cohort_path(fingerprint)
+        if not path.is_file():
+            raise DataError(
+                f"{path}: the patients of release {fingerprint} are missing; restore the ledger's folder "
+                "from the site's backup (never delete it: that would forget what was released)"
+            )
+        return set(path.read_text().split())
+
+
+def _mechanisms(entry: dict[str, Any]) -> list[Mechanism]:
+    return [(float(s), float(q), int(n)) for s, q, n in entry["mechanisms"]]
 
 
 def data_fingerprint(image_ids: Iterable[str]) -> str:

@@ -18,8 +18,10 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from client.privacy import SitePrivacy
 from client.rounds import train_round
 from shared.config import ExperimentConfig, load_config
+from shared.data import partition
 from shared.data.site import Site, load_site
 from shared.errors import ConfigError, DataError
 from shared.privacy.accounting import epsilon, noise_for
@@ -31,7 +33,7 @@ from shared.training.initialisation import pretraining_start
 from shared.training.phase import Span, run_phase
 from shared.training.pretrain import spark_method
 from shared.wire import EPSILON, FINETUNE, PRETRAIN, RoundSpec, RunSpec
-from tests.conftest import FEDRETINA, UID
+from tests.conftest import FEDRETINA, UID, uid_of
 
 PRIVATE = {"privacy.enabled": True, "model.norm": "gn", "pretrain.loss_reduction": "sample"}
 
@@ -259,7 +261,56 @@ def test_site_privacy_prints_the_ledger_with_its_unit_and_the_group_bound(
     out = result.stdout
     spent = Ledger(site.ledger_path).epsilon(1e-6)
     assert "site ukb: budget epsilon 20 at delta 1e-06" in out
-    assert "| run | pretrain | 1-2 | 2 | " in out  # run name "run", both rounds, one step each
-    assert f"epsilon spent: {spent:.3f} of 20 " in out and "privacy unit: image" in out
+    assert "| run | ukb | pretrain | 1-2 | 2 | " in out  # run name "run", both rounds, one step each
+    assert f"epsilon spent (worst-off patient): {spent:.3f} of 20 " in out and "privacy unit: image" in out
     largest = int(site.rows.groupby("patient_id").size().max())
     assert f"a patient with {largest} images here is protected at epsilon {largest * spent:.3f}" in out
+
+
+def test_a_simulated_part_is_charged_what_earlier_runs_spent_on_its_patients(ukb: Site) -> None:
+    """The iid split deals patients by the run's seed: under another seed a patient sits in another part,
+    and must still carry what the first run released on them (and a part of others, nothing)."""
+    cfg = private(
+        **{"privacy.noise_multiplier": 1.0, "federation.rounds_pretrain": 1, "federation.local_steps": 1}
+    )
+
+    def parts(seed: int) -> list[Site]:
+        masks = partition.iid(ukb.rows, 2, seed)
+        return [
+            Site(f"ukb-iid{k}", ukb.config, ukb.rows[m].reset_index(drop=True)) for k, m in enumerate(masks)
+        ]
+
+    first = parts(0)[0]
+    trained = train_round(first, spec(cfg, 1, uid_of("seed 0")), pretraining_start(cfg).state_dict())
+    spent = trained.metrics[EPSILON]
+    assert spent > 0
+    used = set(first.rows["patient_id"])
+    later = parts(3)
+    assert all(used & set(p.rows["patient_id"]) for p in later)  # the seed moved patients across parts
+    mixed = [p for p in later if set(p.rows["patient_id"]) != used]
+    assert mixed  # a part that is not the first run's
+    for part in later:
+        assert SitePrivacy(part, spec(cfg, 1, uid_of("seed 3"))).epsilon == pytest.approx(spent)
+    fresh = ukb.rows[~ukb.rows["patient_id"].isin(used)].reset_index(drop=True)
+    untouched = Site("ukb-iid1", ukb.config, fresh)  # the first run's other part: patients it never used
+    assert SitePrivacy(untouched, spec(cfg, 1, uid_of("seed 3"))).epsilon == 0.0
+
+
+def test_a_refusal_on_a_spent_budget_keeps_the_ledger_strict_json(ukb: Site) -> None:
+    """No noise can keep the run within the budget: the refusal is recorded with `projected: null`, never
+    Infinity (which is not JSON), and the ledger refuses any non-finite number written to it."""
+    cfg = private(**{"federation.rounds_pretrain": 1})
+    tiny = ukb.config.model_copy(
+        update={"privacy": ukb.config.privacy.model_copy(update={"target_epsilon": 1e-9})}
+    )
+    site = Site(ukb.name, tiny, ukb.rows)
+    refused = train_round(site, spec(cfg, 1), pretraining_start(cfg).state_dict())
+    assert refused.weights is None and "no noise keeps this run within" in str(refused.refused)
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    entries = [json.loads(line, parse_constant=strict) for line in site.ledger_path.read_text().splitlines()]
+    assert [(e["kind"], e["projected"]) for e in entries] == [("refused", None)]
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        Ledger(site.ledger_path).append("release", epsilon=float("inf"))
