@@ -79,7 +79,9 @@ def serve(
     superlink: Annotated[str, typer.Option(help="The server's address for sites, HOST:PORT.")],
     ca: Annotated[Path | None, typer.Option(help="The federation's CA certificate (ca.crt).")] = None,
     key: Annotated[Path | None, typer.Option(help="The site's private key (default: `site keys`').")] = None,
-    port: Annotated[int, typer.Option(help="This node's local Runtime API port (one per site here).")] = 9094,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="This node's local Runtime API port (one per site here).")
+    ] = 9094,
     insecure: Annotated[
         bool, typer.Option(help="No TLS, no node authentication: closed test networks.")
     ] = False,

@@ -69,7 +69,9 @@ def start(
     certs: Annotated[Path | None, typer.Option(help="The bundle (`fedretina certs create`).")] = None,
     state: StateOpt = DEFAULT_STATE,
     listen: Annotated[str, typer.Option(help="Where sites connect (the proxy): HOST:PORT.")] = "0.0.0.0:9092",
-    link_port: Annotated[int, typer.Option(help="The SuperLink's own port, on 127.0.0.1 only.")] = 9093,
+    link_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="The SuperLink's own port, on 127.0.0.1 only.")
+    ] = 9093,
     insecure: Annotated[
         bool, typer.Option(help="No TLS, no node authentication: for a closed test network.")
     ] = False,
@@ -172,8 +174,8 @@ def _settings(certs: Path | None, state: Path, listen: str, link_port: int, inse
     from server.deploy import ServerSettings
 
     host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--listen: {listen!r} is not HOST:PORT, e.g. 0.0.0.0:9092")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"--listen: {listen!r} is not HOST:PORT (a port 1..65535), e.g. 0.0.0.0:9092")
     if (certs is None) != insecure:
         raise UserError(
             "--certs: give the bundle (`fedretina certs create`), or --insecure for a closed test network"
@@ -192,19 +194,16 @@ def summary(
     Example: fedretina server summary runs/demo-20261123-150000
     """
     from server.report import summary_table
-    from server.store import RunStore
+    from server.store import StoreReader
 
     path = run / "federation" / "store.sqlite"
-    if not path.is_file():
-        raise UserError(f"{run}: no run store at {path}; is this a federated run folder?")
-    store = RunStore(path, run.name)
-    status = store.query("SELECT status FROM runs WHERE run_name = ?", (run.name,))
+    store = StoreReader(path)
+    recorded = store.run()
     typer.echo(summary_table(store))
-    for row in store.query(
-        "SELECT level, kind, message FROM events WHERE run_name = ? AND level != 'info'", (run.name,)
-    ):
-        typer.echo(f"{row['level']}: {row['kind']}: {row['message']}")
-    state = status[0]["status"] if status else "unknown"
+    for row in store.events():
+        if row["level"] != "info":
+            typer.echo(f"{row['level']}: {row['kind']}: {row['message']}")
+    state = recorded["status"] if recorded else "unknown"
     typer.echo(f"run {run.name}: {state}")
     typer.echo(f"run store: {path}")
     for name in ("encoder.safetensors", "model.safetensors", "probes", "checkpoints"):

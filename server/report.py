@@ -8,20 +8,18 @@ import math
 import statistics
 from collections import defaultdict
 
-from server.store import RunStore
+from server.store import StoreReader
 from shared.wire import EPSILON, SECONDS, TRAIN_LOSS
 
 SHOWN = ("auc", "kappa")  # per task in the summary table; the console line adds accuracy
 
 
-def round_line(store: RunStore, phase: str, rnd: int, total: int) -> str:
+def round_line(store: StoreReader, phase: str, rnd: int, total: int) -> str:
     """One line for round `rnd` of `phase`, e.g. `pretrain round 2/3: 4/4 sites, loss 0.3807, probe 0.6014,
     site time 26.2 s median / 29.3 s max, 7.9 MB per reply`, and under DP the largest site epsilon."""
-    where, args = "run_name = ? AND phase = ? AND round = ?", (store.run_name, phase, rnd)
-    rows = store.query(f"SELECT sampled, accepted, status FROM rounds WHERE {where}", args)
-    metrics = store.query(f"SELECT source, key, value FROM metrics WHERE {where}", args)
-    v = {f"{m['source']}:{m['key']}": m["value"] for m in metrics}
-    sent = store.query(f"SELECT bytes FROM replies WHERE {where} AND kind = 'train' AND accepted = 1", args)
+    rows = [r for r in store.rounds(phase) if r["round"] == rnd]
+    v = {f"{m['source']}:{m['key']}": m["value"] for m in store.metrics(phase) if m["round"] == rnd}
+    sent = [x for x in store.replies(phase, "train") if x["round"] == rnd and x["accepted"]]
     r = rows[0] if rows else {"sampled": 0, "accepted": 0, "status": ""}
     parts = [f"{r['accepted'] or 0}/{r['sampled'] or 0} sites"]
     if r["status"] not in ("ok", "running", ""):
@@ -56,22 +54,16 @@ def round_line(store: RunStore, phase: str, rnd: int, total: int) -> str:
     return f"{phase} round {rnd}/{total}: " + ", ".join(parts)
 
 
-def privacy_unit(store: RunStore) -> str:
+def privacy_unit(store: StoreReader) -> str:
     """What the run's epsilon protects (a patient or an image), from its recorded config."""
-    rows = store.query("SELECT config FROM runs WHERE run_name = ?", (store.run_name,))
-    return json.loads(rows[0]["config"])["privacy"]["unit"] if rows else "unknown"
+    run = store.run()
+    return json.loads(run["config"])["privacy"]["unit"] if run else "unknown"
 
 
-def summary_table(store: RunStore) -> str:
-    rounds = store.query(
-        "SELECT phase, round, sampled, accepted, status FROM rounds WHERE run_name = ? "
-        "ORDER BY phase DESC, round",
-        (store.run_name,),
-    )
+def summary_table(store: StoreReader) -> str:
+    rounds = store.rounds()
     values: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
-    for row in store.query(
-        "SELECT phase, round, source, key, value FROM metrics WHERE run_name = ?", (store.run_name,)
-    ):
+    for row in store.metrics():
         values[(row["phase"], row["round"])][f"{row['source']}:{row['key']}"] = row["value"]
     eval_keys = sorted(
         {

@@ -34,7 +34,7 @@ from server.replies import stream_replies
 from server.report import round_line, summary_table
 from server.secure import secure_round
 from server.sites import FederationError, SiteDirectory, SiteInfo
-from server.store import RunStore
+from server.store import RunStore, StoreReader
 from server.strategy import FedRetina, to_record
 from shared.aggregation import Arrays
 from shared.config import ExperimentConfig, RunOptions
@@ -137,6 +137,7 @@ class FederatedRun:
         self.grid, self.cfg, self.options, self.context = grid, cfg, options, context
         self.dir = run_dir(cfg, "federation", options.run_name)
         self.store = RunStore(self.dir / "store.sqlite", options.run_name)
+        self.reader = StoreReader(self.store.path)
         self.checkpoints = Checkpoints(self.dir / "checkpoints", cfg.federation.keep_checkpoints)
         self._probes: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -166,7 +167,7 @@ class FederatedRun:
             self.store.event("failed", f"{type(exc).__name__}: {exc}", "error")
             self.store.finish_run("failed")
             raise
-        table = summary_table(self.store)
+        table = summary_table(self.reader)
         atomic_write_text(self.dir / "summary.md", table)
         self.store.finish_run("completed")
         log.info("federated run finished; run store %s\n%s", self.store.path, table)
@@ -257,7 +258,7 @@ class FederatedRun:
             log.info("%s round 0/%d: probe %.4f (the starting model)", phase, total, loss)
         for rnd in range(done + 1, total + 1):
             arrays = self._round(strategy, rnd, arrays)
-            log.info(round_line(self.store, phase, rnd, total))
+            log.info(round_line(self.reader, phase, rnd, total))
 
     def _round(self, strategy: FedRetina, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
         """One round: Flower's hooks in `Strategy.start`'s order, then the probe and the checkpoint."""

@@ -1,9 +1,11 @@
-"""The run store: one SQLite file per run directory, written by the ServerApp, read by people and tools.
+"""The run store: one SQLite file per run directory, written by the ServerApp (`RunStore`), read by people
+and tools through `StoreReader` only: the schema is spelt here and nowhere else.
 
 Tables: runs, sites, rounds, replies (one row per site per round: site name, node id as TEXT since Flower's
 node ids are uint64, examples, metrics, duration, bytes, update norm, cosine to the aggregate, accepted or
 rejected with the reason), metrics (global, per round and source), checkpoints and events. Every write is
-its own transaction, so a killed server leaves a consistent store.
+its own transaction, so a killed server leaves a consistent store. A damaged file is a one-line
+`StoreError` for writer and readers alike.
 """
 
 from __future__ import annotations
@@ -87,13 +89,14 @@ class RunStore:
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            with db:  # one transaction
-                yield db
-        finally:
-            db.close()
+        with _damage_named(self.path):
+            db = sqlite3.connect(self.path, timeout=30)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                with db:  # one transaction
+                    yield db
+            finally:
+                db.close()
 
     def start_run(
         self, run_uid: str, flower_run: int, scenario: str, strategy: str, config: dict[str, Any]
@@ -198,11 +201,75 @@ class RunStore:
                     (self.run_name, phase, rnd, *later),
                 )
 
-    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        """Read-only helper for reports and tests."""
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-        db.row_factory = sqlite3.Row
-        try:
-            return db.execute(sql, params).fetchall()
-        finally:
-            db.close()
+
+class StoreReader:
+    """A run store, read-only: SQLite's `mode=ro`, so a live run's writes are never blocked and nothing is
+    ever created or changed; a store whose tables do not exist yet (a run starting this instant) reads
+    empty. Rows come as dicts, replies with their metrics decoded, in the order people read them."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise StoreError(f"{path}: no run store here; is this a federated run folder?")
+        self.path = path
+
+    def run(self) -> dict[str, Any] | None:
+        """The store's run: name, uid, Flower run, times, status, scenario, strategy, config (JSON)."""
+        found = self._rows("SELECT * FROM runs")
+        return found[0] if found else None
+
+    def rounds(self, phase: str | None = None, *, finished: bool = False) -> list[dict[str, Any]]:
+        """Rounds of both phases (pretraining first), or of one; only those that finished, if asked."""
+        where = " AND finished IS NOT NULL" if finished else ""
+        return self._rows(
+            f"SELECT * FROM rounds WHERE phase LIKE ?{where} ORDER BY phase DESC, round", (phase or "%",)
+        )
+
+    def replies(self, phase: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """Every site's reply (or its absence's record), `metrics` as a dict."""
+        rows = self._rows(
+            "SELECT * FROM replies WHERE phase LIKE ? AND kind LIKE ? "
+            "ORDER BY phase DESC, round, site, attempt",
+            (phase or "%", kind or "%"),
+        )
+        for row in rows:
+            row["metrics"] = json.loads(row["metrics"] or "{}")
+        return rows
+
+    def metrics(self, phase: str | None = None, source: str | None = None) -> list[dict[str, Any]]:
+        """Global metrics, one row per (phase, round, source, key)."""
+        return self._rows(
+            "SELECT phase, round, source, key, value FROM metrics WHERE phase LIKE ? AND source LIKE ? "
+            "ORDER BY phase DESC, round",
+            (phase or "%", source or "%"),
+        )
+
+    def sites(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM sites ORDER BY site")
+
+    def events(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT time, level, kind, message FROM events ORDER BY time")
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        with _damage_named(self.path):
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+            db.row_factory = sqlite3.Row
+            try:
+                return [dict(r) for r in db.execute(sql, params).fetchall()]
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return []  # the run is creating its store this instant
+                raise
+            finally:
+                db.close()
+
+
+@contextmanager
+def _damage_named(path: Path) -> Iterator[None]:
+    """A file that is not a readable SQLite store becomes one line naming it (a lock timeout stays what it
+    is: an operational error of a working store)."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError) and "unable to open" not in str(exc):
+            raise
+        raise StoreError(f"{path}: not a readable run store ({exc}); restore it from a backup") from None

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from shared.config import ExperimentConfig, load_config, parse_overrides
@@ -46,10 +47,21 @@ def with_sites(cfg: ExperimentConfig, sites: list[Path] | None, name: str | None
     return cfg.model_copy(update=update)
 
 
-def run_cli(app: typer.Typer, prog: str = "fedretina") -> None:
-    """Run a typer app; a `UserError` prints `prog: error: <one line>` to stderr and exits with its code."""
+def run_cli(app: typer.Typer, prog: str = "fedretina", args: list[str] | None = None) -> None:
+    """Run a typer app; a `UserError` prints `prog: error: <one line>` to stderr and exits with its code, and
+    so does a command line click refuses (an unknown option, a port out of range: exit 2, with the
+    command's --help named)."""
     try:
-        app(prog_name=prog)
+        code = app(args=args, prog_name=prog, standalone_mode=False)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        if exc.format_message():  # (a group called bare has printed its help already)
+            where = exc.ctx.command_path if exc.ctx is not None else prog
+            print(f"{prog}: error: {exc.format_message()} (see `{where} --help`)", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print(f"{prog}: aborted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

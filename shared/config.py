@@ -26,6 +26,7 @@ from shared.names import check_run_name
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 PROFILES = ("tiny", "cpu", "paper")
+MAX_YAML_BYTES = 1_000_000  # a site or experiment YAML is a page of keys; anything larger is not one
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -439,13 +440,29 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _NoAliases(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases: a config never needs them, and aliases nest into
+    billions of values ("billion laughs") that validation would walk."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases (*name) are not allowed in a config; write the values out")
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file, a syntax error or a non-mapping is a one-line `ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config is at most {MAX_YAML_BYTES} bytes")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliases)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

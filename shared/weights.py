@@ -50,7 +50,15 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raw = (fh.metadata() or {}).get(META_KEY, "{}")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    return tensors, json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{path}: its {META_KEY!r} metadata is not a JSON record; not a file fedretina wrote (or damaged)"
+        )
+    return tensors, meta
 
 
 def model_meta(cfg: ModelConfig) -> dict[str, Any]:

@@ -302,7 +302,7 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Address to bind; beyond loopback a --token is required.")] = (
         "127.0.0.1"
     ),
-    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8050,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8050,
     token: Annotated[
         str | None, typer.Option(help="Token every request must carry; 'generate' makes and prints one.")
     ] = None,

@@ -59,13 +59,13 @@ def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> Stu
         raise CheckpointError(
             f"{arms_csv} exists: pass --resume to finish that study, or pick another --name"
         )
-    encoder = _pretrained(cfg, resume)
-    inits = {"scratch": InitConfig(), "spark": InitConfig(kind="spark", weights=str(encoder))}
-    inits |= {n: InitConfig(kind="spark", weights=w) for n, w in s.encoders.items()}
-    if s.compare_to not in inits:
-        raise ConfigError(f"study.compare_to: {s.compare_to!r} is not one of {list(inits)}")
-    for init in inits.values():
+    given = {n: InitConfig(kind="spark", weights=w) for n, w in s.encoders.items()}
+    if s.compare_to not in {"scratch", "spark", *given}:
+        raise ConfigError(f"study.compare_to: {s.compare_to!r} is not one of {['scratch', 'spark', *given]}")
+    for init in given.values():  # before the pretraining: a wrong file is found in seconds, not an hour
         check_init(init.kind, init.weights, cfg.model)
+    encoder = _pretrained(cfg, resume)
+    inits = {"scratch": InitConfig(), "spark": InitConfig(kind="spark", weights=str(encoder)), **given}
     cfg = cfg.model_copy(
         update={
             "finetune": cfg.finetune.model_copy(update={"protocol": "cv", "inits": inits, "run_folds": 1})

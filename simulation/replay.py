@@ -26,7 +26,7 @@ import torch
 from client.rounds import train_round
 from server.checkpoints import Checkpoints
 from server.run import initial_weights
-from server.store import RunStore
+from server.store import StoreReader
 from shared.aggregation import Arrays, Chain, Update, average, cycle_order, site_update
 from shared.config import ExperimentConfig
 from shared.data.scenario import load_scenario, scenario_sites
@@ -40,8 +40,10 @@ REPLAYABLE = ("fedavg", "fedprox", "cyclic")
 def replay(federation_dir: Path, site_yamls: list[Path] = ()) -> dict[str, tuple[Arrays, Arrays]]:
     """Phase -> (replayed final global weights, the run's own final checkpoint), for each phase run. The
     sites are a simulation's scenario sites, or the given site YAMLs for a deployment."""
-    store = RunStore(federation_dir / "store.sqlite", "")
-    (run,) = store.query("SELECT run_name, run_uid, config, scenario FROM runs")
+    store = StoreReader(federation_dir / "store.sqlite")
+    run = store.run()
+    if run is None:
+        raise ConfigError(f"{federation_dir}: the run store holds no run to replay")
     cfg = ExperimentConfig.model_validate_json(run["config"])
     if cfg.federation.strategy not in REPLAYABLE:
         raise ConfigError(f"replay covers {', '.join(REPLAYABLE)}, not {cfg.federation.strategy}")
@@ -60,7 +62,7 @@ def replay(federation_dir: Path, site_yamls: list[Path] = ()) -> dict[str, tuple
         sites = {s.name: _scratch_site(s, Path(scratch)) for s in real}
         pretrained = None
         for phase in (PRETRAIN, FINETUNE):
-            accounts = _aggregated(store, run["run_name"], phase)
+            accounts = _aggregated(store, phase)
             if not accounts:
                 continue
             final = checkpoints.load(phase, max(accounts))
@@ -107,19 +109,13 @@ def _trained(
     return site_update(site.name, weights, trained.metrics, round_spec.tasks), moments
 
 
-def _aggregated(store: RunStore, run_name: str, phase: str) -> dict[int, list[str]]:
+def _aggregated(store: StoreReader, phase: str) -> dict[int, list[str]]:
     """Round -> the sites whose train replies were averaged into its global model (every round the run
     finished appears, with no site when it was skipped)."""
-    rounds = store.query(
-        "SELECT round FROM rounds WHERE run_name = ? AND phase = ? AND finished IS NOT NULL",
-        (run_name, phase),
-    )
-    accounts: dict[int, list[str]] = {int(r["round"]): [] for r in rounds}
-    averaged = (
-        "SELECT round, site FROM replies WHERE run_name = ? AND phase = ? AND kind = 'train' AND aggregated"
-    )
-    for row in store.query(averaged, (run_name, phase)):
-        accounts[int(row["round"])].append(row["site"])
+    accounts: dict[int, list[str]] = {int(r["round"]): [] for r in store.rounds(phase, finished=True)}
+    for row in store.replies(phase, "train"):
+        if row["aggregated"]:
+            accounts[int(row["round"])].append(row["site"])
     return {r: sorted(names) for r, names in accounts.items()}
 
 

@@ -90,6 +90,9 @@ def run_seed2_study(cfg: ExperimentConfig, *, resume: bool = False) -> Seed2Outp
         raise CheckpointError(
             f"{arms_csv} exists: pass --resume to finish that study, or pick another --name"
         )
+    for arch, weights in s.imagenet.items():  # before any pretraining or run folder
+        if arch in s.archs:
+            check_init("imagenet", weights, override(cfg, {"model.arch": arch, **s.archs[arch]}).model)
     cfg = cfg.model_copy(update={"study": s.model_copy(update={"compare_to": REFERENCE})})
     out = start_run_dir(cfg, PART)
     all_arms, all_diffs, starts, fractions = [], [], {}, {}
@@ -143,7 +146,6 @@ def _setups(cfg: ExperimentConfig, arch: str, resume: bool) -> dict[str, Setup]:
         ifi = Setup(
             InitConfig(kind="imagenet", weights=imagenet), f"ImageNet weights ({Path(imagenet).name})"
         )
-        check_init("imagenet", imagenet, cfg.model)
     else:
         natural = _pretrained(cfg, arch, "natural", InitConfig(), resume)
         ifi = Setup(InitConfig(kind="natural", weights=str(natural)), NATURAL_SOURCE)

@@ -1,24 +1,22 @@
-"""What the dashboard shows, read from run stores only, never written: every connection is SQLite's
-read-only URI mode (`mode=ro`), so a live run's writes are never blocked and no table is ever created."""
+"""What the dashboard shows, read from run stores only, never written (`server/store.py:StoreReader`, SQLite's
+read-only mode: a live run's writes are never blocked and no table is ever created)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.store import StoreError, StoreReader
 from shared.wire import EPSILON, SECONDS, TRAIN_LOSS
 
 # Beside a run's store when `fedretina compare` ran it: the centralised arm's validation curve of the same
 # data and seed ([{"epochs": passes over the pooled images, "auc": ..., "kappa": ...}, ...]), overlaid.
 CENTRALISED_CURVE = "centralised-curve.json"
-# A participation cell's fate, from its reply (or its absence).
-FATES = ("accepted", "rejected", "failed", "timed out", "refused", "sampled")
 
 
 @dataclass(frozen=True)
@@ -28,13 +26,9 @@ class Store:
     path: Path
     name: str
 
-    def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
-        db.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in db.execute(sql, params).fetchall()]
-        finally:
-            db.close()
+    @property
+    def read(self) -> StoreReader:
+        return StoreReader(self.path)
 
 
 def stores(root: Path) -> list[Store]:
@@ -48,29 +42,25 @@ def run_rows(root: Path) -> list[dict[str, Any]]:
     rows = []
     for store in stores(root):
         try:
-            (run,) = store.query("SELECT * FROM runs")[:1] or [None]
-        except sqlite3.Error:
-            continue  # a store being created this instant
+            run = store.read.run()
+        except StoreError:
+            continue  # a damaged store: the runs table lists what it can read
         if run is None:
             continue
         config = json.loads(run["config"] or "{}")
-        progress = _progress(store, config)
-        sites = store.query("SELECT count(DISTINCT site) AS n FROM sites")[0]["n"]
         finished = run["finished"] or time.time()
         reason = ""
         if run["status"] == "failed":
-            errors = store.query(
-                "SELECT message FROM events WHERE level = 'error' ORDER BY time DESC LIMIT 1"
-            )
-            reason = errors[0]["message"] if errors else ""
+            errors = [e for e in store.read.events() if e["level"] == "error"]
+            reason = errors[-1]["message"] if errors else ""
         rows.append(
             {
                 "name": store.name,
                 "scenario": Path(run["scenario"]).stem if "/" in (run["scenario"] or "") else run["scenario"],
                 "strategy": run["strategy"],
                 "status": run["status"],
-                "progress": progress,
-                "sites": sites,
+                "progress": _progress(store, config),
+                "sites": len({s["site"] for s in store.read.sites()}),
                 "started": run["started"],
                 "elapsed_s": finished - (run["started"] or finished),
                 "reason": reason,
@@ -82,30 +72,29 @@ def run_rows(root: Path) -> list[dict[str, Any]]:
 
 def _progress(store: Store, config: dict) -> str:
     """`phase k/N` of the run's latest round."""
-    last = store.query("SELECT phase, round FROM rounds ORDER BY started DESC LIMIT 1")
-    if not last:
+    rounds = store.read.rounds()
+    if not rounds:
         return "starting"
-    phase, rnd = last[0]["phase"], last[0]["round"]
-    total = config.get("federation", {}).get(f"rounds_{phase}", "?")
-    return f"{phase} {rnd}/{total}"
+    last = max(rounds, key=lambda r: r["started"] or 0)
+    total = config.get("federation", {}).get(f"rounds_{last['phase']}", "?")
+    return f"{last['phase']} {last['round']}/{total}"
 
 
 def run_detail(store: Store) -> dict[str, Any]:
     """Everything one run page shows, as JSON-ready data."""
-    found = store.query("SELECT * FROM runs")
-    if not found:  # the store of a run this instant starting
+    reader = store.read
+    run = reader.run()
+    if run is None:  # the store of a run this instant starting
         raise LookupError(f"{store.name} has not started yet")
-    run = found[0]
     config = json.loads(run["config"] or "{}")
-    rounds = store.query("SELECT * FROM rounds ORDER BY phase DESC, round")
-    replies = store.query("SELECT * FROM replies ORDER BY phase DESC, round, site, attempt")
+    rounds = reader.rounds()
+    replies = reader.replies()
     for r in replies:
-        r["metrics"] = json.loads(r["metrics"] or "{}")
         r["fate"] = fate(r)
     metrics: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for m in store.query("SELECT phase, round, source, key, value FROM metrics ORDER BY round"):
+    for m in reader.metrics():
         metrics[m["phase"]][f"{m['source']}:{m['key']}"].append([m["round"], _num(m["value"])])
-    sites = sorted({r["site"] for r in replies} | {s["site"] for s in store.query("SELECT site FROM sites")})
+    sites = sorted({r["site"] for r in replies} | {s["site"] for s in reader.sites()})
     return {
         "name": store.name,
         "run": {k: run[k] for k in ("run_name", "scenario", "strategy", "status", "started", "finished")},
@@ -119,7 +108,7 @@ def run_detail(store: Store) -> dict[str, Any]:
         "sites": sites,
         "replies": [_reply(r) for r in replies],
         "metrics": {p: dict(v) for p, v in metrics.items()},
-        "events": store.query("SELECT time, level, kind, message FROM events ORDER BY time"),
+        "events": reader.events(),
         "probes": probes(store),
         "centralised": _centralised_curve(store, config),
     }

@@ -28,7 +28,7 @@ from shared.data.formats.common import Problem
 from shared.data.fundus import preprocess
 from shared.data.images import ImageProblem
 from shared.data.manifest import label_tasks, read_manifest_csv, write_manifest_csv
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.logs import progress
 from shared.rundir import atomic_write_text
 
@@ -68,6 +68,8 @@ def check_site(site: SiteConfig, out_dir: Path | None = None, workers: int = 2) 
     """Check `site` and write report.json, summary.txt and manifest.csv into `out_dir` (default: the site's
     `<state_dir>/check/`). Returns the result; fatal problems are in `result.fatal`."""
     out_dir = out_dir or site.check_dir
+    if out_dir.resolve().is_relative_to(site.root.resolve()):
+        raise ConfigError(f"--out: {out_dir} is inside the dataset {site.root}; a site never writes there")
     data = read_site(site)
     problems = list(data.problems)
     manifest = data.manifest

@@ -113,6 +113,12 @@ def load_site_config(path: str | Path) -> SiteConfig:
     cfg = validate(SiteConfig, data, str(path))
     if not cfg.root.is_dir():
         raise ConfigError(f"{path}: root: {cfg.root} is not a directory; point it at the dataset's folder")
+    state, root = cfg.state_root.resolve(), cfg.root.resolve()
+    if state.is_relative_to(root) or root.is_relative_to(state):
+        raise ConfigError(
+            f"{path}: state_dir: {state} and the dataset ({root}) overlap; a site never writes in its "
+            "dataset: give a state folder outside it"
+        )
     return cfg
 
 

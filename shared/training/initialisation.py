@@ -30,13 +30,10 @@ FINETUNE_SEED = "init-finetune"  # the heads of federated phase 2 and of the hol
 
 
 def check_init(kind: str, weights: str | None, model_cfg: ModelConfig) -> None:
-    """Fail fast, before any data work: the file exists, and our exports are for this architecture."""
-    if kind == "scratch":
-        return
-    if kind == "imagenet":
-        _imagenet_state(Path(weights or ""))
-        return
-    _our_export(Path(weights or ""), kind, model_cfg)
+    """Fail fast, before any data work or any run folder: the file exists, is of this kind and architecture,
+    and loads strictly (every key, every shape) into the encoder it will start."""
+    if kind != "scratch":
+        initialise(build_encoder(model_cfg), kind, weights, model_cfg)
 
 
 def initialise(encoder: nn.Module, kind: str, weights: str | None, model_cfg: ModelConfig) -> str:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ import pandas as pd
 import torch
 
 from client.state import own_batchnorm, state_dir
-from server.dashboard.data import Store
 from server.sites import FederationError
+from server.store import StoreReader
 from shared.config import ExperimentConfig, InitConfig, dump_config, override
 from shared.data.labels import label_column
 from shared.data.manifest import labelled, task_classes
@@ -182,13 +181,24 @@ def _arm(kind: str, label: str, key: str, scenario: Scenario, cfg: ExperimentCon
         "part": part,
         "settings": settings,
         "scenario": _absolute(scenario).model_dump(mode="json", exclude={"name", "description"}),
-        "site_yamls": [Path(p).read_text() for p in (*scenario.sites, *_sources(scenario))],
+        "site_yamls": [_site_yaml(p) for p in (*scenario.sites, *_sources(scenario))],
     }
     digest = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=6).hexdigest()
     resolved = cfg.model_copy(
         update={"name": f"{kind}-{digest}", "runs_dir": str((Path(cfg.runs_dir) / "arms").resolve())}
     )
     return Arm(kind, label, key, cfg.seed, resolved, part)
+
+
+def _site_yaml(path: str) -> str:
+    if not Path(path).is_file():
+        hint = (
+            " (render the synthetic sites first: `fedretina synth --profile cpu`)"
+            if "generated" in path
+            else ""
+        )
+        raise ConfigError(f"site YAML {path} not found{hint}")
+    return Path(path).read_text()
 
 
 def _absolute(scenario: Scenario) -> Scenario:
@@ -309,13 +319,11 @@ def _own_batchnorm(
     """FedBN: each site's own BatchNorm after its last fine-tuning round, read from the site's state folder
     (what that site predicts with; the exported model carries the server's average instead). A site that
     trained (`train_images`) but kept none is scored with the average, and said so."""
-    rows = _query(arm.folder / "federation" / "store.sqlite", "SELECT run_uid FROM runs")
-    uid = str(rows[0]["run_uid"])
+    run = StoreReader(arm.folder / "federation" / "store.sqlite").run()
+    uid = str(run["run_uid"]) if run else ""
     own = {}
     for site in sites:
-        found = own_batchnorm(
-            state_dir(site, uid), FINETUNE, arm.cfg.federation.rounds_finetune, uid
-        )
+        found = own_batchnorm(state_dir(site, uid), FINETUNE, arm.cfg.federation.rounds_finetune, uid)
         if found is not None:
             own[site.name] = found[1]
         elif train_images.get(site.name):
@@ -326,48 +334,34 @@ def _own_batchnorm(
 
 
 def _rounds_done(store: Path) -> int:
-    rows = _query(store, "SELECT count(*) AS n FROM rounds WHERE finished IS NOT NULL")
-    return int(rows[0]["n"]) if rows else 0
+    return len(StoreReader(store).rounds(finished=True)) if store.is_file() else 0
 
 
 def _status(store: Path) -> str:
-    rows = _query(store, "SELECT status FROM runs")
-    return str(rows[0]["status"]) if rows else "missing"
-
-
-def _query(store: Path, sql: str) -> list[dict]:
-    """Rows of the run store, read-only as the dashboard reads it; none before the run has written it."""
-    if not store.is_file():
-        return []
-    try:
-        return Store(store, "").query(sql)
-    except sqlite3.OperationalError:  # the run has not created its tables yet
-        return []
+    run = StoreReader(store).run() if store.is_file() else None
+    return str(run["status"]) if run else "missing"
 
 
 def _store_record(store: Path) -> dict:
     """The curve (validation metrics after every fine-tuning round, image-weighted over the sites), upload
     bytes per round and each site's epsilon, from the run store."""
+    reader = StoreReader(store)
     keys = {f"dr-{k}": k for k in CURVE_KEYS}
     curve: dict[int, dict] = {}
-    rows = _query(
-        store, "SELECT round, key, value FROM metrics WHERE phase = 'finetune' AND source = 'federated-eval'"
-    )
-    for row in rows:
+    for row in reader.metrics(FINETUNE, "federated-eval"):
         if row["key"] in keys:
             rnd = int(row["round"])
             curve.setdefault(rnd, {"epochs": float(rnd)})[keys[row["key"]]] = _num(row["value"])
-    uploads = _query(
-        store,
-        "SELECT phase, round, coalesce(sum(bytes), 0) AS bytes FROM replies WHERE kind = 'train' "
-        "GROUP BY phase, round ORDER BY phase DESC, round",
-    )
+    uploads: dict[tuple[str, int], int] = {}
     epsilon: dict[str, float] = {}
-    for row in _query(store, "SELECT site, metrics FROM replies WHERE kind = 'train'"):
-        value = json.loads(row["metrics"] or "{}").get(EPSILON)
+    for row in reader.replies(kind="train"):
+        key = (row["phase"], int(row["round"]))
+        uploads[key] = uploads.get(key, 0) + int(row["bytes"] or 0)
+        value = row["metrics"].get(EPSILON)
         if value is not None:
             epsilon[row["site"]] = max(epsilon.get(row["site"], 0.0), float(value))
-    return {"curve": [curve[r] for r in sorted(curve)], "bytes_per_round": uploads, "epsilon": epsilon}
+    per_round = [{"phase": p, "round": r, "bytes": b} for (p, r), b in uploads.items()]
+    return {"curve": [curve[r] for r in sorted(curve)], "bytes_per_round": per_round, "epsilon": epsilon}
 
 
 def _num(value: object) -> float | None:

@@ -148,7 +148,7 @@ def test_a_servers_round_spec_is_checked_where_it_is_parsed() -> None:
     for key, (value, message) in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
             from_wire(RoundSpec, wire | {key: value})
-    with pytest.raises(ConfigError, match="task dr has 1000000 classes; expected 2..100"):
+    with pytest.raises(ConfigError, match=r"task dr has 1000000 classes; expected 2\.\.100"):
         from_wire(RoundSpec, wire | {"tasks": json.dumps({"dr": 10**6})})
     many = json.dumps({f"t{i}": 2 for i in range(17)})
     with pytest.raises(ConfigError, match="17 tasks; at most 16"):

@@ -7,6 +7,7 @@ the CSVs name and what the folders hold, and report every mismatch as a `Problem
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,9 @@ def read_csv(
         return None
     try:
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=True)
+    except pd.errors.EmptyDataError:
+        out.problem("bad-csv", path, f"{what} is empty (0 bytes or no header row)", fatal=True)
+        return None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         out.problem("bad-csv", path, f"cannot parse {what}: {str(exc).splitlines()[0]}", fatal=True)
         return None
@@ -91,11 +95,19 @@ def read_csv(
     df = df.loc[:, [c for c in df.columns if not c.startswith("Unnamed:")]]
     df = df[~(df.apply(lambda r: "".join(r).strip(), axis=1) == "")] if len(df) else df
     absent = [c for c in required if c not in df.columns]
-    for column in absent:
-        close = difflib.get_close_matches(column, list(df.columns), n=1, cutoff=0.6)
-        hint = f" (found {close[0]!r}: misspelt header?)" if close else f"; columns are {list(df.columns)}"
-        out.problem("missing-column", path, f"required column {column!r} is missing{hint}", fatal=True)
-    return None if absent else df.map(str.strip)
+    if absent:  # one problem, one line, however many columns are missing
+        columns = list(df.columns)
+        hints = [
+            f"found {close[0]!r}" + (f" for {c!r}" if len(absent) > 1 else "")
+            for c in absent
+            if (close := difflib.get_close_matches(c, columns, n=1, cutoff=0.6))
+        ]
+        hint = f" ({', '.join(hints)}: misspelt header?)" if hints else f"; columns are {columns[:8]}"
+        names = ", ".join(map(repr, absent))
+        what = f"required column {names} is" if len(absent) == 1 else f"required columns {names} are"
+        out.problem("missing-column", path, f"{what} missing{hint}", fatal=True)
+        return None
+    return df.map(str.strip)
 
 
 def parse_label(
@@ -128,7 +140,12 @@ class _ExcludeRow(Exception):
 
 
 def add_row(out: Rows, path: Path, row: dict[str, Any], parse: Callable[[], dict[str, Any]]) -> None:
-    """Append `row` plus the labels `parse()` returns, unless the image is missing or a label is bad."""
+    """Append `row` plus the labels `parse()` returns, unless the image is outside the dataset's folder (a
+    CSV naming `../x.jpeg` or `/etc/passwd`: a site reads its dataset, nothing else), missing, or a label
+    is bad."""
+    if not Path(os.path.normpath(path)).is_relative_to(os.path.normpath(out.root)):
+        out.problem("outside-root", str(path), "named in the labels CSV but outside the dataset's folder")
+        return
     if not path.is_file():
         out.problem("missing-file", path, "named in the labels CSV but the file does not exist")
         return
