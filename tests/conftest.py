@@ -17,6 +17,8 @@ UID = "0123456789ab"  # a run uid of the server's form (12 hex digits), for spec
 def uid_of(name: str) -> str:
     """A run uid of the server's form, one per name (a site keeps each run's state under its uid)."""
     return hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
