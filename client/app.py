@@ -30,6 +30,7 @@ from shared.aggregation import site_update
 from shared.data.manifest import labelled_counts, task_classes
 from shared.data.site import Site
 from shared.errors import ConfigError
+from shared.rundir import private_files
 from shared.securesum import REFUSED_BUDGET, REFUSED_RANGE, OutOfRange, secure_layout
 from shared.seeding import derive_seed
 from shared.wire import (
@@ -68,6 +69,7 @@ def _private(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     def guarded(msg: Message, context: Context) -> Message:
+        private_files()
         try:
             return handler(msg, context)
         except Exception as exc:

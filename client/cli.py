@@ -114,8 +114,9 @@ def stop(site: Annotated[Path, typer.Argument(help="The site YAML it serves.")])
     from shared.daemon import stop as stop_daemon
     from shared.data.site import load_site_config
 
-    pidfile = SiteDaemon.folder_of(load_site_config(site)) / "supernode.pid"
-    typer.echo("stopped" if stop_daemon(pidfile) else "no daemon was serving this site")
+    folder = SiteDaemon.folder_of(load_site_config(site))
+    stopped = stop_daemon(folder / "supernode.pid", folder)  # and anything a killed daemon left running
+    typer.echo("stopped" if stopped else "no daemon was serving this site")
 
 
 @app.command("approve")

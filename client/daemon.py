@@ -13,7 +13,12 @@ folder, never into the dataset:
     <state>/daemon/supernode.pid       while detached
     <state>/daemon/flwr-home/          Flower's home: the installed copies of the app the server sent
     <state>/daemon/bin/flwr-clientapp  the gate, first on the SuperNode's PATH
-    <state>/apps/                      approved app hashes, refused bundles (`client/approval.py`)
+    <state>/apps/                      approved app hashes, refused bundles, installed approved apps
+
+`site serve` says the site is served only once the SuperLink has activated its node (Flower's "SuperNode
+ID" line). A node restarted within the SuperLink's heartbeat window after a crash is refused ("could not
+be activated": its earlier session still counts as online, up to 2 x 30 s); the daemon starts it again
+until the window has passed (`ACTIVATION_WINDOW_S`), and only a refusal after that ends it.
 """
 
 from __future__ import annotations
@@ -27,12 +32,28 @@ from client.approval import Approvals
 from client.gate import STATE_ENV
 from client.site import SITE_KEY
 from shared.certs import write_site_key
-from shared.daemon import VENV_BIN, detach, supervise, this_command, wait_for_port
+from shared.daemon import (
+    MARKER,
+    VENV_BIN,
+    DaemonError,
+    detach,
+    supervise,
+    this_command,
+    wait_for_line,
+    wait_for_port,
+)
 from shared.data.checks import check_site
 from shared.data.site import SiteConfig
 from shared.errors import ConfigError, DataError
+from shared.rundir import private_dir
+from shared.wire import CHUNK_BYTES
 
 log = logging.getLogger(__name__)
+ACTIVATED = "SuperNode ID:"  # what Flower's SuperNode logs once the SuperLink activated it
+STILL_ONLINE = "could not be activated"  # the SuperLink's refusal while the node's last session is online
+CONNECTION_ERROR = 305  # flower-supernode's exit code when its connection cannot be set up
+# Flower keeps a node online 2 heartbeats (2 x 30 s) after its last; the daemon tries past that.
+ACTIVATION_WINDOW_S = 150.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,8 @@ class SiteDaemon:
             "FLWR_HOME": str(self.folder / "flwr-home"),
             "FLWR_TELEMETRY_ENABLED": "0",
             STATE_ENV: str(self.config.state_root),
+            MARKER: str(self.folder.resolve()),
+            "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": str(CHUNK_BYTES),  # the server bounds bodies by it
             "PATH": os.pathsep.join([str(self.gate().parent), str(VENV_BIN), os.environ.get("PATH", "")]),
         }
 
@@ -103,6 +126,7 @@ def serve_site(
 ) -> None:
     """Check the site, then run its SuperNode: supervised here (`foreground`), or detached."""
     ca, key = _credentials(config, ca, key, insecure)
+    private_dir(config.state_root)  # also an older version's 0755 folder
     daemon = SiteDaemon(config, superlink, ca, key, port)
     if not checked:
         log.info("%s", ready_to_serve(config))
@@ -112,7 +136,8 @@ def serve_site(
                 config.name,
             )
     if foreground:
-        raise SystemExit(supervise([(daemon.command(), daemon.log)], daemon.env(), cwd=daemon.folder))
+        commands = [(daemon.command(), daemon.log)]
+        raise SystemExit(supervise(commands, daemon.env(), cwd=daemon.folder, restart=_still_online))
     tls = ["--insecure"] if ca is None else ["--ca", str(ca), "--key", str(key)]
     argv = [
         *this_command(),
@@ -125,9 +150,31 @@ def serve_site(
     ]
     argv += ["--port", str(port), *tls, "--foreground", "--checked"]
     out = daemon.folder / "daemon.log"
+    offset = daemon.log.stat().st_size if daemon.log.exists() else 0
     process = detach(argv, out, daemon.pidfile, daemon.env(), daemon.folder)
     wait_for_port("127.0.0.1", port, 60, process, out)
-    log.info("site %s served (pid %d) to %s; log %s", config.name, process.pid, superlink, daemon.log)
+    try:
+        joined = wait_for_line(daemon.log, offset, ACTIVATED, ACTIVATION_WINDOW_S + 30, process)
+    except DaemonError as exc:
+        raise DaemonError(f"site {config.name} did not join {superlink}: {exc}") from None
+    node = joined.rsplit(ACTIVATED, 1)[1].strip()
+    log.info(
+        "site %s joined %s as node %s (daemon pid %d); log %s",
+        config.name,
+        superlink,
+        node,
+        process.pid,
+        daemon.log,
+    )
+
+
+def _still_online(code: int, said: str, elapsed_s: float) -> bool:
+    """Start the SuperNode again while the SuperLink refuses it because its crashed session still counts
+    as online, until the heartbeat window has passed; any other end is the daemon's end."""
+    retry = code == CONNECTION_ERROR and STILL_ONLINE in said and elapsed_s < ACTIVATION_WINDOW_S
+    if retry:
+        log.warning("the server still holds this node's last session (after a crash); trying again shortly")
+    return retry
 
 
 def _credentials(

@@ -18,6 +18,7 @@ from server.run import FederatedRun
 from shared.config import from_run_config
 from shared.errors import UserError
 from shared.logs import console_shows, setup_logging
+from shared.rundir import private_files
 
 app = ServerApp()
 
@@ -40,6 +41,7 @@ class _OneLine(logging.Filter):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    private_files()
     setup_logging(0)
     console_shows("server.run", "server.sites")
     flower = logging.getLogger("flwr")

@@ -96,7 +96,8 @@ def stop(state: StateOpt = DEFAULT_STATE) -> None:
     """
     from shared.daemon import stop as stop_daemon
 
-    typer.echo("stopped" if stop_daemon(state / "server.pid") else f"no server was running from {state}")
+    stopped = stop_daemon(state / "server.pid", state.resolve())  # and anything a killed one left running
+    typer.echo("stopped" if stopped else f"no server was running from {state}")
 
 
 @app.command("add-site")

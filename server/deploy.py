@@ -29,13 +29,26 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from server.fleet_guard import FLEET_PREFIX, MAX_FLEET_BODY, SIGNATURE_HEADER
 from shared.certs import Bundle, check_bundle
-from shared.daemon import APP_ROOT, VENV_BIN, DaemonError, detach, supervise, this_command, wait_for_port
+from shared.daemon import (
+    APP_ROOT,
+    MARKER,
+    VENV_BIN,
+    DaemonError,
+    detach,
+    supervise,
+    this_command,
+    wait_for_port,
+)
 from shared.errors import ConfigError
+from shared.rundir import private_dir
 
 log = logging.getLogger(__name__)
 CONNECTION = "fedretina"  # the operator's connection to this server's SuperLink, in flwr-home/config.toml
-FLEET_PREFIX = "/v1/fleet/"  # all a SuperNode ever calls (flwr/supernode/fleet_http_client.py)
+# What an address that sends requests no node signed (only an attacker's, under node authentication) may
+# make per second, and how many connections any one address may hold open.
+UNSIGNED_RATE, UNSIGNED_BURST, CONNECTIONS_PER_ADDRESS = "5r/s", 10, 64
 PROXY_NAME = "localhost"  # the name nginx checks the SuperLink's certificate for (it matches DNS names only)
 
 
@@ -91,8 +104,8 @@ def prepare(settings: ServerSettings) -> list[tuple[list[str], Path]]:
             raise ConfigError(f"{problems[0]} (the proxy reaches the SuperLink as {PROXY_NAME!r})")
     if shutil.which("nginx") is None:
         raise DaemonError("nginx is not installed: `apt-get install nginx-light` (Debian), then start again")
-    for folder in (settings.logs, settings.state / "nginx", settings.home):
-        folder.mkdir(parents=True, exist_ok=True)
+    for folder in (settings.state, settings.logs, settings.state / "nginx", settings.home):
+        private_dir(folder)  # also an older server's 0755 folders
     conf = settings.state / "nginx" / "nginx.conf"
     conf.write_text(nginx_conf(settings))
     _write_connection(settings)
@@ -162,7 +175,13 @@ def nginx_conf(settings: ServerSettings) -> str:
     """The proxy: the sites' address forwards only the Fleet API to the loopback SuperLink. Request and
     response buffering is off, so nginx's workers never write a temporary file. Upstream connections are
     not kept alive: in our one try with keep-alive, a round's concurrent object pushes held Flower 1.41's
-    SQLite state past its 5 s busy timeout ("database is locked", a 500 that ended the run)."""
+    SQLite state past its 5 s busy timeout ("database is locked", a 500 that ended the run).
+
+    Bounded for the unauthenticated: a body is at most one array chunk and its framing (`MAX_FLEET_BODY`,
+    whatever the model's size; larger ones get 413 unread), headers and bodies must arrive in time (a slow
+    body is cut), one address holds at most `CONNECTIONS_PER_ADDRESS` connections, and under node
+    authentication requests no node signed are rate-limited per address. Behind it the SuperLink's own
+    guard (`server/fleet_guard.py`) refuses them before reading a byte of their body."""
     logs = settings.logs
     scheme = "http" if settings.bundle is None else "https"
     tls, upstream_tls = "", ""
@@ -176,6 +195,9 @@ def nginx_conf(settings: ServerSettings) -> str:
             f"proxy_ssl_verify on;\n            proxy_ssl_trusted_certificate {bundle.ca_cert};\n"
             f"            proxy_ssl_name {PROXY_NAME};"
         )
+    unsigned = (
+        f"limit_req zone=unsigned burst={UNSIGNED_BURST} nodelay;" if settings.bundle is not None else ""
+    )
     return f"""# written by `fedretina server start`; regenerated on every start
 worker_processes 1;
 pid {settings.state / "nginx" / "nginx.pid"};
@@ -185,14 +207,24 @@ http {{
     access_log {logs / "nginx-access.log"};
     client_body_temp_path {settings.state / "nginx" / "body"};
     proxy_temp_path {settings.state / "nginx" / "proxy"};
-    client_max_body_size 0;
+    client_max_body_size {MAX_FLEET_BODY};
+    client_header_timeout 15s;
+    client_body_timeout 30s;
+    send_timeout 60s;
     proxy_request_buffering off;
     proxy_buffering off;
     server_tokens off;
+    map $http_{SIGNATURE_HEADER.replace("-", "_")} $unsigned {{ "" $binary_remote_addr; default ""; }}
+    limit_req_zone $unsigned zone=unsigned:1m rate={UNSIGNED_RATE};
+    limit_conn_zone $binary_remote_addr zone=address:1m;
+    limit_req_status 429;
+    limit_conn_status 429;
     server {{
         listen {settings.host}:{settings.port}{" ssl" if settings.bundle is not None else ""};
         {tls}
+        limit_conn address {CONNECTIONS_PER_ADDRESS};
         location {FLEET_PREFIX} {{
+            {unsigned}
             proxy_pass {scheme}://127.0.0.1:{settings.link_port};
             proxy_http_version 1.1;
             proxy_read_timeout 600s;
@@ -212,6 +244,7 @@ def flwr_env(settings: ServerSettings) -> dict[str, str]:
         "FLWR_HOME": str(settings.home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # the app runs in this environment, as tested
+        MARKER: str(settings.state.resolve()),  # `server stop` finds every process of this server
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 

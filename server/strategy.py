@@ -342,13 +342,15 @@ class FedRetina(Strategy):
     def _match(self, replies: Iterable[Message], rnd: int, kind: str) -> Iterator[tuple[Message, SiteInfo]]:
         """Replies with content, paired with their sites, as they come. Error replies are matched on the
         message they answer (a dead node's error comes from the SuperLink's id, not the node's) and
-        recorded with Flower's code; once `replies` ends, a sent site with no reply at all timed out."""
+        recorded with Flower's code; once `replies` ends, a sent site with no reply at all timed out. A
+        reply to another round's message, or a second reply to one of this round's (replayed), is ignored:
+        each site counts once per round."""
         asked = {message.metadata.message_id: site for message, site in self.outbox}
         answered, failed = set(), {}
         for msg in replies:
             site = asked.get(msg.metadata.reply_to_message_id)
-            if site is None:
-                continue  # not an answer to this round's messages
+            if site is None or site.node_id in answered:
+                continue  # not an answer to this round's messages, or one already counted
             if msg.has_error():
                 failed[site.node_id] = (int(msg.error.code), error_text(msg))
             else:

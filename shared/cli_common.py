@@ -15,6 +15,7 @@ import typer
 from shared.config import ExperimentConfig, load_config, parse_overrides
 from shared.errors import ConfigError, UserError
 from shared.names import check_run_name
+from shared.rundir import private_files
 
 ConfigOpt = Annotated[
     Path | None,
@@ -51,6 +52,7 @@ def run_cli(app: typer.Typer, prog: str = "fedretina", args: list[str] | None = 
     """Run a typer app; a `UserError` prints `prog: error: <one line>` to stderr and exits with its code, and
     so does a command line click refuses (an unknown option, a port out of range: exit 2, with the
     command's --help named)."""
+    private_files()
     try:
         code = app(args=args, prog_name=prog, standalone_mode=False)
     except UserError as exc:

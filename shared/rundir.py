@@ -31,6 +31,23 @@ def start_run_dir(config: ExperimentConfig, part: str, name: str | None = None) 
     return path
 
 
+PRIVATE_UMASK = 0o077  # folders 0700, files 0600: a run's and a site's files are their owner's only
+
+
+def private_files() -> None:
+    """From now on this process (and what it starts) makes folders 0700 and files 0600. Every entry point
+    that writes a run's or a site's files calls it first: the CLI, the ServerApp, each ClientApp, the gate,
+    the SuperLink."""
+    os.umask(PRIVATE_UMASK)
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder of its owner's only (made, or an older one's mode tightened to 0700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write through a temporary file and rename, so a crash never leaves a half-written file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,9 @@ PHASES = (PRETRAIN, FINETUNE)
 ARRAYS, METRICS, SPEC, REPORT, LAYOUT = "arrays", "metrics", "config", "site", "layout"
 MOMENTS = "moments"
 PACKED = "packed"  # the one entry of a packed record
+# Flower sends an array in chunks (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, its default 5 MiB): the largest body
+# a site's SuperNode posts. The site daemon pins it, and the server bounds Fleet bodies by it.
+CHUNK_BYTES = 5 << 20
 
 # Reply metrics. Every site sends every key (Flower ends a run on mismatched keys): per task, NaN and 0
 # examples where the site lacks the task.
