@@ -20,7 +20,7 @@ RAY_ADDRESS ?=
 SYSTEM_PACKAGES := nginx-light chromium
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: help uv sync system demo test test-faults test-fast bench lint format clean
+.PHONY: help uv sync system demo test test-faults test-security test-fast bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ test: sync system  ## the test suite CI runs (all but the fault tests)
 
 test-faults: sync system  ## deployment fault tests: killed, stalled and restarted processes (about 25 minutes)
 	$(VENV)/pytest -q -m faults
+
+test-security: sync system  ## the adversarial suite, all of it: hostile server, site, network and files (about 10 minutes)
+	FUZZ_CASES=60 $(VENV)/pytest -q -m security
 
 test-fast: sync  ## unit tests only
 	$(VENV)/pytest -q -m "not integration and not e2e"

@@ -16,15 +16,19 @@ folder, never into the dataset:
     <state>/apps/                      approved app hashes, refused bundles, installed approved apps
 
 `site serve` says the site is served only once the SuperLink has activated its node (Flower's "SuperNode
-ID" line). A node restarted within the SuperLink's heartbeat window after a crash is refused ("could not
-be activated": its earlier session still counts as online, up to 2 x 30 s); the daemon starts it again
-until the window has passed (`ACTIVATION_WINDOW_S`), and only a refusal after that ends it.
+ID" line). A node restarted within the SuperLink's heartbeat window after a crash is refused ("Failed to
+activate SuperNode": its earlier session still counts as online, up to 2 x 30 s). A daemon that ran
+within that window (`<state>/daemon/alive`, touched while it runs) starts its node again until the window
+has passed (`ACTIVATION_WINDOW_S`); any other refusal (an unregistered key) ends it at once.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,10 +54,9 @@ from shared.wire import CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 ACTIVATED = "SuperNode ID:"  # what Flower's SuperNode logs once the SuperLink activated it
-STILL_ONLINE = "could not be activated"  # the SuperLink's refusal while the node's last session is online
-CONNECTION_ERROR = 305  # flower-supernode's exit code when its connection cannot be set up
-# Flower keeps a node online 2 heartbeats (2 x 30 s) after its last; the daemon tries past that.
-ACTIVATION_WINDOW_S = 150.0
+REFUSED = "Failed to activate SuperNode"  # the SuperLink's refusal (an unknown key, or a session online)
+# Flower keeps a node online 2 heartbeats (2 x 30 s) after its last; the daemon tries a little past that.
+ACTIVATION_WINDOW_S = 80.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,11 @@ class SiteDaemon:
     @property
     def pidfile(self) -> Path:
         return self.folder / "supernode.pid"
+
+    @property
+    def alive(self) -> Path:
+        """Touched every few seconds while the daemon runs: when its node last held a session."""
+        return self.folder / "alive"
 
     def command(self) -> list[str]:
         """flower-supernode for this site: TLS with the federation's CA and its own key, unless insecure."""
@@ -126,7 +134,7 @@ def serve_site(
 ) -> None:
     """Check the site, then run its SuperNode: supervised here (`foreground`), or detached."""
     ca, key = _credentials(config, ca, key, insecure)
-    private_dir(config.state_root)  # also an older version's 0755 folder
+    private_dir(config.state_root, tree=True)  # also what an older version left readable
     daemon = SiteDaemon(config, superlink, ca, key, port)
     if not checked:
         log.info("%s", ready_to_serve(config))
@@ -137,7 +145,9 @@ def serve_site(
             )
     if foreground:
         commands = [(daemon.command(), daemon.log)]
-        raise SystemExit(supervise(commands, daemon.env(), cwd=daemon.folder, restart=_still_online))
+        since = time.time() - daemon.alive.stat().st_mtime if daemon.alive.exists() else math.inf
+        restart = functools.partial(_still_online, ACTIVATION_WINDOW_S - since)
+        raise SystemExit(supervise(commands, daemon.env(), daemon.folder, restart, daemon.alive))
     tls = ["--insecure"] if ca is None else ["--ca", str(ca), "--key", str(key)]
     argv = [
         *this_command(),
@@ -168,12 +178,16 @@ def serve_site(
     )
 
 
-def _still_online(code: int, said: str, elapsed_s: float) -> bool:
-    """Start the SuperNode again while the SuperLink refuses it because its crashed session still counts
-    as online, until the heartbeat window has passed; any other end is the daemon's end."""
-    retry = code == CONNECTION_ERROR and STILL_ONLINE in said and elapsed_s < ACTIVATION_WINDOW_S
+def _still_online(window_s: float, code: int, said: str, elapsed_s: float) -> bool:
+    """Start the SuperNode again while the SuperLink refuses it and its last session (`window_s` seconds
+    of the heartbeat window were left when the daemon started) may still count as online; any other end
+    is the daemon's end."""
+    retry = code != 0 and REFUSED in said and elapsed_s < window_s  # (Flower's 305 exits as 305 % 256)
     if retry:
-        log.warning("the server still holds this node's last session (after a crash); trying again shortly")
+        log.warning(
+            "the server still holds this node's last session (it ran %.0f s ago); trying again",
+            ACTIVATION_WINDOW_S - window_s,
+        )
     return retry
 
 

@@ -104,8 +104,9 @@ def prepare(settings: ServerSettings) -> list[tuple[list[str], Path]]:
             raise ConfigError(f"{problems[0]} (the proxy reaches the SuperLink as {PROXY_NAME!r})")
     if shutil.which("nginx") is None:
         raise DaemonError("nginx is not installed: `apt-get install nginx-light` (Debian), then start again")
-    for folder in (settings.state, settings.logs, settings.state / "nginx", settings.home):
-        private_dir(folder)  # also an older server's 0755 folders
+    private_dir(settings.state, tree=True)  # also what an older version left readable
+    for folder in (settings.logs, settings.state / "nginx", settings.home):
+        private_dir(folder)
     conf = settings.state / "nginx" / "nginx.conf"
     conf.write_text(nginx_conf(settings))
     _write_connection(settings)

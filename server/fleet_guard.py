@@ -9,7 +9,8 @@ it) and looks at the request's headers only:
 - with node authentication on, a request is let in only when it is signed, within Flower's time window,
   by a node key the operator registered (`fedretina server add-site`); anything else is refused (401)
   before a byte of its body is read. Flower's own check (which also matches the key to the node id in
-  the body) still follows.
+  the body) still follows. A node's first call (activation) needs only a valid signature, with a body
+  of at most `MAX_ACTIVATION_BODY`: Flower itself then tells an unregistered node why it is refused.
 
 The largest legitimate Fleet body is one chunk of an array (Flower splits every array into chunks of
 `FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE`, `shared/wire.py:CHUNK_BYTES`, and our weights travel packed in one
@@ -36,6 +37,9 @@ from shared.wire import CHUNK_BYTES
 FLEET_PREFIX = "/v1/fleet/"  # all a SuperNode ever calls (flwr/supernode/fleet_http_client.py)
 MAX_FLEET_BODY = CHUNK_BYTES + (3 << 20)  # one array chunk and its framing, with room to spare: 8 MiB
 SIGNATURE_HEADER = FLEET_HTTP_SIGNATURE_HEADER  # present on every call of an authenticating SuperNode
+# A node introducing itself (its key and heartbeat interval): Flower answers an unregistered key itself.
+ACTIVATION = frozenset({f"{FLEET_PREFIX}activate-node", f"{FLEET_PREFIX}register-node"})
+MAX_ACTIVATION_BODY = 64 << 10
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -56,20 +60,23 @@ class FleetGuard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        activation = scope["path"] in ACTIVATION
+        limit = MAX_ACTIVATION_BODY if activation else self.max_body
         length = headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > self.max_body:
-            await _refuse(send, 413, f"a Fleet request body is at most {self.max_body} bytes")
+        if not length.isdigit() or int(length) > limit:
+            await _refuse(send, 413, f"this Fleet request's body is at most {limit} bytes")
             return
         if scope["app"].state.enable_supernode_auth and not await run_in_threadpool(
-            registered_signer, scope["app"], headers
+            signed, scope["app"], headers, registered=not activation
         ):
             await _refuse(send, 401, "Invalid SuperNode authentication")
             return
-        await self.app(scope, _bounded(receive, self.max_body), send)
+        await self.app(scope, _bounded(receive, limit), send)
 
 
-def registered_signer(app: Any, headers: dict[str, str]) -> bool:
-    """The request carries a valid signature, made within Flower's window, by a key the SuperLink knows."""
+def signed(app: Any, headers: dict[str, str], *, registered: bool) -> bool:
+    """The request carries a valid signature, made within Flower's window, by a key the SuperLink knows
+    (or, not `registered`, by any key: a node's activation, which Flower checks itself)."""
     try:
         public_key = b64decode(headers[FLEET_HTTP_PUBLIC_KEY_HEADER], validate=True)
         signature = b64decode(headers[FLEET_HTTP_SIGNATURE_HEADER], validate=True)
@@ -81,7 +88,10 @@ def registered_signer(app: Any, headers: dict[str, str]) -> bool:
             return False
     except (KeyError, ValueError, TypeError, UnicodeError, binascii.Error):
         return False
-    return app.state.linkstate_factory.state().get_node_id_by_public_key(public_key) is not None
+    return (
+        not registered
+        or app.state.linkstate_factory.state().get_node_id_by_public_key(public_key) is not None
+    )
 
 
 def _bounded(receive: Receive, limit: int) -> Receive:

@@ -31,6 +31,7 @@ VENV_BIN = Path(sys.executable).parent  # fedretina's and Flower's executables
 STOP_GRACE_S = 10.0
 MARKER = "FEDRETINA_DAEMON"  # in every daemon process's environment: the daemon's folder
 RESTART_DELAY_S = 5.0
+ALIVE_EVERY_S = 5.0
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 Restart = Callable[[int, str, float], bool]  # (exit code, its log since it started, seconds since the first)
 
@@ -46,11 +47,13 @@ def supervise(
     env: Mapping[str, str],
     cwd: Path,
     restart: Restart | None = None,
+    alive: Path | None = None,
 ) -> int:
     """Run every (argv, log file) together until one ends or a signal asks to stop; returns the exit code
     of the first to end (0 when stopped by a signal). Each child's output is appended to its log. A child
     that ends is started again, after a pause, while `restart(code, what it logged, seconds since the
-    first start)` says so."""
+    first start)` says so. `alive`, if given, is touched every few seconds while the children run (a
+    restarted daemon reads from it when it last ran)."""
     children: list[subprocess.Popen] = []
     starts: list[tuple[float, int]] = []  # (when, log offset) of each child's latest start
     first = time.monotonic()
@@ -66,7 +69,11 @@ def supervise(
         for argv, log in commands:
             children.append(_child(argv, log, env, cwd))
             starts.append((time.monotonic(), _size(log)))
+        touched = 0.0
         while not stopping:
+            if alive is not None and time.monotonic() - touched > ALIVE_EVERY_S:
+                alive.touch()
+                touched = time.monotonic()
             for i, child in enumerate(children):
                 code = child.poll()
                 if code is None:

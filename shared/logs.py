@@ -35,7 +35,7 @@ def setup_logging(verbosity: int = 0, logfile: Path | None = None) -> None:
     root.setLevel(level)
     if logfile is not None:
         add_logfile(logfile)
-    for name in ("PIL", "matplotlib", "urllib3", "filelock", "httpx", "httpcore"):
+    for name in ("PIL", "matplotlib", "urllib3", "filelock", "httpx", "httpcore", "alembic"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
 
 

@@ -41,10 +41,13 @@ def private_files() -> None:
     os.umask(PRIVATE_UMASK)
 
 
-def private_dir(path: Path) -> Path:
-    """`path` as a folder of its owner's only (made, or an older one's mode tightened to 0700)."""
+def private_dir(path: Path, *, tree: bool = False) -> Path:
+    """`path` as a folder of its owner's only: made 0700, or an existing one tightened (with `tree`, all it
+    holds too: a state folder an older version, or another tool, left readable by others)."""
     path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o700)
+    for inner in [path, *(path.rglob("*") if tree else ())]:
+        if not inner.is_symlink():
+            inner.chmod(inner.stat().st_mode & ~PRIVATE_UMASK & 0o7777)
     return path
 
 

@@ -14,11 +14,14 @@ import http.client
 import io
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import sqlite3
 import ssl
 import subprocess
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from flwr.cli.build import build_fab_from_disk
 
 from client.approval import app_hash
-from shared.daemon import APP_ROOT
+from shared.daemon import APP_ROOT, descendants
 from shared.data.site import load_site
 from shared.wire import DEVICES, PHASES
 from tests.conftest import FEDRETINA
@@ -98,6 +101,7 @@ def test_each_site_reads_only_the_site_its_node_config_names(federation: Federat
     assert images == {n: len(load_site(p).rows) for n, p in federation.sites.items()}
 
 
+@pytest.mark.security
 def test_an_unregistered_key_is_refused(federation: Federation, tiny_sites: dict[str, Path]) -> None:
     stranger = tiny_sites["aptos"]
     ok(fedretina("site", "keys", str(stranger)))
@@ -119,6 +123,7 @@ def test_an_unregistered_key_is_refused(federation: Federation, tiny_sites: dict
     assert serve.returncode != 0 and "Failed to activate SuperNode" in log, log[-2000:]
 
 
+@pytest.mark.security
 def test_an_insecure_node_is_refused(federation: Federation, tiny_sites: dict[str, Path]) -> None:
     (port,) = free_ports(1)
     bin_dir = Path(FEDRETINA).parent
@@ -160,6 +165,7 @@ def post(port: int, path: str, ca: Path) -> int:
         connection.close()
 
 
+@pytest.mark.security
 def test_the_control_api_is_not_reachable_through_the_sites_address(federation: Federation) -> None:
     ca = federation.bundle / "ca.crt"
     for api in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/acquire-task", "/docs"):
@@ -183,6 +189,7 @@ def test_the_control_api_is_not_reachable_through_the_sites_address(federation: 
     assert listed.returncode != 0 and "tls" not in listed.stdout
 
 
+@pytest.mark.security
 def test_no_secret_reaches_a_log_or_the_run_store(federation: Federation, tls_run) -> None:
     secrets = [federation.bundle / "ca.key", federation.bundle / "server.key"]
     secrets += [load_site(p).config.state_root / "keys" / "site.key" for p in federation.sites.values()]
@@ -220,34 +227,37 @@ def _key_material(path: Path) -> str:
 
 
 def changed_app(folder: Path, marker: Path) -> Path:
-    """A copy of this app (the files its bundle holds) with one line added: at import, the ClientApp
-    module writes `marker`."""
+    """A copy of this app (the files its bundle holds) with a line added to one module of its own `client/`
+    and one of its `shared/` (both imported by the ClientApp): at import, each appends its name to
+    `marker`, with the site it ran at. Only the bundle's code can write it; the site's installed copy has no
+    such line."""
     with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(APP_ROOT))) as bundle:
         bundle.extractall(folder)
     shutil.rmtree(folder / ".info", ignore_errors=True)
-    module = folder / "client" / "app.py"
-    module.write_text(f"open({str(marker)!r}, 'w').write('ran')\n" + module.read_text())
+    for module in ("client/rounds.py", "shared/wire.py"):
+        path = folder / module
+        future = "from __future__ import annotations\n"  # must stay first: the marker goes after it
+        where = "__import__('os').environ.get('FEDRETINA_SITE_STATE', 'server')"  # which process ran it
+        line = f"open({str(marker)!r}, 'a').write({module!r} + ' ' + {where} + '\\n')\n"
+        path.write_text(path.read_text().replace(future, future + line, 1))
     return folder
 
 
-def test_a_site_runs_only_the_app_versions_it_approved(
+@pytest.mark.security
+def test_a_site_runs_only_the_app_versions_it_approved_and_then_that_bundles_own_code(
     federation: Federation, tls_run, tmp_path: Path
 ) -> None:
     ok(tls_run)  # the approved version ran on both sites
-    marker = tmp_path / "unapproved-code-ran"
+    marker = tmp_path / "bundle-code-ran"
     app = changed_app(tmp_path / "app", marker)
     digest = app_hash(str(app))
-    result = federation.run(
-        "unapproved",
-        "--app",
-        str(app),
-        rounds_pretrain=1,
-        rounds_finetune=0,
-        min_sites=2,
-        connect_deadline_s=30,
-    )
+    one_round = {"rounds_pretrain": 1, "rounds_finetune": 0, "min_sites": 2}
+    result = federation.run("unapproved", "--app", str(app), **one_round, connect_deadline_s=30)
     assert result.returncode != 0
-    assert not marker.exists()  # refused before any of the changed app's code ran
+    at_sites = [
+        x for x in marker.read_text().splitlines() if not x.endswith(" server")
+    ]  # the ServerApp ran it
+    assert at_sites == []  # refused at every site before any of the changed app's code ran there
     refusals = federation.store("unapproved", "SELECT message FROM events WHERE kind = 'site-error'")
     assert len(refusals) == 2, refusals
     assert all("AppNotApproved" in m and digest in m for (m,) in refusals), refusals
@@ -255,3 +265,160 @@ def test_a_site_runs_only_the_app_versions_it_approved(
         log = (load_site(site).config.state_root / "daemon" / "supernode.log").read_text()
         assert f"refused app {digest}" in log
         assert f"refused   {digest}" in ok(fedretina("site", "approvals", str(site)))
+    for site in federation.sites.values():  # each hospital reviews the new version and approves it
+        ok(fedretina("site", "approve", str(site), str(app)))
+    ok(federation.run("approved", "--app", str(app), **one_round, connect_deadline_s=180))
+    ran = set(marker.read_text().splitlines())
+    for site in federation.sites.values():  # at each site, the bundle's own client/ and shared/ ran
+        state = load_site(site).config.state_root
+        assert {f"client/rounds.py {state}", f"shared/wire.py {state}"} <= ran, ran
+        installed = load_site(site).config.state_root / "apps" / "installed" / digest
+        assert str(marker) in (installed / "client" / "rounds.py").read_text()
+
+
+def superlink_rss(federation: Federation) -> int:
+    """The resident memory (bytes) of this federation's SuperLink process."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if any(b"fedretina-superlink" in a for a in argv) and str(federation.link).encode() in argv:
+                    pages = int((entry / "statm").read_text().split()[1])
+                    return pages * os.sysconf("SC_PAGE_SIZE")
+    raise AssertionError("no SuperLink process found")
+
+
+def hostile_post(port: int, ca: Path, *, chunked: bool, signed: bool, size: int = 256 << 20) -> int:
+    """An unauthenticated client posting a `size`-byte body to the Fleet API through the proxy, streamed
+    1 MiB at a time until the server answers or closes; the HTTP status it got (0: cut off unanswered)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with context.wrap_socket(raw, server_hostname="localhost") as conn:
+        head = [
+            "POST /v1/fleet/push-object HTTP/1.1",
+            "Host: localhost",
+            "Content-Type: application/protobuf",
+        ]
+        head.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}")
+        if signed:  # a forged signature: the right headers, no registered key behind them
+            head += [
+                "flwr-public-key: AAAA",
+                "flwr-signature: AAAA",
+                "flwr-timestamp: 2026-01-01T00:00:00+00:00",
+            ]
+        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        block = b"\0" * (1 << 20)
+        try:
+            for _ in range(size >> 20):
+                conn.sendall(b"100000\r\n" + block + b"\r\n" if chunked else block)
+                if select.select([conn], [], [], 0)[0]:  # the server answered: stop sending
+                    break
+        except OSError:
+            pass  # the server closed the connection: refused
+        conn.settimeout(10)
+        try:
+            status = conn.recv(64).split(b" ")
+            return int(status[1]) if len(status) > 1 and status[1].isdigit() else 0
+        except OSError:
+            return 0
+
+
+@pytest.mark.security
+def test_unauthenticated_bodies_leave_the_superlinks_memory_flat(federation: Federation, tls_run) -> None:
+    """50 unauthenticated 256 MiB posts (half declared, half chunked; half with a forged signature): each
+    refused before its body reaches the SuperLink, whose memory stays within 10%."""
+    ca = federation.bundle / "ca.crt"
+    before = superlink_rss(federation)
+    statuses = [hostile_post(federation.port, ca, chunked=i % 2 == 1, signed=i % 4 >= 2) for i in range(50)]
+    after = superlink_rss(federation)
+    assert all(s in (0, 401, 413, 429) for s in statuses), statuses
+    assert after <= 1.10 * before, (before, after)
+
+
+@pytest.mark.security
+def test_a_slow_body_is_cut_at_once_and_the_sites_still_get_through(federation: Federation, tls_run) -> None:
+    """A client dribbling a small unsigned body gets its answer from the headers, not after the body."""
+    context = ssl.create_default_context(cafile=str(federation.bundle / "ca.crt"))
+    raw = socket.create_connection(("127.0.0.1", federation.port), timeout=30)
+    started = time.monotonic()
+    with context.wrap_socket(raw, server_hostname="localhost") as conn:
+        conn.sendall(
+            b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\nxx"
+        )
+        reply = conn.recv(64)
+    assert reply.split(b" ")[1] in (b"401", b"429") and time.monotonic() - started < 10, reply
+    listed = ok(fedretina("server", "sites", "--state", str(federation.state)))
+    assert listed.count("online") == len(SITES), listed  # the real sites were not crowded out
+
+
+@pytest.mark.security
+def test_a_stolen_key_is_refused_while_its_site_is_online(federation: Federation, tiny_sites) -> None:
+    """Another machine with eyepacs's private key cannot take eyepacs's place while eyepacs serves."""
+    stolen = load_site(federation.sites["eyepacs"]).config.state_root / "keys" / "site.key"
+    (port,) = free_ports(1)
+    bin_dir = Path(FEDRETINA).parent
+    argv = [
+        str(bin_dir / "flower-supernode"),
+        "--superlink",
+        f"127.0.0.1:{federation.port}",
+        "--port",
+        str(port),
+    ]
+    argv += [
+        "--root-certificates",
+        str(federation.bundle / "ca.crt"),
+        "--auth-supernode-private-key",
+        str(stolen),
+    ]
+    argv += ["--node-config", f'site-config="{tiny_sites["aptos"]}"']
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    log = federation.root / "stolen-key.log"
+    with log.open("w") as out:
+        node = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        code = node.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+    assert code != 0 and "Failed to activate SuperNode" in log.read_text(), log.read_text()[-2000:]
+
+
+@pytest.mark.security
+def test_state_folders_and_files_are_their_owners_only(federation: Federation, tls_run) -> None:
+    """Server and site state: folders 0700, files 0600 (the SuperLink's database and the logs included)."""
+    roots = [federation.state, *(load_site(p).config.state_root for p in federation.sites.values())]
+    loose = []
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                continue  # the gate's link (its target is the venv's) and sockets
+            if path.stat().st_mode & 0o077:
+                loose.append(f"{oct(path.stat().st_mode & 0o777)} {path}")
+    assert (federation.state / "superlink.db").is_file() and not loose, loose[:20]
+
+
+@pytest.mark.security
+def test_a_killed_supervisor_leaves_nothing_and_the_site_serves_again(federation: Federation) -> None:
+    """SIGKILL a site daemon's supervisor: its SuperNode and what that started (SuperExec, in a session of
+    its own) go with it; `site stop` finds nothing left; serving again joins at once. Last of the module:
+    it disturbs a site."""
+    site = federation.sites["eyepacs"]
+    folder = load_site(site).config.state_root / "daemon"
+    supervisor = int((folder / "supernode.pid").read_text())
+    family = descendants(supervisor)
+    assert len(family) >= 2  # the SuperNode and its SuperExec
+    os.kill(supervisor, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in family), "the daemon's processes outlived it"
+    assert ok(fedretina("site", "stop", str(site))).strip() == "no daemon was serving this site"
+    federation.serve("eyepacs")
+    assert len(descendants(int((folder / "supernode.pid").read_text()))) >= 2
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"  # a zombie is gone too
+    except OSError:
+        return False

@@ -221,3 +221,19 @@ def test_a_killed_serverapp_resumes_from_its_last_checkpoint(fed: Federation) ->
     signal_all(wait_for("the ServerApp", lambda: serverapps(fed)), signal.SIGKILL)
     assert run.wait(timeout=400) != 0
     resume_to_the_end(fed, "killed-server")
+
+
+@pytest.mark.security
+def test_a_site_restarted_right_after_a_crash_joins_once_the_server_lets_it(fed: Federation) -> None:
+    """A crashed site's last session stays online at the SuperLink for two heartbeats: a restart at once is
+    refused ("could not be activated"). `site serve` keeps the node trying through that window and says it
+    is served only once it joined (before, it said "served" and its daemon died a minute later)."""
+    signal_all(daemon(fed, "eyepacs"), signal.SIGKILL)
+    started = time.monotonic()
+    fed.serve("eyepacs")  # exits 0 only once the node is activated
+    joined_after = time.monotonic() - started
+    listed = ok(fedretina("server", "sites", "--state", str(fed.state)))
+    line = next(x for x in listed.splitlines() if x.startswith("eyepacs"))
+    assert "online" in line, listed
+    log = (load_site(fed.sites["eyepacs"]).config.state_root / "daemon" / "supernode.log").read_text()
+    assert "Failed to activate SuperNode" in log and joined_after > 5, joined_after  # refused, then joined

@@ -123,3 +123,18 @@ def test_init_weights_of_another_shape_before_any_training(site: Path, tmp_path:
     code, err = fedretina(["finetune", "-c", str(experiment), "--set", f"runs_dir={runs}"], capsys)
     assert code == 4 and "tensors have other shapes than the model's" in one_error(err)
     assert not runs.exists()
+
+
+def test_a_state_folder_inside_the_dataset_is_refused(site: Path, capsys) -> None:
+    """A site never writes in its dataset: a state_dir inside it (or the dataset inside the state folder)
+    is refused before anything is written, and so is a report folder inside it."""
+    root = load_site_config(site).root
+    before = sorted(root.rglob("*"))
+    for state in (root / "state", root, root.parent):
+        site.write_text(yaml.safe_dump(yaml.safe_load(site.read_text()) | {"state_dir": str(state)}))
+        code, err = fedretina(["site", "check", str(site)], capsys)
+        assert code == 2 and "overlap; a site never writes in its dataset" in one_error(err), state
+    site.write_text(yaml.safe_dump(yaml.safe_load(site.read_text()) | {"state_dir": str(root.parent / "s")}))
+    code, err = fedretina(["site", "check", str(site), "--out", str(root / "report")], capsys)
+    assert code == 2 and "is inside the dataset" in one_error(err)
+    assert sorted(root.rglob("*")) == before
