@@ -24,16 +24,14 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from client.limits import check_round
+from client.node import node_site, partition_of
 from client.rounds import evaluate_round, train_round
-from client.site import node_site, partition_of
-from shared.aggregation import site_update
 from shared.data.manifest import labelled_counts, task_classes
 from shared.data.site import Site
 from shared.errors import ConfigError
-from shared.rundir import private_files
-from shared.securesum import REFUSED_BUDGET, REFUSED_RANGE, OutOfRange, secure_layout
-from shared.seeding import derive_seed
-from shared.wire import (
+from shared.federation.aggregation import site_update
+from shared.federation.securesum import REFUSED_BUDGET, REFUSED_RANGE, OutOfRange, secure_layout
+from shared.federation.wire import (
     ARRAYS,
     LAYOUT,
     METRICS,
@@ -54,6 +52,8 @@ from shared.wire import (
     unpack,
     unpacked,
 )
+from shared.rundir import private_files
+from shared.seeding import derive_seed
 
 app = ClientApp()
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _reply(
     moments: dict[str, torch.Tensor] | None = None,
 ) -> Message:
     content = RecordDict({METRICS: MetricRecord(metrics)})
-    if arrays is not None:  # packed, as the server sends them (`shared/wire.py:pack_records`)
+    if arrays is not None:  # packed, as the server sends them (`shared/federation/wire.py:pack_records`)
         plain = {k: v.numpy() for k, v in moments.items()} if moments is not None else None
         buffers, layouts = pack_records({k: v.numpy() for k, v in arrays.items()}, plain)
         for name, buffer in buffers.items():
@@ -144,9 +144,9 @@ def train(msg: Message, context: Context) -> Message:
 def train_secure(msg: Message, context: Context) -> Message:
     """A round under secure aggregation (SecAgg+, message type "train"): Flower's mod answers the
     protocol's other stages itself, calls this for the training stage and masks what it returns: the site's
-    weighted change (`shared/securesum.py`), in the legacy FitRes layout the mod reads. Only the metrics
-    travel in clear. A site that cannot take part (its privacy budget, an update beyond the clipping range)
-    sends zeros, which add nothing to the sum, and says why in a metric."""
+    weighted change (`shared/federation/securesum.py`), in the legacy FitRes layout the mod reads. Only the
+    metrics travel in clear. A site that cannot take part (its privacy budget, an update beyond the clipping
+    range) sends zeros, which add nothing to the sum, and says why in a metric."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     site, spec = _round(msg, context, fitins.config)
     (buffer,) = parameters_to_ndarrays(fitins.parameters)

@@ -38,7 +38,7 @@ def check(
     Example: fedretina site check sites/generated/eyepacs.yaml
     """
     from shared.data.checks import check_site
-    from shared.data.site import load_site_config
+    from shared.data.site_config import load_site_config
 
     fatal: list[str] = []
     for path in sites:
@@ -66,7 +66,7 @@ def keys(
     Example: fedretina site keys /etc/fedretina/eyepacs.yaml
     """
     from client.daemon import site_keys
-    from shared.data.site import load_site_config
+    from shared.data.site_config import load_site_config
 
     private, public = site_keys(load_site_config(site), force=force)
     typer.echo(f"private key (keep it here, secret): {private}")
@@ -96,7 +96,7 @@ def serve(
     Example: fedretina site serve eyepacs.yaml --superlink fl.hospital.org:9092 --ca ca.crt
     """
     from client.daemon import serve_site
-    from shared.data.site import load_site_config
+    from shared.data.site_config import load_site_config
 
     config = load_site_config(site)
     serve_site(
@@ -111,8 +111,8 @@ def stop(site: Annotated[Path, typer.Argument(help="The site YAML it serves.")])
     Example: fedretina site stop eyepacs.yaml
     """
     from client.daemon import SiteDaemon
-    from shared.daemon import stop as stop_daemon
-    from shared.data.site import load_site_config
+    from shared.data.site_config import load_site_config
+    from shared.operations.daemon import stop as stop_daemon
 
     folder = SiteDaemon.folder_of(load_site_config(site))
     stopped = stop_daemon(folder / "supernode.pid", folder)  # and anything a killed daemon left running
@@ -134,7 +134,7 @@ def approve(
     Example: fedretina site approve eyepacs.yaml ./fedretina-1.2.0/
     """
     from client.approval import Approvals, app_hash
-    from shared.data.site import load_site_config
+    from shared.data.site_config import load_site_config
 
     digest = app_hash(target)
     added = Approvals(load_site_config(site).state_root).approve(digest, target)
@@ -149,7 +149,7 @@ def privacy(site: Annotated[Path, typer.Argument(help="The site YAML.")]) -> Non
     Example: fedretina site privacy eyepacs.yaml
     """
     from client.privacy import ledger_report
-    from shared.data.site import load_site_config
+    from shared.data.site_config import load_site_config
 
     typer.echo(ledger_report(load_site_config(site)))
 
@@ -161,7 +161,7 @@ def approvals(site: Annotated[Path, typer.Argument(help="The site YAML.")]) -> N
     Example: fedretina site approvals eyepacs.yaml
     """
     from client.approval import Approvals
-    from shared.data.site import load_site_config
+    from shared.data.site_config import load_site_config
 
     listing = Approvals(load_site_config(site).state_root)
     for digest, note in listing.approved().items():

@@ -34,9 +34,13 @@ from pathlib import Path
 
 from client.approval import Approvals
 from client.gate import STATE_ENV
-from client.site import SITE_KEY
-from shared.certs import write_site_key
-from shared.daemon import (
+from client.node import SITE_KEY
+from shared.data.checks import check_site
+from shared.data.site_config import SiteConfig
+from shared.errors import ConfigError, DataError
+from shared.federation.wire import CHUNK_BYTES
+from shared.operations.certs import write_site_key
+from shared.operations.daemon import (
     MARKER,
     VENV_BIN,
     DaemonError,
@@ -46,11 +50,7 @@ from shared.daemon import (
     wait_for_line,
     wait_for_port,
 )
-from shared.data.checks import check_site
-from shared.data.site import SiteConfig
-from shared.errors import ConfigError, DataError
 from shared.rundir import private_dir
-from shared.wire import CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 ACTIVATED = "SuperNode ID:"  # what Flower's SuperNode logs once the SuperLink activated it

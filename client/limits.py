@@ -1,9 +1,9 @@
 """What a site accepts from a server: the round spec checked against this site before any work starts.
 
-The spec's form (ids, phase, round, tasks) is checked where it is parsed (`shared/wire.py`); the run's name
-is checked by the config itself. Here the round is checked against the site: the work it asks (input
-sizes, batch, model width, local epochs or steps, processes, threads) within the limits of the site's own
-YAML (`limits:`), and task heads that can hold the site's labels. A refused round raises a `ConfigError`
+The spec's form (ids, phase, round, tasks) is checked where it is parsed (`shared/federation/wire.py`); the
+run's name is checked by the config itself. Here the round is checked against the site: the work it asks
+(input sizes, batch, model width, local epochs or steps, processes, threads) within the limits of the site's
+own YAML (`limits:`), and task heads that can hold the site's labels. A refused round raises a `ConfigError`
 the site logs whole; the server learns only its class.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from shared.data.manifest import task_classes
 from shared.data.site import Site
 from shared.errors import ConfigError
-from shared.wire import RoundSpec
+from shared.federation.wire import RoundSpec
 
 
 def check_round(site: Site, spec: RoundSpec) -> None:

@@ -19,14 +19,14 @@ import math
 import pandas as pd
 
 from shared.data.manifest import labelled_counts
-from shared.data.site import Site, SiteConfig
+from shared.data.site import Site
+from shared.data.site_config import SiteConfig
+from shared.federation.wire import FINETUNE, PRETRAIN, RoundSpec
 from shared.privacy.accounting import Mechanism, epsilon, group_bound, noise_for
 from shared.privacy.ledger import Ledger, data_fingerprint
-from shared.privacy.plan import span_plan
 from shared.privacy.sgd import PrivateSGD
 from shared.training.finetune import finetune_split
 from shared.training.phase import Span
-from shared.wire import FINETUNE, PRETRAIN, RoundSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class SitePrivacy:
         f = self.cfg.federation
         rounds = f.rounds_pretrain if phase == PRETRAIN else f.rounds_finetune
         span = Span.round(rnd, rounds, f.local_epochs, f.local_steps)
-        return span_plan(*self._images(phase), span)
+        return span.private_plan(*self._images(phase))
 
     def sigma(self) -> float | None:
         """The run's noise multiplier here (planned at its first private round); None: budget spent."""

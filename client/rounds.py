@@ -22,6 +22,18 @@ from client.state import SiteState
 from shared.data.site import Site
 from shared.device import configure_torch, pick_device
 from shared.errors import ConfigError
+from shared.federation.wire import (
+    DEVICES,
+    EPSILON,
+    NUM_EXAMPLES,
+    PRETRAIN,
+    RATE,
+    SECONDS,
+    STEPS,
+    TRAIN_LOSS,
+    RoundSpec,
+    task_key,
+)
 from shared.metrics import evaluate_predictions, metric_keys
 from shared.models import ENCODER, head_prefix
 from shared.privacy.sgd import PrivateSGD
@@ -39,18 +51,6 @@ from shared.training.phase import Method, Span, run_phase
 from shared.training.pretrain import build_spark, spark_method
 from shared.training.replicas import Replica, run_replicas
 from shared.weights import load_into
-from shared.wire import (
-    DEVICES,
-    EPSILON,
-    NUM_EXAMPLES,
-    PRETRAIN,
-    RATE,
-    SECONDS,
-    STEPS,
-    TRAIN_LOSS,
-    RoundSpec,
-    task_key,
-)
 
 Tensors = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)

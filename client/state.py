@@ -1,8 +1,8 @@
 """What a site keeps between the rounds of a federated run, in its own folder (never sent).
 
 `<site state>/federation/[<virtual site>/]<run uid>/`: the site's own folder (its YAML) and the run's
-content-free uid, checked where the spec is parsed (`shared/wire.py`); the run's name, which the server
-chooses, is only recorded in the progress file, never made a path.
+content-free uid, checked where the spec is parsed (`shared/federation/wire.py`); the run's name, which the
+server chooses, is only recorded in the progress file, never made a path.
 - `<phase>-optimizer-rNNNN.safetensors`: the optimiser state after round NNNN, so a site continues its
   LAMB / AdamW moments as a centralised run would, and a restarted node loses nothing;
 - `<phase>-bn-rNNNN.safetensors` (FedBN): the site's own BatchNorm parameters and statistics;
@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.aggregation import bn_keys
 from shared.data.site import Site
+from shared.federation.aggregation import bn_keys
+from shared.federation.wire import RoundSpec
 from shared.names import check_run_uid, inside
 from shared.rundir import atomic_write_text
 from shared.training.checkpoint import load_checkpoint, save_checkpoint
 from shared.weights import check_meta, load_into, load_weights, save_weights, weights_meta
-from shared.wire import RoundSpec
 
 log = logging.getLogger(__name__)
 KEEP_ROUNDS = 3

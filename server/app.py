@@ -43,7 +43,7 @@ class _OneLine(logging.Filter):
 def main(grid: Grid, context: Context) -> None:
     private_files()
     setup_logging(0)
-    console_shows("server.run", "server.sites")
+    console_shows("server.run", "server.directory")
     flower = logging.getLogger("flwr")
     flower.propagate = False  # Flower's logger has its own handler: no duplicate lines
     if not any(isinstance(f, _OneLine) for f in flower.filters):

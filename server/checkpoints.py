@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.aggregation import Arrays, ServerMoments
+from shared.federation.aggregation import Arrays, ServerMoments
+from shared.federation.wire import PHASES
 from shared.weights import load_weights, save_weights
-from shared.wire import PHASES
 
 NAME = re.compile(rf"^({'|'.join(PHASES)})-r(\d{{4}})\.safetensors$")
 

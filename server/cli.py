@@ -37,7 +37,7 @@ def certs_create(
 
     Example: fedretina certs create --out certs --san fl.hospital.org --san 127.0.0.1 --site eyepacs
     """
-    from shared.certs import create_bundle
+    from shared.operations.certs import create_bundle
 
     for path in create_bundle(out, san or [], site or [], force=force):
         typer.echo(path)
@@ -54,7 +54,7 @@ def certs_check(
 
     Example: fedretina certs check certs --host fl.hospital.org
     """
-    from shared.certs import check_bundle
+    from shared.operations.certs import check_bundle
 
     problems = check_bundle(bundle, host)
     for line in problems:
@@ -94,7 +94,7 @@ def stop(state: StateOpt = DEFAULT_STATE) -> None:
 
     Example: fedretina server stop --state fedretina-server
     """
-    from shared.daemon import stop as stop_daemon
+    from shared.operations.daemon import stop as stop_daemon
 
     stopped = stop_daemon(state / "server.pid", state.resolve())  # and anything a killed one left running
     typer.echo("stopped" if stopped else f"no server was running from {state}")
@@ -153,7 +153,7 @@ def run(
     Exits 1 unless the run completed. Example: fedretina server run -c experiment.yaml --name first
     """
     from server.deploy import CONNECTION, ServerSettings, flwr, site_names
-    from shared.daemon import APP_ROOT
+    from shared.operations.daemon import APP_ROOT
 
     settings = ServerSettings.load(state)
     if not config.is_file():

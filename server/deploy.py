@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from server.fleet_guard import FLEET_PREFIX, MAX_FLEET_BODY, SIGNATURE_HEADER
-from shared.certs import Bundle, check_bundle
-from shared.daemon import (
+from shared.errors import ConfigError
+from shared.operations.certs import Bundle, check_bundle
+from shared.operations.daemon import (
     APP_ROOT,
     MARKER,
     VENV_BIN,
@@ -41,7 +42,6 @@ from shared.daemon import (
     this_command,
     wait_for_port,
 )
-from shared.errors import ConfigError
 from shared.rundir import private_dir
 
 log = logging.getLogger(__name__)

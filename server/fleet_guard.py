@@ -13,10 +13,10 @@ it) and looks at the request's headers only:
   of at most `MAX_ACTIVATION_BODY`: Flower itself then tells an unregistered node why it is refused.
 
 The largest legitimate Fleet body is one chunk of an array (Flower splits every array into chunks of
-`FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE`, `shared/wire.py:CHUNK_BYTES`, and our weights travel packed in one
-array) plus its framing, whatever the model's size; messages' own records (specs, metrics) are kilobytes.
-The proxy (`server/deploy.py`) bounds bodies at the same size, and the site daemon pins the chunk size its
-SuperNode uses.
+`FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE`, `shared/federation/wire.py:CHUNK_BYTES`, and our weights travel packed
+in one array) plus its framing, whatever the model's size; messages' own records (specs, metrics) are
+kilobytes. The proxy (`server/deploy.py`) bounds bodies at the same size, and the site daemon pins the chunk
+size its SuperNode uses.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIG
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
 from starlette.concurrency import run_in_threadpool
 
-from shared.wire import CHUNK_BYTES
+from shared.federation.wire import CHUNK_BYTES
 
 FLEET_PREFIX = "/v1/fleet/"  # all a SuperNode ever calls (flwr/supernode/fleet_http_client.py)
 MAX_FLEET_BODY = CHUNK_BYTES + (3 << 20)  # one array chunk and its framing, with room to spare: 8 MiB

@@ -7,10 +7,10 @@ import logging
 import math
 from typing import Any
 
-from server.sites import SiteInfo
+from server.directory import SiteInfo
 from server.store import Reply, RunStore
-from shared.aggregation import Verdict
-from shared.wire import NUM_EXAMPLES, SECONDS
+from shared.federation.aggregation import Verdict
+from shared.federation.wire import NUM_EXAMPLES, SECONDS
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import statistics
 from collections import defaultdict
 
 from server.store import StoreReader
-from shared.wire import EPSILON, SECONDS, TRAIN_LOSS
+from shared.federation.wire import EPSILON, SECONDS, TRAIN_LOSS
 
 SHOWN = ("auc", "kappa")  # per task in the summary table; the console line adds accuracy
 

@@ -28,17 +28,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid
 
 from server.checkpoints import Checkpoints, Saved
-from server.probe import probe_batch, probe_spark
+from server.directory import FederationError, SiteDirectory, SiteInfo
+from server.public_probe import probe_batch, probe_spark
 from server.recorder import Recorder
 from server.replies import stream_replies
 from server.report import round_line, summary_table
 from server.secure import secure_round
-from server.sites import FederationError, SiteDirectory, SiteInfo
 from server.store import RunStore, StoreReader
 from server.strategy import FedRetina, to_record
-from shared.aggregation import Arrays
 from shared.config import ExperimentConfig, RunOptions
 from shared.data.scenario import load_scenario
+from shared.federation.aggregation import Arrays
+from shared.federation.wire import FINETUNE, PRETRAIN, RunSpec
 from shared.models import ENCODER
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
 from shared.training.checkpoint import export_encoder
@@ -50,7 +51,6 @@ from shared.training.initialisation import (
 )
 from shared.training.pretrain import build_spark
 from shared.weights import check_meta, check_settings, load_into, save_weights, weights_meta
-from shared.wire import FINETUNE, PRETRAIN, RunSpec
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "federated-checkpoint"

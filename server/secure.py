@@ -25,10 +25,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from server.sites import SiteInfo
+from server.directory import SiteInfo
 from server.strategy import FedRetina, SecureResult
-from shared.securesum import SecureLayout, secure_layout
-from shared.wire import LAYOUT, SECAGG_SCALE, RoundSpec, pack, to_wire
+from shared.federation.securesum import SecureLayout, secure_layout
+from shared.federation.wire import LAYOUT, SECAGG_SCALE, RoundSpec, pack, to_wire
 
 
 def secure_round(

@@ -2,13 +2,13 @@
 
 - configure_train: wait for enough eligible sites (our deadline), send `train.<phase>` with the round spec;
 - aggregate_train: replies come as they land (`server/replies.py`); each is validated (keys, shapes,
-  dtypes, NaN/Inf, update norm), folded into `shared.aggregation.RunningAverage` (exact sums, so the result
-  does not depend on arrival order; per-key holders, so task heads only average among their sites) and
-  sketched for its cosine with the aggregate, then dropped: the server holds one reply's weights at a time.
-  Each reply is recorded with its verdict; FedAdam on top when asked. A round with fewer accepted sites
+  dtypes, NaN/Inf, update norm), folded into `shared.federation.aggregation.RunningAverage` (exact sums, so
+  the result does not depend on arrival order; per-key holders, so task heads only average among their sites)
+  and sketched for its cosine with the aggregate, then dropped: the server holds one reply's weights at a
+  time. Each reply is recorded with its verdict; FedAdam on top when asked. A round with fewer accepted sites
   than `min_sites` returns no model (the run keeps the old one, or tries the round again: `short_round`).
-  Weights travel packed in one buffer each way (`shared/wire.py:pack`); error replies are matched to the
-  message they answer;
+  Weights travel packed in one buffer each way (`shared/federation/wire.py:pack`); error replies are matched
+  to the message they answer;
 - configure/aggregate_evaluate (phase 2): federated evaluation on each site's validation images.
 
 The run (`server/run.py`) calls the hooks round by round, then probes and checkpoints. Strategies: fedavg,
@@ -31,10 +31,10 @@ from flwr.common import FitRes, parameters_to_ndarrays
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from server.directory import SiteDirectory, SiteInfo, error_text, sample_sites
 from server.recorder import Recorder
 from server.replies import stream_replies
-from server.sites import SiteDirectory, SiteInfo, error_text, sample_sites
-from shared.aggregation import (
+from shared.federation.aggregation import (
     Arrays,
     Chain,
     RunningAverage,
@@ -53,11 +53,8 @@ from shared.aggregation import (
     site_update,
     sketched_cosine,
 )
-from shared.models import ENCODER, head_prefix
-from shared.securesum import REFUSALS, SecureLayout
-from shared.seeding import derive_seed
-from shared.training.moments import ENTRIES
-from shared.wire import (
+from shared.federation.securesum import REFUSALS, SecureLayout
+from shared.federation.wire import (
     ARRAYS,
     DEVICES,
     EPSILON,
@@ -80,6 +77,9 @@ from shared.wire import (
     to_wire,
     unpacked,
 )
+from shared.models import ENCODER, head_prefix
+from shared.seeding import derive_seed
+from shared.training.moments import ENTRIES
 
 log = logging.getLogger(__name__)
 

@@ -82,7 +82,7 @@ class InitConfig(Strict):
 class PretrainConfig(Strict):
     # "spark": masked image modelling (the first seed); "moco": MoCo v2 contrastive (the second seed);
     # "natural": supervised classification of scikit-image's natural photographs, the offline stand-in for
-    # ImageNet weights (shared/data/natural.py); it reads no site.
+    # ImageNet weights (shared/data/photos.py); it reads no site.
     method: Literal["spark", "moco", "natural"] = "spark"
     epochs: int = Field(1600, ge=1)
     batch_size: int = Field(64, ge=2)  # SE blocks hold BatchNorm on a (B, C, 1, 1) vector: B >= 2
@@ -319,7 +319,7 @@ class StudyConfig(Strict):
     # seed2: dotted overrides per pretraining method (spark, moco, natural), e.g. {moco: {pretrain.epochs: 8}}
     pretraining: dict[Literal["spark", "moco", "natural"], dict[str, Any]] = Field(default_factory=dict)
     # seed2: local ImageNet weights per architecture; an architecture without one starts its IFI setups from
-    # the natural-photo stand-in (shared/data/natural.py), named as such in every table
+    # the natural-photo stand-in (shared/data/photos.py), named as such in every table
     imagenet: dict[Literal["nnmobilenet", "resnet50"], str] = Field(default_factory=dict)
 
     @field_validator("label_counts")

@@ -78,7 +78,7 @@ def synth(
 
     Example: fedretina synth --profile cpu && fedretina site check sites/generated/*.yaml
     """
-    from shared.data.synth.sites import synthesize
+    from shared.data.synth.catalogue import synthesize
 
     for path in synthesize(profile or "cpu", data_dir, sites_dir, seed, workers, tuple(only or ())):
         typer.echo(path)
@@ -107,7 +107,7 @@ def pretrain(
 
     Example: fedretina pretrain --profile tiny --site sites/generated/ukb-a.yaml --name spark-tiny
     """
-    from simulation.centralised import run_pretraining
+    from simulation.centralised.pretrain import run_pretraining
 
     cfg = with_sites(resolve_config(config, profile, overrides), site, name)
     outputs = run_pretraining(cfg, resume=resume)
@@ -138,7 +138,7 @@ def finetune(
 
     Example: fedretina finetune -c experiment.yaml --set finetune.label_fractions=[0.1]
     """
-    from simulation.finetune_run import run_finetuning
+    from simulation.centralised.finetune import run_finetuning
 
     cfg = with_sites(resolve_config(config, profile, overrides), site, name)
     outputs = run_finetuning(cfg, resume=resume)
@@ -162,7 +162,7 @@ def pretraining_study(
 
     Example: fedretina study pretraining -c simulation/studies/pretraining.yaml --name pretraining-study
     """
-    from simulation.pretraining_study import run_pretraining_study
+    from simulation.studies.pretraining import run_pretraining_study
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
     outputs = run_pretraining_study(cfg, resume=resume)
@@ -187,7 +187,7 @@ def seed2_study(
 
     Example: fedretina study seed2 -c simulation/studies/seed2.yaml --name seed2
     """
-    from simulation.seed2_study import run_seed2_study
+    from simulation.studies.seed2 import run_seed2_study
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
     outputs = run_seed2_study(cfg, resume=resume)
@@ -254,7 +254,7 @@ def probe(
     Example: fedretina probe -c experiment.yaml --encoder runs/spark-tiny/pretrain/encoder.safetensors
     """
     from shared.rundir import run_dir
-    from shared.training.probe import PART, run_probe
+    from shared.training.linear_probe import PART, run_probe
 
     cfg = with_sites(resolve_config(config, profile, overrides), site, name)
     record = run_probe(cfg, encoder)

@@ -25,7 +25,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from shared.daemon import APP_ROOT, VENV_BIN
+from shared.operations.daemon import APP_ROOT, VENV_BIN
 
 PROJECT_ROOT = APP_ROOT
 

@@ -27,12 +27,12 @@ from client.rounds import train_round
 from server.checkpoints import Checkpoints
 from server.run import initial_weights
 from server.store import StoreReader
-from shared.aggregation import Arrays, Chain, Update, average, cycle_order, site_update
 from shared.config import ExperimentConfig
 from shared.data.scenario import load_scenario, scenario_sites
 from shared.data.site import Site, load_site
 from shared.errors import ConfigError
-from shared.wire import FINETUNE, PRETRAIN, RoundSpec, RunSpec
+from shared.federation.aggregation import Arrays, Chain, Update, average, cycle_order, site_update
+from shared.federation.wire import FINETUNE, PRETRAIN, RoundSpec, RunSpec
 
 REPLAYABLE = ("fedavg", "fedprox", "cyclic")
 

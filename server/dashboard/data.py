@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from server.store import StoreError, StoreReader
-from shared.wire import EPSILON, SECONDS, TRAIN_LOSS
+from shared.federation.wire import EPSILON, SECONDS, TRAIN_LOSS
 
 # Beside a run's store when `fedretina compare` ran it: the centralised arm's validation curve of the same
 # data and seed ([{"epochs": passes over the pooled images, "auc": ..., "kappa": ...}, ...]), overlaid.

@@ -18,22 +18,27 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from shared.data.formats import read_site
-from shared.data.formats.common import Problem
+from shared.config import validate
+from shared.data.formats import FORMATS
+from shared.data.formats.common import Problem, drop_eye_conflicts
 from shared.data.fundus import preprocess
 from shared.data.images import ImageProblem
-from shared.data.manifest import label_tasks, read_manifest_csv, write_manifest_csv
+from shared.data.manifest import (
+    empty_manifest,
+    label_tasks,
+    new_manifest,
+    read_manifest_csv,
+    write_manifest_csv,
+)
+from shared.data.site_config import SiteConfig
 from shared.errors import ConfigError, DataError
 from shared.logs import progress
 from shared.rundir import atomic_write_text
-
-if TYPE_CHECKING:  # a SiteConfig knows its formats and its checker, not the other way round
-    from shared.data.site import SiteConfig
 
 log = logging.getLogger(__name__)
 STATS_SIZE = 64  # colour statistics are taken on a small FOV crop
@@ -62,6 +67,27 @@ class CheckResult:
     @property
     def fatal(self) -> list[Problem]:
         return [p for p in self.problems if p.fatal]
+
+
+@dataclass(frozen=True)
+class SiteData:
+    manifest: pd.DataFrame
+    problems: tuple[Problem, ...]
+    tasks: dict[str, int]
+
+    @property
+    def fatal(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+
+def read_site(site: SiteConfig) -> SiteData:
+    """List the site's images into a manifest; nothing is decoded here."""
+    reader = FORMATS[site.format]
+    options = validate(reader.options, site.options, f"{site.source or site.name}: options")
+    rows = reader.read(site.root, options)
+    drop_eye_conflicts(rows)
+    manifest = new_manifest(rows.rows, site.name, rows.tasks) if rows.rows else empty_manifest(site.name)
+    return SiteData(manifest, tuple(rows.problems), dict(rows.tasks))
 
 
 def check_site(site: SiteConfig, out_dir: Path | None = None, workers: int = 2) -> CheckResult:

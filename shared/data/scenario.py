@@ -26,7 +26,8 @@ from shared.data import partition
 from shared.data.cache import ImageCache
 from shared.data.checks import load_checked_manifest
 from shared.data.labels import label_column
-from shared.data.site import Site, SiteConfig, load_site, load_site_config
+from shared.data.site import Site, load_site
+from shared.data.site_config import SiteConfig, load_site_config
 from shared.errors import ConfigError
 
 SCENARIO_DIR = Path("simulation/scenarios")

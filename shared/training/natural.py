@@ -1,5 +1,5 @@
 """Supervised pretraining on natural photographs (`pretrain.method: natural`), the stand-in for ImageNet
-weights: the encoder with one head over the photographs (shared/data/natural.py), trained by cross-entropy
+weights: the encoder with one head over the photographs (shared/data/photos.py), trained by cross-entropy
 with the pretraining optimiser and schedule. Only the encoder is exported, as ImageNet heads are dropped."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.config import ExperimentConfig
-from shared.data.natural import PHOTOS, NaturalCrops
+from shared.data.photos import PHOTOS, NaturalCrops
 from shared.device import autocast
 from shared.models import TaskModel, build_encoder, min_batch
 from shared.training.phase import Method

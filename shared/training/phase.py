@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from shared.data.dataset import loader
-from shared.privacy.sgd import PrivateSGD
+from shared.privacy.sgd import PrivateSGD, sample_rate
 from shared.training.loop import EpochResult, EpochSeeds, proximal_penalty, step_plan, train_epoch
 from shared.training.optim import Schedule
 from shared.training.replicas import Replica
@@ -88,6 +88,15 @@ class Span:
                 for e, first, n in step_plan(self.start, self.stop - self.start, per_epoch[t])
             ]
         return [Piece(t, e, 0, per_epoch[t]) for e in range(self.start, self.stop) for t in per_epoch]
+
+    def private_plan(self, images: Mapping[str, int], batch_size: int) -> list[tuple[float, int]]:
+        """What a private run of this span will spend, before it runs: [(sample rate, steps)] per task over
+        datasets of `images[task]` images, from the same pieces `run_phase` trains."""
+        per_epoch = {t: steps_per_epoch(n, batch_size) for t, n in images.items()}
+        steps: dict[str, int] = {}
+        for piece in self.pieces(per_epoch):
+            steps[piece.task] = steps.get(piece.task, 0) + piece.count
+        return [(sample_rate(images[t], batch_size), n) for t, n in steps.items() if n]
 
     def global_steps(self, per_epoch: Mapping[str, int]) -> tuple[int, int]:
         """(the phase's global step at this span's start, the phase's total steps): the schedule's clock."""

@@ -1,4 +1,4 @@
-"""`fedretina analyze relevance` (Fig 5): LRP heatmaps of the severe-DR logit (`shared.analysis.relevance`)
+"""`fedretina analyze relevance` (Fig 5): LRP heatmaps of the severe-DR logit (`shared.analysis.lrp`)
 of each fine-tuned DR model, scored against IDRiD's lesion masks (microaneurysms, haemorrhages, hard
 exudates and their union; `lesions`) beside a Gaussian-random control."""
 
@@ -13,7 +13,7 @@ import pandas as pd
 from torch import nn
 
 from shared import plots
-from shared.analysis.relevance import (
+from shared.analysis.lrp import (
     CHANNEL_POOLS,
     random_control,
     relevance_map,

@@ -1,8 +1,8 @@
-"""`fedretina analyze spectra` (Fig 3): each tapped layer's activation spectrum (`shared.analysis.spectra`:
-the stem's activation, every block, and nn-MobileNet's pen activation), its percentile condition number
-(lambda at the 90th percentile over lambda at the 10th; infinite when over 10% of the spectrum is null), and
-a Pareto fit of the first tapped layer's positive eigenvalues. Takes fine-tuned models and encoder exports
-alike."""
+"""`fedretina analyze spectra` (Fig 3): each tapped layer's activation spectrum
+(`shared.analysis.eigenspectra`: the stem's activation, every block, and nn-MobileNet's pen activation), its
+percentile condition number (lambda at the 90th percentile over lambda at the 10th; infinite when over 10% of
+the spectrum is null), and a Pareto fit of the first tapped layer's positive eigenvalues. Takes fine-tuned
+models and encoder exports alike."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from shared import plots
-from shared.analysis.spectra import (
+from shared.analysis.eigenspectra import (
     activation_spectra,
     eigen_density,
     pareto_fit,

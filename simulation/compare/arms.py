@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from client.state import own_batchnorm, state_dir
-from server.sites import FederationError
+from server.directory import FederationError
 from server.store import StoreReader
 from shared.config import ExperimentConfig, InitConfig, dump_config, override
 from shared.data.labels import label_column
@@ -41,15 +41,15 @@ from shared.data.manifest import labelled, task_classes
 from shared.data.scenario import Scenario, load_scenario, scenario_path, scenario_sites
 from shared.data.site import Site
 from shared.errors import ConfigError
+from shared.federation.wire import EPSILON, FINETUNE
 from shared.logs import progress_bar
 from shared.rundir import atomic_write_bytes, atomic_write_text
 from shared.training.data import site_images
 from shared.training.finetune import build_task_model, finetune_split, predict_logits, softmax
 from shared.training.initialisation import read_encoder_export
 from shared.weights import load_weights
-from shared.wire import EPSILON, FINETUNE
-from simulation.centralised import run_pretraining
-from simulation.finetune_run import run_finetuning
+from simulation.centralised.finetune import run_finetuning
+from simulation.centralised.pretrain import run_pretraining
 from simulation.flower_env import PROJECT_ROOT, flower_env, flwr_run_command, stop_local_superlink
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from shared.metrics import paired_difference_ci
 from shared.plots import curve_panels
 from shared.seeding import derive_seed
 from simulation.compare.arms import CENTRALISED, CURVE_KEYS, Arm, load_predictions
-from simulation.paired import Metric, Predictions, study_metrics
+from simulation.studies.paired import Metric, Predictions, study_metrics
 
 METRICS = ("referable_auc", "kappa", "auc")
 NAMES = {"referable_auc": "referable-DR AUC", "kappa": "DR kappa (quadratic)", "auc": "DR macro AUC"}

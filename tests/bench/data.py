@@ -13,14 +13,14 @@ from torch.utils.data import DataLoader
 
 from shared.config import ExperimentConfig, load_config
 from shared.data.cache import ImageCache
+from shared.data.checks import read_site
 from shared.data.dataset import FundusDataset
-from shared.data.formats import read_site
 from shared.data.fundus import preprocess
-from shared.data.site import load_site_config
+from shared.data.site_config import load_site_config
+from shared.data.synth.catalogue import PLANS
 from shared.data.synth.layouts import render_jobs, write_eyepacs
 from shared.data.synth.population import DR_WEIGHTS, people
 from shared.data.synth.render import CAMERA_STYLES, render_fundus
-from shared.data.synth.sites import PLANS
 from shared.training.finetune import build_task_model, finetune_optimizer
 from shared.training.pretrain import build_spark, pretrain_optimizer
 from tests.conftest import site_yaml

@@ -4,7 +4,7 @@ Fleet-only proxy) and once through `flwr run .` (Ray). Reports each phase's medi
 their ratio, measured in one run, and the HTTP requests the sites made through the proxy per round. Where
 deployment's time goes (Flower 1.41): each message starts a fresh `flwr-clientapp` process (Python, torch
 and the app imported again), SuperNode and ServerApp poll every 3 s, and every object of a message is its
-own request (weights travel packed in one buffer for that reason: `shared/wire.py:pack`).
+own request (weights travel packed in one buffer for that reason: `shared/federation/wire.py:pack`).
 """
 
 from __future__ import annotations

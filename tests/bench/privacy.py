@@ -22,15 +22,16 @@ import torch.nn.functional as F
 from shared.config import ExperimentConfig, load_config
 from shared.data.checks import check_site
 from shared.data.manifest import labelled
-from shared.data.site import Site, load_site_config
+from shared.data.site import Site
+from shared.data.site_config import load_site_config
+from shared.data.synth.catalogue import PLANS
 from shared.data.synth.layouts import render_jobs, write_eyepacs
-from shared.data.synth.sites import PLANS
 from shared.metrics import evaluate_predictions
 from shared.privacy.sgd import PrivateSGD
 from shared.training.data import site_images
 from shared.training.finetune import build_task_model, predict
 from shared.weights import load_weights
-from simulation.finetune_run import run_finetuning
+from simulation.centralised.finetune import run_finetuning
 from tests.conftest import site_yaml
 
 BATCH, SIZE, REPEATS = 16, 224, 4

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from shared.analysis.corruptions import corrupt
-from shared.analysis.spectra import pareto_fit, percentile_condition_number
+from shared.analysis.eigenspectra import pareto_fit, percentile_condition_number
 from shared.config import ExperimentConfig, load_config
 from shared.data.fundus import crop_to_fov, find_fov, preprocess
 from shared.data.images import decode

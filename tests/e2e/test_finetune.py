@@ -15,14 +15,14 @@ import torchvision
 import yaml
 
 from shared.config import load_config
-from shared.data.formats import read_site
-from shared.data.site import load_site_config
+from shared.data.checks import read_site
+from shared.data.site_config import load_site_config
 from shared.data.splits import assign_folds
 from shared.errors import CheckpointError
 from shared.models import nnmobilenet, resnet50
 from shared.training.initialisation import initialise
 from shared.weights import model_meta, save_weights
-from simulation.centralised import run_pretraining
+from simulation.centralised.pretrain import run_pretraining
 from tests.conftest import FEDRETINA, write_site
 
 
@@ -200,7 +200,7 @@ def test_the_holdout_protocol_splits_as_federated_sites_do_and_keeps_the_last_ep
 ) -> None:
     from shared.data.site import load_site
     from shared.training.finetune import finetune_split
-    from simulation.finetune_run import run_finetuning
+    from simulation.centralised.finetune import run_finetuning
 
     overrides = {"sites": [str(eyepacs60)], "runs_dir": str(tmp_path), "finetune.protocol": "holdout"}
     cfg = load_config(profile="tiny", overrides=overrides | {"finetune.early_stopping": 1})

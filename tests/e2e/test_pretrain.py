@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from server.probe import probe_batch, probe_spark
+from server.public_probe import probe_batch, probe_spark
 from shared.config import load_config
 from shared.seeding import derive_seed, seed_everything
 from shared.training.pretrain import build_spark
 from shared.weights import load_into, load_weights
-from simulation.centralised import run_pretraining
+from simulation.centralised.pretrain import run_pretraining
 from tests.conftest import FEDRETINA
 
 

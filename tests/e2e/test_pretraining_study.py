@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from shared.config import load_config
-from simulation.pretraining_study import run_pretraining_study
+from simulation.studies.pretraining import run_pretraining_study
 
 
 def test_study_pairs_arms_and_reports_differences_with_intervals(

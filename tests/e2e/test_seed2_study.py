@@ -13,7 +13,7 @@ import pytest
 from shared.config import load_config
 from shared.data.labels import referable
 from shared.metrics import auc_score
-from simulation.seed2_study import run_seed2_study
+from simulation.studies.seed2 import run_seed2_study
 
 SETUPS = ["IWNE-FS", "IWNE-CL", "IFI-FS", "IFI-CL", "SparK"]
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from server.directory import SiteInfo
 from server.recorder import Recorder
-from server.sites import SiteInfo
 from server.store import RunStore
-from shared.aggregation import Verdict
 from shared.config import load_config
+from shared.federation.aggregation import Verdict
 
 REJECTED = "holds NaN or Inf in encoder.features.0.weight"
 REFUSED = (

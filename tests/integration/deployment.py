@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from client.approval import app_hash
-from shared.daemon import APP_ROOT
 from shared.data.site import load_site
+from shared.operations.daemon import APP_ROOT
 from tests.conftest import FEDRETINA
 
 

@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.app import describe, evaluate, train
-from shared.wire import LAYOUT, MOMENTS, PACKED, pack_records, unpacked
+from shared.federation.wire import LAYOUT, MOMENTS, PACKED, pack_records, unpacked
 
 PATIENT_PATH = "/hospital/Jane-Doe-1961-04-02/site.yaml"
 

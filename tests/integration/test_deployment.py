@@ -33,9 +33,9 @@ from cryptography.hazmat.primitives import serialization
 from flwr.cli.build import build_fab_from_disk
 
 from client.approval import app_hash
-from shared.daemon import APP_ROOT, descendants
 from shared.data.site import load_site
-from shared.wire import DEVICES, PHASES
+from shared.federation.wire import DEVICES, PHASES
+from shared.operations.daemon import APP_ROOT, descendants
 from tests.conftest import FEDRETINA
 from tests.integration.deployment import Federation, deployed, fedretina, free_ports, ok
 
@@ -235,7 +235,7 @@ def changed_app(folder: Path, marker: Path) -> Path:
     with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(APP_ROOT))) as bundle:
         bundle.extractall(folder)
     shutil.rmtree(folder / ".info", ignore_errors=True)
-    for module in ("client/rounds.py", "shared/wire.py"):
+    for module in ("client/rounds.py", "shared/federation/wire.py"):
         path = folder / module
         future = "from __future__ import annotations\n"  # must stay first: the marker goes after it
         where = "__import__('os').environ.get('FEDRETINA_SITE_STATE', 'server')"  # which process ran it
@@ -272,7 +272,7 @@ def test_a_site_runs_only_the_app_versions_it_approved_and_then_that_bundles_own
     ran = set(marker.read_text().splitlines())
     for site in federation.sites.values():  # at each site, the bundle's own client/ and shared/ ran
         state = load_site(site).config.state_root
-        assert {f"client/rounds.py {state}", f"shared/wire.py {state}"} <= ran, ran
+        assert {f"client/rounds.py {state}", f"shared/federation/wire.py {state}"} <= ran, ran
         installed = load_site(site).config.state_root / "apps" / "installed" / digest
         assert str(marker) in (installed / "client" / "rounds.py").read_text()
 
@@ -308,20 +308,34 @@ def hostile_post(port: int, ca: Path, *, chunked: bool, signed: bool, size: int 
                 "flwr-timestamp: 2026-01-01T00:00:00+00:00",
             ]
         conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
-        block = b"\0" * (1 << 20)
+        block, answer = b"\0" * (1 << 20), None
         try:
             for _ in range(size >> 20):
                 conn.sendall(b"100000\r\n" + block + b"\r\n" if chunked else block)
-                if select.select([conn], [], [], 0)[0]:  # the server answered: stop sending
+                if answer := _answered(conn):
                     break
+            if chunked and answer is None:
+                conn.sendall(b"0\r\n\r\n")
+            conn.settimeout(120)  # a server that read it all answers after the last byte
+            answer = answer or conn.recv(64)
         except OSError:
-            pass  # the server closed the connection: refused
-        conn.settimeout(10)
-        try:
-            status = conn.recv(64).split(b" ")
-            return int(status[1]) if len(status) > 1 and status[1].isdigit() else 0
-        except OSError:
-            return 0
+            return 0  # the server closed the connection: refused
+        status = answer.split(b" ")
+        return int(status[1]) if len(status) > 1 and status[1].isdigit() else 0
+
+
+def _answered(conn: ssl.SSLSocket) -> bytes | None:
+    """The server's first bytes if it has answered already (a TLS record that carries none, such as a
+    session ticket, is not an answer)."""
+    if not select.select([conn], [], [], 0)[0]:
+        return None
+    conn.setblocking(False)
+    try:
+        return conn.recv(64) or b"closed"
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return None
+    finally:
+        conn.settimeout(30)
 
 
 @pytest.mark.security

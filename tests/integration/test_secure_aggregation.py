@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from server.strategy import DROPPED, HALTED
-from shared.securesum import QUANTIZATION_LEVELS
+from shared.federation.securesum import QUANTIZATION_LEVELS
 from simulation.replay import replay
 from tests.conftest import ROOT
 from tests.integration.flower import Flower, app_with_client, iid_scenario, sets, store_rows

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from shared.config import load_config
 from shared.data.checks import check_site
-from shared.data.site import load_site_config
+from shared.data.site_config import load_site_config
 from shared.models import build_encoder
 from shared.weights import save_weights, weights_meta
 from tests.conftest import write_site

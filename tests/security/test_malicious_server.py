@@ -25,9 +25,9 @@ from flwr.compat.common import recorddict_compat as compat
 from client.app import SiteFailure, app, train_secure
 from shared.config import ExperimentConfig, load_config
 from shared.data.checks import check_site
-from shared.data.site import load_site, load_site_config
-from shared.training.pretrain import build_spark
-from shared.wire import (
+from shared.data.site import load_site
+from shared.data.site_config import load_site_config
+from shared.federation.wire import (
     ARRAYS,
     LAYOUT,
     MOMENTS,
@@ -41,6 +41,7 @@ from shared.wire import (
     pack_records,
     to_wire,
 )
+from shared.training.pretrain import build_spark
 from tests.conftest import UID, write_site
 
 pytestmark = pytest.mark.security

@@ -1,7 +1,7 @@
 """A hostile site against the server: updates that are NaN, oversized, shape-shifted, of another dtype,
 with extra or missing tensors or a forged weight, and replies replayed or answering another round. Each
-is refused with its reason (the server's own validation, `shared/aggregation.py:check_update`, and its
-reply matching, `server/strategy.py`), and the honest sites' average is what it would be without it.
+is refused with its reason (the server's own validation, `shared/federation/aggregation.py:check_update`, and
+its reply matching, `server/strategy.py`), and the honest sites' average is what it would be without it.
 (A stolen or unregistered key, and bodies beyond the bound, are the deployment tests': real processes.)"""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
+from server.directory import SiteInfo
 from server.recorder import Recorder
-from server.sites import SiteInfo
 from server.store import RunStore, StoreReader
 from server.strategy import FedRetina
-from shared.aggregation import average, check_update, site_update
 from shared.config import load_config
-from shared.wire import PRETRAIN, RunSpec
+from shared.federation.aggregation import average, check_update, site_update
+from shared.federation.wire import PRETRAIN, RunSpec
 from tests.conftest import UID
 
 pytestmark = pytest.mark.security

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server.directory import SiteInfo
 from server.recorder import Recorder
-from server.sites import SiteInfo
 from server.store import RunStore
-from shared.aggregation import Verdict
 from shared.config import load_config
 from shared.data.checks import check_site
-from shared.data.site import load_site_config
+from shared.data.site_config import load_site_config
+from shared.federation.aggregation import Verdict
 from shared.training.initialisation import pretraining_start
 from shared.weights import save_weights, weights_meta
 from tests.conftest import write_site

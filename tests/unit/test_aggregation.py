@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from shared.aggregation import (
+from shared.federation.aggregation import (
     Chain,
     RunningAverage,
     Sketches,
@@ -26,7 +26,7 @@ from shared.aggregation import (
     sketched_cosine,
     update_norm,
 )
-from shared.exactsum import ExactSum
+from shared.federation.exactsum import ExactSum
 from shared.training.moments import ENTRIES
 
 

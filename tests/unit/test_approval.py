@@ -10,7 +10,7 @@ from pathlib import Path
 from flwr.cli.build import build_fab_from_disk
 
 from client.approval import Approvals, app_hash
-from shared.daemon import APP_ROOT
+from shared.operations.daemon import APP_ROOT
 from tests.conftest import FEDRETINA
 
 

@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
 
-from shared.certs import Bundle, check_bundle, create_bundle, server_names
 from shared.errors import ConfigError
+from shared.operations.certs import Bundle, check_bundle, create_bundle, server_names
 from tests.conftest import FEDRETINA
 
 

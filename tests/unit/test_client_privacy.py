@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from client.app import SiteFailure, describe
 from shared.config import load_config
-from shared.wire import SPEC, RunSpec, to_wire
+from shared.federation.wire import SPEC, RunSpec, to_wire
 from tests.conftest import UID
 
 

@@ -21,7 +21,7 @@ from shared.training.initialisation import read_encoder_export
 from shared.weights import save_weights, weights_meta
 from simulation.compare.arms import ARM_JSON, FEDERATED, Arm, plan_arms, run_arm
 from simulation.compare.report import INCONCLUSIVE, INFERIOR, NON_INFERIOR, mean_ci, verdict
-from simulation.paired import Predictions, study_metrics
+from simulation.studies.paired import Predictions, study_metrics
 
 
 def test_a_scenario_naming_an_undefined_strategy_is_refused_in_one_line() -> None:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.daemon import detach, marked, running, stop
+from shared.operations.daemon import detach, marked, running, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def test_stopping_a_daemon_stops_the_processes_its_children_started_in_their_own
     marker = f"sleep 3{os.getpid() % 1000:03d}"  # unique to this test run
     family = f"setsid {marker}1 & {marker}2"  # a child in a session of its own, as SuperExec's are
     supervisor = (
-        "import pathlib, sys; from shared.daemon import supervise; "
+        "import pathlib, sys; from shared.operations.daemon import supervise; "
         f"supervise([(['bash', '-c', {family!r}], pathlib.Path({str(tmp_path / 'child.log')!r}))], "
         "{'PATH': '/usr/bin:/bin'}, pathlib.Path('.'))"
     )
@@ -52,7 +52,7 @@ def test_stopping_a_daemon_stops_the_processes_its_children_started_in_their_own
 
 def _supervisor(tmp_path: Path, family: str, restart: str = "None") -> str:
     return (
-        "import pathlib, sys; from shared.daemon import supervise; "
+        "import pathlib, sys; from shared.operations.daemon import supervise; "
         f"sys.exit(supervise([(['bash', '-c', {family!r}], pathlib.Path({str(tmp_path / 'child.log')!r}))], "
         f"{{'PATH': '/usr/bin:/bin', 'FEDRETINA_DAEMON': {str(tmp_path.resolve())!r}}}, "
         f"pathlib.Path({str(tmp_path)!r}), "

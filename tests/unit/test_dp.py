@@ -24,6 +24,7 @@ from shared.config import ExperimentConfig, load_config
 from shared.data import partition
 from shared.data.site import Site, load_site
 from shared.errors import ConfigError, DataError
+from shared.federation.wire import EPSILON, FINETUNE, PRETRAIN, RoundSpec, RunSpec
 from shared.privacy.accounting import epsilon, noise_for
 from shared.privacy.ledger import Ledger
 from shared.privacy.sgd import PrivateSGD, unit_ids
@@ -32,7 +33,6 @@ from shared.training.finetune import build_task_model
 from shared.training.initialisation import pretraining_start
 from shared.training.phase import Span, run_phase
 from shared.training.pretrain import spark_method
-from shared.wire import EPSILON, FINETUNE, PRETRAIN, RoundSpec, RunSpec
 from tests.conftest import FEDRETINA, UID, uid_of
 
 PRIVATE = {"privacy.enabled": True, "model.norm": "gn", "pretrain.loss_reduction": "sample"}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from shared.data.formats import read_site
-from shared.data.site import load_site_config
+from shared.data.checks import read_site
+from shared.data.site_config import load_site_config
 from tests.conftest import ROOT
 
 
@@ -136,7 +136,7 @@ def test_unnamed_files_are_reported_not_used(tiny_sites: dict[str, Path], fmt: s
 def test_site_templates_validate(path: Path) -> None:
     from shared.config import read_yaml, validate
     from shared.data.formats import FORMATS
-    from shared.data.site import SiteConfig
+    from shared.data.site_config import SiteConfig
 
     site = validate(SiteConfig, read_yaml(path), str(path))
     FORMATS[site.format].options.model_validate(site.options)

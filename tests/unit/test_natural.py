@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.data.natural import IMAGENET_MEAN, IMAGENET_STD, PHOTOS, NaturalCrops, photo
+from shared.data.photos import IMAGENET_MEAN, IMAGENET_STD, PHOTOS, NaturalCrops, photo
 
 
 def test_photographs_load_offline_as_squares_and_exclude_the_fundus_images() -> None:

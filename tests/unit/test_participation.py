@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from server.sites import SiteInfo, sample_sites
+from server.directory import SiteInfo, sample_sites
 
 SITES = [SiteInfo(i, f"site-{i:03d}", i, 10, {}, {}) for i in range(120)]
 

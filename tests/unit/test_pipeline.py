@@ -13,10 +13,10 @@ from skimage import data as skdata
 
 from shared.data import transforms as T
 from shared.data.cache import ImageCache
+from shared.data.checks import read_site
 from shared.data.dataset import EpochSampler, FundusDataset
-from shared.data.formats import read_site
 from shared.data.fundus import crop_to_fov, find_fov, preprocess
-from shared.data.site import load_site_config
+from shared.data.site_config import load_site_config
 from shared.data.synth.render import CAMERA_STYLES, FundusSpec, render_fundus
 
 

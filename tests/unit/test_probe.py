@@ -16,9 +16,9 @@ from shared.config import ExperimentConfig, load_config
 from shared.errors import CheckpointError, ConfigError, DataError
 from shared.metrics import metric_keys
 from shared.models import build_encoder
-from shared.training import probe
+from shared.training import linear_probe as probe
 from shared.training.checkpoint import export_encoder
-from shared.training.probe import export_kind, fit_probe, pooled_features, run_probe
+from shared.training.linear_probe import export_kind, fit_probe, pooled_features, run_probe
 from shared.weights import save_weights, weights_meta
 
 

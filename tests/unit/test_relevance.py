@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from shared.analysis import relevance
-from shared.analysis.relevance import (
+from shared.analysis import lrp as relevance
+from shared.analysis.lrp import (
     input_relevance,
     random_control,
     relevance_map,

@@ -16,9 +16,9 @@ from client.rounds import train_round
 from shared.config import load_config
 from shared.data.site import Site, load_site
 from shared.errors import ConfigError
+from shared.federation.wire import FINETUNE, RoundSpec, RunSpec
 from shared.training.finetune import build_task_model
 from shared.training.replicas import Replica, check_devices, run_replicas
-from shared.wire import FINETUNE, RoundSpec, RunSpec
 from tests.conftest import uid_of
 
 TASKS = {"ad": 2, "pd": 2}

@@ -11,13 +11,13 @@ import torch
 
 from client.rounds import train_round
 from client.state import SiteState
-from shared.aggregation import bn_keys
 from shared.config import ExperimentConfig, load_config
 from shared.data.site import load_site
+from shared.federation.aggregation import bn_keys
+from shared.federation.wire import PRETRAIN, RoundSpec, RunSpec
 from shared.training.initialisation import pretraining_start
 from shared.training.loop import proximal_penalty, step_plan
 from shared.training.phase import Piece, Span
-from shared.wire import PRETRAIN, RoundSpec, RunSpec
 from tests.conftest import uid_of
 
 

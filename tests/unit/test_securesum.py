@@ -1,15 +1,15 @@
-"""What sites put through secure aggregation and how the server reads the sum back (shared/securesum.py):
-the sum of the vectors decodes to exactly the plain weighted average, task heads among their holders only;
-FedBN's layers stay out; integer buffers advance by the round's steps; an entry beyond the clipping range
-is refused with the setting to change."""
+"""What sites put through secure aggregation and how the server reads the sum back
+(shared/federation/securesum.py): the sum of the vectors decodes to exactly the plain weighted average, task
+heads among their holders only; FedBN's layers stay out; integer buffers advance by the round's steps; an
+entry beyond the clipping range is refused with the setting to change."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from shared.aggregation import Update, average, site_update
-from shared.securesum import OutOfRange, SecureLayout, batchnorm_entries
+from shared.federation.aggregation import Update, average, site_update
+from shared.federation.securesum import OutOfRange, SecureLayout, batchnorm_entries
 
 RNG = np.random.default_rng(0)
 REFERENCE = {

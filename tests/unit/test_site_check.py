@@ -143,7 +143,7 @@ def test_a_clean_site_passes_and_training_reads_its_checked_manifest(
     tiny_sites: dict[str, Path], tmp_path: Path
 ) -> None:
     from shared.data.checks import load_checked_manifest
-    from shared.data.site import load_site_config
+    from shared.data.site_config import load_site_config
 
     site, _ = copy_site(tiny_sites["mmac"], tmp_path)
     result = subprocess.run(

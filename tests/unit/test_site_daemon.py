@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from client.daemon import SiteDaemon, site_keys
-from client.site import node_site
+from client.node import node_site
 from shared.config import load_config
-from shared.data.site import load_site_config
+from shared.data.site_config import load_site_config
 from shared.errors import ConfigError
-from shared.wire import RunSpec
+from shared.federation.wire import RunSpec
 from tests.conftest import FEDRETINA, UID, write_site
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from shared.analysis.spectra import (
+from shared.analysis.eigenspectra import (
     ChannelMoments,
     activation_moments,
     activation_spectra,

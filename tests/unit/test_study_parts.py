@@ -13,7 +13,7 @@ from shared.data.splits import label_count_subset
 from shared.data.synth.evidence import grade_evidence
 from shared.models import TaskModel, nnmobilenet
 from shared.training.finetune import reestimate_batchnorm
-from shared.training.probe import fit_probe
+from shared.training.linear_probe import fit_probe
 
 
 def test_every_referable_grade_shows_evidence_of_at_least_two_pixels_at_128() -> None:

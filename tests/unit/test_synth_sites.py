@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.data.synth.sites import GENERATOR_VERSION, MARKER, synthesize
+from shared.data.synth.catalogue import GENERATOR_VERSION, MARKER, synthesize
 from shared.errors import ConfigError, DataError
 from tests.conftest import FEDRETINA
 from tests.unit.test_site_check import snapshot

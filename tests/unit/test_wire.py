@@ -13,9 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from client.rounds import round_span
 from shared.config import load_config
 from shared.errors import ConfigError
-from shared.models import nnmobilenet
-from shared.training.phase import Span
-from shared.wire import (
+from shared.federation.wire import (
     FINETUNE,
     LAYOUT,
     MOMENTS,
@@ -30,6 +28,8 @@ from shared.wire import (
     unpack,
     unpacked,
 )
+from shared.models import nnmobilenet
+from shared.training.phase import Span
 from tests.conftest import UID
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from shared.data.scenario import load_scenario, scenario_sites
 from shared.data.site import Site, load_site
 from shared.errors import ConfigError, UserError
-from shared.wire import RunSpec
+from shared.federation.wire import RunSpec
 
 SITE_KEY = "site-config"
 PARTITION_KEY = "partition-id"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from shared.errors import UserError
 
-APP_ROOT = Path(__file__).resolve().parent.parent  # the Flower app's folder (`flwr run` starts here)
+APP_ROOT = Path(__file__).resolve().parents[2]  # the Flower app's folder (`flwr run` starts here)
 VENV_BIN = Path(sys.executable).parent  # fedretina's and Flower's executables
 STOP_GRACE_S = 10.0
 MARKER = "FEDRETINA_DAEMON"  # in every daemon process's environment: the daemon's folder

@@ -43,7 +43,8 @@ TRAIN_LOSS, STEPS, SECONDS, RATE = "train-loss", "steps", "duration-s", "images-
 DEVICES = "devices"  # the devices a site trained on (its YAML's `devices`; 0 when it refused the round)
 EPSILON = "privacy-epsilon"  # under DP: all a site ever released, composed (never the ledger)
 # Secure aggregation: the server's scale for the sites' weights (sent with the round), and a site's
-# refusal as a metric (0: trained; see shared/securesum.py's REFUSALS), since its reply holds no reason.
+# refusal as a metric (0: trained; see shared/federation/securesum.py's REFUSALS), since its reply holds no
+# reason.
 SECAGG_SCALE, SECAGG_REFUSAL = "secagg-scale", "secagg-refusal"
 REFUSAL = "refusal"  # a site's reply that refuses a round: {REASON: why} (and no weights)
 REASON = "reason"

@@ -31,10 +31,17 @@ from shared.errors import CheckpointError, ConfigError
 from shared.plots import curve, metric_vs_labels
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
 from shared.training.initialisation import check_init
-from shared.training.probe import probe_encoder
-from simulation.centralised import run_pretraining
-from simulation.finetune_run import Cohort, Study, cohort_images, cohort_of, no_nan
-from simulation.paired import Amount, differences, differences_table, means_table, run_arms, study_metrics
+from shared.training.linear_probe import probe_encoder
+from simulation.centralised.finetune import Cohort, Study, cohort_images, cohort_of, no_nan
+from simulation.centralised.pretrain import run_pretraining
+from simulation.studies.paired import (
+    Amount,
+    differences,
+    differences_table,
+    means_table,
+    run_arms,
+    study_metrics,
+)
 
 log = logging.getLogger(__name__)
 COMPARED = ("referable_auc", "kappa", "auc")  # the primary metric first

@@ -25,7 +25,6 @@ from shared.errors import CheckpointError
 from shared.plots import curve
 from shared.privacy.central import LEDGER, private_sgd, release
 from shared.privacy.ledger import Ledger
-from shared.privacy.plan import span_plan
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
 from shared.spark.preview import save_preview
 from shared.training.checkpoint import export_encoder, load_checkpoint, save_checkpoint
@@ -89,7 +88,7 @@ def run_pretraining(
     method = methods[cfg.pretrain.method](model, cfg, device)  # type: ignore[operator]
     key = "natural" if natural else data_key(sites)
     ledger = Ledger(out / LEDGER)
-    plan = span_plan({"": len(data[""])}, cfg.pretrain.batch_size, Span.epochs(cfg.pretrain.epochs))
+    plan = Span.epochs(cfg.pretrain.epochs).private_plan({"": len(data[""])}, cfg.pretrain.batch_size)
     sgd = private_sgd(cfg, ledger, "pretrain", plan, cfg.pretrain.batch_size)
     preview = _preview_batch(sites, cfg).to(device) if spark else None
     log.info(

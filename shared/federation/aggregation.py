@@ -5,9 +5,9 @@
   moments a site hands on under cyclic weight transfer with `federation.carry_optimizer`.
 - `RunningAverage` (and `average`, the same over a list): each key is averaged over the sites whose update
   holds it, weighted by their example counts. Updates are folded in one at a time, as replies arrive, into
-  exact order-independent sums (`shared/exactsum.py`) and can be dropped at once: the result is the same bit
-  for bit whatever the order, and the server's memory does not grow with the number of sites. So the
-  encoder is averaged over every participant while a task head is averaged only among the sites of that
+  exact order-independent sums (`shared/federation/exactsum.py`) and can be dropped at once: the result is
+  the same bit for bit whatever the order, and the server's memory does not grow with the number of sites. So
+  the encoder is averaged over every participant while a task head is averaged only among the sites of that
   task. Integer buffers (BatchNorm's `num_batches_tracked`) are never averaged as floats: the largest count
   is kept.
 - `Sketches`: each reply's change in a 4,096-bucket count sketch, kept after the reply is dropped, from which
@@ -31,11 +31,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from torch import nn
 
-from shared.exactsum import MAX_WEIGHT, ExactSum
+from shared.federation.exactsum import MAX_WEIGHT, ExactSum
+from shared.federation.wire import NUM_EXAMPLES, task_key
 from shared.models import head_prefix
 from shared.seeding import derive_seed
 from shared.training.moments import split
-from shared.wire import NUM_EXAMPLES, task_key
 
 Arrays = dict[str, np.ndarray]
 

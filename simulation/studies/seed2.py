@@ -1,11 +1,11 @@
 """`fedretina study seed2`: the second seed's study (Srinivasan et al., PLOS ONE 2022), whole, plus SparK.
 
 Per architecture (`study.archs`: ResNet50 as the paper, nn-MobileNet as the first seed), five setups, each
-fine-tuned at every `finetune.label_fractions` x `study.seeds` (paired arms, `simulation/paired.py`):
+fine-tuned at every `finetune.label_fractions` x `study.seeds` (paired arms, `simulation/studies/paired.py`):
 - IWNE-FS: random initialisation, fully supervised fine-tuning;
 - IWNE-CL: MoCo v2 on the unlabelled target-domain images (`study.pretrain_sites`) from random weights;
 - IFI-FS: the ImageNet start: local weights from `study.imagenet`, or, where none is given, our supervised
-  pretraining on scikit-image's natural photographs (the offline stand-in, shared/data/natural.py), which
+  pretraining on scikit-image's natural photographs (the offline stand-in, shared/data/photos.py), which
   every table names as such;
 - IFI-CL: MoCo v2 on the target domain from that ImageNet start;
 - SparK: SparK on the target domain from random weights (the first seed's method).
@@ -30,14 +30,14 @@ from pathlib import Path
 import pandas as pd
 
 from shared.config import ExperimentConfig, InitConfig, override
-from shared.data.natural import SOURCE as NATURAL_SOURCE
+from shared.data.photos import SOURCE as NATURAL_SOURCE
 from shared.errors import CheckpointError, ConfigError
 from shared.plots import metric_vs_labels
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
 from shared.training.initialisation import check_init
-from simulation.centralised import run_pretraining
-from simulation.finetune_run import cohort_of, no_nan
-from simulation.paired import (
+from simulation.centralised.finetune import cohort_of, no_nan
+from simulation.centralised.pretrain import run_pretraining
+from simulation.studies.paired import (
     Amount,
     Metric,
     arm_metrics,

@@ -6,8 +6,8 @@ examples, a task head by that task's examples at the site (zero where the site l
 site sends, for its float entries, (its weight / scale) x (its change from the round's global model), and
 for each weight group one entry holding (its weight / scale); the server multiplies the mean by the number
 of sites to get the sums, and divides each entry's sum by its group's summed weight. That is the plain
-weighted average of `shared/aggregation.py` up to the quantisation (a step of 2 x clipping_range / 2^22,
-rounded stochastically, per site).
+weighted average of `shared/federation/aggregation.py` up to the quantisation (a step of 2 x clipping_range /
+2^22, rounded stochastically, per site).
 
 `scale` is the largest example count among the round's sites (the server knows each site's counts), so
 every weight entry is at most 1. Integer buffers (BatchNorm's `num_batches_tracked`) do not go through the
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.aggregation import Arrays, Update
 from shared.errors import UserError
+from shared.federation.aggregation import Arrays, Update
+from shared.federation.wire import RoundSpec
 from shared.models import head_prefix
-from shared.wire import RoundSpec
 
 QUANTIZATION_LEVELS = 2**22  # Flower's default `quantization_range`
 # Why a site sent zeros (the wire's SECAGG_REFUSAL metric; 0: it trained): the server records the reason.

@@ -49,7 +49,6 @@ from shared.models import TaskModel
 from shared.plots import auc_vs_fraction, confusion_plot, roc_plot
 from shared.privacy.central import LEDGER, private_sgd, release
 from shared.privacy.ledger import Ledger
-from shared.privacy.plan import span_plan
 from shared.rundir import atomic_write_bytes, atomic_write_text, run_dir, start_run_dir
 from shared.seeding import derive_seed
 from shared.training.data import data_key, load_sites, pooled, site_images
@@ -314,7 +313,7 @@ def _train(study: Study, arm: Arm, model: TaskModel, split: Split) -> tuple[int,
     span = Span.epochs(max(1, round(f.steps / per_epoch)) if f.steps else f.epochs)
     ledger = Ledger(study.out / LEDGER)
     sgd = private_sgd(
-        cfg, ledger, arm.name, span_plan({task: len(split.train)}, f.batch_size, span), f.batch_size
+        cfg, ledger, arm.name, span.private_plan({task: len(split.train)}, f.batch_size), f.batch_size
     )
     train = cohort_images(study, split.train, f.augment)
     result = run_phase(

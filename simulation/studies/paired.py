@@ -28,7 +28,7 @@ from shared.device import configure_torch
 from shared.metrics import auc_score, paired_difference_ci, quadratic_kappa
 from shared.rundir import atomic_write_text
 from shared.seeding import derive_seed
-from simulation.finetune_run import Arm, Cohort, Study, run_arm
+from simulation.centralised.finetune import Arm, Cohort, Study, run_arm
 
 log = logging.getLogger(__name__)
 

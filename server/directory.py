@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 
 from server.store import RunStore
 from shared.errors import ConfigError, UserError
-from shared.wire import REPORT, SPEC, RunSpec, SiteReport, from_wire, to_wire
+from shared.federation.wire import REPORT, SPEC, RunSpec, SiteReport, from_wire, to_wire
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0

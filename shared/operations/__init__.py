@@ -1,0 +1,1 @@
+"""Running a federation as long-lived processes: certificates and keys, and the supervision of daemons."""
