@@ -22,6 +22,7 @@ from client.state import SiteState
 from shared.data.site import Site
 from shared.device import configure_torch, pick_device
 from shared.errors import ConfigError
+from shared.federation.strategies import strategy_of
 from shared.federation.wire import (
     DEVICES,
     EPSILON,
@@ -149,7 +150,7 @@ def _train(
         key=site.name,
         workers=cfg.data.workers,
         optimizer_state=_optimizer_state(method, state.optimizer_before(), carried),
-        proximal_mu=f.proximal_mu if f.strategy == "fedprox" else 0.0,  # FedProx's term, at the site
+        proximal_mu=f.proximal_mu if strategy_of(f.strategy).proximal else 0.0,  # FedProx's term, at the site
         desc=site.name if replica is None else f"{site.name} device {replica.rank}",
         privacy=sgd,
         replica=replica,

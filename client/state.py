@@ -26,6 +26,7 @@ from torch import nn
 
 from shared.data.site import Site
 from shared.federation.aggregation import bn_keys
+from shared.federation.strategies import strategy_of
 from shared.federation.wire import RoundSpec
 from shared.names import check_run_uid, inside
 from shared.rundir import atomic_write_text
@@ -46,7 +47,7 @@ class SiteState:
     @property
     def fedbn(self) -> bool:
         """Under FedBN the site's BatchNorm layers are its own: kept here, never taken from the server."""
-        return self.spec.config.federation.strategy == "fedbn"
+        return strategy_of(self.spec.config.federation.strategy).local_batchnorm
 
     def optimizer_before(self) -> dict | None:
         """The optimiser state this site kept after its last round before this one, when the run keeps it

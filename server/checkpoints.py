@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.federation.aggregation import Arrays, ServerMoments
+from shared.federation.aggregation import Arrays
+from shared.federation.strategies import ServerMoments
 from shared.federation.wire import PHASES
 from shared.weights import load_weights, save_weights
 

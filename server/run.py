@@ -39,6 +39,7 @@ from server.strategy import FedRetina, to_record
 from shared.config import ExperimentConfig, RunOptions
 from shared.data.scenario import load_scenario
 from shared.federation.aggregation import Arrays
+from shared.federation.strategies import strategy_of
 from shared.federation.wire import FINETUNE, PRETRAIN, RunSpec
 from shared.models import ENCODER
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
@@ -290,7 +291,7 @@ class FederatedRun:
         while True:
             if f.secure_aggregation:
                 new = secure_round(strategy, rnd, arrays, self.grid, self.context)
-            elif f.strategy == "cyclic":
+            elif strategy_of(f.strategy).sequential:
                 new = strategy.cyclic_round(rnd, arrays, self.grid, f.reply_timeout_s)
             else:
                 asked = strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)

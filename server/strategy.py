@@ -11,11 +11,10 @@
   to the message they answer;
 - configure/aggregate_evaluate (phase 2): federated evaluation on each site's validation images.
 
-The run (`server/run.py`) calls the hooks round by round, then probes and checkpoints. Strategies: fedavg,
-fedprox (sites add mu/2 ||w - w_global||^2), fedbn (sites keep their BatchNorm; the server's BN entries are
-averages used only for probes and exports), fedadam (server Adam on the average), fedavgm (server SGD with
-momentum on the average), cyclic (cyclic weight transfer: the sites train one after another, each from
-the previous one's model; `cyclic_round`; with `carry_optimizer` the optimiser moments travel with it).
+The run (`server/run.py`) calls the hooks round by round, then probes and checkpoints. What the round makes
+of its replies is the strategy's (`shared/federation/strategies.py`): their average, a server optimiser's
+step along it, a robust combine of every reply held (the trimmed mean), or, for a sequential strategy,
+`cyclic_round`'s chain (with `carry_optimizer` the optimiser moments travel with it).
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from shared.federation.aggregation import (
     Arrays,
     Chain,
     RunningAverage,
-    ServerMoments,
     Sketch,
     Sketches,
     Update,
@@ -47,13 +45,12 @@ from shared.federation.aggregation import (
     check_moments,
     check_update,
     cycle_order,
-    fedadam,
-    fedavgm,
     merge_metrics,
     site_update,
     sketched_cosine,
 )
 from shared.federation.securesum import REFUSALS, SecureLayout
+from shared.federation.strategies import ServerMoments, strategy_of
 from shared.federation.wire import (
     ARRAYS,
     DEVICES,
@@ -124,14 +121,18 @@ class FedRetina(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        plan = strategy_of(self.federation.strategy)
         running, sketches = RunningAverage(self.reference), Sketches(self.reference)
-        candidates = []
+        candidates, held = [], []
         for msg, site in self._match(replies, server_round, "train"):
             candidate, sketch = self._candidate(msg, site), None
             if candidate.verdict.reason is None:
-                running.add(candidate.update(self.tasks))
+                if plan.holds_replies:
+                    held.append(candidate.update(self.tasks))
+                else:
+                    running.add(candidate.update(self.tasks))
                 sketch = sketches.sketch(candidate.arrays)
-            candidates.append(candidate.folded(sketch))  # its weights dropped
+            candidates.append(candidate.folded(sketch))  # its weights dropped (or held: a robust combine)
         candidates.sort(key=lambda c: c.site.name)
         accepted = [c for c in candidates if c.verdict.reason is None]
         if len(accepted) < self.directory.min_sites:
@@ -139,7 +140,8 @@ class FedRetina(Strategy):
                 self.recorder.trained(server_round, c.site, **c.record(None))
             self.recorder.short(server_round, len(candidates), len(accepted), self.directory.min_sites)
             return None, None
-        new = self._server_step(running.result())
+        combined = plan.combine(held, self.reference, self.federation) if plan.combine else running.result()
+        new = self._server_step(combined)
         change = sketches.sketch(new)
         for c in candidates:
             self.recorder.trained(
@@ -216,22 +218,14 @@ class FedRetina(Strategy):
         return self._finished(rnd, self._server_step(new), accepted, len(answered))[0]
 
     def _server_step(self, average: Arrays) -> Arrays:
-        """The new global weights from the round's average: itself, or a FedAdam or FedAvgM step along it."""
-        f = self.federation
-        buffers = buffer_keys(self.reference)
-        if f.strategy == "fedadam":
-            new, self.adam = fedadam(self.reference, average, self.adam, lr=f.server_step, buffers=buffers)
-        elif f.strategy == "fedavgm":
-            new, self.adam = fedavgm(
-                self.reference,
-                average,
-                self.adam,
-                lr=f.server_step,
-                momentum=f.server_momentum,
-                buffers=buffers,
-            )
-        else:
-            new = average
+        """The new global weights from the round's average: itself, or the strategy's server optimiser's step
+        along it (FedAdam, FedAvgM), whose state the run keeps (and checkpoints) across rounds."""
+        step = strategy_of(self.federation.strategy).step
+        if step is None:
+            return average
+        new, self.adam = step(
+            self.reference, average, self.adam, self.federation, buffer_keys(self.reference)
+        )
         return new
 
     def _finished(

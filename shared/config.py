@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import ConfigError
+from shared.federation.strategies import STRATEGIES, strategy_of
 from shared.names import check_run_name
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -176,8 +177,8 @@ class FederationConfig(Strict):
     tasks: tuple[str, ...] = ()
     rounds_pretrain: int = Field(100, ge=0)
     rounds_finetune: int = Field(50, ge=0)
-    # cyclic: cyclic weight transfer, the round's sites train one after another (server/strategy.py)
-    strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedavgm", "cyclic"] = "fedavg"
+    # one of shared/federation/strategies.py's: fedavg, fedprox, fedbn, fedadam, fedavgm, trimmed-mean, cyclic
+    strategy: str = "fedavg"
     local_epochs: int = Field(1, ge=1)
     # Local steps (batches) per round instead of epochs when > 0; sites continue their epochs across rounds.
     local_steps: int = Field(0, ge=0)
@@ -189,6 +190,8 @@ class FederationConfig(Strict):
     # lr (default 1.0, with server_momentum; docs/compare.md has the measurements that chose them).
     server_lr: float | None = Field(None, gt=0)
     server_momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM's beta (Hsu et al. 2019)
+    # trimmed-mean: the share of sites' values dropped at each end, per coordinate (at least one is kept)
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
     min_sites: int = Field(1, ge=1)
     # Fraction of the eligible sites that train (and evaluate) each round, drawn by seed per round; at least
     # min_sites. 1.0 = every site every round; national programmes with 100+ sites sample.
@@ -217,24 +220,18 @@ class FederationConfig(Strict):
     # Share of a site's neighbours whose key shares rebuild its masks when it drops out mid-round.
     secagg_threshold: float = Field(0.66, gt=0, le=1)
 
-    @model_validator(mode="after")
-    def _cyclic_settings(self) -> FederationConfig:
-        if self.strategy == "cyclic" and self.secure_aggregation:
-            raise ValueError(
-                "secure_aggregation: cyclic weight transfer passes each site's own model on, there is no "
-                "sum to hide it in; use strategy fedavg with secure aggregation"
-            )
-        if self.carry_optimizer and self.strategy != "cyclic":
-            raise ValueError(
-                f"carry_optimizer: the optimiser travels along the chain of strategy cyclic, not "
-                f"{self.strategy}; set strategy: cyclic or carry_optimizer: false"
-            )
-        return self
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; known strategies: {', '.join(STRATEGIES)}")
+        return v
 
-    @property
-    def server_step(self) -> float:
-        """server_lr, or the strategy's default where it is unset."""
-        return self.server_lr or (0.01 if self.strategy == "fedadam" else 1.0)
+    @model_validator(mode="after")
+    def _strategy_settings(self) -> FederationConfig:
+        for key, why in strategy_of(self.strategy).problems(self, private=False):
+            raise ValueError(f"{key}: {why}")
+        return self
 
 
 class Budget(Strict):
@@ -287,11 +284,6 @@ DP_REFUSED = (
         "finetune.class_weighting",
         lambda c: c.finetune.class_weighting,
         "weights from the private label counts are not privatised; set it to false",
-    ),
-    (
-        "federation.strategy",
-        lambda c: c.federation.strategy == "fedprox",
-        "FedProx's term bypasses the per-sample clipping; use fedavg or fedadam",
     ),
 )
 
@@ -392,6 +384,8 @@ class ExperimentConfig(Strict):
             for key, refused, why in DP_REFUSED:
                 if refused(self):
                     raise ValueError(f"{key} is refused under privacy.enabled=true: {why}")
+            for key, why in strategy_of(self.federation.strategy).problems(self.federation, private=True):
+                raise ValueError(f"federation.{key} is refused under privacy.enabled=true: {why}")
         return self
 
     @property

@@ -32,9 +32,8 @@ from shared.data.scenario import load_scenario, scenario_sites
 from shared.data.site import Site, load_site
 from shared.errors import ConfigError
 from shared.federation.aggregation import Arrays, Chain, Update, average, cycle_order, site_update
+from shared.federation.strategies import STRATEGIES, strategy_of
 from shared.federation.wire import FINETUNE, PRETRAIN, RoundSpec, RunSpec
-
-REPLAYABLE = ("fedavg", "fedprox", "cyclic")
 
 
 def replay(federation_dir: Path, site_yamls: list[Path] = ()) -> dict[str, tuple[Arrays, Arrays]]:
@@ -45,8 +44,11 @@ def replay(federation_dir: Path, site_yamls: list[Path] = ()) -> dict[str, tuple
     if run is None:
         raise ConfigError(f"{federation_dir}: the run store holds no run to replay")
     cfg = ExperimentConfig.model_validate_json(run["config"])
-    if cfg.federation.strategy not in REPLAYABLE:
-        raise ConfigError(f"replay covers {', '.join(REPLAYABLE)}, not {cfg.federation.strategy}")
+    if not strategy_of(cfg.federation.strategy).replayable:
+        known = ", ".join(name for name, s in STRATEGIES.items() if s.replayable)
+        raise ConfigError(
+            f"replay covers {known}, not {cfg.federation.strategy} (its server state is not stored)"
+        )
     if cfg.privacy.enabled:
         raise ConfigError(
             "replay: a private run is not replayable (its sites' noise and sampling are secret)"
@@ -80,14 +82,16 @@ def _round(spec: RoundSpec, arrays: Arrays, carried: Arrays, sites: list[Site]) 
     """One round as the server aggregated it, and the optimiser moments cyclic weight transfer carries on
     (`carry_optimizer`); a round nobody was aggregated in keeps both."""
     f = spec.config.federation
-    if f.strategy == "cyclic":
+    plan = strategy_of(f.strategy)
+    if plan.sequential:
         chain, by_name = Chain(arrays, carried), {s.name: s for s in sites}
         for name in cycle_order(by_name, spec.config.seed, spec.phase, spec.round):
             moments = _tensors(chain.moments) if f.carry_optimizer else None
             chain.add(*_trained(by_name[name], spec, _tensors(chain.model), moments))
         return chain.result(), chain.moments
     start = _tensors(arrays)
-    return average([_trained(site, spec, start)[0] for site in sites], arrays), carried
+    updates = [_trained(site, spec, start)[0] for site in sites]
+    return (plan.combine(updates, arrays, f) if plan.combine else average(updates, arrays)), carried
 
 
 def _tensors(arrays: Arrays) -> dict[str, torch.Tensor]:

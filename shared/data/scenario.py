@@ -2,9 +2,9 @@
 
 A scenario YAML (`simulation/scenarios/<name>.yaml`) either lists site YAMLs, each one federation site as it
 is (the natural split), or splits one source site into parts by patient (`iid`, `dirichlet`, `camera`).
-Site paths inside a scenario are relative to the scenario file. A bare name (`natural`) is looked up in
-`simulation/scenarios/` under the working directory, which for Flower apps is where the local SuperLink
-started: the project root.
+Site paths inside a scenario are relative to the scenario file. A bare name (`natural`) is looked up in the
+app's own `simulation/scenarios/` (found from this package, whatever the working directory: an installed
+app copy carries its scenarios with it).
 
     name: iid-4
     description: the EyePACS-like site dealt at random into 4 sites
@@ -30,7 +30,7 @@ from shared.data.site import Site, load_site
 from shared.data.site_config import SiteConfig, load_site_config
 from shared.errors import ConfigError
 
-SCENARIO_DIR = Path("simulation/scenarios")
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "simulation" / "scenarios"
 COLOUR_SIZE = 64  # image side used for the camera split's colour statistics
 
 
@@ -69,7 +69,7 @@ def load_scenario(name: str) -> Scenario:
     path = scenario_path(name)
     if not path.is_file():
         known = sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml")) if SCENARIO_DIR.is_dir() else []
-        raise ConfigError(f"scenario {name!r}: {path} not found (from {Path.cwd()}); known: {known}")
+        raise ConfigError(f"scenario {name!r}: {path} not found; known: {known}")
     scenario = validate(Scenario, read_yaml(path), str(path))
 
     def beside(entry: str) -> str:  # relative to the scenario file; absolute paths stay as they are

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -274,82 +274,6 @@ def bn_keys(model: nn.Module) -> set[str]:
             prefix = f"{name}." if name else ""
             keys |= {prefix + k for k in module.state_dict()}
     return keys
-
-
-@dataclass
-class ServerMoments:
-    """The server optimiser's state across rounds: FedAdam's moments m and v, or FedAvgM's momentum (m)."""
-
-    m: Arrays
-    v: Arrays
-    step: int = 0
-
-
-def fedadam(
-    reference: Mapping[str, np.ndarray],
-    averaged: Mapping[str, np.ndarray],
-    state: ServerMoments | None,
-    *,
-    lr: float,
-    buffers: Iterable[str] = (),
-    beta1: float = 0.9,
-    beta2: float = 0.99,
-    tau: float = 1e-3,
-) -> tuple[Arrays, ServerMoments]:
-    """One server Adam step (Reddi et al. 2021) on the pseudo-gradient (averaged - reference) of the
-    parameters. Buffers (BatchNorm running statistics and counters, named in `buffers`) and non-float keys
-    take the plain average: an Adam step would move a variance by about `lr` whatever it should be."""
-
-    def step(state: ServerMoments, key: str, delta: np.ndarray) -> np.ndarray:
-        m = beta1 * state.m.get(key, np.zeros_like(delta)) + (1 - beta1) * delta
-        v = beta2 * state.v.get(key, np.zeros_like(delta)) + (1 - beta2) * delta * delta
-        state.m[key], state.v[key] = m, v
-        return lr * m / (np.sqrt(v) + tau)
-
-    return _server_move(reference, averaged, state, buffers, step)
-
-
-def fedavgm(
-    reference: Mapping[str, np.ndarray],
-    averaged: Mapping[str, np.ndarray],
-    state: ServerMoments | None,
-    *,
-    lr: float,
-    momentum: float,
-    buffers: Iterable[str] = (),
-) -> tuple[Arrays, ServerMoments]:
-    """One server SGD step with momentum (FedAvgM, Hsu et al. 2019) along the round's average change:
-    m = momentum * m + (averaged - reference), new = reference + lr * m. With lr 1 and momentum 0 it is
-    FedAvg. Buffers and non-float keys take the plain average, as in `fedadam`."""
-
-    def step(state: ServerMoments, key: str, delta: np.ndarray) -> np.ndarray:
-        state.m[key] = momentum * state.m.get(key, np.zeros_like(delta)) + delta
-        return lr * state.m[key]
-
-    return _server_move(reference, averaged, state, buffers, step)
-
-
-def _server_move(
-    reference: Mapping[str, np.ndarray],
-    averaged: Mapping[str, np.ndarray],
-    state: ServerMoments | None,
-    buffers: Iterable[str],
-    step: Callable[[ServerMoments, str, np.ndarray], np.ndarray],
-) -> tuple[Arrays, ServerMoments]:
-    """reference + step(state, key, averaged - reference) in float64 for every float parameter (the server
-    optimiser's move along the pseudo-gradient, its state fresh on the first round and counted on every
-    one); buffers and non-float keys take the plain average."""
-    state = state or ServerMoments({}, {})
-    plain = set(buffers)
-    out: Arrays = {}
-    for key, ref in reference.items():
-        if key in plain or not np.issubdtype(ref.dtype, np.floating):
-            out[key] = averaged[key]
-            continue
-        delta = averaged[key].astype(np.float64) - ref.astype(np.float64)
-        out[key] = (ref.astype(np.float64) + step(state, key, delta)).astype(ref.dtype)
-    state.step += 1
-    return out, state
 
 
 class Chain:

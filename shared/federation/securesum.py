@@ -24,6 +24,7 @@ import numpy as np
 
 from shared.errors import UserError
 from shared.federation.aggregation import Arrays, Update
+from shared.federation.strategies import strategy_of
 from shared.federation.wire import RoundSpec
 from shared.models import head_prefix
 
@@ -121,7 +122,7 @@ class SecureLayout:
 def secure_layout(reference: Mapping[str, np.ndarray], spec: RoundSpec, scale: float) -> SecureLayout:
     """The round's layout, computed alike by the server and every site from what they all hold."""
     f = spec.config.federation
-    local = batchnorm_entries(reference) if f.strategy == "fedbn" else set()
+    local = batchnorm_entries(reference) if strategy_of(f.strategy).local_batchnorm else set()
     heads = [head_prefix(t) for t in spec.tasks]
     return SecureLayout.of(reference, heads, local, scale, f.secagg_clipping_range)
 

@@ -41,6 +41,7 @@ from shared.data.manifest import labelled, task_classes
 from shared.data.scenario import Scenario, load_scenario, scenario_path, scenario_sites
 from shared.data.site import Site
 from shared.errors import ConfigError
+from shared.federation.strategies import strategy_of
 from shared.federation.wire import EPSILON, FINETUNE
 from shared.logs import progress_bar
 from shared.rundir import atomic_write_bytes, atomic_write_text
@@ -122,7 +123,7 @@ def run_arm(arm: Arm) -> dict:
     own_bn: dict[str, dict[str, torch.Tensor]] = {}
     if arm.kind == FEDERATED:
         model, record = _federated(arm, len(sites))
-        if arm.cfg.federation.strategy == "fedbn":
+        if strategy_of(arm.cfg.federation.strategy).local_batchnorm:
             own_bn = _own_batchnorm(arm, sites, counts)
     else:
         share = sum(counts.get(s.name, 0) for s in mine) / sum(counts.values())  # of a pooled pass

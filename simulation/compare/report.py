@@ -24,6 +24,7 @@ from scipy import stats
 
 from shared.config import ExperimentConfig
 from shared.data.scenario import load_scenario
+from shared.federation.strategies import strategy_of
 from shared.logs import progress_bar
 from shared.metrics import paired_difference_ci
 from shared.plots import curve_panels
@@ -191,11 +192,10 @@ def _blocks(
     c, f = cfg.compare, cfg.federation
     phases = "SparK pretraining then fine-tuning" if c.pretrain else "fine-tuning only"
     start = f"from {c.encoder}" if c.encoder else "from random weights" if not c.pretrain else ""
-    fedbn = (
-        " A FedBN arm scores each site's test images with that site's own BatchNorm."
-        if any(o.get("federation.strategy") == "fedbn" for o in c.strategies.values())
-        else ""
+    local_bn = any(
+        strategy_of(o.get("federation.strategy", f.strategy)).local_batchnorm for o in c.strategies.values()
     )
+    fedbn = " A FedBN arm scores each site's test images with that site's own BatchNorm." if local_bn else ""
     blocks = [
         Block(heading="# Centralised vs federated"),
         Block(

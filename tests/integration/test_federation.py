@@ -22,7 +22,10 @@ import pytest
 import torch
 import yaml
 
+from server.checkpoints import Checkpoints
+from server.run import initial_weights
 from shared.config import load_config
+from shared.federation.aggregation import update_norm
 from shared.models import TaskModel, nnmobilenet
 from shared.weights import load_weights
 from simulation.replay import replay
@@ -345,3 +348,34 @@ def assert_replays_exactly(run: Path) -> None:
         assert replayed.keys() == final.keys() and all(
             np.array_equal(replayed[k], final[k]) for k in final
         ), phase
+
+
+def test_the_trimmed_mean_keeps_a_valid_outlier_out_of_the_model_in_a_real_run(
+    tiny_sites: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Three simulated sites, the third sending its change flipped and fifty times as large (finite, in
+    bounds: accepted and aggregated). The trimmed mean (one value dropped at each end) keeps the round's
+    change within what the honest sites' changes allow, coordinate by coordinate: its norm is at most the
+    root of the honest norms' squares, where FedAvg would move about 16 times an honest site's way."""
+    plan = iid_scenario(tmp_path, tiny_sites["aptos"], 3)
+    nodes = 3
+    fl = Flower(tmp_path_factory.mktemp("flwr-home-robust"), app_with_client(tmp_path, "outlier_client"))
+    settings = {"federation__strategy": "trimmed-mean", "federation__trim_fraction": 0.34}
+    settings |= {"federation__rounds_pretrain": 1, "federation__rounds_finetune": 0, "threads": 1}
+    settings |= {"federation__max_update_norm": 1e6}  # the bound a careless operator set loose
+    config = {"profile": "tiny", "scenario": str(plan), "run-name": "robust"}
+    try:
+        result = fl.run(nodes, config | {"set": sets(runs_dir=tmp_path / "runs", **settings)})
+    finally:
+        fl.stop()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "runs" / "robust"
+    replies = store_rows(run, "SELECT site, accepted, aggregated, update_norm FROM replies ORDER BY site")
+    assert [(s, a, g) for s, a, g, _ in replies] == [(f"aptos-iid{i}", 1, 1) for i in range(3)]  # all valid
+    honest, attacker = [n for *_, n in replies[:2]], replies[2][3]
+    assert attacker > 10 * max(honest)  # the lie is large, and passed every check
+    cfg = load_config(profile="tiny", overrides={"federation.strategy": "trimmed-mean"})
+    start = initial_weights(cfg, "pretrain", {}, None)
+    final = Checkpoints(run / "federation" / "checkpoints").load("pretrain", 1).arrays
+    moved = update_norm(final, start)
+    assert moved <= float(np.sqrt(sum(n * n for n in honest))) + 1e-6, (moved, honest, attacker)

@@ -20,13 +20,12 @@ from shared.federation.aggregation import (
     check_moments,
     check_update,
     cycle_order,
-    fedadam,
-    fedavgm,
     merge_metrics,
     sketched_cosine,
     update_norm,
 )
 from shared.federation.exactsum import ExactSum
+from shared.federation.strategies import fedadam, fedavgm
 from shared.training.moments import ENTRIES
 
 

@@ -61,6 +61,7 @@ def test_importing_every_client_and_server_module_loads_no_simulation_module() -
 # inside functions and under TYPE_CHECKING). `client` and `server` are one layer and never import each other.
 LAYERS = (
     ("shared.errors", "shared.names"),
+    ("shared.federation.strategies",),  # numpy only: the config checks a run against it
     ("shared.config", "shared.seeding", "shared.logs", "shared.plots"),
     ("shared.rundir", "shared.weights", "shared.device", "shared.operations", "shared.cli_common"),
     ("shared.data", "shared.spark", "shared.privacy"),

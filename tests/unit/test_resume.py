@@ -14,7 +14,7 @@ from server.run import CHECKPOINT, check_resumable, rounds_done
 from server.store import RunStore, StoreError
 from shared.config import RunOptions, load_config
 from shared.errors import CheckpointError
-from shared.federation.aggregation import ServerMoments
+from shared.federation.strategies import ServerMoments
 from shared.weights import check_settings, weights_meta
 
 
