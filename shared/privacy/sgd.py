@@ -1,7 +1,10 @@
 """DP-SGD for the shared step loop: Opacus's per-sample gradients, clipping and noise, with the patient (or
 the image) as the privacy unit.
 
-`PrivateSGD` is what a training run opts into (`run_phase(..., privacy=...)`); the loop keeps its shape:
+`PrivateSGD` is what a training run opts into (`run_phase(..., privacy=...)`). It is one of the loop's two
+kinds of steps (the other is `shared/training/loop.py:PlainSteps`): it wraps the optimiser once
+(`attached`), draws the batches (`batches`) and prepares each step (`before_step`); the loop itself knows
+nothing of DP:
 - batches are Poisson samples of UNITS: each patient (or image) joins a batch with probability
   q = batch_size / images, so a batch holds batch_size images on average; empty and one-image batches are
   real steps (noise only, or one image), since skipping them would depend on the data;
@@ -67,6 +70,7 @@ class PrivateSGD:
     released: list[Mechanism] = field(default_factory=list)
     rng: torch.Generator = field(default_factory=secret_generator)
     optimizer: UnitOptimizer | None = None
+    every_batch: bool = field(default=True, init=False)  # an empty batch is a step too (noise only)
 
     @contextmanager
     def attached(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[UnitOptimizer]:
@@ -90,8 +94,17 @@ class PrivateSGD:
             gsm._close()
             self.optimizer = None
 
-    def batches(self, dataset: Dataset, count: int, order_seed: int, workers: int = 0) -> DataLoader:
-        """`count` Poisson batches of `dataset`'s units, each in the epoch's (public) order."""
+    def batches(
+        self,
+        dataset: Dataset,
+        first: int,
+        count: int,
+        order_seed: int,
+        workers: int = 0,
+        shard: object = None,
+    ) -> DataLoader:
+        """`count` Poisson batches of `dataset`'s units, each in the epoch's (public) order (`first` and
+        `shard` do not apply: a Poisson batch has no place in an epoch, and DP trains on one device)."""
         units = unit_ids(dataset, self.unit)
         sampler = PoissonBatches(units, sample_rate(len(units), self.batch_size), count, order_seed, self.rng)
         return DataLoader(

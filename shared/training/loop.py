@@ -1,22 +1,92 @@
-"""What every training epoch shares, centralised or federated: its random streams and its step loop.
+"""What every training epoch shares, centralised or federated: its random streams, its kind of steps and
+its step loop.
 
 An epoch's randomness (data order, augmentation, SparK masks, dropout) is derived from (run seed, method,
-global epoch, data key); see `shared.training.phase`, the one caller of `train_epoch`.
+global epoch, data key); see `shared.training.phase`, the one caller of `train_epoch`. How batches are drawn
+and a step is prepared is the `Steps` object's: `PlainSteps` here, or DP-SGD (`shared/privacy/sgd.py:
+PrivateSGD`), which wraps the optimiser once, as Opacus does; the loop asks it and never branches on DP.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from shared.data.dataset import loader
 from shared.logs import progress_bar
-from shared.privacy.sgd import PrivateSGD
 from shared.seeding import derive_seed, generator, seed_everything
 from shared.training.replicas import Replica
+
+Batch = dict[str, torch.Tensor]
+
+
+class Steps(Protocol):
+    """A training run's kind of steps: how its batches are drawn, and what happens before each step."""
+
+    every_batch: bool  # a batch without a loss is a step too (DP-SGD: an empty Poisson batch adds noise)
+
+    def attached(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> AbstractContextManager[torch.optim.Optimizer]:
+        """The optimiser the loop steps, for the whole run (wrapped, where the kind needs it)."""
+        ...
+
+    def batches(
+        self, dataset: Dataset, first: int, count: int, order_seed: int, workers: int, shard: tuple[int, int]
+    ) -> Iterable[Batch]:
+        """Batches [first, first + count) of `dataset`'s epoch drawn in order `order_seed` (this process's
+        `shard` of each, on a site with several devices)."""
+        ...
+
+    def before_step(self, batch: Batch) -> None:
+        """After the backward pass, before the optimiser's step."""
+        ...
+
+    def spend(self, images: int, steps: int) -> None:
+        """`steps` steps were taken over `images` images (what DP-SGD accounts)."""
+        ...
+
+
+@dataclass
+class PlainSteps:
+    """Minibatch SGD: shuffled batches of `batch_size` (the last short one dropped), the gradient clipped to
+    `clip` (parameters, max norm) before each step when the method asks for it."""
+
+    batch_size: int
+    clip: tuple[Sequence[torch.nn.Parameter], float] | None = None
+    every_batch: bool = False
+
+    @contextmanager
+    def attached(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> Iterator[torch.optim.Optimizer]:
+        yield optimizer
+
+    def batches(
+        self, dataset: Dataset, first: int, count: int, order_seed: int, workers: int, shard: tuple[int, int]
+    ) -> Iterable[Batch]:
+        return loader(
+            dataset,
+            self.batch_size,
+            seed=order_seed,
+            train=True,
+            workers=workers,
+            batches=(first, count),
+            shard=shard,
+        )
+
+    def before_step(self, batch: Batch) -> None:
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.clip[0]), self.clip[1])
+
+    def spend(self, images: int, steps: int) -> None:
+        pass  # nothing is accounted outside DP
 
 
 @dataclass(frozen=True)
@@ -85,29 +155,28 @@ class EpochResult:
 
 
 def train_epoch(
-    batches: Iterable[dict[str, torch.Tensor]],
-    loss_of: Callable[[dict[str, torch.Tensor], torch.Generator], tuple[torch.Tensor, int] | None],
+    batches: Iterable[Batch],
+    loss_of: Callable[[Batch, torch.Generator], tuple[torch.Tensor, int] | None],
     optimizer: torch.optim.Optimizer,
     schedule: Callable[[torch.optim.Optimizer, int], float],
     *,
     seeds: EpochSeeds,
     first_batch: int,
     step: int,
-    clip: tuple[Iterable[torch.nn.Parameter], float] | None,
+    steps: Steps,
     desc: str,
     total: int,
     penalty: Callable[[], torch.Tensor] | None = None,
-    private: PrivateSGD | None = None,
     replica: Replica | None = None,
 ) -> EpochResult:
-    """The step loop every method shares: schedule, loss, backward, optional clipping, step, bookkeeping.
+    """The step loop every method shares: schedule, loss, backward, the kind of steps' preparation (clipping),
+    step, bookkeeping.
 
     `loss_of(batch, g)` returns (loss, images in the batch) or None to skip a batch (a single image, which
-    BatchNorm cannot normalise); `g` holds the batch's own random draws. `first_batch` is the index in its
-    epoch of the first batch given; `step` the global step there (it drives the schedule).
-    `penalty()`, when given, is added to every step's loss (FedProx's proximal term). Under `private`
-    (DP-SGD) every batch is a step, an empty one adding noise only, and per-unit clipping replaces `clip`.
-    A `replica` trains its slice of each batch and averages the gradients with the site's other devices.
+    BatchNorm cannot normalise), unless `steps.every_batch`; `g` holds the batch's own random draws.
+    `first_batch` is the index in its epoch of the first batch given; `step` the global step there (it drives
+    the schedule). `penalty()`, when given, is added to every step's loss (FedProx's proximal term). A
+    `replica` trains its slice of each batch and averages the gradients with the site's other devices.
     """
     meter = Meter()
     bar = progress_bar(desc, total=total, unit="batch")
@@ -116,7 +185,7 @@ def train_epoch(
         schedule(optimizer, step)
         g = seeds.batch(index, replica.rank if replica else 0)
         out = loss_of(batch, g) if batch else None
-        if out is None and private is None and replica is None:
+        if out is None and not steps.every_batch and replica is None:
             continue
         optimizer.zero_grad(set_to_none=True)
         if out is not None:
@@ -126,10 +195,7 @@ def train_epoch(
             if not images:
                 continue
             out = (torch.tensor(loss), images)
-        if private is not None:
-            private.before_step(batch)
-        elif clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(clip[0]), clip[1])
+        steps.before_step(batch)
         optimizer.step()
         step += 1
         meter.add(float(out[0].detach()) if out else 0.0, out[1] if out else 0)

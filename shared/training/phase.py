@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from shared.data.dataset import loader
 from shared.privacy.sgd import PrivateSGD, sample_rate
-from shared.training.loop import EpochResult, EpochSeeds, proximal_penalty, step_plan, train_epoch
+from shared.training.loop import (
+    EpochResult,
+    EpochSeeds,
+    PlainSteps,
+    Steps,
+    proximal_penalty,
+    step_plan,
+    train_epoch,
+)
 from shared.training.optim import Schedule
 from shared.training.replicas import Replica
 
@@ -172,30 +178,29 @@ def run_phase(
     per_epoch = {t: steps_per_epoch(len(d), method.batch_size) for t, d in data.items()}
     pieces = span.pieces(per_epoch)
     step, total = span.global_steps(per_epoch)
-    schedule = method.schedule(sum(per_epoch.values()), total)
-    penalty = proximal_penalty(method.model, proximal_mu)
+    steps: Steps = privacy if privacy is not None else PlainSteps(method.batch_size, method.clip)
     result = PhaseResult(optimizer, step)
     started = time.perf_counter()
-    with privacy.attached(method.model, optimizer) if privacy else nullcontext(optimizer) as stepper:
+    with steps.attached(method.model, optimizer) as stepper:
+        run = PieceRun(
+            method,
+            steps,
+            stepper,
+            method.schedule(sum(per_epoch.values()), total),
+            proximal_penalty(method.model, proximal_mu),
+            workers,
+            desc,
+            replica,
+        )
         for index, piece in enumerate(pieces):
             task_key = f"{key}:{piece.task}" if piece.task else key
-            seeds = EpochSeeds.of(seed, method.streams, piece.epoch, task_key)
-            done = _train_piece(
-                method,
+            done = run.train(
                 data[piece.task],
                 piece,
-                seeds,
-                stepper,
-                schedule,
+                EpochSeeds.of(seed, method.streams, piece.epoch, task_key),
                 result.step,
-                penalty,
-                workers,
-                desc,
-                privacy,
-                replica,
             )
-            if privacy is not None:
-                privacy.spend(len(data[piece.task]), done.steps)
+            steps.spend(len(data[piece.task]), done.steps)
             result.step += done.steps
             result.pieces.append((piece, done))
             epoch_done = index + 1 == len(pieces) or pieces[index + 1].epoch != piece.epoch
@@ -208,52 +213,46 @@ def run_phase(
     return result
 
 
-def _train_piece(
-    method: Method,
-    dataset: Dataset,
-    piece: Piece,
-    seeds: EpochSeeds,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    step: int,
-    penalty: Callable[[], torch.Tensor] | None,
-    workers: int,
-    desc: str,
-    privacy: PrivateSGD | None,
-    replica: Replica | None,
-) -> EpochResult:
-    """One piece of one task's epoch through the shared step loop (Poisson batches under `privacy`)."""
-    seeds.start(dataset)
-    method.model.train()
-    if privacy is not None:
-        batches = privacy.batches(dataset, piece.count, seeds.order, workers)
-    else:
-        batches = loader(
-            dataset,
-            method.batch_size,
-            seed=seeds.order,
-            train=True,
-            workers=workers,
-            batches=(piece.first, piece.count),
-            shard=(replica.rank, replica.world) if replica else (0, 1),
+@dataclass(frozen=True)
+class PieceRun:
+    """What every piece of one phase run trains with: the method, its kind of steps (plain or DP-SGD) and
+    the optimiser they step, the schedule, FedProx's penalty, data-loading workers, the progress label's
+    prefix, and this process's device among a site's several."""
+
+    method: Method
+    steps: Steps
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    penalty: Callable[[], torch.Tensor] | None
+    workers: int
+    desc: str
+    replica: Replica | None
+
+    def train(self, dataset: Dataset, piece: Piece, seeds: EpochSeeds, step: int) -> EpochResult:
+        """One piece of one task's epoch through the shared step loop, from global step `step`."""
+        method, replica = self.method, self.replica
+        seeds.start(dataset)
+        method.model.train()
+        shard = (replica.rank, replica.world) if replica else (0, 1)
+        batches = self.steps.batches(dataset, piece.first, piece.count, seeds.order, self.workers, shard)
+
+        def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
+            return method.loss(batch, g, piece.task)
+
+        label = " ".join(
+            x for x in (self.desc or method.streams, piece.task, f"epoch {piece.epoch + 1}") if x
         )
-
-    def loss_of(batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, int] | None:
-        return method.loss(batch, g, piece.task)
-
-    label = " ".join(x for x in (desc or method.streams, piece.task, f"epoch {piece.epoch + 1}") if x)
-    return train_epoch(
-        batches,
-        loss_of,
-        optimizer,
-        schedule.apply,
-        seeds=seeds,
-        first_batch=piece.first,
-        step=step,
-        clip=method.clip,
-        desc=label,
-        total=len(batches),
-        penalty=penalty,
-        private=privacy,
-        replica=replica,
-    )
+        return train_epoch(
+            batches,
+            loss_of,
+            self.optimizer,
+            self.schedule.apply,
+            seeds=seeds,
+            first_batch=piece.first,
+            step=step,
+            steps=self.steps,
+            desc=label,
+            total=len(batches),
+            penalty=self.penalty,
+            replica=replica,
+        )
