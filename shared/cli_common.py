@@ -15,7 +15,7 @@ import typer
 from shared.config import ExperimentConfig, load_config, parse_overrides
 from shared.errors import ConfigError, UserError
 from shared.names import check_run_name
-from shared.rundir import private_files
+from shared.rundir import Report, private_files
 
 ConfigOpt = Annotated[
     Path | None,
@@ -46,6 +46,12 @@ def with_sites(cfg: ExperimentConfig, sites: list[Path] | None, name: str | None
         except ValueError as exc:
             raise ConfigError(f"--name: {exc}") from None
     return cfg.model_copy(update=update)
+
+
+def print_report(report: Report) -> None:
+    """What every reporting command prints last: its table, and where its results are."""
+    typer.echo(report.table)
+    typer.echo(f"results: {report.directory}")
 
 
 def run_cli(app: typer.Typer, prog: str = "fedretina", args: list[str] | None = None) -> None:

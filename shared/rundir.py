@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from shared.config import ExperimentConfig, dump_config
 from shared.errors import ConfigError
@@ -68,3 +72,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """Named arrays as one .npz file (numpy's format, loaded without pickle), written atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a command that reports leaves: its folder, and the markdown table it writes there and prints."""
+
+    directory: Path
+    table: str

@@ -12,7 +12,7 @@ import typer
 from client.cli import app as site_app
 from server.cli import app as server_app
 from server.cli import certs_app
-from shared.cli_common import ConfigOpt, ProfileOpt, SetOpt, resolve_config, run_cli, with_sites
+from shared.cli_common import ConfigOpt, ProfileOpt, SetOpt, print_report, resolve_config, run_cli, with_sites
 from shared.config import dump_config
 from shared.logs import setup_logging
 from simulation.analysis.cli import app as analyze_app
@@ -141,9 +141,7 @@ def finetune(
     from simulation.centralised.finetune import run_finetuning
 
     cfg = with_sites(resolve_config(config, profile, overrides), site, name)
-    outputs = run_finetuning(cfg, resume=resume)
-    typer.echo(outputs.table)
-    typer.echo(f"results: {outputs.directory}")
+    print_report(run_finetuning(cfg, resume=resume))
 
 
 @study_app.command("pretraining")
@@ -165,9 +163,7 @@ def pretraining_study(
     from simulation.studies.pretraining import run_pretraining_study
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
-    outputs = run_pretraining_study(cfg, resume=resume)
-    typer.echo(outputs.table)
-    typer.echo(f"results: {outputs.directory}")
+    print_report(run_pretraining_study(cfg, resume=resume))
 
 
 @study_app.command("seed2")
@@ -190,9 +186,7 @@ def seed2_study(
     from simulation.studies.seed2 import run_seed2_study
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
-    outputs = run_seed2_study(cfg, resume=resume)
-    typer.echo(outputs.table)
-    typer.echo(f"results: {outputs.directory}")
+    print_report(run_seed2_study(cfg, resume=resume))
 
 
 @app.command("compare")

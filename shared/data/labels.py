@@ -55,10 +55,10 @@ PD = Task(
 
 TASKS: dict[str, Task] = {t.name: t for t in (DR, DME, MMAC, AD, PD)}
 
-# Referable DR: Gulshan et al. / Voets et al. use grade >= 2; the second seed paper (Srinivasan et al. 2022)
-# uses grades 3-4. The threshold is always a parameter.
+# Referable DR: Gulshan et al. / Voets et al. use grade >= 2 (our default); the second seed paper
+# (Srinivasan et al. 2022) uses grades 3-4. The threshold is always a parameter
+# (`finetune.referable_threshold`).
 REFERABLE_THRESHOLD_GULSHAN = 2
-REFERABLE_THRESHOLD_SRINIVASAN = 3
 
 
 def label_column(task: str) -> str:

@@ -13,7 +13,7 @@ from shared.errors import ConfigError
 from shared.models import build_encoder
 from shared.models.moco import MoCo
 from shared.training.phase import Method
-from shared.training.pretrain import pretrain_optimizer, pretrain_schedule
+from shared.training.pretrain import pretraining_method
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,4 @@ def moco_method(model: MoCo, cfg: ExperimentConfig, device: torch.device) -> Met
         with autocast(device, p.amp):
             return model(x_q, x_k, g), len(x_q)
 
-    return Method(
-        streams="moco",
-        model=model,
-        batch_size=p.batch_size,
-        loss=loss,
-        optimizer=lambda: pretrain_optimizer(model, cfg),
-        schedule=lambda per_epoch, total: pretrain_schedule(cfg, per_epoch, total),
-        clip=None if p.optimizer == "lamb" else (list(model.query.parameters()), p.clip_grad),
-    )
+    return pretraining_method("moco", model, cfg, loss, clipped=model.query)

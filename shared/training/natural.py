@@ -12,7 +12,7 @@ from shared.data.photos import PHOTOS, NaturalCrops
 from shared.device import autocast
 from shared.models import TaskModel, build_encoder, min_batch
 from shared.training.phase import Method
-from shared.training.pretrain import pretrain_optimizer, pretrain_schedule
+from shared.training.pretrain import pretraining_method
 
 TASK = "photo"  # the head's name: which photograph a crop comes from
 
@@ -40,12 +40,4 @@ def natural_method(model: TaskModel, cfg: ExperimentConfig, device: torch.device
             logits = model(images, TASK)
         return F.cross_entropy(logits.float(), labels), images.shape[0]
 
-    return Method(
-        streams="natural",
-        model=model,
-        batch_size=p.batch_size,
-        loss=loss,
-        optimizer=lambda: pretrain_optimizer(model, cfg),
-        schedule=lambda per_epoch, total: pretrain_schedule(cfg, per_epoch, total),
-        clip=None if p.optimizer == "lamb" else (list(model.parameters()), p.clip_grad),
-    )
+    return pretraining_method("natural", model, cfg, loss)

@@ -13,7 +13,7 @@ from shared.device import autocast
 from shared.models import build_encoder, min_batch
 from shared.spark.spark import SparK
 from shared.training.optim import Schedule, make_optimizer
-from shared.training.phase import Method
+from shared.training.phase import LossFn, Method
 
 PHASE = "pretrain"
 
@@ -64,12 +64,27 @@ def spark_method(model: SparK, cfg: ExperimentConfig, device: torch.device) -> M
             value, _, _ = model(images, fov=batch["fov"].to(device, non_blocking=True), generator=g)
         return value, images.shape[0]
 
+    return pretraining_method(PHASE, model, cfg, loss)
+
+
+def pretraining_method(
+    streams: str,
+    model: torch.nn.Module,
+    cfg: ExperimentConfig,
+    loss: LossFn,
+    clipped: torch.nn.Module | None = None,
+) -> Method:
+    """A pretraining method (SparK, MoCo, the natural photographs): `loss` under the pretraining recipe's
+    batch, optimiser and schedule, the gradient of `clipped` (default: the whole model) clipped to
+    `pretrain.clip_grad` unless the optimiser is LAMB, which clips itself."""
+    p = cfg.pretrain
+    params = list((clipped or model).parameters())
     return Method(
-        streams=PHASE,
+        streams=streams,
         model=model,
         batch_size=p.batch_size,
         loss=loss,
         optimizer=lambda: pretrain_optimizer(model, cfg),
         schedule=lambda per_epoch, total: pretrain_schedule(cfg, per_epoch, total),
-        clip=None if p.optimizer == "lamb" else (list(model.parameters()), p.clip_grad),  # LAMB clips itself
+        clip=None if p.optimizer == "lamb" else (params, p.clip_grad),
     )

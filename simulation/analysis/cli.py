@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from shared.cli_common import ConfigOpt, ProfileOpt, SetOpt, resolve_config, with_sites
+from shared.cli_common import ConfigOpt, ProfileOpt, SetOpt, print_report, resolve_config, with_sites
 
 app = typer.Typer(
     help="Analyses of trained models: activation spectra, robustness to corruptions, LRP relevance.",
@@ -54,9 +54,7 @@ def analyze_spectra(
     from simulation.analysis.spectra import run_spectra
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
-    outputs = run_spectra(cfg, model, site, split=split, images=images)
-    typer.echo(outputs.table)
-    typer.echo(f"results: {outputs.directory}")
+    print_report(run_spectra(cfg, model, site, split=split, images=images))
 
 
 @app.command("robustness")
@@ -82,9 +80,7 @@ def analyze_robustness(
     from simulation.analysis.robustness import run_robustness
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
-    outputs = run_robustness(cfg, model, site, split=split, images=images)
-    typer.echo(outputs.table)
-    typer.echo(f"results: {outputs.directory}")
+    print_report(run_robustness(cfg, model, site, split=split, images=images))
 
 
 @app.command("relevance")
@@ -113,8 +109,8 @@ def analyze_relevance(
     from simulation.analysis.relevance import run_relevance
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
-    outputs = run_relevance(
-        cfg, model, site, split=split, images=images, target_class=target_class, figures=figures
+    print_report(
+        run_relevance(
+            cfg, model, site, split=split, images=images, target_class=target_class, figures=figures
+        )
     )
-    typer.echo(outputs.table)
-    typer.echo(f"results: {outputs.directory}")

@@ -4,7 +4,6 @@ is written there and printed."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +13,6 @@ from shared.config import ExperimentConfig
 from shared.rundir import start_run_dir
 
 PART = "analysis"  # runs/NAME/analysis/<analysis>/
-
-
-@dataclass(frozen=True)
-class AnalysisOutputs:
-    """A finished command's folder and the summary the CLI prints."""
-
-    directory: Path
-    table: str  # the markdown summary the command prints
 
 
 def start_analysis_dir(cfg: ExperimentConfig, analysis: str) -> Path:

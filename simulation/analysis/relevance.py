@@ -24,13 +24,13 @@ from shared.config import ExperimentConfig
 from shared.device import configure_torch
 from shared.errors import CheckpointError, ConfigError
 from shared.logs import progress
-from shared.rundir import atomic_write_text
+from shared.rundir import Report, atomic_write_text
 from shared.seeding import derive_seed
 from shared.spark.sparse import MaskedGroupNorm
 from simulation.analysis.images import index_batches, model_inputs, open_site
 from simulation.analysis.lesions import UNION, LesionImage, lesion_image, segmentation_rows
 from simulation.analysis.models import TASK, load_models, parse_models
-from simulation.analysis.outputs import AnalysisOutputs, markdown, start_analysis_dir
+from simulation.analysis.outputs import markdown, start_analysis_dir
 
 SEVERE_DR = 4  # the grade whose logit the heatmaps explain (proliferative DR, the paper's "severe")
 CONTROL_DRAWS = 16  # Gaussian heatmaps averaged per image for the random control
@@ -45,7 +45,7 @@ def run_relevance(
     images: int | None = None,
     target_class: int = SEVERE_DR,
     figures: int = 4,
-) -> AnalysisOutputs:
+) -> Report:
     """`fedretina analyze relevance`: writes relevance.csv (model, image_id, pooling, lesion, rma, rra,
     control_rma, control_rra, mask_fraction), relevance.md (means per model, pooling and lesion beside
     the control) and examples.png (`figures` images: the image, its lesion union, each model's heatmap)."""
@@ -82,7 +82,7 @@ def run_relevance(
             examples,
             title=f"LRP of DR grade {target_class}, channels summed (red: evidence for it, blue: against)",
         )
-    return AnalysisOutputs(out, summary)
+    return Report(out, summary)
 
 
 def control_scores(image: LesionImage, seed: int) -> dict[str, tuple[float, float]]:

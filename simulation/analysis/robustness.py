@@ -21,13 +21,13 @@ from shared.data.dataset import FundusDataset
 from shared.device import configure_torch
 from shared.logs import progress
 from shared.metrics import evaluate_predictions
-from shared.rundir import atomic_write_text
+from shared.rundir import Report, atomic_write_text
 from shared.seeding import derive_seed
 from shared.training.data import site_images
 from shared.training.finetune import softmax
 from simulation.analysis.images import analysis_rows, cached_image, index_batches, model_inputs, open_site
 from simulation.analysis.models import TASK, load_models
-from simulation.analysis.outputs import AnalysisOutputs, markdown, start_analysis_dir
+from simulation.analysis.outputs import markdown, start_analysis_dir
 
 
 def run_robustness(
@@ -37,7 +37,7 @@ def run_robustness(
     *,
     split: str | None = "test",
     images: int | None = None,
-) -> AnalysisOutputs:
+) -> Report:
     """`fedretina analyze robustness`: writes robustness.csv (one row per model, corruption and severity),
     robustness.md (the changes averaged over severities) and heatmaps: delta_<model>.png for each model and,
     with two models or more, difference_<model>.png (its changes minus the first model's)."""
@@ -52,7 +52,7 @@ def run_robustness(
     summary = robustness_summary(table)
     atomic_write_text(out / "robustness.md", summary)
     _robustness_plots(out, table, list(nets))
-    return AnalysisOutputs(out, summary)
+    return Report(out, summary)
 
 
 def corruption_effects(

@@ -25,11 +25,11 @@ from shared.config import ExperimentConfig
 from shared.data.dataset import loader
 from shared.device import configure_torch
 from shared.logs import progress
-from shared.rundir import atomic_write_text
+from shared.rundir import Report, atomic_write_text
 from shared.training.data import site_images
 from simulation.analysis.images import analysis_rows, open_site
 from simulation.analysis.models import load_models
-from simulation.analysis.outputs import AnalysisOutputs, markdown, start_analysis_dir
+from simulation.analysis.outputs import markdown, start_analysis_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run_spectra(
     *,
     split: str | None = "test",
     images: int | None = None,
-) -> AnalysisOutputs:
+) -> Report:
     """`fedretina analyze spectra`: writes spectra.csv (model, layer, index, eigenvalue), condition.csv/.md
     (percentile condition number, one row per layer, one column per model), pareto.csv/.md (the first
     tapped layer's Pareto fit per model), condition.png and density.png."""
@@ -88,7 +88,7 @@ def run_spectra(
         {r.model: (r.b, r.scale) for r in pareto.itertuples()},
         title=f"first layer's eigenvalues ({', '.join(sorted(set(pareto.layer)))})",
     )
-    return AnalysisOutputs(out, f"{condition_md}\n{pareto_md}")
+    return Report(out, f"{condition_md}\n{pareto_md}")
 
 
 def condition_table(spectra: dict[str, dict[str, np.ndarray]]) -> pd.DataFrame:

@@ -22,7 +22,6 @@ Finished arms are skipped on --resume; settings that shape them may not change.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ from shared.models import TaskModel
 from shared.plots import auc_vs_fraction, confusion_plot, roc_plot
 from shared.privacy.central import LEDGER, private_sgd, release
 from shared.privacy.ledger import Ledger
-from shared.rundir import atomic_write_bytes, atomic_write_text, run_dir, start_run_dir
+from shared.rundir import Report, atomic_write_text, run_dir, save_arrays, start_run_dir
 from shared.seeding import derive_seed
 from shared.training.data import data_key, load_sites, pooled, site_images
 from shared.training.finetune import (
@@ -130,9 +129,7 @@ class Study:
 
 
 @dataclass(frozen=True)
-class FinetuneOutputs:
-    directory: Path
-    table: str
+class FinetuneOutputs(Report):
     summary: dict
 
 
@@ -395,9 +392,9 @@ def _score(study: Study, arm: Arm, model: nn.Module, name: str, rows: pd.DataFra
         **evaluate_predictions(y, p, task, referable_threshold=f.referable_threshold),
     }
     if name == study.reported:
-        _save_predictions(study.out / "predictions" / f"{arm.name}.npz", y, p, logits)
+        save_arrays(study.out / "predictions" / f"{arm.name}.npz", y_true=y, probs=p, logits=logits)
     else:  # test and external images, for paired comparisons on the same images (fedretina study)
-        _save_predictions(study.out / "predictions" / name / f"{arm.name}.npz", y, p, logits)
+        save_arrays(study.out / "predictions" / name / f"{arm.name}.npz", y_true=y, probs=p, logits=logits)
     if name == "test":
         low, high = bootstrap_ci(
             y,
@@ -500,12 +497,6 @@ def _pm(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "n/a"
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
-
-
-def _save_predictions(path: Path, y_true: np.ndarray, probs: np.ndarray, logits: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, y_true=y_true, probs=probs, logits=logits)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _plots(out: Path, summary: dict, task: str, reported: str) -> None:

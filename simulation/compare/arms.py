@@ -18,7 +18,6 @@ test images with that site's own BatchNorm, from the site's state folder.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from shared.errors import ConfigError
 from shared.federation.strategies import strategy_of
 from shared.federation.wire import EPSILON, FINETUNE
 from shared.logs import progress_bar
-from shared.rundir import atomic_write_bytes, atomic_write_text
+from shared.rundir import atomic_write_text, save_arrays
 from shared.training.data import site_images
 from shared.training.finetune import build_task_model, finetune_split, predict_logits, softmax
 from shared.training.initialisation import read_encoder_export
@@ -61,7 +60,7 @@ CURVE_KEYS = ("referable_auc", "kappa", "auc")  # validation metrics per round /
 
 
 @dataclass(frozen=True)
-class Arm:
+class CompareArm:
     """One trained model of a comparison: `kind`, its `label` in tables (centralised, local:<site>, or the
     strategy's name), the scenario it belongs to and the seed, with its resolved settings."""
 
@@ -77,7 +76,7 @@ class Arm:
         return Path(self.cfg.runs_dir) / self.cfg.name
 
 
-def plan_arms(cfg: ExperimentConfig) -> list[Arm]:
+def plan_arms(cfg: ExperimentConfig) -> list[CompareArm]:
     """Every arm of `cfg.compare`, scenario by scenario, seed by seed: centralised first, then the local
     arms, then the strategies."""
     c = cfg.compare
@@ -106,7 +105,7 @@ def plan_arms(cfg: ExperimentConfig) -> list[Arm]:
     return arms
 
 
-def run_arm(arm: Arm) -> dict:
+def run_compare_arm(arm: CompareArm) -> dict:
     """The arm's record (arm.json), training it unless a finished one exists. A reused record speaks for
     this comparison: its label and scenario are this comparison's names for the arm, whatever names the
     comparison that trained it used."""
@@ -132,16 +131,16 @@ def run_arm(arm: Arm) -> dict:
         "wall_s": time.monotonic() - started,
         "train_images": {s.name: counts[s.name] for s in mine if s.name in counts},
     }
-    _save_predictions(arm.folder / TEST_NPZ, _score(arm.cfg, sites, model, own_bn))
+    save_arrays(arm.folder / TEST_NPZ, **_predict(arm.cfg, sites, model, own_bn))
     atomic_write_text(done, json.dumps(record, indent=2))
     return record
 
 
-def _names(arm: Arm) -> dict:
+def _names(arm: CompareArm) -> dict:
     return {"kind": arm.kind, "label": arm.label, "scenario": arm.scenario, "seed": arm.seed}
 
 
-def load_predictions(arm: Arm) -> dict[str, np.ndarray]:
+def load_predictions(arm: CompareArm) -> dict[str, np.ndarray]:
     """The arm's test.npz: image_id, site, y, probs and logits, in image-id order (the same for every arm
     of a scenario, so arms pair image by image)."""
     with np.load(arm.folder / TEST_NPZ, allow_pickle=False) as saved:
@@ -175,7 +174,9 @@ def _phases(cfg: ExperimentConfig) -> ExperimentConfig:
     )
 
 
-def _arm(kind: str, label: str, key: str, scenario: Scenario, cfg: ExperimentConfig, part: int = -1) -> Arm:
+def _arm(
+    kind: str, label: str, key: str, scenario: Scenario, cfg: ExperimentConfig, part: int = -1
+) -> CompareArm:
     settings = cfg.model_dump(mode="json", exclude={"name", "runs_dir", "compare", "study"})
     identity = {
         "kind": kind,
@@ -188,7 +189,7 @@ def _arm(kind: str, label: str, key: str, scenario: Scenario, cfg: ExperimentCon
     resolved = cfg.model_copy(
         update={"name": f"{kind}-{digest}", "runs_dir": str((Path(cfg.runs_dir) / "arms").resolve())}
     )
-    return Arm(kind, label, key, cfg.seed, resolved, part)
+    return CompareArm(kind, label, key, cfg.seed, resolved, part)
 
 
 def _site_yaml(path: str) -> str:
@@ -229,7 +230,7 @@ def _train_images(cfg: ExperimentConfig, sites: list[Site]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------ training
-def _centralised(arm: Arm, sites: list[Site], share: float) -> tuple[dict[str, torch.Tensor], dict]:
+def _centralised(arm: CompareArm, sites: list[Site], share: float) -> tuple[dict[str, torch.Tensor], dict]:
     """Pretraining (when compared) and fine-tuning on the pooled `sites`, through `fedretina pretrain` and
     `fedretina finetune`'s own functions (resumed where an interrupted arm left them). An epoch over these
     sites is `share` of a pass over the scenario's pooled training images."""
@@ -260,7 +261,7 @@ def _start(cfg: ExperimentConfig, sites: list[Site]) -> InitConfig:
     return InitConfig(kind=kind, weights=weights)
 
 
-def _federated(arm: Arm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
+def _federated(arm: CompareArm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
     """The scenario simulated with real `flwr run .` under the arm's settings; a progress bar follows the
     rounds in the run store."""
     experiment = arm.folder / "experiment.yaml"
@@ -315,7 +316,7 @@ def _federated(arm: Arm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _own_batchnorm(
-    arm: Arm, sites: list[Site], train_images: dict[str, int]
+    arm: CompareArm, sites: list[Site], train_images: dict[str, int]
 ) -> dict[str, dict[str, torch.Tensor]]:
     """FedBN: each site's own BatchNorm after its last fine-tuning round, read from the site's state folder
     (what that site predicts with; the exported model carries the server's average instead). A site that
@@ -374,7 +375,7 @@ def _num(value: object) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def _score(
+def _predict(
     cfg: ExperimentConfig,
     sites: list[Site],
     state: dict[str, torch.Tensor],
@@ -401,9 +402,3 @@ def _score(
     order = np.argsort(joined["image_id"], kind="stable")
     out = {k: v[order] for k, v in joined.items()}
     return out | {"y": out["y"].astype(np.int64), "probs": softmax(out["logits"])}
-
-
-def _save_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -29,7 +29,7 @@ from shared.logs import progress_bar
 from shared.metrics import paired_difference_ci
 from shared.plots import curve_panels
 from shared.seeding import derive_seed
-from simulation.compare.arms import CENTRALISED, CURVE_KEYS, Arm, load_predictions
+from simulation.compare.arms import CENTRALISED, CURVE_KEYS, CompareArm, load_predictions
 from simulation.studies.paired import Metric, Predictions, study_metrics
 
 METRICS = ("referable_auc", "kappa", "auc")
@@ -51,7 +51,7 @@ class Block:
 Saved = dict[Path, dict[str, np.ndarray]]  # each arm's folder -> its test.npz, read once
 
 
-def results_table(cfg: ExperimentConfig, arms: list[Arm], predictions: Saved) -> pd.DataFrame:
+def results_table(cfg: ExperimentConfig, arms: list[CompareArm], predictions: Saved) -> pd.DataFrame:
     """The long results table: each arm's metrics on the pooled test images and on each site's own."""
     metrics = {k: v for k, v in study_metrics(cfg).items() if k in METRICS}
     rows = []
@@ -103,7 +103,7 @@ def main_table(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def differences(cfg: ExperimentConfig, arms: list[Arm], predictions: Saved) -> pd.DataFrame:
+def differences(cfg: ExperimentConfig, arms: list[CompareArm], predictions: Saved) -> pd.DataFrame:
     """Each federated and local arm minus the centralised arm of its scenario: mean over seeds, paired
     bootstrap 95% CI over the test images, and the verdict on `compare.metric` against `compare.margin`."""
     c = cfg.compare
@@ -161,7 +161,7 @@ def _difference(
 
 def write_report(
     cfg: ExperimentConfig,
-    arms: list[Arm],
+    arms: list[CompareArm],
     records: list[dict],
     label_mix: dict[str, pd.DataFrame],
     out: Path,

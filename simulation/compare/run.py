@@ -17,7 +17,7 @@ from shared.data.labels import label_column
 from shared.data.scenario import load_scenario, scenario_sites
 from shared.rundir import atomic_write_text, start_run_dir
 from shared.training.finetune import finetune_split
-from simulation.compare.arms import CENTRALISED, FEDERATED, Arm, plan_arms, run_arm
+from simulation.compare.arms import CENTRALISED, FEDERATED, CompareArm, plan_arms, run_compare_arm
 from simulation.compare.report import write_report
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def run_compare(cfg: ExperimentConfig) -> CompareOutputs:
     records = []
     for i, arm in enumerate(arms, 1):
         log.info("arm %d/%d: %s, seed %d, %s", i, len(arms), arm.scenario, arm.seed, arm.label)
-        records.append(run_arm(arm))
+        records.append(run_compare_arm(arm))
     _central_curves(arms, records)
     mix = {key: _label_mix(cfg, key) for key in cfg.compare.scenarios}
     _, main, diffs = write_report(cfg, arms, records, mix, out)
@@ -54,7 +54,7 @@ def run_compare(cfg: ExperimentConfig) -> CompareOutputs:
     return CompareOutputs(out, main, diffs)
 
 
-def _central_curves(arms: list[Arm], records: list[dict]) -> None:
+def _central_curves(arms: list[CompareArm], records: list[dict]) -> None:
     """Give every federated arm's run the centralised arm's validation curve of its scenario and seed."""
     central = {
         (a.scenario, a.seed): r["curve"] for a, r in zip(arms, records, strict=True) if a.kind == CENTRALISED

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +28,7 @@ from shared.config import ExperimentConfig, InitConfig
 from shared.device import configure_torch
 from shared.errors import CheckpointError, ConfigError
 from shared.plots import curve, metric_vs_labels
-from shared.rundir import atomic_write_text, run_dir, start_run_dir
+from shared.rundir import Report, atomic_write_text, run_dir, start_run_dir
 from shared.training.initialisation import check_init
 from shared.training.linear_probe import probe_encoder
 from simulation.centralised.finetune import Cohort, Study, cohort_images, cohort_of, no_nan
@@ -47,13 +46,7 @@ log = logging.getLogger(__name__)
 COMPARED = ("referable_auc", "kappa", "auc")  # the primary metric first
 
 
-@dataclass(frozen=True)
-class StudyOutputs:
-    directory: Path
-    table: str
-
-
-def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> StudyOutputs:
+def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> Report:
     s = cfg.study
     if not s.pretrain_sites:
         raise ConfigError("study.pretrain_sites: name the unlabelled site YAMLs SparK pretrains on")
@@ -91,7 +84,7 @@ def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> Stu
     atomic_write_text(out / "summary.json", json.dumps(no_nan(summary), indent=2))
     test = arms[arms["split"] == "test"]
     metric_vs_labels(out / "auc_vs_labels.png", test, "referable_auc", title="referable DR AUC (test split)")
-    return StudyOutputs(out, table)
+    return Report(out, table)
 
 
 def _pretrained(cfg: ExperimentConfig, resume: bool) -> Path:

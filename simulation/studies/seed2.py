@@ -33,7 +33,7 @@ from shared.config import ExperimentConfig, InitConfig, override
 from shared.data.photos import SOURCE as NATURAL_SOURCE
 from shared.errors import CheckpointError, ConfigError
 from shared.plots import metric_vs_labels
-from shared.rundir import atomic_write_text, run_dir, start_run_dir
+from shared.rundir import Report, atomic_write_text, run_dir, start_run_dir
 from shared.training.initialisation import check_init
 from simulation.centralised.finetune import cohort_of, no_nan
 from simulation.centralised.pretrain import run_pretraining
@@ -69,13 +69,7 @@ class Setup:
     start: str
 
 
-@dataclass(frozen=True)
-class Seed2Outputs:
-    directory: Path
-    table: str
-
-
-def run_seed2_study(cfg: ExperimentConfig, *, resume: bool = False) -> Seed2Outputs:
+def run_seed2_study(cfg: ExperimentConfig, *, resume: bool = False) -> Report:
     s = cfg.study
     if not s.pretrain_sites:
         raise ConfigError(
@@ -135,7 +129,7 @@ def run_seed2_study(cfg: ExperimentConfig, *, resume: bool = False) -> Seed2Outp
     atomic_write_text(out / "table.md", table)
     summary = {"starts": starts, "differences": diffs.to_dict("records")}
     atomic_write_text(out / "summary.json", json.dumps(no_nan(summary), indent=2))
-    return Seed2Outputs(out, table)
+    return Report(out, table)
 
 
 def _setups(cfg: ExperimentConfig, arch: str, resume: bool) -> dict[str, Setup]:

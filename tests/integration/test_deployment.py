@@ -126,19 +126,21 @@ def test_an_unregistered_key_is_refused(federation: Federation, tiny_sites: dict
 
 @pytest.mark.security
 def test_an_insecure_node_is_refused(federation: Federation, tiny_sites: dict[str, Path]) -> None:
+    flags = ["--insecure", "--max-wait-time", "10"]
+    code, output = rogue_node(federation, tiny_sites["aptos"], "insecure-node", *flags)
+    assert code != 0 and "400 Bad Request" in output, output[-2000:]  # plain HTTP on the TLS port
+    assert registered_nodes(federation) == set(federation.nodes.values())  # nobody joined besides the sites
+
+
+def rogue_node(federation: Federation, site: Path, name: str, *flags: str) -> tuple[int, str]:
+    """A bare `flower-supernode` for `site` against the federation's address with `flags` (no daemon of
+    ours): its exit code and its output."""
     (port,) = free_ports(1)
     bin_dir = Path(FEDRETINA).parent
-    argv = [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{federation.port}"]
-    argv += [
-        "--max-wait-time",
-        "10",
-        "--port",
-        str(port),
-        "--node-config",
-        f'site-config="{tiny_sites["aptos"]}"',
-    ]
+    argv = [str(bin_dir / "flower-supernode"), "--superlink", f"127.0.0.1:{federation.port}", *flags]
+    argv += ["--port", str(port), "--node-config", f'site-config="{site}"']
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    log = federation.root / "insecure-node.log"
+    log = federation.root / f"{name}.log"
     with log.open("w") as out:  # a file, not a pipe: the node's SuperExec child may outlive it a while
         node = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -146,9 +148,7 @@ def test_an_insecure_node_is_refused(federation: Federation, tiny_sites: dict[st
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGKILL)
-    output = log.read_text()
-    assert code != 0 and "400 Bad Request" in output, output[-2000:]  # plain HTTP on the TLS port
-    assert registered_nodes(federation) == set(federation.nodes.values())  # nobody joined besides the sites
+    return code, log.read_text()
 
 
 def registered_nodes(federation: Federation) -> set[int]:
@@ -372,32 +372,14 @@ def test_a_slow_body_is_cut_at_once_and_the_sites_still_get_through(federation: 
 def test_a_stolen_key_is_refused_while_its_site_is_online(federation: Federation, tiny_sites) -> None:
     """Another machine with eyepacs's private key cannot take eyepacs's place while eyepacs serves."""
     stolen = load_site(federation.sites["eyepacs"]).config.state_root / "keys" / "site.key"
-    (port,) = free_ports(1)
-    bin_dir = Path(FEDRETINA).parent
-    argv = [
-        str(bin_dir / "flower-supernode"),
-        "--superlink",
-        f"127.0.0.1:{federation.port}",
-        "--port",
-        str(port),
-    ]
-    argv += [
+    flags = [
         "--root-certificates",
         str(federation.bundle / "ca.crt"),
         "--auth-supernode-private-key",
         str(stolen),
     ]
-    argv += ["--node-config", f'site-config="{tiny_sites["aptos"]}"']
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    log = federation.root / "stolen-key.log"
-    with log.open("w") as out:
-        node = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        code = node.wait(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(node.pid, signal.SIGKILL)
-    assert code != 0 and "Failed to activate SuperNode" in log.read_text(), log.read_text()[-2000:]
+    code, output = rogue_node(federation, tiny_sites["aptos"], "stolen-key", *flags)
+    assert code != 0 and "Failed to activate SuperNode" in output, output[-2000:]
 
 
 @pytest.mark.security

@@ -19,7 +19,7 @@ from shared.metrics import paired_difference_ci
 from shared.training.checkpoint import export_encoder
 from shared.training.initialisation import read_encoder_export
 from shared.weights import save_weights, weights_meta
-from simulation.compare.arms import ARM_JSON, FEDERATED, Arm, plan_arms, run_arm
+from simulation.compare.arms import ARM_JSON, FEDERATED, CompareArm, plan_arms, run_compare_arm
 from simulation.compare.report import INCONCLUSIVE, INFERIOR, NON_INFERIOR, mean_ci, verdict
 from simulation.studies.paired import Predictions, study_metrics
 
@@ -121,7 +121,7 @@ def test_a_reused_arm_is_reported_under_this_comparisons_names(tmp_path: Path) -
     """The cost table and the curves group records by label and scenario: an arm trained by a comparison
     that named it otherwise must still land in this comparison's rows."""
     cfg = load_config(profile="tiny", overrides={"runs_dir": str(tmp_path), "name": "federated-0123456789ab"})
-    arm = Arm(FEDERATED, "fedavg-small-batch", "iid-4", 3, cfg)
+    arm = CompareArm(FEDERATED, "fedavg-small-batch", "iid-4", 3, cfg)
     arm.folder.mkdir(parents=True)
     trained = {
         "kind": FEDERATED,
@@ -131,7 +131,7 @@ def test_a_reused_arm_is_reported_under_this_comparisons_names(tmp_path: Path) -
         "wall_s": 7.0,
     }
     (arm.folder / ARM_JSON).write_text(json.dumps(trained))
-    record = run_arm(arm)
+    record = run_compare_arm(arm)
     assert (record["label"], record["scenario"], record["seed"], record["wall_s"]) == (
         "fedavg-small-batch",
         "iid-4",
