@@ -20,6 +20,13 @@ def uid_of(name: str) -> str:
 
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# Under pytest-xdist (`make test` runs three workers on CI's two cores, most tests wait on real processes)
+# every process of a worker, its subprocesses included, computes on one thread: torch's default of one per
+# core, times three workers, spins OpenMP threads against each other.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if THREADS == 1:
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +34,7 @@ def _seeded() -> None:
     import torch
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 def write_site(

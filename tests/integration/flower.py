@@ -13,9 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pytest
 import yaml
 
 from simulation.flower_env import flower_env, flwr_run_command, override_string, stop_local_superlink
+from simulation.replay import replay
 from tests.conftest import ROOT
 
 
@@ -112,3 +115,35 @@ def iid_scenario(tmp_path: Path, source: Path, parts: int) -> Path:
     split = {"kind": "iid", "source": str(source), "parts": parts}
     plan.write_text(yaml.safe_dump({"name": f"iid{parts}", "split": split}))
     return plan
+
+
+# The replay computes the same floats only with the same thread count; one fine-tuning round.
+REPLAYED = {
+    "threads": 1,
+    "federation__min_sites": 1,
+    "federation__rounds_finetune": 1,
+    "federation__max_update_norm": 1e5,
+}
+
+
+def faulty_run(
+    tmp_path: Path, factory: pytest.TempPathFactory, plan: Path, name: str, **settings: object
+) -> subprocess.CompletedProcess:
+    """One tiny-profile run of `plan` (IID parts) whose sites are `faulty_client`'s, in `tmp_path/runs`."""
+    nodes = yaml.safe_load(plan.read_text())["split"]["parts"]
+    fl = Flower(factory.mktemp(f"flwr-home-{name}"), app_with_client(tmp_path, "faulty_client"))
+    config = {"profile": "tiny", "scenario": str(plan), "run-name": name}
+    try:
+        return fl.run(nodes, config | {"set": sets(runs_dir=tmp_path / "runs", **settings)})
+    finally:
+        fl.stop()
+
+
+def assert_replays_exactly(run: Path) -> None:
+    """The store is an exact account: replaying the replies it marks as aggregated gives the run's weights."""
+    replayed_phases = replay(run / "federation")
+    assert set(replayed_phases) == {"pretrain", "finetune"}
+    for phase, (replayed, final) in replayed_phases.items():
+        assert replayed.keys() == final.keys() and all(
+            np.array_equal(replayed[k], final[k]) for k in final
+        ), phase

@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from server.store import StoreReader
 from shared.config import load_config
 from shared.data.manifest import labelled
 from shared.data.scenario import load_scenario, scenario_sites
@@ -153,8 +154,9 @@ def test_a_fedbn_arm_scores_each_sites_test_images_with_that_sites_own_batchnorm
     """FedBN's exported model carries the server's average BatchNorm; each site predicts with its own, kept
     in the site's state folder, and that is what the arm is scored with."""
     arm = _folders(compared)[("iid2", "fedbn")]
-    kept = sorted((compared["root"] / "state").glob(f"**/{arm.name}/*/finetune-bn-r0002.safetensors"))
-    own = {path.parents[2].name: load_weights(path)[0] for path in kept}  # <site>/<run>/<uid>/file
+    uid = StoreReader(arm / "federation" / "store.sqlite").run()["run_uid"]  # type: ignore[index]
+    kept = sorted((compared["root"] / "state").glob(f"**/{uid}/finetune-bn-r0002.safetensors"))
+    own = {path.parents[1].name: load_weights(path)[0] for path in kept}  # <site>/<uid>/file
     cfg = load_config(arm / "experiment.yaml")
     exported, _ = load_weights(arm / "federation" / "model.safetensors")
     with np.load(arm / "test.npz") as saved:

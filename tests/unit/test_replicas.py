@@ -86,7 +86,7 @@ def test_two_devices_train_what_one_does_with_groupnorm(ukb: Site) -> None:
     floats = [k for k in one if one[k].is_floating_point()]
     moved = max(float((one[k] - start[k]).abs().max()) for k in floats)
     differ = max(float((one[k] - two[k]).abs().max()) for k in floats)
-    assert moved > 1e-2 and differ < 2e-6  # measured 3e-7 against moves of 4e-2: rounding only
+    assert moved > 1e-2 and differ < 1e-5  # measured 3e-7 (two threads), 4e-6 (one) against moves of 4e-2
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
 
 
