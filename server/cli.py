@@ -195,20 +195,22 @@ def summary(
     Example: fedretina server summary runs/demo-20261123-150000
     """
     from server.report import summary_table
-    from server.store import StoreReader
+    from server.store import StoreError, StoreReader
 
     path = run / "federation" / "store.sqlite"
     store = StoreReader(path)
     recorded = store.run()
+    if recorded is None:
+        raise StoreError(f"{path}: records no run; is this a federated run's store, or a damaged one?")
     typer.echo(summary_table(store))
     for row in store.events():
         if row["level"] != "info":
             typer.echo(f"{row['level']}: {row['kind']}: {row['message']}")
-    state = recorded["status"] if recorded else "unknown"
+    state = recorded["status"]
     typer.echo(f"run {run.name}: {state}")
     typer.echo(f"run store: {path}")
     for name in ("encoder.safetensors", "model.safetensors", "probes", "checkpoints"):
         if (run / "federation" / name).exists():
             typer.echo(f"  {run / 'federation' / name}")
     if state != "completed":
-        raise typer.Exit(1)
+        raise UserError(f"run {run.name} did not complete (its store says {state!r}); its events are above")

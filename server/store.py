@@ -232,7 +232,11 @@ class StoreReader:
             (phase or "%", kind or "%"),
         )
         for row in rows:
-            row["metrics"] = json.loads(row["metrics"] or "{}")
+            try:
+                row["metrics"] = json.loads(row["metrics"] or "{}")
+            except json.JSONDecodeError as exc:
+                why = f"a reply's metrics are not JSON ({exc})"
+                raise StoreError(f"{self.path}: {why}; restore it from a backup") from None
         return rows
 
     def metrics(self, phase: str | None = None, source: str | None = None) -> list[dict[str, Any]]:
@@ -265,11 +269,11 @@ class StoreReader:
 
 @contextmanager
 def _damage_named(path: Path) -> Iterator[None]:
-    """A file that is not a readable SQLite store becomes one line naming it (a lock timeout stays what it
-    is: an operational error of a working store)."""
+    """A file that is not a readable SQLite store becomes one line naming it (a lock or busy timeout stays
+    what it is: an operational error of a working store)."""
     try:
         yield
     except sqlite3.DatabaseError as exc:
-        if isinstance(exc, sqlite3.OperationalError) and "unable to open" not in str(exc):
+        if isinstance(exc, sqlite3.OperationalError) and any(w in str(exc) for w in ("locked", "busy")):
             raise
         raise StoreError(f"{path}: not a readable run store ({exc}); restore it from a backup") from None
