@@ -31,6 +31,7 @@ from shared.data.site import Site
 from shared.errors import ConfigError
 from shared.federation.aggregation import site_update
 from shared.federation.securesum import REFUSED_BUDGET, REFUSED_RANGE, OutOfRange, secure_layout
+from shared.federation.strategies import strategy_of
 from shared.federation.wire import (
     ARRAYS,
     LAYOUT,
@@ -129,9 +130,12 @@ def describe(msg: Message, context: Context) -> Message:
 @_private
 def train(msg: Message, context: Context) -> Message:
     site, spec = _round(msg, context)
-    if (MOMENTS in msg.content) != spec.config.federation.carry_optimizer:
-        raise ConfigError("moments travel with the model only under federation.carry_optimizer")
-    carried = _weights(msg, MOMENTS) if MOMENTS in msg.content else None  # cyclic, carry_optimizer
+    f = spec.config.federation
+    if (MOMENTS in msg.content) != strategy_of(f.strategy).moments_travel(f):
+        raise ConfigError(
+            "optimiser moments travel with the model only under strategy mime or federation.carry_optimizer"
+        )
+    carried = _weights(msg, MOMENTS) if MOMENTS in msg.content else None  # the chain's, or the server's
     trained = train_round(site, spec, _weights(msg), carried)
     reply = _reply(msg, trained.metrics, trained.weights, trained.moments)
     if trained.refused is not None:  # no weights: the server records why (e.g. the privacy budget)

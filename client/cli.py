@@ -141,6 +141,30 @@ def approve(
     typer.echo(f"{'approved' if added else 'already approved'}: {digest}")
 
 
+@app.command("evaluate")
+def evaluate(
+    site: Annotated[Path, typer.Argument(help="The site YAML whose test patients score the model.")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", "-m", help="A run's fine-tuned model: runs/<run>/federation/model.safetensors."
+        ),
+    ],
+) -> None:
+    """Score a fine-tuned model on this site's held-out test patients (its test split, which no training
+    round reads): every task of the model the site holds, accuracy, AUC, kappa, weighted F1, and the
+    headline AUC (referable-DR AUC for DR) with its bootstrap 95% interval. Reads the model and the site's
+    images; writes nothing and sends nothing. The model carries its own settings.
+
+    Example: fedretina site evaluate sites/generated/eyepacs.yaml -m runs/demo/federation/model.safetensors
+    """
+    from client.evaluate import evaluate_model, table
+    from shared.data.site import load_site
+
+    found = load_site(site)
+    typer.echo(table(found, model, evaluate_model(found, model)))
+
+
 @app.command("privacy")
 def privacy(site: Annotated[Path, typer.Argument(help="The site YAML.")]) -> None:
     """Print this site's privacy ledger: every private run and phase it trained, the steps, the noise,

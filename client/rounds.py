@@ -35,7 +35,6 @@ from shared.federation.wire import (
     RoundSpec,
     task_key,
 )
-from shared.metrics import evaluate_predictions, metric_keys
 from shared.models import ENCODER, head_prefix
 from shared.privacy.sgd import PrivateSGD
 from shared.training.data import site_images
@@ -43,11 +42,11 @@ from shared.training.finetune import (
     build_task_model,
     classifier_method,
     finetune_split,
-    predict,
+    score_rows,
     site_tasks,
     task_weights,
 )
-from shared.training.moments import named_moments, with_moments
+from shared.training.moments import MimeMoments, named_moments, with_moments
 from shared.training.phase import Method, Span, run_phase
 from shared.training.pretrain import build_spark, spark_method
 from shared.training.replicas import Replica, run_replicas
@@ -62,7 +61,8 @@ def train_round(site: Site, spec: RoundSpec, arrays: Tensors, carried: Tensors |
     pretraining; the encoder and this site's heads in fine-tuning) and the reply's metrics. Under DP the
     site may refuse (its budget), and its epsilon joins the metrics. With `federation.carry_optimizer` the
     site starts from the `carried` optimiser moments of the site before it in the chain (its own state for
-    parameters they lack) and returns its moments to hand on."""
+    parameters they lack) and returns its moments to hand on; under MimeLite (`mime`) `carried` are the
+    server's moments, held fixed through the round, and it returns what its gradients make of them."""
     started = time.perf_counter()
     privacy = SitePrivacy(site, spec) if spec.config.privacy.enabled else None
     sgd, refused = privacy.refusal() if privacy is not None else (None, None)
@@ -137,11 +137,13 @@ def _train(
     """The round's training on this process's device (one of several when `replica` is given; the first
     keeps the site's state)."""
     cfg, f = spec.config, spec.config.federation
+    plan = strategy_of(f.strategy)
     device = replica.configure(cfg) if replica is not None else configure_torch(cfg)
     state = SiteState(site, spec)
     model, data = _work(site, spec)
     _load_global(model, arrays, state, spec.round - 1)
     method = _method(model.to(device), data, spec, device)
+    mime = MimeMoments(model, carried or {}) if plan.server_moments else None  # the server's, held fixed
     result = run_phase(
         method,
         data,
@@ -149,11 +151,12 @@ def _train(
         seed=cfg.seed,
         key=site.name,
         workers=cfg.data.workers,
-        optimizer_state=_optimizer_state(method, state.optimizer_before(), carried),
-        proximal_mu=f.proximal_mu if strategy_of(f.strategy).proximal else 0.0,  # FedProx's term, at the site
+        optimizer_state=None if mime else _optimizer_state(method, state.optimizer_before(), carried),
+        proximal_mu=f.proximal_mu if plan.proximal else 0.0,  # FedProx's term, at the site
         desc=site.name if replica is None else f"{site.name} device {replica.rank}",
         privacy=sgd,
         replica=replica,
+        on_optimizer=mime.attach if mime else None,
     )
     keeps = replica is None or replica.rank == 0  # the process whose result the site keeps and sends
     if keeps:
@@ -161,7 +164,11 @@ def _train(
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if spec.phase != PRETRAIN:  # the encoder and the heads this site trained; other heads stay the server's
         weights = {k: v for k, v in weights.items() if k.startswith((ENCODER, *map(head_prefix, data)))}
-    moments = named_moments(model, result.optimizer, weights) if f.carry_optimizer and keeps else None
+    moments = None
+    if keeps and mime is not None:
+        moments = mime.moments(weights)
+    elif keeps and f.carry_optimizer:
+        moments = named_moments(model, result.optimizer, weights)
     return Local(weights, result.loss, result.steps, {t: len(d) for t, d in data.items()}, moments)
 
 
@@ -220,11 +227,7 @@ def evaluate_round(site: Site, spec: RoundSpec, arrays: Tensors) -> dict[str, fl
     out: dict[str, float] = {}
     for task in spec.tasks:
         rows = finetune_split(site.rows, task, cfg)[1] if task in held else site.rows.iloc[0:0]
-        values = dict.fromkeys(metric_keys(task), float("nan"))
-        if len(rows):
-            val = site_images(site, cfg, cfg.finetune_image_size, "none", rows=rows, task=task)
-            y, p = predict(model, val, task, device, cfg.finetune.batch_size)
-            values = evaluate_predictions(y, p, task, referable_threshold=cfg.finetune.referable_threshold)
+        values = score_rows(model, site, cfg, task, rows, device)
         out[task_key(task, NUM_EXAMPLES)] = len(rows)
         out |= {task_key(task, k): float(v) for k, v in values.items()}
     return out

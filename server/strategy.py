@@ -46,6 +46,7 @@ from shared.federation.aggregation import (
     check_update,
     cycle_order,
     merge_metrics,
+    moments_start,
     site_update,
     sketched_cosine,
 )
@@ -95,7 +96,8 @@ class FedRetina(Strategy):
         self.run, self.phase, self.tasks = run, phase, tasks
         self.directory, self.recorder, self.adam = directory, recorder, adam
         self.federation = run.config.federation
-        # cyclic with carry_optimizer: the optimiser moments the last round's chain ended with
+        # the optimiser moments the last round ended with: cyclic's chain's (carry_optimizer), or the
+        # server's own under MimeLite
         self.carried: Arrays = carried or {}
         self.reference: Arrays = {}
         self.sent: list[SiteInfo] = []
@@ -106,7 +108,8 @@ class FedRetina(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.start_round(server_round, arrays, grid)
-        return self._messages(arrays, server_round, "train")
+        mime = strategy_of(self.federation.strategy).server_moments
+        return self._messages(arrays, server_round, "train", self.carried if mime else None)
 
     def start_round(self, rnd: int, arrays: ArrayRecord, grid: Grid) -> list[SiteInfo]:
         """The round's sites, the weights they start from (the reference of their updates), recorded."""
@@ -123,14 +126,19 @@ class FedRetina(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         plan = strategy_of(self.federation.strategy)
         running, sketches = RunningAverage(self.reference), Sketches(self.reference)
+        # MimeLite: the sites' moments, averaged as their weights are, become the server's
+        moments = RunningAverage(moments_start(self.reference, self.carried)) if plan.server_moments else None
         candidates, held = [], []
         for msg, site in self._match(replies, server_round, "train"):
             candidate, sketch = self._candidate(msg, site), None
             if candidate.verdict.reason is None:
+                update = candidate.update(self.tasks)
                 if plan.holds_replies:
-                    held.append(candidate.update(self.tasks))
+                    held.append(update)
                 else:
-                    running.add(candidate.update(self.tasks))
+                    running.add(update)
+                if moments is not None:
+                    moments.add(replace(update, arrays=candidate.moments))
                 sketch = sketches.sketch(candidate.arrays)
             candidates.append(candidate.folded(sketch))  # its weights dropped (or held: a robust combine)
         candidates.sort(key=lambda c: c.site.name)
@@ -142,6 +150,8 @@ class FedRetina(Strategy):
             return None, None
         combined = plan.combine(held, self.reference, self.federation) if plan.combine else running.result()
         new = self._server_step(combined)
+        if moments is not None:
+            self.carried = moments.result()
         change = sketches.sketch(new)
         for c in candidates:
             self.recorder.trained(
@@ -316,15 +326,16 @@ class FedRetina(Strategy):
             examples=metrics.get(NUM_EXAMPLES),
         )
         moments: Arrays = {}
-        if self.federation.carry_optimizer and verdict.reason is None:
+        if strategy_of(self.federation.strategy).moments_travel(self.federation) and verdict.reason is None:
             moments, wrong = self._moments(msg.content)
             verdict = Verdict(wrong, verdict.norm) if wrong is not None else verdict
         return Candidate(site, arrays, metrics, nbytes, verdict, moments)
 
     def _moments(self, content: RecordDict) -> tuple[Arrays, str | None]:
-        """carry_optimizer: the optimiser moments a site hands on, and why they cannot be (or None)."""
+        """The optimiser moments a site hands on (the chain's, or MimeLite's for the server), and why they
+        cannot be (or None)."""
         if MOMENTS not in content:
-            return {}, "sent no optimiser moments (federation.carry_optimizer is on)"
+            return {}, f"sent no optimiser moments (strategy {self.federation.strategy} needs them)"
         try:
             moments = unpacked(content, MOMENTS)
         except (KeyError, ValueError) as exc:

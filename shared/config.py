@@ -177,7 +177,8 @@ class FederationConfig(Strict):
     tasks: tuple[str, ...] = ()
     rounds_pretrain: int = Field(100, ge=0)
     rounds_finetune: int = Field(50, ge=0)
-    # one of shared/federation/strategies.py's: fedavg, fedprox, fedbn, fedadam, fedavgm, trimmed-mean, cyclic
+    # one of shared/federation/strategies.py's: fedavg, fedprox, fedbn, fedadam, fedavgm, mime, trimmed-mean,
+    # cyclic
     strategy: str = "fedavg"
     local_epochs: int = Field(1, ge=1)
     # Local steps (batches) per round instead of epochs when > 0; sites continue their epochs across rounds.
@@ -386,6 +387,15 @@ class ExperimentConfig(Strict):
                     raise ValueError(f"{key} is refused under privacy.enabled=true: {why}")
             for key, why in strategy_of(self.federation.strategy).problems(self.federation, private=True):
                 raise ValueError(f"federation.{key} is refused under privacy.enabled=true: {why}")
+        return self
+
+    @model_validator(mode="after")
+    def _server_moments(self) -> ExperimentConfig:
+        if strategy_of(self.federation.strategy).server_moments and self.finetune.optimizer == "sgd":
+            raise ValueError(
+                f"finetune.optimizer: strategy {self.federation.strategy} hands the server's Adam moments to "
+                "the sites; choose adamw or lamb"
+            )
         return self
 
     @property

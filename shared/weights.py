@@ -19,7 +19,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shared.config import OPERATIONAL, ExperimentConfig, ModelConfig, shaping_settings, without
+from shared.config import (
+    OPERATIONAL,
+    ExperimentConfig,
+    ModelConfig,
+    shaping_settings,
+    validate,
+    without,
+)
 from shared.errors import CheckpointError
 
 META_KEY = "fedretina"
@@ -78,6 +85,23 @@ def check_meta(path: Path, meta: dict[str, Any], expected: dict[str, Any]) -> No
     diffs = [f"{k}={meta.get(k)!r} (wanted {v!r})" for k, v in expected.items() if meta.get(k) != v]
     if diffs:
         raise CheckpointError(f"{path}: these weights do not fit: {', '.join(diffs)}")
+
+
+def config_of(path: Path, meta: dict[str, Any]) -> ExperimentConfig:
+    """The configuration a weights file was made with, rebuilt from its record's settings (operational keys
+    such as the device take their defaults): a model file says how to build and read the model it holds."""
+    if not isinstance(meta.get("settings"), dict):
+        raise CheckpointError(f"{path}: records no settings (an older fedretina, or not a model it wrote)")
+    nested: dict[str, Any] = {}
+    for dotted, value in meta["settings"].items():
+        *parents, leaf = str(dotted).split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CheckpointError(f"{path}: its recorded setting {dotted!r} collides with another")
+        node[leaf] = value
+    return validate(ExperimentConfig, nested, f"{path} (its recorded settings)")
 
 
 def check_settings(

@@ -35,7 +35,7 @@ from shared.federation.exactsum import MAX_WEIGHT, ExactSum
 from shared.federation.wire import NUM_EXAMPLES, task_key
 from shared.models import head_prefix
 from shared.seeding import derive_seed
-from shared.training.moments import split
+from shared.training.moments import SEPARATOR, split
 
 Arrays = dict[str, np.ndarray]
 
@@ -130,6 +130,24 @@ def check_moments(
         if found != set(entries):
             return f"optimiser moments of {name}: entries {sorted(found)} instead of {sorted(entries)}"
     return None
+
+
+def moments_start(reference: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray]) -> Arrays:
+    """MimeLite's server moments before a round's replies are averaged in: `previous` where held, else a
+    fresh Adam state (zero moments, step 0) for every parameter of `reference`. A parameter no site trains
+    this round keeps what it had."""
+    out: Arrays = {}
+    for name, value in reference.items():
+        if not _learnt(name, value):
+            continue
+        for entry, fresh in (
+            ("exp_avg", np.zeros_like(value)),
+            ("exp_avg_sq", np.zeros_like(value)),
+            ("step", np.zeros((), np.float32)),
+        ):
+            key = f"{name}{SEPARATOR}{entry}"
+            out[key] = previous.get(key, fresh)
+    return out
 
 
 class RunningAverage:

@@ -6,8 +6,9 @@ A strategy is the sum of its parts:
   they land, one reply in memory at a time), a server optimiser's `step` along that average (FedAdam,
   FedAvgM), a robust `combine` of every reply held together (the trimmed mean), or, `sequential`, a chain
   in which each site trains from the previous one's model (cyclic weight transfer);
-- at a site: whether it keeps its BatchNorm layers to itself (`local_batchnorm`, FedBN) and adds a
-  proximal term to its loss (`proximal`, FedProx);
+- at a site: whether it keeps its BatchNorm layers to itself (`local_batchnorm`, FedBN), adds a
+  proximal term to its loss (`proximal`, FedProx), and steps with the server's optimiser state held fixed
+  through the round, sending back what its gradients would make of it (`server_moments`, MimeLite);
 - what it can run under: secure aggregation (the server sees only the sum, so it cannot hold replies or
   chain them), DP-SGD (FedProx's term bypasses the per-unit clipping), the replay audit
   (`simulation/replay.py`: server optimisers keep a state the store does not hold), handing the optimiser's
@@ -66,6 +67,12 @@ class Strategy:
     not_private: str = ""  # why it cannot run under DP-SGD ("": it can)
     replayable: bool = True
     carries_optimizer: bool = False
+    server_moments: bool = False
+
+    def moments_travel(self, federation: Any) -> bool:
+        """Optimiser moments go out with the model and come back with the update: the server's (MimeLite),
+        or the chain's (cyclic with `carry_optimizer`)."""
+        return self.server_moments or (self.carries_optimizer and federation.carry_optimizer)
 
     @property
     def holds_replies(self) -> bool:
@@ -232,6 +239,15 @@ STRATEGIES: dict[str, Strategy] = {
             "fedavgm",
             "FedAvgM: a server SGD step with momentum along the round's average change (Hsu et al. 2019)",
             step=_momentum_step,
+            replayable=False,
+        ),
+        Strategy(
+            "mime",
+            "MimeLite: every site steps with the server's Adam moments, unchanged through the round, and the "
+            "server moves them as the centralised optimiser would with the round's pooled gradients "
+            "(Karimireddy et al. 2021); 3x FedAvg's bytes",
+            server_moments=True,
+            not_secure="the moments travel beside the masked sum (their secure aggregation is not built yet)",
             replayable=False,
         ),
         Strategy(

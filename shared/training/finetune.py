@@ -21,12 +21,15 @@ from shared.config import ExperimentConfig
 from shared.data.dataset import loader
 from shared.data.labels import label_column
 from shared.data.manifest import labelled
+from shared.data.site import Site
 from shared.data.splits import inner_split
 from shared.device import autocast
 from shared.errors import DataError
+from shared.metrics import evaluate_predictions, metric_keys
 from shared.models import TaskModel, build_encoder, min_batch
 from shared.models.nnmobilenet import LAYERS
 from shared.seeding import derive_seed
+from shared.training.data import site_images
 from shared.training.optim import Schedule, make_optimizer, optimizer_for, param_groups
 from shared.training.phase import Method
 
@@ -180,6 +183,32 @@ def predict_logits(
         logits.append(model(batch["image"].to(device), task).double().cpu())
         labels.append(batch["label"])
     return torch.cat(labels).numpy(), torch.cat(logits).numpy()
+
+
+def predict_rows(
+    model: TaskModel, site: Site, cfg: ExperimentConfig, task: str, rows: pd.DataFrame, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, class probabilities) of `model` on these of the site's images, unaugmented, in row order."""
+    images = site_images(site, cfg, cfg.finetune_image_size, "none", rows=rows, task=task)
+    return predict(model, images, task, device, cfg.finetune.batch_size)
+
+
+def score_rows(
+    model: TaskModel, site: Site, cfg: ExperimentConfig, task: str, rows: pd.DataFrame, device: torch.device
+) -> dict[str, float]:
+    """Every metric of `task` (`metric_keys`) for `model` on these of the site's images (NaN for each when
+    there are none): a round's validation."""
+    if not len(rows):
+        return dict.fromkeys(metric_keys(task), float("nan"))
+    y, p = predict_rows(model, site, cfg, task, rows, device)
+    return evaluate_predictions(y, p, task, referable_threshold=cfg.finetune.referable_threshold)
+
+
+def site_test_rows(site: Site, task: str) -> pd.DataFrame:
+    """The site's labelled test images of `task` (its `test` split, which no training ever reads), in
+    image-id order."""
+    rows = labelled(site.rows, task)
+    return rows[rows["split"] == "test"].sort_values("image_id").reset_index(drop=True)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

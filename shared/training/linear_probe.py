@@ -30,7 +30,7 @@ from shared.models import build_encoder
 from shared.rundir import atomic_write_text, start_run_dir
 from shared.seeding import derive_seed, seed_everything
 from shared.training.data import load_sites, pooled, site_images
-from shared.training.finetune import finetune_split
+from shared.training.finetune import finetune_split, site_test_rows
 from shared.training.initialisation import FINETUNE_SEED, check_init, initialise
 from shared.weights import load_weights
 
@@ -133,7 +133,7 @@ def run_probe(cfg: ExperimentConfig, encoder: Path | None) -> dict:
     if not sites:
         raise ConfigError(f"finetune.task: no configured site holds labels for task {task!r}")
     train = {s.name: finetune_split(s.rows, task, cfg)[0] for s in sites}
-    test = {s.name: _test_rows(s, task) for s in sites}
+    test = {s.name: site_test_rows(s, task) for s in sites}
     counts = {"train_images": _count(train), "test_images": _count(test)}
     if not counts["test_images"]:
         raise ConfigError(
@@ -162,11 +162,6 @@ def run_probe(cfg: ExperimentConfig, encoder: Path | None) -> dict:
 
 def _count(rows: dict[str, pd.DataFrame]) -> int:
     return sum(len(r) for r in rows.values())
-
-
-def _test_rows(site: Site, task: str) -> pd.DataFrame:
-    rows = labelled(site.rows, task)
-    return rows[rows["split"] == "test"].sort_values("image_id").reset_index(drop=True)
 
 
 def _images(cfg: ExperimentConfig, sites: list[Site], rows: dict[str, pd.DataFrame]) -> Dataset:

@@ -52,3 +52,70 @@ def with_moments(
         if name in by_name:
             optimizer.state[param] = by_name[name]
     return optimizer.state_dict()
+
+
+class MimeMoments:
+    """MimeLite at a site (Karimireddy et al. 2021, "Mime"): every local step uses the server's optimiser
+    state as it was when the round began, never the state the site's own steps would build, so parallel
+    sites all apply the centralised optimiser's statistics instead of drifting apart on their own.
+
+    Attached to the round's optimiser (`attach`), before each step it puts back the server's moments of
+    every parameter that has a gradient (a fresh Adam state where the server holds none yet) and
+    accumulates the gradient and its square. After the round, `moments` says what the centralised
+    optimiser's state would be had it taken these K steps' gradients (their mean, and mean square, treated
+    as stationary within the round): m = b1^K m + (1 - b1^K) mean(g), v = b2^K v + (1 - b2^K) mean(g^2),
+    step = step + K. That is linear in the site's statistics, so the server's example-weighted average of
+    the sites' replies is the same formula over the pooled gradients. Adam-family optimisers only (AdamW,
+    LAMB: `exp_avg`, `exp_avg_sq`, `step`)."""
+
+    def __init__(self, model: nn.Module, server: Mapping[str, torch.Tensor]) -> None:
+        self.names = {param: name for name, param in model.named_parameters()}
+        self.frozen: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in server.items():
+            name, entry = split(key)
+            self.frozen.setdefault(name, {})[entry] = value.detach().clone()
+        self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.counts: dict[str, int] = {}
+        self.betas: dict[str, tuple[float, float]] = {}
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook `optimizer` (before its every step); its own state stops mattering."""
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                self.betas[self.names[param]] = tuple(group["betas"])  # type: ignore[assignment]
+        optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                name, grad = self.names[param], param.grad.detach()
+                held = self.frozen.get(name)
+                if held is None:
+                    optimizer.state.pop(param, None)  # the optimiser starts it afresh, at every step
+                else:
+                    device = param.device  # a step count stays on the CPU, as torch keeps it
+                    optimizer.state[param] = {
+                        k: v.clone() if k == "step" else v.to(device, copy=True) for k, v in held.items()
+                    }
+                total, squares = self.sums.get(name, (torch.zeros_like(grad), torch.zeros_like(grad)))
+                self.sums[name] = (total + grad, squares + grad * grad)
+                self.counts[name] = self.counts.get(name, 0) + 1
+
+    def moments(self, names: Collection[str]) -> dict[str, torch.Tensor]:
+        """The state the centralised optimiser would hold after this round's steps, for every parameter in
+        `names` that took at least one (`<name>/exp_avg`, `/exp_avg_sq`, `/step`)."""
+        out = {}
+        for name, (total, squares) in self.sums.items():
+            if name not in names:
+                continue
+            k, (b1, b2) = self.counts[name], self.betas[name]
+            held = self.frozen.get(name, {})
+            m0 = held.get("exp_avg", torch.zeros_like(total)).to(total)
+            v0 = held.get("exp_avg_sq", torch.zeros_like(total)).to(total)
+            step0 = held.get("step", torch.zeros((), dtype=torch.float32))
+            out[f"{name}{SEPARATOR}exp_avg"] = (b1**k * m0 + (1 - b1**k) * total / k).cpu()
+            out[f"{name}{SEPARATOR}exp_avg_sq"] = (b2**k * v0 + (1 - b2**k) * squares / k).cpu()
+            out[f"{name}{SEPARATOR}step"] = (step0.float() + k).reshape(()).cpu()
+        return out

@@ -165,16 +165,20 @@ def run_phase(
     desc: str = "",
     privacy: PrivateSGD | None = None,
     replica: Replica | None = None,
+    on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> PhaseResult:
     """Train `method.model` in place over `data` (task -> images; "" for pretraining's one dataset) for
     `span`, starting from `optimizer_state` when given. `after_epoch` (epoch spans only) is called after each
     epoch and stops the run by returning True. `proximal_mu` > 0 adds FedProx's term towards the weights
     the run started from. `privacy` trains with DP-SGD and records what it spent. A `replica` is one of a
     site's devices: it trains its slice of every batch in step with the others (shared/training/replicas.py).
+    `on_optimizer` is handed the optimiser before the first step (to hook it: MimeLite's fixed moments).
     The model must already be on its device."""
     optimizer = method.optimizer()
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    if on_optimizer is not None:
+        on_optimizer(optimizer)
     per_epoch = {t: steps_per_epoch(len(d), method.batch_size) for t, d in data.items()}
     pieces = span.pieces(per_epoch)
     step, total = span.global_steps(per_epoch)

@@ -45,7 +45,7 @@ from shared.federation.wire import EPSILON, FINETUNE
 from shared.logs import progress_bar
 from shared.rundir import atomic_write_text, save_arrays
 from shared.training.data import site_images
-from shared.training.finetune import build_task_model, finetune_split, predict_logits, softmax
+from shared.training.finetune import build_task_model, finetune_split, predict_logits, site_test_rows, softmax
 from shared.training.initialisation import read_encoder_export
 from shared.weights import load_weights
 from simulation.centralised.finetune import run_finetuning
@@ -388,8 +388,7 @@ def _predict(
     model = build_task_model(cfg, {task: classes})
     parts = []
     for site in sites:
-        rows = labelled(site.rows, task)
-        rows = rows[rows["split"] == "test"]
+        rows = site_test_rows(site, task)
         if len(rows):
             model.load_state_dict({**state, **own_bn.get(site.name, {})})
             data = site_images(site, cfg, cfg.finetune_image_size, "none", rows=rows, task=task)

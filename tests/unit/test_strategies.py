@@ -1,16 +1,19 @@
 """The strategy registry: every strategy is one object the config, the sites, the server, secure aggregation
 and the replay ask; the trimmed mean equals its definition on hand-made numbers and holds out a planted
-outlier that the average lets through."""
+outlier that the average lets through; MimeLite's site steps with the server's moments unchanged, and the
+server's average of two sites' replies is the centralised optimiser's state over their pooled gradients."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from shared.config import load_config
 from shared.errors import ConfigError
-from shared.federation.aggregation import Update, average
+from shared.federation.aggregation import RunningAverage, Update, average, moments_start
 from shared.federation.strategies import STRATEGIES, trimmed_count, trimmed_mean
+from shared.training.moments import MimeMoments
 
 REFERENCE = {"encoder.w": np.zeros(3, np.float32), "encoder.n": np.array(0, np.int64)}
 
@@ -60,6 +63,7 @@ def test_a_head_is_trimmed_among_its_holders_and_one_value_is_always_kept() -> N
 def test_each_strategy_says_what_it_can_run_under() -> None:
     runs_secure = {n for n, s in STRATEGIES.items() if not s.not_secure}
     assert runs_secure == {"fedavg", "fedprox", "fedbn", "fedadam", "fedavgm"}
+    assert [n for n, s in STRATEGIES.items() if s.server_moments] == ["mime"]
     assert {n for n, s in STRATEGIES.items() if s.not_private} == {"fedprox"}
     assert {n for n, s in STRATEGIES.items() if s.replayable} == {
         "fedavg",
@@ -82,6 +86,14 @@ def test_each_strategy_says_what_it_can_run_under() -> None:
         ),
         ({"federation.carry_optimizer": True}, "carry_optimizer: the optimiser travels along the chain"),
         (
+            {"federation.strategy": "mime", "finetune.optimizer": "sgd"},
+            "finetune.optimizer: strategy mime hands the server's Adam moments to the sites",
+        ),
+        (
+            {"federation.strategy": "mime", "federation.secure_aggregation": True},
+            "secure_aggregation: the moments travel beside the masked sum",
+        ),
+        (
             {
                 "federation.strategy": "fedprox",
                 "privacy.enabled": True,
@@ -96,3 +108,83 @@ def test_the_config_asks_the_strategy_and_refuses_in_one_line(overrides: dict, m
     with pytest.raises(ConfigError, match=message) as refused:
         load_config(profile="tiny", overrides=overrides)
     assert "\n" not in str(refused.value)
+
+
+# ------------------------------------------------------------------------------------------- MimeLite
+LR, BETAS, EPS, DECAY = 0.1, (0.9, 0.99), 1e-8, 0.01
+
+
+def _site_round(server: dict[str, torch.Tensor], batches: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """One site's round of MimeLite on a linear model w.x with loss 0.5 (w.x - 1)^2, one batch a step."""
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -0.2, 0.1]]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=DECAY)
+    mime = MimeMoments(model, server)
+    mime.attach(optimizer)
+    for x in batches:
+        optimizer.zero_grad()
+        (0.5 * (model(x) - 1) ** 2).mean().backward()
+        optimizer.step()
+    return model.weight.detach().clone(), mime.moments({"weight"})
+
+
+def test_a_mime_site_steps_with_the_servers_moments_unchanged() -> None:
+    """Two local steps by hand: each uses m' = b1 m_s + (1-b1) g and v' = b2 v_s + (1-b2) g^2 from the
+    server's (m_s, v_s, t_s), bias-corrected at t_s + 1, never the first step's moments; the moments it
+    returns are b^K m_s + (1 - b^K) mean(g), step t_s + K."""
+    m_s, v_s, t_s = torch.tensor([[0.3, -0.1, 0.2]]), torch.tensor([[0.04, 0.02, 0.01]]), 7.0
+    server = {"weight/exp_avg": m_s, "weight/exp_avg_sq": v_s, "weight/step": torch.tensor(t_s)}
+    batches = [torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([[0.5, -1.0, 2.0]])]
+    got, moments = _site_round(server, batches)
+    (b1, b2), t = BETAS, t_s + 1
+    m_s, v_s = m_s.double(), v_s.double()
+    w, grads = torch.tensor([[0.5, -0.2, 0.1]], dtype=torch.float64), []
+    for x in batches:
+        g = ((w * x).sum() - 1) * x  # the loss's gradient at the current weights
+        grads.append(g)
+        m, v = b1 * m_s + (1 - b1) * g, b2 * v_s + (1 - b2) * g * g
+        w = w * (1 - LR * DECAY) - LR * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + EPS)
+    assert torch.allclose(got.double(), w, atol=1e-6)
+    mean, square = sum(grads) / 2, sum(g * g for g in grads) / 2
+    assert torch.allclose(moments["weight/exp_avg"].double(), b1**2 * m_s + (1 - b1**2) * mean, atol=1e-6)
+    assert torch.allclose(
+        moments["weight/exp_avg_sq"].double(), b2**2 * v_s + (1 - b2**2) * square, atol=1e-7
+    )
+    assert float(moments["weight/step"]) == t_s + 2
+
+
+def test_a_mime_site_without_server_moments_starts_adam_afresh_at_every_step() -> None:
+    """Round 1: no server state; every step is Adam's first step (m = (1-b1) g, bias-corrected to g)."""
+    x = torch.tensor([[1.0, 2.0, -1.0]])
+    got, moments = _site_round({}, [x, x])
+    w = torch.tensor([[0.5, -0.2, 0.1]], dtype=torch.float64)
+    for _ in range(2):
+        g = ((w * x).sum() - 1) * x
+        w = w * (1 - LR * DECAY) - LR * g / (g.abs() + EPS)
+    assert torch.allclose(got.double(), w, atol=1e-6) and float(moments["weight/step"]) == 2
+
+
+def test_the_servers_average_of_two_mime_sites_is_the_optimiser_over_their_pooled_gradients() -> None:
+    """Sites a (1 example) and b (3), K steps each from the same server state: the example-weighted
+    average the server takes (`moments_start` + RunningAverage) is b^K m + (1 - b^K) x the pooled mean
+    gradient (and mean square): linear, so it is what one optimiser would hold over both sites' gradients."""
+    reference = {"encoder.w": np.zeros(2, np.float32)}
+    m, v, k = np.array([0.2, -0.4], np.float32), np.array([0.1, 0.3], np.float32), 4
+    start = moments_start(reference, {"encoder.w/exp_avg": m, "encoder.w/exp_avg_sq": v})
+    assert float(start["encoder.w/step"]) == 0.0  # what the server never held starts fresh
+    (b1, b2), grads = BETAS, {"a": np.array([1.0, -2.0]), "b": np.array([3.0, 0.5])}
+    squares = {"a": np.array([1.5, 4.5]), "b": np.array([9.5, 0.5])}
+    running = RunningAverage(start)
+    for site, weight in (("a", 1.0), ("b", 3.0)):
+        reply = {
+            "encoder.w/exp_avg": (b1**k * m + (1 - b1**k) * grads[site]).astype(np.float32),
+            "encoder.w/exp_avg_sq": (b2**k * v + (1 - b2**k) * squares[site]).astype(np.float32),
+            "encoder.w/step": np.array(k, np.float32),
+        }
+        running.add(Update(site, reply, weight))
+    out = running.result()
+    pooled, pooled_sq = (grads["a"] + 3 * grads["b"]) / 4, (squares["a"] + 3 * squares["b"]) / 4
+    assert np.allclose(out["encoder.w/exp_avg"], b1**k * m + (1 - b1**k) * pooled, atol=1e-6)
+    assert np.allclose(out["encoder.w/exp_avg_sq"], b2**k * v + (1 - b2**k) * pooled_sq, atol=1e-6)
+    assert float(out["encoder.w/step"]) == k
