@@ -45,5 +45,7 @@ def test_the_servers_moments_travel_and_accumulate_over_rounds(
         squares = [second.carried[k.replace("/step", "/exp_avg_sq")] for k in trained]
         assert all((v >= 0).all() for v in squares) and any((v > 0).any() for v in squares)
         model_bytes = sum(v.nbytes for v in second.arrays.values())
-        sent = store_rows(run, f"SELECT bytes FROM replies WHERE phase = '{phase}' AND round = 2")
+        sent = store_rows(
+            run, f"SELECT bytes FROM replies WHERE kind = 'train' AND phase = '{phase}' AND round = 2"
+        )
         assert all(2.5 * model_bytes < b < 3.5 * model_bytes for (b,) in sent), (sent, model_bytes)
