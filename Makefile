@@ -40,7 +40,7 @@ sync: uv  ## install the locked environment into .venv
 # referable AUC 0.950 and kappa 0.557 on the site's 186 held-out test images (docs/compare.md).
 DEMO_SET := federation.tasks=[dr,mmac] federation.rounds_finetune=16 finetune.class_weighting=true
 
-demo: sync  ## the main job on the embedded synthetic default (cpu profile, about 7 minutes on 2 cores)
+demo: sync  ## the main job on the embedded synthetic default (cpu profile, about 9 minutes on 2 cores from a fresh clone)
 	$(FR) synth --profile $(PROFILE)
 	$(FR) site check sites/generated/*.yaml | grep -E "^site |images listed|^  (FATAL|excluded)"
 	eval "$$($(FR) env $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)))" && flwr run . --stream \
