@@ -6,12 +6,17 @@ record's settings and tasks).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from shared.data.site import Site
 from shared.device import configure_torch
 from shared.errors import CheckpointError, DataError
+from shared.federation.wire import MAX_CLASSES, MAX_TASKS
 from shared.metrics import bootstrap_ci, evaluate_predictions
+from shared.names import TASK_NAME
 from shared.training.finetune import build_task_model, predict_rows, site_test_rows
 from shared.weights import config_of, load_into, load_weights
 
@@ -34,13 +39,8 @@ class TestScore:
 def evaluate_model(site: Site, path: Path, resamples: int = 1000) -> list[TestScore]:
     """Every task of the model at `path` (a run's `model.safetensors`) that this site holds test images of."""
     tensors, meta = load_weights(path)
-    if meta.get("kind") != "task-model" or not isinstance(meta.get("tasks"), dict):
-        raise CheckpointError(
-            f"{path}: holds {meta.get('kind')!r} weights, not a fine-tuned model; give a run's "
-            "federation/model.safetensors"
-        )
+    tasks = _tasks(path, meta)
     cfg = config_of(path, meta)
-    tasks = {str(t): int(k) for t, k in meta["tasks"].items()}
     model = build_task_model(cfg, tasks)
     load_into(model, tensors, path)
     device = configure_torch(cfg)
@@ -54,9 +54,7 @@ def evaluate_model(site: Site, path: Path, resamples: int = 1000) -> list[TestSc
         y, p = predict_rows(model, site, cfg, task, rows, device)
         headline = "referable_auc" if task == "dr" else "auc"
 
-        def metric(y, p, task=task, headline=headline):  # type: ignore[no-untyped-def]
-            return evaluate_predictions(y, p, task, referable_threshold=threshold)[headline]
-
+        metric = partial(_one_metric, task=task, key=headline, threshold=threshold)
         metrics = evaluate_predictions(y, p, task, referable_threshold=threshold)
         interval = bootstrap_ci(y, p, metric, rounds=resamples, seed=cfg.seed)
         scores.append(TestScore(task, len(rows), rows["patient_id"].nunique(), metrics, headline, interval))
@@ -66,6 +64,31 @@ def evaluate_model(site: Site, path: Path, resamples: int = 1000) -> list[TestSc
             "in its test split are scored (split: test in its manifest)"
         )
     return scores
+
+
+def _tasks(path: Path, meta: dict) -> dict[str, int]:
+    """The model's tasks and their class counts, as its record names them (checked: the file is input)."""
+    tasks = meta.get("tasks")
+    fine = meta.get("kind") == "task-model" and isinstance(tasks, dict) and 0 < len(tasks) <= MAX_TASKS
+    if not fine:
+        raise CheckpointError(
+            f"{path}: holds {meta.get('kind')!r} weights, not a fine-tuned model; give a run's "
+            "federation/model.safetensors"
+        )
+    for task, classes in tasks.items():
+        if (
+            not TASK_NAME.fullmatch(str(task))
+            or not isinstance(classes, int)
+            or not 2 <= classes <= MAX_CLASSES
+        ):
+            raise CheckpointError(
+                f"{path}: its record's task {task!r} with {classes!r} classes is not one we write"
+            )
+    return tasks
+
+
+def _one_metric(y: np.ndarray, p: np.ndarray, *, task: str, key: str, threshold: int) -> float:
+    return evaluate_predictions(y, p, task, referable_threshold=threshold)[key]
 
 
 def table(site: Site, path: Path, scores: list[TestScore]) -> str:

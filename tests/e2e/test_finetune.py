@@ -97,8 +97,8 @@ def test_one_command_compares_spark_and_scratch_at_ten_percent_labels(
     assert (folds.train_images < 30).all()  # 10% of ~80 development images, by patient
     summary = json.loads((out / "summary.json").read_text())
     assert {(r["init"], r["split"]) for r in summary["results"]} >= {("spark", "cv"), ("scratch", "test")}
-    site_test_rows = folds[folds.split == "test"]
-    assert (site_test_rows.auc_ci_low <= site_test_rows.auc_ci_high).all()
+    test_folds = folds[folds.split == "test"]
+    assert (test_folds.auc_ci_low <= test_folds.auc_ci_high).all()
     for name in (
         "auc_vs_fraction.png",
         "roc_spark_10pct.png",

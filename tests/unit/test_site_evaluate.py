@@ -31,12 +31,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _model(tmp_path: Path, kind: str = "task-model") -> tuple[Path, torch.nn.Module]:
+def _model(tmp_path: Path, kind: str = "task-model", tasks: object = TASKS) -> tuple[Path, torch.nn.Module]:
     cfg = load_config(profile="tiny", overrides=MADE)
     torch.manual_seed(1)
     model = build_task_model(cfg, TASKS)
     path = tmp_path / "model.safetensors"
-    save_weights(path, model.state_dict(), weights_meta(cfg, kind, tasks=TASKS))
+    save_weights(path, model.state_dict(), weights_meta(cfg, kind, tasks=tasks))
     return path, model
 
 
@@ -68,10 +68,21 @@ def test_the_scores_are_the_models_own_on_the_test_split_only(site: Path, tmp_pa
     assert code == 0 and _hashes(site.parent) == before
 
 
-def test_a_file_that_is_not_a_fine_tuned_model_is_one_line(site: Path, tmp_path: Path, capsys) -> None:
-    path, _ = _model(tmp_path, kind="spark-encoder")
+@pytest.mark.parametrize(
+    ("kind", "tasks", "message"),
+    [
+        ("spark-encoder", TASKS, "not a fine-tuned model"),
+        ("task-model", {"dr": 10**6}, "its record's task 'dr' with 1000000 classes is not one we write"),
+        ("task-model", {"../x": 5}, "its record's task '../x'"),
+        ("task-model", {"dr": "5"}, "its record's task 'dr' with '5' classes"),
+    ],
+)
+def test_a_file_that_is_not_a_fine_tuned_model_is_one_line(
+    site: Path, tmp_path: Path, capsys, kind: str, tasks: object, message: str
+) -> None:
+    path, _ = _model(tmp_path, kind=kind, tasks=tasks)
     code, err = fedretina(["site", "evaluate", str(site), "-m", str(path)], capsys)
-    assert code == 4 and "not a fine-tuned model" in one_error(err)
+    assert code == 4 and message in one_error(err)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
