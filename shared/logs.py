@@ -17,19 +17,6 @@ DATEFMT = "%H:%M:%S"
 LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
 
 
-class _Console(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is when a line is logged, not the stream it was when set up: a
-    command run inside another (a test's captured stderr, long closed) never logs into a dead stream."""
-
-    @property  # type: ignore[override]
-    def stream(self):  # type: ignore[no-untyped-def]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-
 def setup_logging(verbosity: int = 0, logfile: Path | None = None) -> None:
     """Configure the root logger once: -q (-1) warnings only, default info, -v (1) debug.
 
@@ -41,7 +28,7 @@ def setup_logging(verbosity: int = 0, logfile: Path | None = None) -> None:
         root.removeHandler(handler)
         handler.close()
     level = LEVELS[max(-1, min(1, verbosity))]
-    stream = _Console()
+    stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter(FORMAT, DATEFMT))
     stream.fedretina_console = True  # type: ignore[attr-defined]
     root.addHandler(stream)

@@ -29,6 +29,19 @@ if THREADS == 1:
         os.environ[variable] = "1"
 
 
+# `make test` hands each worker a test file at a time (`--dist loadgroup`, one group per file, so a file's
+# module fixtures are built once). The two heaviest simulations share one group and so never overlap: run
+# together beside a third worker, they starved a Flower task's heartbeat thread for over a minute and the
+# SuperLink failed the run ("No heartbeat received from the task", measured on a fresh clone).
+HEAVY_SIMULATIONS = {"test_scale.py", "test_privacy.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("heavy-simulations" if name in HEAVY_SIMULATIONS else name))
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     import torch

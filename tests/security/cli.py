@@ -3,6 +3,8 @@ subprocess each would spend seconds importing torch): its exit code and what it 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from shared.cli_common import run_cli
@@ -15,8 +17,13 @@ def fedretina(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int,
     """Run `fedretina ARGS` as the console script does: (exit code, stderr). An uncaught exception (our
     bug: a traceback) propagates and fails the test."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as ended:
-        run_cli(app, args=args)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            run_cli(app, args=args)
+    finally:  # the command's console handler writes to this test's captured stderr, closed after it
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if getattr(h, "fedretina_console", False)]:
+            root.removeHandler(handler)
     code = ended.value.code if isinstance(ended.value.code, int) else 1
     return code, capsys.readouterr().err
 
