@@ -53,11 +53,11 @@ system:  ## install the Debian packages the tests need (nginx, chromium), when m
 	@command -v nginx >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; }
 
-# Three workers on two cores, a test file each at a time (the two heaviest simulations one after the other:
-# tests/conftest.py): most integration tests wait on real processes (Flower's polls, process starts), so
-# they overlap; each worker computes on one thread.
+# Three workers on two cores, a test file each at a time: most integration tests wait on real processes
+# (Flower's polls, process starts), so they overlap; each worker computes on one thread, and the two
+# heaviest simulations take turns (tests/conftest.py).
 test: sync system  ## the test suite CI runs (all but the fault tests)
-	$(VENV)/pytest -q -m "not faults" -n 3 --dist loadgroup
+	$(VENV)/pytest -q -m "not faults" -n 3 --dist loadfile
 
 test-faults: sync system  ## deployment fault tests: killed, stalled and restarted processes (about 25 minutes)
 	$(VENV)/pytest -q -m faults

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,17 +31,16 @@ if THREADS == 1:
         os.environ[variable] = "1"
 
 
-# `make test` hands each worker a test file at a time (`--dist loadgroup`, one group per file, so a file's
-# module fixtures are built once). The two heaviest simulations share one group and so never overlap: run
-# together beside a third worker, they starved a Flower task's heartbeat thread for over a minute and the
-# SuperLink failed the run ("No heartbeat received from the task", measured on a fresh clone).
-HEAVY_SIMULATIONS = {"test_scale.py", "test_privacy.py"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("heavy-simulations" if name in HEAVY_SIMULATIONS else name))
+@pytest.fixture
+def alone_among_heavy_simulations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Holds a lock the other heavy simulations wait for (one file for every xdist worker of the session):
+    the 100-site run and the DP kill-and-resume run, side by side beside a third worker, starved a Flower
+    task's heartbeat thread for over a minute and the SuperLink failed both ("No heartbeat received from
+    the task", measured on a fresh clone)."""
+    shared = tmp_path_factory.getbasetemp().parent
+    with open(shared / "heavy-simulation.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(autouse=True)

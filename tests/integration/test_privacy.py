@@ -48,6 +48,7 @@ def replies(run: Path) -> list[tuple[str, int, str, int, str, dict]]:
     return [(*r[:5], json.loads(r[5])) for r in rows]
 
 
+@pytest.mark.usefixtures("alone_among_heavy_simulations")
 def test_private_federation_keeps_every_sites_ledger_across_a_kill_and_a_resume(
     tiny_sites: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
