@@ -54,8 +54,7 @@ system:  ## install the Debian packages the tests need (nginx, chromium), when m
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; }
 
 # Three workers on two cores, a test file each at a time: most integration tests wait on real processes
-# (Flower's polls, process starts), so they overlap; each worker computes on one thread, and the two
-# heaviest simulations take turns (tests/conftest.py).
+# (Flower's polls, process starts), so they overlap; each worker computes on one thread (tests/conftest.py).
 test: sync system  ## the test suite CI runs (all but the fault tests)
 	$(VENV)/pytest -q -m "not faults" -n 3 --dist loadfile
 

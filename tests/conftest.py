@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,18 +27,6 @@ THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 if THREADS == 1:
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = "1"
-
-
-@pytest.fixture
-def alone_among_heavy_simulations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Holds a lock the other heavy simulations wait for (one file for every xdist worker of the session):
-    the 100-site run and the DP kill-and-resume run, side by side beside a third worker, starved a Flower
-    task's heartbeat thread for over a minute and the SuperLink failed both ("No heartbeat received from
-    the task", measured on a fresh clone)."""
-    shared = tmp_path_factory.getbasetemp().parent
-    with open(shared / "heavy-simulation.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 @pytest.fixture(autouse=True)

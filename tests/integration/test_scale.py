@@ -25,7 +25,6 @@ def flower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flower]:
     fl.stop()
 
 
-@pytest.mark.usefixtures("alone_among_heavy_simulations")
 def test_a_hundred_sites_train_a_seeded_tenth_each_round(flower: Flower, tmp_path: Path) -> None:
     source = write_site(tmp_path, "eyepacs", SITES, height=64)  # one patient, two eyes, per site
     plan = tmp_path / "hundred.yaml"
