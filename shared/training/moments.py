@@ -13,6 +13,8 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import nn
 
+from shared.errors import ConfigError
+
 SEPARATOR = "/"
 _ADAM = frozenset({"step", "exp_avg", "exp_avg_sq"})
 ENTRIES = {"adamw": _ADAM, "lamb": _ADAM, "sgd": frozenset({"momentum_buffer"})}  # per optimiser name
@@ -70,9 +72,13 @@ class MimeMoments:
 
     def __init__(self, model: nn.Module, server: Mapping[str, torch.Tensor]) -> None:
         self.names = {param: name for name, param in model.named_parameters()}
+        shapes = {name: param.shape for name, param in model.named_parameters()}
         self.frozen: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in server.items():
+        for key, value in server.items():  # the server's input: checked here, where the site reads it
             name, entry = split(key)
+            expected = () if entry == "step" else shapes.get(name)
+            if entry not in _ADAM or value.shape != expected or not torch.isfinite(value).all():
+                raise ConfigError(f"the server's optimiser moments {key!r}: not an Adam state of this model")
             self.frozen.setdefault(name, {})[entry] = value.detach().clone()
         self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.counts: dict[str, int] = {}
@@ -99,8 +105,9 @@ class MimeMoments:
                     optimizer.state[param] = {
                         k: v.clone() if k == "step" else v.to(device, copy=True) for k, v in held.items()
                     }
-                total, squares = self.sums.get(name, (torch.zeros_like(grad), torch.zeros_like(grad)))
-                self.sums[name] = (total + grad, squares + grad * grad)
+                total, squares = self.sums.setdefault(name, (torch.zeros_like(grad), torch.zeros_like(grad)))
+                total.add_(grad)
+                squares.addcmul_(grad, grad)
                 self.counts[name] = self.counts.get(name, 0) + 1
 
     def moments(self, names: Collection[str]) -> dict[str, torch.Tensor]:

@@ -188,3 +188,17 @@ def test_the_servers_average_of_two_mime_sites_is_the_optimiser_over_their_poole
     assert np.allclose(out["encoder.w/exp_avg"], b1**k * m + (1 - b1**k) * pooled, atol=1e-6)
     assert np.allclose(out["encoder.w/exp_avg_sq"], b2**k * v + (1 - b2**k) * pooled_sq, atol=1e-6)
     assert float(out["encoder.w/step"]) == k
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        {"weight/exp_avg": torch.zeros(5)},  # another shape
+        {"bias/exp_avg": torch.zeros(1)},  # no parameter of the model
+        {"weight/momentum_buffer": torch.zeros(1, 3)},  # not an Adam entry
+        {"weight/exp_avg_sq": torch.full((1, 3), float("nan"))},
+    ],
+)
+def test_a_mime_site_refuses_server_moments_that_do_not_fit_its_model(server: dict) -> None:
+    with pytest.raises(ConfigError, match="the server's optimiser moments"):
+        _site_round(server, [torch.ones(1, 3)])
