@@ -96,6 +96,35 @@ def store_rows(run_dir: Path, sql: str) -> list[tuple]:
         db.close()
 
 
+def assert_completed(result: subprocess.CompletedProcess[str], run_dir: Path, home: Path) -> None:
+    """The run exited 0 and its store says completed. `flwr run --stream` exits 0 whatever became of the
+    run, so a failure shows Flower's own account: the run's output and the local SuperLink's log."""
+    status = store_rows(run_dir, "SELECT status FROM runs")
+    if result.returncode == 0 and status == [("completed",)]:
+        return
+    link = home / "local-superlink"
+    log = link / "superlink.log"
+    superlink = log.read_text(errors="replace")[-4000:] if log.exists() else "(no superlink.log)"
+    pytest.fail(
+        f"the run ended {status} (flwr run exit {result.returncode}); Flower's tasks: {_tasks(link)}\n"
+        f"--- flwr run output ---\n{result.stdout[-5000:]}\n{result.stderr[-3000:]}\n"
+        f"--- superlink.log ---\n{superlink}"
+    )
+
+
+def _tasks(link: Path) -> list[tuple]:
+    """The local SuperLink's own record of its tasks (type, outcome, details: e.g. a missed heartbeat)."""
+    if not (link / "state.db").exists():
+        return []
+    db = sqlite3.connect(link / "state.db")
+    try:
+        return db.execute("SELECT type, sub_status, details, running_at, finished_at FROM task").fetchall()
+    except sqlite3.Error as exc:
+        return [("unreadable", str(exc))]
+    finally:
+        db.close()
+
+
 def app_with_client(tmp_path: Path, client: str) -> Path:
     """A copy of this app whose clientapp is `tests/integration/<client>.py` (its server is ours, unchanged):
     sites that misbehave on purpose, for the tests that need them."""
