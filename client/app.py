@@ -133,7 +133,8 @@ def train(msg: Message, context: Context) -> Message:
     f = spec.config.federation
     if (MOMENTS in msg.content) != strategy_of(f.strategy).moments_travel(f):
         raise ConfigError(
-            "optimiser moments travel with the model only under strategy mime or federation.carry_optimizer"
+            "per-parameter state travels with the model only under strategy mime or scaffold, or "
+            "federation.carry_optimizer"
         )
     carried = _weights(msg, MOMENTS) if MOMENTS in msg.content else None  # the chain's, or the server's
     trained = train_round(site, spec, _weights(msg), carried)

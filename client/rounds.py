@@ -37,6 +37,7 @@ from shared.federation.wire import (
 )
 from shared.models import ENCODER, head_prefix
 from shared.privacy.sgd import PrivateSGD
+from shared.training.control import ControlVariates
 from shared.training.data import site_images
 from shared.training.finetune import (
     build_task_model,
@@ -144,6 +145,11 @@ def _train(
     _load_global(model, arrays, state, spec.round - 1)
     method = _method(model.to(device), data, spec, device)
     mime = MimeMoments(model, carried or {}) if plan.server_moments else None  # the server's, held fixed
+    scaffold = None
+    if plan.control_variates:  # the server's and the site's own, held fixed
+        scaffold = ControlVariates(model, carried or {}, state.controls_before())
+    hook = mime or scaffold
+    chained = None if plan.server_state else carried  # the previous site's moments, along a chain
     result = run_phase(
         method,
         data,
@@ -151,21 +157,24 @@ def _train(
         seed=cfg.seed,
         key=site.name,
         workers=cfg.data.workers,
-        optimizer_state=None if mime else _optimizer_state(method, state.optimizer_before(), carried),
+        optimizer_state=None if mime else _optimizer_state(method, state.optimizer_before(), chained),
         proximal_mu=f.proximal_mu if plan.proximal else 0.0,  # FedProx's term, at the site
         desc=site.name if replica is None else f"{site.name} device {replica.rank}",
         privacy=sgd,
         replica=replica,
-        on_optimizer=mime.attach if mime else None,
+        on_optimizer=hook.attach if hook else None,
     )
     keeps = replica is None or replica.rank == 0  # the process whose result the site keeps and sends
-    if keeps:
-        state.after_round(model, result.optimizer, result.step)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if spec.phase != PRETRAIN:  # the encoder and the heads this site trained; other heads stay the server's
         weights = {k: v for k, v in weights.items() if k.startswith((ENCODER, *map(head_prefix, data)))}
-    moments = None
-    if keeps and mime is not None:
+    controls = scaffold.controls(weights) if scaffold is not None else None
+    if keeps:
+        state.after_round(model, result.optimizer, result.step, controls)
+    moments = None  # what travels back with the weights, if anything
+    if keeps and scaffold is not None:
+        moments = controls
+    elif keeps and mime is not None:
         moments = mime.moments(weights)
     elif keeps and f.carry_optimizer:
         moments = named_moments(model, result.optimizer, weights)

@@ -6,6 +6,7 @@ server chooses, is only recorded in the progress file, never made a path.
 - `<phase>-optimizer-rNNNN.safetensors`: the optimiser state after round NNNN, so a site continues its
   LAMB / AdamW moments as a centralised run would, and a restarted node loses nothing;
 - `<phase>-bn-rNNNN.safetensors` (FedBN): the site's own BatchNorm parameters and statistics;
+- `<phase>-control-rNNNN.safetensors` (SCAFFOLD): the site's own control variates;
 - `<phase>-progress.json`: where the site stands (round, global step), for people and audits.
 The site's last `KEEP_ROUNDS` rounds are kept per phase, so a server resumed from an earlier checkpoint
 finds them.
@@ -77,19 +78,41 @@ class SiteState:
             kept, tensors = found
             load_into(model, {**model.state_dict(), **tensors}, _state_file(self.dir, phase, "bn", kept))
 
-    def after_round(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Keep this round's optimiser state (and BatchNorm under FedBN), and record the progress."""
+    def controls_before(self) -> dict[str, torch.Tensor]:
+        """SCAFFOLD: this site's control variates as of its last round before this one (none before it
+        trained: zero). Every parameter it ever stepped keeps its latest, so they are carried forward."""
+        spec = self.spec
+        found = _latest(self.dir, spec.phase, "control", spec.round - 1)
+        if found is None:
+            return {}
+        rnd, path = found
+        tensors, meta = load_weights(path)
+        check_meta(path, meta, _expected(spec.phase, "site-control", rnd, spec.run.run_uid))
+        return tensors
+
+    def after_round(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        controls: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Keep this round's optimiser state (and BatchNorm under FedBN, the control variates under
+        SCAFFOLD: the previous ones updated by this round's `controls`), and record the progress."""
         spec, rnd = self.spec, self.spec.round
         if self.fedbn:
             keys = bn_keys(model)
             tensors = {k: v for k, v in model.state_dict().items() if k in keys}
             save_weights(_state_file(self.dir, spec.phase, "bn", rnd), tensors, self._meta("site-batchnorm"))
+        if controls is not None:
+            kept = self.controls_before() | controls
+            save_weights(_state_file(self.dir, spec.phase, "control", rnd), kept, self._meta("site-control"))
         save_checkpoint(
             _state_file(self.dir, spec.phase, "optimizer", rnd),
             self._meta("site-optimizer"),
             optimizer=optimizer,
         )
-        for kind in ("bn", "optimizer"):
+        for kind in ("bn", "control", "optimizer"):
             for _, path in _kept(self.dir, spec.phase, kind)[:-KEEP_ROUNDS]:
                 path.unlink(missing_ok=True)
         record = {"run": spec.config.name, "round": rnd, "total_rounds": spec.rounds, "step": step}

@@ -31,7 +31,7 @@ class Saved:
     arrays: Arrays
     adam: ServerMoments | None
     meta: dict[str, Any]
-    carried: Arrays  # cyclic with carry_optimizer: the moments the round's chain ended with
+    carried: Arrays  # cyclic's chain's moments (carry_optimizer), MimeLite's or SCAFFOLD's server state
 
 
 class Checkpoints:

@@ -77,7 +77,7 @@ from shared.federation.wire import (
 )
 from shared.models import ENCODER, head_prefix
 from shared.seeding import derive_seed
-from shared.training.moments import ENTRIES
+from shared.training.moments import state_entries
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,8 @@ class FedRetina(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.start_round(server_round, arrays, grid)
-        mime = strategy_of(self.federation.strategy).server_moments
-        return self._messages(arrays, server_round, "train", self.carried if mime else None)
+        own = strategy_of(self.federation.strategy).server_state
+        return self._messages(arrays, server_round, "train", self.carried if own else None)
 
     def start_round(self, rnd: int, arrays: ArrayRecord, grid: Grid) -> list[SiteInfo]:
         """The round's sites, the weights they start from (the reference of their updates), recorded."""
@@ -126,8 +126,12 @@ class FedRetina(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         plan = strategy_of(self.federation.strategy)
         running, sketches = RunningAverage(self.reference), Sketches(self.reference)
-        # MimeLite: the sites' moments, averaged as their weights are, become the server's
-        moments = RunningAverage(moments_start(self.reference, self.carried)) if plan.server_moments else None
+        # MimeLite, SCAFFOLD: the sites' moments or control variates, averaged as their weights are,
+        # become the server's
+        moments = None
+        if plan.server_state:
+            entries = state_entries(plan, self._optimizer())
+            moments = RunningAverage(moments_start(self.reference, self.carried, entries))
         candidates, held = [], []
         for msg, site in self._match(replies, server_round, "train"):
             candidate, sketch = self._candidate(msg, site), None
@@ -340,9 +344,12 @@ class FedRetina(Strategy):
             moments = unpacked(content, MOMENTS)
         except (KeyError, ValueError) as exc:
             return {}, f"malformed optimiser moments: {exc}"
+        entries = state_entries(strategy_of(self.federation.strategy), self._optimizer())
+        return moments, check_moments(moments, self.reference, entries)
+
+    def _optimizer(self) -> str:
         cfg = self.run.config
-        optimizer = cfg.pretrain.optimizer if self.phase == PRETRAIN else cfg.finetune.optimizer
-        return moments, check_moments(moments, self.reference, ENTRIES[optimizer])
+        return cfg.pretrain.optimizer if self.phase == PRETRAIN else cfg.finetune.optimizer
 
     def _match(self, replies: Iterable[Message], rnd: int, kind: str) -> Iterator[tuple[Message, SiteInfo]]:
         """Replies with content, paired with their sites, as they come. Error replies are matched on the

@@ -132,19 +132,19 @@ def check_moments(
     return None
 
 
-def moments_start(reference: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray]) -> Arrays:
-    """MimeLite's server moments before a round's replies are averaged in: `previous` where held, else a
-    fresh Adam state (zero moments, step 0) for every parameter of `reference`. A parameter no site trains
-    this round keeps what it had."""
+def moments_start(
+    reference: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray], entries: Collection[str]
+) -> Arrays:
+    """The server's per-parameter state before a round's replies are averaged in: `previous` where held,
+    else a fresh one (zeros; a step count 0) of each of `entries` for every parameter of `reference`
+    (MimeLite's Adam moments, SCAFFOLD's control variate). A parameter no site trains this round keeps
+    what it had."""
     out: Arrays = {}
     for name, value in reference.items():
         if not _learnt(name, value):
             continue
-        for entry, fresh in (
-            ("exp_avg", np.zeros_like(value)),
-            ("exp_avg_sq", np.zeros_like(value)),
-            ("step", np.zeros((), np.float32)),
-        ):
+        for entry in sorted(entries):
+            fresh = np.zeros((), np.float32) if entry == "step" else np.zeros_like(value)
             key = f"{name}{SEPARATOR}{entry}"
             out[key] = previous.get(key, fresh)
     return out

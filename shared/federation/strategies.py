@@ -7,8 +7,9 @@ A strategy is the sum of its parts:
   FedAvgM), a robust `combine` of every reply held together (the trimmed mean), or, `sequential`, a chain
   in which each site trains from the previous one's model (cyclic weight transfer);
 - at a site: whether it keeps its BatchNorm layers to itself (`local_batchnorm`, FedBN), adds a
-  proximal term to its loss (`proximal`, FedProx), and steps with the server's optimiser state held fixed
-  through the round, sending back what its gradients would make of it (`server_moments`, MimeLite);
+  proximal term to its loss (`proximal`, FedProx), steps with the server's optimiser state held fixed
+  through the round, sending back what its gradients would make of it (`server_moments`, MimeLite), or
+  corrects every gradient by the server's control variate minus its own (`control_variates`, SCAFFOLD);
 - what it can run under: secure aggregation (the server sees only the sum, so it cannot hold replies or
   chain them), DP-SGD (FedProx's term bypasses the per-unit clipping), the replay audit
   (`simulation/replay.py`: server optimisers keep a state the store does not hold), handing the optimiser's
@@ -68,11 +69,18 @@ class Strategy:
     replayable: bool = True
     carries_optimizer: bool = False
     server_moments: bool = False
+    control_variates: bool = False
+
+    @property
+    def server_state(self) -> bool:
+        """The server holds a per-parameter state it sends with the model and rebuilds each round as the
+        example-weighted average of what the sites return: MimeLite's moments, SCAFFOLD's control variate."""
+        return self.server_moments or self.control_variates
 
     def moments_travel(self, federation: Any) -> bool:
-        """Optimiser moments go out with the model and come back with the update: the server's (MimeLite),
-        or the chain's (cyclic with `carry_optimizer`)."""
-        return self.server_moments or (self.carries_optimizer and federation.carry_optimizer)
+        """Per-parameter state goes out with the model and comes back with the update: the server's
+        (MimeLite, SCAFFOLD), or the chain's optimiser moments (cyclic with `carry_optimizer`)."""
+        return self.server_state or (self.carries_optimizer and federation.carry_optimizer)
 
     @property
     def holds_replies(self) -> bool:
@@ -248,6 +256,17 @@ STRATEGIES: dict[str, Strategy] = {
             "(Karimireddy et al. 2021); 3x FedAvg's bytes",
             server_moments=True,
             not_secure="the moments travel beside the masked sum (their secure aggregation is not built yet)",
+            replayable=False,
+        ),
+        Strategy(
+            "scaffold",
+            "SCAFFOLD: every local gradient is corrected by the server's control variate minus the site's "
+            "own: the mean gradient the site saw in its last round, and the average of those the server "
+            "received (Karimireddy et al. 2020); 2x FedAvg's bytes",
+            control_variates=True,
+            not_secure="the control variates travel beside the masked sum (their secure aggregation is not "
+            "built yet)",
+            not_private="a control variate is the mean of the site's unclipped, unnoised gradients",
             replayable=False,
         ),
         Strategy(

@@ -1,5 +1,6 @@
 """An optimiser's per-parameter state keyed by parameter name: what cyclic weight transfer with
-`federation.carry_optimizer` hands from site to site along with the model.
+`federation.carry_optimizer` hands from site to site along with the model, and what a server holds per
+parameter (MimeLite's moments, SCAFFOLD's control variate) and sends with it.
 
 torch keys an optimiser's `state_dict()` by each parameter's position in its groups, and positions depend
 on which task heads a site's model holds; names do not. Every tensor entry of a parameter's state travels
@@ -14,10 +15,18 @@ import torch
 from torch import nn
 
 from shared.errors import ConfigError
+from shared.federation.strategies import Strategy
 
 SEPARATOR = "/"
 _ADAM = frozenset({"step", "exp_avg", "exp_avg_sq"})
 ENTRIES = {"adamw": _ADAM, "lamb": _ADAM, "sgd": frozenset({"momentum_buffer"})}  # per optimiser name
+CONTROL = "control"  # SCAFFOLD's one entry per parameter: a control variate (`shared/training/control.py`)
+
+
+def state_entries(strategy: Strategy, optimizer: str) -> frozenset[str]:
+    """The entries per parameter of the state that travels under `strategy` with `optimizer`: SCAFFOLD's
+    control variate, or the optimiser's moments (MimeLite, cyclic with carry_optimizer)."""
+    return frozenset({CONTROL}) if strategy.control_variates else ENTRIES[optimizer]
 
 
 def split(key: str) -> tuple[str, str]:

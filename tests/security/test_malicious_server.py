@@ -220,7 +220,7 @@ CASES: dict[str, tuple[Callable[[Path, ExperimentConfig], Message], str]] = {
         lambda s, c: message(
             {**content(c), "buffers": {**content(c)["buffers"], MOMENTS: pack({"w": np.zeros(1, "<f4")})[0]}}  # type: ignore[dict-item]
         ),
-        "optimiser moments travel with the model only under strategy mime or federation.carry_optimizer",
+        "per-parameter state travels with the model only under strategy mime or scaffold",
     ),
     "weights record that is text": (
         lambda s, c: Message(

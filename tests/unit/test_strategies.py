@@ -1,7 +1,8 @@
 """The strategy registry: every strategy is one object the config, the sites, the server, secure aggregation
 and the replay ask; the trimmed mean equals its definition on hand-made numbers and holds out a planted
 outlier that the average lets through; MimeLite's site steps with the server's moments unchanged, and the
-server's average of two sites' replies is the centralised optimiser's state over their pooled gradients."""
+server's average of two sites' replies is the centralised optimiser's state over their pooled gradients;
+SCAFFOLD's site steps along g - c_i + c and the server's control variate is the average of the sites'."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from shared.config import load_config
 from shared.errors import ConfigError
 from shared.federation.aggregation import RunningAverage, Update, average, moments_start
 from shared.federation.strategies import STRATEGIES, trimmed_count, trimmed_mean
-from shared.training.moments import MimeMoments
+from shared.training.control import ControlVariates
+from shared.training.moments import CONTROL, ENTRIES, MimeMoments
 
 REFERENCE = {"encoder.w": np.zeros(3, np.float32), "encoder.n": np.array(0, np.int64)}
 
@@ -64,7 +66,8 @@ def test_each_strategy_says_what_it_can_run_under() -> None:
     runs_secure = {n for n, s in STRATEGIES.items() if not s.not_secure}
     assert runs_secure == {"fedavg", "fedprox", "fedbn", "fedadam", "fedavgm"}
     assert [n for n, s in STRATEGIES.items() if s.server_moments] == ["mime"]
-    assert {n for n, s in STRATEGIES.items() if s.not_private} == {"fedprox"}
+    assert [n for n, s in STRATEGIES.items() if s.server_state] == ["mime", "scaffold"]
+    assert {n for n, s in STRATEGIES.items() if s.not_private} == {"fedprox", "scaffold"}
     assert {n for n, s in STRATEGIES.items() if s.replayable} == {
         "fedavg",
         "fedprox",
@@ -92,6 +95,19 @@ def test_each_strategy_says_what_it_can_run_under() -> None:
         (
             {"federation.strategy": "mime", "federation.secure_aggregation": True},
             "secure_aggregation: the moments travel beside the masked sum",
+        ),
+        (
+            {"federation.strategy": "scaffold", "federation.secure_aggregation": True},
+            "secure_aggregation: the control variates travel beside the masked sum",
+        ),
+        (
+            {
+                "federation.strategy": "scaffold",
+                "privacy.enabled": True,
+                "model.norm": "gn",
+                "pretrain.loss_reduction": "sample",
+            },
+            "federation.strategy is refused under privacy.enabled=true: a control variate is the mean of",
         ),
         (
             {
@@ -171,7 +187,7 @@ def test_the_servers_average_of_two_mime_sites_is_the_optimiser_over_their_poole
     gradient (and mean square): linear, so it is what one optimiser would hold over both sites' gradients."""
     reference = {"encoder.w": np.zeros(2, np.float32)}
     m, v, k = np.array([0.2, -0.4], np.float32), np.array([0.1, 0.3], np.float32), 4
-    start = moments_start(reference, {"encoder.w/exp_avg": m, "encoder.w/exp_avg_sq": v})
+    start = moments_start(reference, {"encoder.w/exp_avg": m, "encoder.w/exp_avg_sq": v}, ENTRIES["adamw"])
     assert float(start["encoder.w/step"]) == 0.0  # what the server never held starts fresh
     (b1, b2), grads = BETAS, {"a": np.array([1.0, -2.0]), "b": np.array([3.0, 0.5])}
     squares = {"a": np.array([1.5, 4.5]), "b": np.array([9.5, 0.5])}
@@ -202,3 +218,84 @@ def test_the_servers_average_of_two_mime_sites_is_the_optimiser_over_their_poole
 def test_a_mime_site_refuses_server_moments_that_do_not_fit_its_model(server: dict) -> None:
     with pytest.raises(ConfigError, match="the server's optimiser moments"):
         _site_round(server, [torch.ones(1, 3)])
+
+
+# ------------------------------------------------------------------------------------------- SCAFFOLD
+W0, ETA = [0.5, -0.2, 0.1], 0.1
+
+
+def _gradient(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gradient of 0.5 (w.x - 1)^2 (mean over the batch's rows) at w, by hand."""
+    return ((x @ w - 1)[:, None] * x).mean(0)
+
+
+def _scaffold_round(server: dict, own: dict, batches: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """One site's round of SCAFFOLD with plain SGD on the linear model w.x, one batch a step."""
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([W0]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=ETA)
+    control = ControlVariates(model, server, own)
+    control.attach(optimizer)
+    for x in batches:
+        optimizer.zero_grad()
+        (0.5 * (model(x) - 1) ** 2).mean().backward()
+        optimizer.step()
+    return model.weight.detach().clone()[0], control.controls({"weight"})
+
+
+def test_a_scaffold_site_steps_along_its_gradient_corrected_by_the_two_control_variates() -> None:
+    """The paper's local step y <- y - eta (g(y) - c_i + c), twice; the site's new c_i is the mean of the
+    raw gradients it took (option I, along the round)."""
+    c, c_i = torch.tensor([0.3, -0.1, 0.2]), torch.tensor([-0.2, 0.4, 0.0])
+    batches = [torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]]), torch.tensor([[2.0, 0.0, 1.0]])]
+    got, controls = _scaffold_round({"weight/control": c[None]}, {"weight/control": c_i[None]}, batches)
+    w, raw = torch.tensor(W0), []
+    for x in batches:
+        raw.append(_gradient(w, x))
+        w = w - ETA * (raw[-1] - c_i + c)
+    assert torch.allclose(got, w, atol=1e-6)
+    assert list(controls) == [f"weight/{CONTROL}"]
+    assert torch.allclose(controls["weight/control"][0], (raw[0] + raw[1]) / 2, atol=1e-6)
+
+
+def test_a_scaffold_site_with_equal_control_variates_steps_as_plain_sgd() -> None:
+    """c = c_i (a site at the federation's mean, or the first round, where both are zero) is FedAvg's step."""
+    batches = [torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[0.0, 1.0, 1.0]])]
+    same = {"weight/control": torch.tensor([[0.3, -0.1, 0.2]])}
+    first, _ = _scaffold_round({}, {}, batches)
+    equal, _ = _scaffold_round(same, same, batches)
+    w = torch.tensor(W0)
+    for x in batches:
+        w = w - ETA * _gradient(w, x)
+    assert torch.allclose(first, w, atol=1e-6) and torch.allclose(equal, w, atol=1e-6)
+
+
+def test_the_servers_control_variate_is_the_example_weighted_average_of_the_sites() -> None:
+    """The server starts each round from its control variate (zero where it holds none) and replaces it by
+    the average of the sites' new ones, weighted by their examples: under full participation and equal
+    sites, the paper's c + mean(c_i+ - c_i) with c = mean(c_i)."""
+    reference = {"encoder.w": np.zeros(2, np.float32), "encoder.v": np.zeros(1, np.float32)}
+    start = moments_start(reference, {"encoder.v/control": np.array([0.7], np.float32)}, {CONTROL})
+    assert set(start) == {"encoder.w/control", "encoder.v/control"} and not start["encoder.w/control"].any()
+    running = RunningAverage(start)
+    a, b = np.array([1.0, -2.0], np.float32), np.array([3.0, 0.5], np.float32)
+    running.add(Update("a", {"encoder.w/control": a}, 1.0))
+    running.add(Update("b", {"encoder.w/control": b}, 3.0))
+    out = running.result()
+    assert np.allclose(out["encoder.w/control"], (a + 3 * b) / 4)
+    assert out["encoder.v/control"] == pytest.approx(0.7)  # a parameter no site trained keeps its variate
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        {"weight/control": torch.zeros(5)},  # another shape
+        {"bias/control": torch.zeros(1)},  # no parameter of the model
+        {"weight/exp_avg": torch.zeros(1, 3)},  # not a control variate
+        {"weight/control": torch.full((1, 3), float("inf"))},
+    ],
+)
+def test_a_scaffold_site_refuses_server_control_variates_that_do_not_fit_its_model(server: dict) -> None:
+    with pytest.raises(ConfigError, match="the control variate"):
+        _scaffold_round(server, {}, [torch.ones(1, 3)])
