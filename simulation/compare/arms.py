@@ -38,7 +38,7 @@ from shared.config import ExperimentConfig, InitConfig, dump_config, override
 from shared.data.labels import label_column
 from shared.data.manifest import labelled, task_classes
 from shared.data.scenario import Scenario, load_scenario, scenario_path, scenario_sites
-from shared.data.site import Site
+from shared.data.site import Site, load_site
 from shared.errors import ConfigError
 from shared.federation.strategies import strategy_of
 from shared.federation.wire import EPSILON, FINETUNE
@@ -131,7 +131,8 @@ def run_compare_arm(arm: CompareArm) -> dict:
         "wall_s": time.monotonic() - started,
         "train_images": {s.name: counts[s.name] for s in mine if s.name in counts},
     }
-    save_arrays(arm.folder / TEST_NPZ, **_predict(arm.cfg, sites, model, own_bn))
+    held_out = [load_site(p) for p in arm.cfg.compare.test_sites]
+    save_arrays(arm.folder / TEST_NPZ, **_predict(arm.cfg, [*sites, *held_out], model, own_bn))
     atomic_write_text(done, json.dumps(record, indent=2))
     return record
 
@@ -185,6 +186,8 @@ def _arm(
         "scenario": _absolute(scenario).model_dump(mode="json", exclude={"name", "description"}),
         "site_yamls": [_site_yaml(p) for p in (*scenario.sites, *_sources(scenario))],
     }
+    if cfg.compare.test_sites:  # only then: the arms of comparisons without them keep their identity
+        identity["test_sites"] = [_site_yaml(p) for p in cfg.compare.test_sites]
     digest = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=6).hexdigest()
     resolved = cfg.model_copy(
         update={"name": f"{kind}-{digest}", "runs_dir": str((Path(cfg.runs_dir) / "arms").resolve())}
@@ -381,8 +384,9 @@ def _predict(
     state: dict[str, torch.Tensor],
     own_bn: dict[str, dict[str, torch.Tensor]],
 ) -> dict[str, np.ndarray]:
-    """The model's predictions on every scenario site's own test images, in image-id order; a site in
-    `own_bn` (FedBN) predicts with its own BatchNorm."""
+    """The model's predictions on the test images of every site (the scenario's, then `compare.test_sites`),
+    in image-id order; a site in `own_bn` (FedBN) predicts with its own BatchNorm, the others with the
+    model's."""
     task = cfg.finetune.task
     classes = task_classes(pd.concat([labelled(s.rows, task) for s in sites]))[task]
     model = build_task_model(cfg, {task: classes})

@@ -120,6 +120,7 @@ def differences(cfg: ExperimentConfig, arms: list[CompareArm], predictions: Save
             ref = [_paired(predictions[central[seed].folder]) for seed, _ in paired]
             other = [_paired(predictions[a.folder]) for _, a in paired]
             row = {"scenario": scenario, "arm": label, "kind": paired[0][1].kind, "seeds": len(paired)}
+            row["test_images"] = len(ref[0].y)
             for key, metric in metrics.items():
                 point, low, high = _difference(cfg, ref, other, metric, f"{scenario}/{label}/{key}")
                 row |= {key: point, f"{key}_low": low, f"{key}_high": high}
@@ -196,6 +197,8 @@ def _blocks(
         strategy_of(o.get("federation.strategy", f.strategy)).local_batchnorm for o in c.strategies.values()
     )
     fedbn = " A FedBN arm scores each site's test images with that site's own BatchNorm." if local_bn else ""
+    names = ", ".join(Path(p).stem for p in c.test_sites)
+    held_out = f" and the held-out test site(s) {names}" if c.test_sites else ""
     blocks = [
         Block(heading="# Centralised vs federated"),
         Block(
@@ -203,7 +206,8 @@ def _blocks(
             f"{f.rounds_finetune} fine-tuning rounds of {f.local_epochs} local epoch(s); the centralised arm "
             "trains as many epochs over the pooled images, each local arm as many over its own (equal "
             f"sample-gradient steps). Seeds {list(c.seeds)}; profile {cfg.profile}. Test metrics on every "
-            f"scenario site's own test images, pooled; margin: {NAMES[c.metric]} within {c.margin}." + fedbn
+            f"scenario site's own test images{held_out}, pooled; margin: {NAMES[c.metric]} within "
+            f"{c.margin}." + fedbn
         ),
     ]
     by_label = pd.DataFrame(records)
@@ -220,6 +224,7 @@ def _blocks(
                 f"images; verdict on {NAMES[c.metric]} against -{c.margin}."
             ),
             Block(table=_difference_rows(d, c.metric)),
+            Block(text=_resolution(d, c.metric)),
             Block(heading="### Each site's own test images"),
             Block(table=_site_rows(results[results["scenario"] == scenario], c.metric)),
         ]
@@ -258,6 +263,19 @@ def _difference_rows(d: pd.DataFrame, metric: str) -> tuple[tuple[str, ...], ...
         for r in d.to_dict("records")
     ]
     return (header, *body)
+
+
+def _resolution(d: pd.DataFrame, metric: str) -> str:
+    """What the comparison can decide: its test images and the median half-width of its paired intervals
+    (a difference smaller than that is not told apart from zero)."""
+    if d.empty:
+        return ""
+    half = float(((d[f"{metric}_high"] - d[f"{metric}_low"]) / 2).median())
+    return (
+        f"Scored on {int(d['test_images'].iloc[0])} test images (resampled image by image); the paired "
+        f"intervals of {NAMES[metric]} are ±{half:.3f} wide (median half-width): what this comparison can "
+        "tell apart from zero."
+    )
 
 
 def _site_rows(results: pd.DataFrame, metric: str) -> tuple[tuple[str, ...], ...]:

@@ -26,8 +26,9 @@ from server.store import StoreReader
 from shared.config import load_config
 from shared.data.manifest import labelled
 from shared.data.scenario import load_scenario, scenario_sites
+from shared.data.site import load_site
 from shared.training.data import site_images
-from shared.training.finetune import build_task_model, predict_logits
+from shared.training.finetune import build_task_model, predict_logits, site_test_rows
 from shared.weights import load_weights
 from simulation.compare.report import METRICS, NAMES, mean_ci
 from tests.conftest import FEDRETINA, ROOT, write_site
@@ -50,6 +51,11 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> dict:
     iid.write_text(
         yaml.safe_dump({"name": "iid2", "split": {"kind": "iid", "source": str(site), "parts": 2}})
     )
+    # more held-out patients of the same population, scored by every arm (compare.test_sites)
+    rendered = write_site(root / "held-out", "eyepacs", 12, seed=5, test_fraction=1.0, first_id=100_000)
+    held_out = root / "held-out.yaml"
+    spec = yaml.safe_load(rendered.read_text()) | {"name": "held-out", "options": {"labels": None}}
+    held_out.write_text(yaml.safe_dump(spec))
     config = root / "compare.yaml"
     settings = {
         "profile": "tiny",
@@ -65,6 +71,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 "fedbn": {"federation.strategy": "fedbn"},
             },
             "scenarios": {str(single): ["fedavg"], str(iid): []},
+            "test_sites": [str(held_out)],
         },
     }
     config.write_text(yaml.safe_dump(settings, sort_keys=False))  # the scenarios in this order
@@ -178,6 +185,20 @@ def test_a_fedbn_arm_scores_each_sites_test_images_with_that_sites_own_batchnorm
         # equal up to the summation order of another thread count; the server's average is far off
         assert np.abs(scored["logits"][mine] - logits["own"][order]).max() < 1e-6
         assert np.abs(logits["own"] - logits["average"]).max() > 1e-4
+
+
+def test_every_arm_is_also_scored_on_the_held_out_sites_test_images(compared: dict) -> None:
+    held_out = site_test_rows(load_site(compared["root"] / "held-out.yaml"), "dr")
+    sizes = set()
+    for folder in _folders(compared).values():
+        with np.load(folder / "test.npz") as saved:
+            mine = saved["site"] == "held-out"
+            assert sorted(saved["image_id"][mine]) == sorted(held_out["image_id"]) and len(held_out) > 0
+            assert np.array_equal(saved["y"][mine][np.argsort(saved["image_id"][mine])], held_out["label_dr"])
+            sizes.add(len(saved["y"]))
+    report = (compared["out"] / "report.md").read_text()
+    assert "test images and the held-out test site(s) held-out, pooled" in report
+    assert all(f"Scored on {n} test images" in report for n in sizes)
 
 
 def test_the_reports_numbers_equal_those_recomputed_from_results_csv(compared: dict) -> None:

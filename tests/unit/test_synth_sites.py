@@ -1,5 +1,6 @@
 """`fedretina synth`'s bookkeeping: a site's data depends only on (seed, site name), finished sites are kept,
-a folder it did not write is never deleted, and an unknown profile or site is one line."""
+a folder it did not write is never deleted, an unknown profile or site is one line, and the held-out test
+site is written only when asked for."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.data.synth.catalogue import GENERATOR_VERSION, MARKER, synthesize
+from shared.data.site import load_site
+from shared.data.synth.catalogue import GENERATOR_VERSION, MARKER, PLANS, selected_plans, synthesize
 from shared.errors import ConfigError, DataError
 from tests.conftest import FEDRETINA
 from tests.unit.test_site_check import snapshot
@@ -62,3 +64,22 @@ def test_an_unknown_profile_or_site_is_one_line_and_writes_nothing(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"--only: no site \['nope'\] in the tiny plan"):
         synthesize("tiny", tmp_path / "d", tmp_path / "s", only=("nope",))
     assert not (tmp_path / "d").exists()
+
+
+def test_the_held_out_test_site_is_written_only_on_request_and_holds_only_new_held_out_patients(
+    tmp_path: Path,
+) -> None:
+    """`eyepacs-test` (compare.test_sites): absent from a full run, written by `--only`; every image is a
+    validation or test image of a patient numbered apart from the EyePACS-like site's own."""
+    data, sites = tmp_path / "data", tmp_path / "sites"
+    written = synthesize("tiny", data, sites, workers=1, only=("eyepacs", "eyepacs-test"))
+    listed = [p.stem for p in written]
+    assert listed == ["eyepacs", "eyepacs-test"]
+    site = load_site(sites / "eyepacs-test.yaml")
+    own = load_site(sites / "eyepacs.yaml")
+    assert set(site.rows["split"]) == {"val", "test"} and not (data / "eyepacs-test" / "train").exists()
+    assert len(site.rows) == 2 * 31 and site.rows["label_dr"].notna().all()
+    assert not set(site.rows["patient_id"]) & set(own.rows["patient_id"])
+    assert all(int(p) >= 100_000 for p in site.rows["patient_id"])
+    full = [p.name for p in selected_plans("cpu")]
+    assert "eyepacs-test" not in full and "eyepacs" in full and len(full) == len(PLANS["cpu"]) - 1

@@ -4,9 +4,10 @@ The natural demo federation is an EyePACS-like DR site, an MMAC-like myopia site
 unlabelled shards (each with its own camera style); beside it an unlabelled EyePACS-like screening pool (the
 labelled site's cameras, EyePACS's own grade mix: in-domain images for pretraining), an IDRiD-like lesion-
 mask set for the relevance analyses and a Messidor-2-like site (the external test of `fedretina study
-seed2`). A dataset already written with the same plan, seed and generator version is kept (re-running is
-instant); each site's images depend only on (seed, site name), so `--only` rewrites exactly what a full run
-would have written. A folder is only ever replaced if our marker says we wrote it.
+seed2`); on request (`--only eyepacs-test`) 625 more EyePACS-like patients, all held out, to score
+comparisons on. A dataset already written with the same plan, seed and generator version is kept
+(re-running is instant); each site's images depend only on (seed, site name), so `--only` rewrites exactly
+what a full run would have written. A folder is only ever replaced if our marker says we wrote it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Plan:
     styles: tuple[str, ...]
     options: tuple[tuple[str, str | None], ...] = ()
     extra: tuple[tuple[str, float], ...] = ()  # further writer arguments (idrid: grading_images)
+    on_request: bool = False  # written only when named (`--only`): a large set few runs need
 
 
 def _sites(scale: float, height: int) -> list[Plan]:
@@ -72,6 +74,18 @@ def _sites(scale: float, height: int) -> list[Plan]:
         ),
         Plan("idrid", "idrid", n(27), max(height, 256), ("idrid",), (), (("grading_images", n(60)),)),
         Plan("messidor2", "messidor2", n(100), height, ("messidor",)),  # external test site (seed2 study)
+        # 625 more EyePACS-like patients, all held out (1,000 test and 250 validation images at the cpu
+        # profile): `compare.test_sites`, for intervals narrow enough to decide +-0.01
+        Plan(
+            "eyepacs-test",
+            "eyepacs",
+            n(625),
+            height,
+            eyepacs_styles,
+            (("labels", None),),
+            (("test_fraction", 1.0), ("first_id", 100_000)),
+            on_request=True,
+        ),
     ]
 
 
@@ -88,14 +102,7 @@ def synthesize(
     """Write every site of `profile` under `data_dir/<site>/` and its YAML under `sites_dir/`.
 
     Returns the site YAML paths."""
-    if profile not in PLANS:
-        raise ConfigError(f"--profile: unknown profile {profile!r}; choose one of {', '.join(PLANS)}")
-    unknown = sorted(set(only) - {p.name for p in PLANS[profile]})
-    if unknown:
-        raise ConfigError(
-            f"--only: no site {unknown} in the {profile} plan; it has {[p.name for p in PLANS[profile]]}"
-        )
-    plans = [p for p in PLANS[profile] if not only or p.name in only]
+    plans = selected_plans(profile, only)
     jobs: list[Job] = []
     fresh: list[tuple[Plan, Path]] = []
     for plan in plans:
@@ -119,6 +126,18 @@ def synthesize(
     for plan, root in fresh:
         atomic_write_text(root / MARKER, json.dumps(_stamp(plan, seed)))
     return [write_site_yaml(plan, data_dir, sites_dir) for plan in plans]
+
+
+def selected_plans(profile: str, only: tuple[str, ...] = ()) -> list[Plan]:
+    """The sites `synthesize` writes: those named in `only`, or every site not written on request only."""
+    if profile not in PLANS:
+        raise ConfigError(f"--profile: unknown profile {profile!r}; choose one of {', '.join(PLANS)}")
+    unknown = sorted(set(only) - {p.name for p in PLANS[profile]})
+    if unknown:
+        raise ConfigError(
+            f"--only: no site {unknown} in the {profile} plan; it has {[p.name for p in PLANS[profile]]}"
+        )
+    return [p for p in PLANS[profile] if p.name in only or (not only and not p.on_request)]
 
 
 def _stamp(plan: Plan, seed: int) -> dict:

@@ -85,11 +85,13 @@ def write_eyepacs(
     styles: tuple[str, ...],
     test_fraction: float = 0.25,
     unlabelled: int = 0,
+    first_id: int = 10,
 ) -> list[Job]:
     """`train/<patient>_<eye>.jpeg` + trainLabels.csv; `test/` + retinopathy_solution.csv (Public/Private).
 
     `unlabelled`: a screening pool instead, every image in `test/` without any CSV, with EyePACS's own
-    grade proportions."""
+    grade proportions. `test_fraction` 1: a test set only (no train folder or CSV); `first_id`: the first
+    patient number, so two sites' patients never share an image name."""
     if unlabelled:
         pool = people(patients, seed, dr=SCREENING_DR_WEIGHTS, first_id=10)
         return [
@@ -99,7 +101,7 @@ def write_eyepacs(
         ]
     jobs, train, test = [], [], []
     n_test = round(patients * test_fraction)
-    for k, person in enumerate(people(patients, seed, dr=DR_WEIGHTS, first_id=10)):
+    for k, person in enumerate(people(patients, seed, dr=DR_WEIGHTS, first_id=int(first_id))):
         folder = "test" if k >= patients - n_test else "train"
         style = _style(styles, seed, person.pid)
         for eye, grade in zip(("left", "right"), person.dr, strict=True):
@@ -110,7 +112,8 @@ def write_eyepacs(
             else:
                 usage = "Public" if derive_seed(seed, "usage", person.pid) % 5 == 0 else "Private"
                 test.append({"image": name, "level": grade, "Usage": usage})
-    _csv(root / "trainLabels.csv", train)
+    if train:
+        _csv(root / "trainLabels.csv", train)
     if test:
         _csv(root / "retinopathy_solution.csv", test)
     return jobs
