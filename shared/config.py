@@ -341,7 +341,7 @@ class CompareConfig(Strict):
     encoder: str = ""
     # site YAMLs whose test images every arm is scored on too, beside the scenario sites' own: held-out
     # patients of the same population, for intervals narrow enough to decide (sites/generated/
-    # eyepacs-test.yaml: 1,000 test images, `fedretina synth --profile cpu --only eyepacs-test`)
+    # eyepacs-test.yaml: 998 test images, `fedretina synth --profile cpu --only eyepacs-test`)
     test_sites: tuple[str, ...] = ()
     metric: Literal["referable_auc", "kappa", "auc"] = "referable_auc"  # the verdict's metric
     margin: float = Field(0.02, gt=0)  # federated may lose at most this much of it to be non-inferior

@@ -74,7 +74,7 @@ def synth(
     The profile sets the size: tiny (tests, ~100 images), cpu (the demo: an EyePACS-like DR site and its
     unlabelled pool, an MMAC-like myopia site, two UK Biobank-like shards, an IDRiD-like lesion-mask set, a
     Messidor-2-like external test site; ~3,000 images), paper. `--only eyepacs-test` adds 625 held-out
-    EyePACS-like patients (1,250 images at cpu) that `compare.test_sites` scores arms on.
+    EyePACS-like patients (998 test images at cpu) that `compare.test_sites` scores arms on.
     Sites already written with the same plan and seed are kept.
 
     Example: fedretina synth --profile cpu && fedretina site check sites/generated/*.yaml

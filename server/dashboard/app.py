@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from server.dashboard import charts
-from server.dashboard.data import Store, probes, run_detail, run_rows, stores
+from server.dashboard.data import Store, probes, run_detail, run_rows, scenario_name, stores
 
 HERE = Path(__file__).parent
 COOKIE = "fedretina_dashboard"
@@ -36,6 +36,8 @@ def create_app(root: Path, token: str | None = None) -> Starlette:
     """The dashboard over every run store under `root`."""
     pages = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape())
     pages.filters["duration"] = _duration
+    pages.filters["short_seconds"] = _short_seconds
+    pages.filters["scenario_name"] = scenario_name
 
     def find(name: str) -> Store:
         for store in stores(root):
@@ -78,7 +80,7 @@ def create_app(root: Path, token: str | None = None) -> Starlette:
         return PlainTextResponse(
             _csv(rows),
             media_type="text/csv",
-            headers={"Content-Disposition": f'attachment; filename="{name}-{table}.csv"'},
+            headers={"Content-Disposition": f'attachment; filename="{name.replace("/", "-")}-{table}.csv"'},
         )
 
     async def probe_png(request: Request) -> Response:
@@ -88,15 +90,17 @@ def create_app(root: Path, token: str | None = None) -> Starlette:
             raise _NotFound(f"no such probe: {file}")
         return FileResponse(path, media_type="image/png")
 
+    # a run's name is its folder below the root, slashes included (compare's arms/federated-<digest>): the
+    # routes that end in a file match first, so a name never swallows them
     routes = [
         Route("/", runs_page),
         Route("/compare", compare_page),
-        Route("/run/{name}", run_page),
-        Route("/run/{name}/{table}.csv", table_csv),
-        Route("/run/{name}/probes/{file}", probe_png),
+        Route("/run/{name:path}/probes/{file}", probe_png),
+        Route("/run/{name:path}/{table}.csv", table_csv),
+        Route("/run/{name:path}", run_page),
         Route("/runs.csv", runs_csv),
         Route("/api/runs", runs_json),
-        Route("/api/run/{name}", run_json),
+        Route("/api/run/{name:path}", run_json),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     middleware = [Middleware(_TokenGate, token=token)] if token else []
@@ -141,6 +145,14 @@ def _csv(rows: list[dict]) -> str:
     for row in rows:
         writer.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
     return out.getvalue()
+
+
+def _short_seconds(seconds: float | None) -> str:
+    """A site's seconds in a round, as the stragglers table shows them: tenths below 10 s (a tiny round's
+    0.4 s is not "0"), whole seconds above."""
+    if seconds is None:
+        return ""
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
 
 
 def _duration(seconds: float | None) -> str:

@@ -9,6 +9,8 @@ from typing import Any
 
 Chart = dict[str, Any]
 SLOW = 1.5  # a site is flagged slow when its round took this many times the round's median
+# a reply's fate as the participation grid writes it (one letter each: refused is the Site's own refusal)
+FATE_LETTERS = {"accepted": "A", "rejected": "R", "refused": "S", "failed": "F", "timed out": "T"}
 # The per-site curves of each phase: (chart id, title, reply field, y label).
 HIDDEN_BY_SECURE_AGGREGATION = ("norm", "cosine")  # the server never sees one site's update
 PER_SITE = (
@@ -142,11 +144,11 @@ def participation(detail: dict) -> dict[str, Any]:
     def cell(site: str, column: tuple[str, int]) -> dict:
         r = replies.get((site, *column))
         if r is None:
-            return {"fate": "", "title": f"{site}: not sampled"}
+            return {"fate": "", "letter": "", "title": f"{site}: not sampled"}
         title = f"{site}, {column[0]} round {column[1]}: {r['fate']}" + (
             f": {r['reason']}" if r["reason"] else ""
         )
-        return {"fate": r["fate"], "title": title}
+        return {"fate": r["fate"], "letter": FATE_LETTERS.get(r["fate"], "?"), "title": title}
 
     return site_grid(detail, cell)
 

@@ -37,6 +37,11 @@ def stores(root: Path) -> list[Store]:
     return [Store(p, p.parent.parent.relative_to(root).as_posix() or root.name) for p in found]
 
 
+def scenario_name(scenario: str | None) -> str:
+    """A run's scenario as people name it: a YAML path's stem, a built-in scenario's name as it is."""
+    return Path(scenario).stem if "/" in (scenario or "") else scenario or ""
+
+
 def run_rows(root: Path) -> list[dict[str, Any]]:
     """The runs table: newest first, with progress, sites, elapsed time and a failed run's reason."""
     rows = []
@@ -56,7 +61,7 @@ def run_rows(root: Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": store.name,
-                "scenario": Path(run["scenario"]).stem if "/" in (run["scenario"] or "") else run["scenario"],
+                "scenario": scenario_name(run["scenario"]),
                 "strategy": run["strategy"],
                 "status": run["status"],
                 "progress": _progress(store, config),

@@ -59,6 +59,7 @@ def test_pages_show_the_stores_numbers_and_every_replys_fate(browser: object, tm
         assert REJECTED in rejected.get_attribute("title")
         refused = grid.locator("tr", has_text="site-02").locator("td").first
         assert "fate-refused" in refused.get_attribute("class") and REFUSED in refused.get_attribute("title")
+        assert (rejected.inner_text(), refused.inner_text()) == ("R", "S")  # one letter per fate
         failed = grid.locator("tr", has_text="site-03").locator("td").nth(1)  # round 2
         assert "fate-failed" in failed.get_attribute("class") and "NODE_UNAVAILABLE" in failed.get_attribute(
             "title"
@@ -80,6 +81,8 @@ def test_pages_show_the_stores_numbers_and_every_replys_fate(browser: object, tm
         assert spec["x"] == [r for r, _ in probe] and spec["series"][0]["values"] == [v for _, v in probe]
         slow = page.locator("#stragglers tr", has_text="site-04").locator("td.slow")
         assert slow.count() >= 3  # site 4 took 30 s more than the others every round it replied
+        quick = page.locator("#stragglers tr", has_text="site-00").locator("td").first
+        assert quick.inner_text() == "0.4"  # a sub-second round is not shown as 0
         assert page.request.get(base + "/run/nope").status == 404
         assert page.request.get(base + "/run/alpha/probes/..%2F..%2Fstore.sqlite").status == 404
         csv = page.request.get(base + "/run/alpha/replies.csv").text()
@@ -129,6 +132,33 @@ def test_a_page_on_a_running_run_shows_new_rounds_without_reload(browser: object
         assert len(written) == 2  # every write went through while the dashboard read
         page.goto(base + "/")
         assert "fewer than 2 accepted updates" in page.locator("#runs tbody tr").first.inner_text()
+
+
+def test_a_run_in_a_subfolder_opens_by_its_path_and_names_its_scenario(
+    browser: object, tmp_path: Path
+) -> None:
+    """compare's arms live in runs/arms/<kind>-<digest>/: the runs table links them by that path, and the
+    run page, its CSV tables and its JSON answer there; a scenario given as a YAML path is named by its stem
+    (the path on hover)."""
+    runs = tmp_path / "runs"
+    scenario = "/data/studies/camera-skew.yaml"
+    store = start(runs / "arms", "federated-3f9a", sites=3, rounds=2, scenario=scenario)
+    for rnd in (1, 2):
+        record_round(store, rnd, sites=3)
+    store.finish_run("completed")
+    page = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+    with dashboard(runs) as base:
+        page.goto(base + "/")
+        page.locator("#runs a", has_text="arms/federated-3f9a").click()
+        page.wait_for_selector("figure.chart .uplot")
+        assert page.url == base + "/run/arms/federated-3f9a"
+        meta = page.locator("p.meta span").first
+        assert meta.inner_text() == "camera-skew" and meta.get_attribute("title").endswith("camera-skew.yaml")
+        for path in ("/run/arms/federated-3f9a/replies.csv", "/api/run/arms/federated-3f9a"):
+            assert page.request.get(base + path).status == 200, path
+        assert page.request.get(base + "/run/arms/federated-3f9a/nope.csv").status == 404
+        assert page.request.get(base + "/run/arms").status == 404
+        screenshot(page, "run-in-a-subfolder")
 
 
 def test_a_100_round_10_site_run_page_renders_completely(browser: object, tmp_path: Path) -> None:

@@ -17,7 +17,10 @@ function draw(root) {
     const plot = new uPlot({
       width: Math.max(target.clientWidth, 320), height: 220, series: series,
       scales: { x: { time: false } },
-      axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200] }, { label: spec.ylabel || "" }],
+      axes: [
+        { label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200] },
+        { label: spec.ylabel || "", size: fitTicks },
+      ],
     }, data, target);
     fig.querySelector("a.png").onclick = (e) => {
       e.preventDefault();
@@ -32,6 +35,16 @@ function draw(root) {
     const t = parseFloat(el.dataset.epoch);
     el.textContent = isNaN(t) ? "" : new Date(t * 1000).toLocaleString();
   });
+}
+
+// The y axis as wide as its widest tick label: at uPlot's fixed 50 px, labels such as 18,800,000 (bytes)
+// ran under the axis title.
+function fitTicks(self, values, axisIdx, cycleNum) {
+  const axis = self.axes[axisIdx];
+  if (cycleNum > 1) return axis._size;  // uPlot asks again after laying out: keep the first answer
+  self.ctx.font = axis.font[0];
+  const widest = Math.max(0, ...(values || []).map((v) => self.ctx.measureText(String(v)).width));
+  return Math.ceil(axis.ticks.size + axis.gap + widest / devicePixelRatio + 4);
 }
 
 function save(href, name) {

@@ -74,7 +74,7 @@ def _sites(scale: float, height: int) -> list[Plan]:
         ),
         Plan("idrid", "idrid", n(27), max(height, 256), ("idrid",), (), (("grading_images", n(60)),)),
         Plan("messidor2", "messidor2", n(100), height, ("messidor",)),  # external test site (seed2 study)
-        # 625 more EyePACS-like patients, all held out (1,000 test and 250 validation images at the cpu
+        # 625 more EyePACS-like patients, all held out (998 test and 252 validation images at the cpu
         # profile): `compare.test_sites`, for intervals narrow enough to decide +-0.01
         Plan(
             "eyepacs-test",
