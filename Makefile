@@ -46,7 +46,7 @@ demo: sync  ## the main job on the embedded synthetic default (cpu profile, abou
 	eval "$$($(FR) env $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)))" && flwr run . --stream \
 		--federation-config "num-supernodes=$(DEMO_NODES) client-resources-num-cpus=1" \
 		--run-config 'profile="$(PROFILE)" scenario="natural" run-name="$(DEMO_RUN)" set="$(DEMO_SET)"'
-	$(FR) server summary runs/$(DEMO_RUN)
+	$(FR) server summary --no-table runs/$(DEMO_RUN)
 	$(FR) site evaluate sites/generated/eyepacs.yaml -m runs/$(DEMO_RUN)/federation/model.safetensors
 
 system:  ## install the Debian packages the tests need (nginx, chromium), when missing

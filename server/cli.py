@@ -187,10 +187,13 @@ def _settings(certs: Path | None, state: Path, listen: str, link_port: int, inse
 @app.command("summary")
 def summary(
     run: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/demo-20261123-150000.")],
+    table: Annotated[
+        bool, typer.Option(help="Print the per-round table (--no-table: after `flwr run`, which printed it).")
+    ] = True,
 ) -> None:
     """Print a federated run's per-round table of both phases, its status and where its outputs are.
 
-    Exits with code 1 unless the run completed.
+    Exits with code 1 unless the run completed (`flwr run` exits 0 whatever became of the run).
 
     Example: fedretina server summary runs/demo-20261123-150000
     """
@@ -202,7 +205,8 @@ def summary(
     recorded = store.run()
     if recorded is None:
         raise StoreError(f"{path}: records no run; is this a federated run's store, or a damaged one?")
-    typer.echo(summary_table(store))
+    if table:
+        typer.echo(summary_table(store))
     for row in store.events():
         if row["level"] != "info":
             typer.echo(f"{row['level']}: {row['kind']}: {row['message']}")

@@ -4,6 +4,8 @@ beyond `config`; every command parses its options, calls one library function an
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -56,6 +58,21 @@ def show_config(config: ConfigOpt = None, profile: ProfileOpt = None, overrides:
     Example: fedretina config --profile tiny --set pretrain.epochs=3
     """
     typer.echo(dump_config(resolve_config(config, profile, overrides)), nl=False)
+
+
+@contextmanager
+def resumable(command: str, again: str) -> Iterator[None]:
+    """A long job stopped by Ctrl-C or SIGTERM (a scheduler's, systemd's) ends in one line saying how to
+    continue it, exit 130; what it finished is kept (each job checkpoints as it goes)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"{command}: interrupted; {again}", err=True)
+        raise typer.Exit(130) from None
+
+
+WITH_RESUME = "run the same command with --resume to continue"
 
 
 @app.command("synth")
@@ -111,7 +128,8 @@ def pretrain(
     from simulation.centralised.pretrain import run_pretraining
 
     cfg = with_sites(resolve_config(config, profile, overrides), site, name)
-    outputs = run_pretraining(cfg, resume=resume)
+    with resumable("pretrain", WITH_RESUME):
+        outputs = run_pretraining(cfg, resume=resume)
     typer.echo(f"encoder: {outputs.encoder}")
     typer.echo(f"loss by epoch: {', '.join(f'{x:.4f}' for x in outputs.losses)}")
 
@@ -142,7 +160,8 @@ def finetune(
     from simulation.centralised.finetune import run_finetuning
 
     cfg = with_sites(resolve_config(config, profile, overrides), site, name)
-    print_report(run_finetuning(cfg, resume=resume))
+    with resumable("finetune", WITH_RESUME):
+        print_report(run_finetuning(cfg, resume=resume))
 
 
 @study_app.command("pretraining")
@@ -164,7 +183,8 @@ def pretraining_study(
     from simulation.studies.pretraining import run_pretraining_study
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
-    print_report(run_pretraining_study(cfg, resume=resume))
+    with resumable("study pretraining", WITH_RESUME):
+        print_report(run_pretraining_study(cfg, resume=resume))
 
 
 @study_app.command("seed2")
@@ -187,7 +207,8 @@ def seed2_study(
     from simulation.studies.seed2 import run_seed2_study
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
-    print_report(run_seed2_study(cfg, resume=resume))
+    with resumable("study seed2", WITH_RESUME):
+        print_report(run_seed2_study(cfg, resume=resume))
 
 
 @app.command("compare")
@@ -214,13 +235,9 @@ def compare(
     from simulation.compare.run import run_compare
 
     cfg = with_sites(resolve_config(config, profile, overrides), None, name)
-    # SIGTERM stops it as Ctrl-C does: the running simulation is stopped with it, finished arms are kept
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
+    # the running simulation is stopped with it, finished arms are kept
+    with resumable("compare", "run the same command again to continue"):
         outputs = run_compare(cfg)
-    except KeyboardInterrupt:
-        typer.echo("compare: interrupted; run the same command again to continue", err=True)
-        raise typer.Exit(130) from None
     shown = outputs.differences[["scenario", "arm", "referable_auc", "kappa", "verdict"]]
     typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
     typer.echo(f"report: {outputs.directory / 'report.html'}")

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from server.public_probe import probe_batch, probe_spark
@@ -50,9 +51,12 @@ def test_tiny_pretraining_learns_fundus_structure(tiny_sites: dict[str, Path], t
     assert after < 0.9 * before, (before, after)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_and_resumed_pretraining_equals_an_uninterrupted_run(
-    tiny_sites: dict[str, Path], tmp_path: Path
+    tiny_sites: dict[str, Path], tmp_path: Path, stop: signal.Signals
 ) -> None:
+    """Killed (a crash) or stopped (SIGTERM, as Ctrl-C: it says how to continue), then resumed: the same
+    encoder as a run never interrupted."""
     sites = [tiny_sites["ukb"], tiny_sites["mmac"]]
     straight = run_pretraining(config(tmp_path, sites, 4, "straight"))
     args = [
@@ -70,16 +74,19 @@ def test_killed_and_resumed_pretraining_equals_an_uninterrupted_run(
         *(a for s in sites for a in ("--site", str(s))),
     ]
     checkpoint = tmp_path / "runs" / "killed" / "pretrain" / "checkpoint.safetensors"
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if checkpoint.exists() and load_weights(checkpoint)[1]["epoch"] >= 2:
-            process.send_signal(signal.SIGKILL)
+            process.send_signal(stop)
             break
         time.sleep(0.05)
-    process.wait()
+    _, err = process.communicate()
     killed_at = load_weights(checkpoint)[1]["epoch"]
-    assert process.returncode == -signal.SIGKILL and killed_at < 4, "the run was not interrupted"
+    expected = -signal.SIGKILL if stop == signal.SIGKILL else 130
+    assert process.returncode == expected and killed_at < 4, "the run was not interrupted"
+    if stop == signal.SIGTERM:
+        assert err.strip().endswith("pretrain: interrupted; run the same command with --resume to continue")
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr
     a, _ = load_weights(straight.encoder)

@@ -16,6 +16,12 @@ ERROR = "fedretina: error: "
 def fedretina(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """Run `fedretina ARGS` as the console script does: (exit code, stderr). An uncaught exception (our
     bug: a traceback) propagates and fails the test."""
+    code, _, err = fedretina_output(args, capsys)
+    return code, err
+
+
+def fedretina_output(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`fedretina` above, with what the command printed: (exit code, stdout, stderr)."""
     capsys.readouterr()
     try:
         with pytest.raises(SystemExit) as ended:
@@ -25,7 +31,8 @@ def fedretina(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int,
         for handler in [h for h in root.handlers if getattr(h, "fedretina_console", False)]:
             root.removeHandler(handler)
     code = ended.value.code if isinstance(ended.value.code, int) else 1
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def one_error(err: str) -> str:
