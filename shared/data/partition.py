@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.cluster import KMeans
 
 from shared.data.splits import patient_labels
 from shared.seeding import derive_seed
@@ -53,6 +52,8 @@ def camera(df: pd.DataFrame, colour: np.ndarray, parts: int, seed: int) -> list[
     """`colour`: one feature row per image (e.g. mean and std of R, G, B inside the FOV)."""
     features = pd.DataFrame(colour, index=df.index).groupby(df["patient_id"]).mean().sort_index()
     scaled = (features - features.mean()) / features.std().replace(0, 1)
+    from sklearn.cluster import KMeans  # here: every node imports this module, few split by camera
+
     km = KMeans(n_clusters=parts, n_init=10, random_state=derive_seed(seed, "camera") % 2**32)
     clusters = km.fit_predict(scaled.to_numpy())
     return _masks(df, pd.Series(clusters, index=features.index), parts)

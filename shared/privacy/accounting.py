@@ -11,8 +11,6 @@ import math
 import warnings
 from collections.abc import Sequence
 
-from opacus.accountants import RDPAccountant
-
 Mechanism = tuple[float, float, int]  # (sigma, sample rate, steps)
 SIGMA_MAX = 1e3  # beyond this no useful training happens: a budget needing more is spent
 
@@ -24,6 +22,8 @@ def epsilon(history: Sequence[Mechanism], delta: float) -> float:
         return 0.0
     if any(s <= 0 for s, _, _ in steps):
         return math.inf
+    from opacus.accountants import RDPAccountant  # here: a site without DP never pays opacus's import
+
     accountant = RDPAccountant()
     accountant.history = steps
     with warnings.catch_warnings():  # "optimal order is the largest alpha": a loose but valid bound

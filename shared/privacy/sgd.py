@@ -8,9 +8,9 @@ nothing of DP:
 - batches are Poisson samples of UNITS: each patient (or image) joins a batch with probability
   q = batch_size / images, so a batch holds batch_size images on average; empty and one-image batches are
   real steps (noise only, or one image), since skipping them would depend on the data;
-- Opacus's GradSampleModule records each image's gradient; `UnitOptimizer` sums them per unit, clips each
-  unit's sum to `clip`, adds N(0, (sigma clip)^2) and divides by batch_size (a constant: the true batch size
-  is private), then the wrapped optimiser (LAMB, AdamW, SGD) steps on that;
+- Opacus's GradSampleModule records each image's gradient; `UnitOptimizer` (`units.py`) sums them per
+  unit, clips each unit's sum to `clip`, adds N(0, (sigma clip)^2) and divides by batch_size (a constant:
+  the true batch size is private), then the wrapped optimiser (LAMB, AdamW, SGD) steps on that;
 - sampling and noise draw from the OS's entropy, never from the run seed, which the server knows: a seeded
   noise could be subtracted and a seeded sample would void the subsampling amplification. A private run is
   therefore not bitwise reproducible; everything else (augmentation, masks, order inside a batch) still is.
@@ -20,21 +20,23 @@ from __future__ import annotations
 
 import secrets
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from shared.privacy.accounting import Mechanism
 from shared.seeding import generator
+
+if TYPE_CHECKING:
+    from shared.privacy.units import UnitOptimizer
 
 UNITS = ("patient", "image")
 
@@ -75,6 +77,10 @@ class PrivateSGD:
     @contextmanager
     def attached(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[UnitOptimizer]:
         """`optimizer` made private for `model`, whose per-sample gradient hooks are removed afterwards."""
+        from opacus import GradSampleModule  # here: a site without DP never pays opacus's import
+
+        from shared.privacy.units import UnitOptimizer
+
         gsm = GradSampleModule(
             model, batch_first=True, loss_reduction="mean", force_functorch=self.mode == "functorch"
         )
@@ -120,33 +126,6 @@ class PrivateSGD:
         """Tell the optimiser which unit each image of the coming step belongs to (none: an empty batch)."""
         assert self.optimizer is not None, "PrivateSGD.before_step outside attached()"
         self.optimizer.units = batch["unit"] if batch else torch.zeros(0, dtype=torch.long)
-
-
-class UnitOptimizer(DPOptimizer):
-    """Opacus's DPOptimizer whose "samples" are units: per-image gradients are summed per unit first.
-
-    Parameters that took no part in the step (another task's head) have zero per-sample gradients and get
-    noise like the rest: an empty batch, where no parameter has any, must look like every other step."""
-
-    units: torch.Tensor = torch.zeros(0, dtype=torch.long)
-
-    def pre_step(self, closure: Callable[[], float] | None = None) -> bool | None:
-        self._per_unit()
-        return super().pre_step(closure)
-
-    def _per_unit(self) -> None:
-        """Replace each parameter's per-image gradients by per-unit sums (Opacus then clips those)."""
-        unique, inverse = torch.unique(self.units, return_inverse=True)
-        for p in self.params:
-            grads = p.grad_sample
-            if grads is None:
-                p.grad_sample = p.new_zeros((len(unique), *p.shape))
-                continue
-            grads = torch.cat(grads) if isinstance(grads, list) else grads
-            if len(unique) < len(grads):  # some unit has several images in this batch
-                summed = grads.new_zeros((len(unique), *grads.shape[1:]))
-                grads = summed.index_add_(0, inverse.to(grads.device), grads)
-            p.grad_sample = grads
 
 
 class PoissonBatches(Sampler[list[int]]):

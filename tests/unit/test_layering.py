@@ -1,6 +1,7 @@
 """Architecture rules that keep the picture true: `shared` never imports Flower, the deployable `client` and
 `server` packages never import the `simulation` package (nor each other), no import runs back up a layer,
-and no module imports itself round a cycle (TYPE_CHECKING and function-level imports included)."""
+and no module imports itself round a cycle (TYPE_CHECKING and function-level imports included); the ClientApp
+imports neither opacus nor scikit-learn's clustering."""
 
 from __future__ import annotations
 
@@ -139,3 +140,12 @@ def test_the_import_graph_has_no_cycle() -> None:
         if node not in state:
             visit(node, [node])
     assert cycles == [], cycles
+
+
+def test_the_client_app_imports_neither_opacus_nor_sklearns_clustering() -> None:
+    """A deployed site starts a new ClientApp process for every message (Flower's design), so what its
+    import pulls in is paid per message: opacus (DP only) and scikit-learn's clustering (camera splits only)
+    are imported where they are used."""
+    probe = "import sys, client.app; print([m for m in ('opacus', 'sklearn.cluster') if m in sys.modules])"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout.strip() == "[]", found.stdout + found.stderr
