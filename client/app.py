@@ -181,3 +181,11 @@ def train_secure(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     site, spec = _round(msg, context)
     return _reply(msg, evaluate_round(site, spec, _weights(msg)))
+
+
+@app.evaluate("test")
+@_private
+def final_test(msg: Message, context: Context) -> Message:
+    """The run's final model on this site's held-out test patients: metrics only, as every reply."""
+    site, spec = _round(msg, context)
+    return _reply(msg, evaluate_round(site, spec, _weights(msg), test=True))

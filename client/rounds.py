@@ -45,6 +45,7 @@ from shared.training.finetune import (
     finetune_split,
     score_rows,
     site_tasks,
+    site_test_rows,
     task_weights,
 )
 from shared.training.moments import MimeMoments, named_moments, with_moments
@@ -224,9 +225,10 @@ def round_span(spec: RoundSpec) -> Span:
     return Span.round(spec.round, spec.rounds, f.local_epochs, f.local_steps)
 
 
-def evaluate_round(site: Site, spec: RoundSpec, arrays: Tensors) -> dict[str, float]:
-    """The global model on this site's validation images: `<task>-<metric>` for EVERY federation task (NaN
-    and 0 examples for tasks the site lacks), so all sites reply with the same keys."""
+def evaluate_round(site: Site, spec: RoundSpec, arrays: Tensors, test: bool = False) -> dict[str, float]:
+    """The global model on this site's validation images, or (`test`: the run's final evaluation) on its
+    held-out test patients, which no round trained on or selected by: `<task>-<metric>` for EVERY federation
+    task (NaN and 0 examples for tasks the site lacks), so all sites reply with the same keys."""
     cfg = spec.config
     device = configure_torch(cfg)
     model = build_task_model(cfg, spec.tasks)
@@ -235,7 +237,10 @@ def evaluate_round(site: Site, spec: RoundSpec, arrays: Tensors) -> dict[str, fl
     held = site_tasks(site.rows, tuple(spec.tasks))
     out: dict[str, float] = {}
     for task in spec.tasks:
-        rows = finetune_split(site.rows, task, cfg)[1] if task in held else site.rows.iloc[0:0]
+        if task not in held:
+            rows = site.rows.iloc[0:0]
+        else:
+            rows = site_test_rows(site, task) if test else finetune_split(site.rows, task, cfg)[1]
         values = score_rows(model, site, cfg, task, rows, device)
         out[task_key(task, NUM_EXAMPLES)] = len(rows)
         out |= {task_key(task, k): float(v) for k, v in values.items()}

@@ -55,8 +55,12 @@ class Recorder:
         if verdict.reason:
             log.warning("%s round %d: rejected %s's update: %s", self.phase, rnd, site.name, verdict.reason)
 
-    def evaluated(self, rnd: int, site: SiteInfo, metrics: dict[str, float], examples: int) -> None:
-        self._reply(rnd, "evaluate", site, num_examples=examples, metrics=metrics)
+    def evaluated(
+        self, rnd: int, site: SiteInfo, metrics: dict[str, float], examples: int, kind: str = "evaluate"
+    ) -> None:
+        """A site's scores of the round's model: on its validation images, or (`kind` "test") the final
+        model's on its held-out test patients."""
+        self._reply(rnd, kind, site, num_examples=examples, metrics=metrics)
 
     def failed(self, rnd: int, kind: str, site: SiteInfo, reason: str, code: int | None) -> None:
         """A site sent nothing usable: an error reply (with Flower's code), or no reply before the timeout."""

@@ -1,5 +1,5 @@
 """What people read about a run, from the run store alone: the console's line per round, and the
-end-of-run table of both phases."""
+end-of-run table of both phases, with the final model's scores on each site's held-out test patients."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from server.store import StoreReader
 from shared.federation.wire import EPSILON, SECONDS, TRAIN_LOSS
 
 SHOWN = ("auc", "kappa")  # per task in the summary table; the console line adds accuracy
+TESTED = ("referable_auc", "auc", "kappa", "accuracy", "f1_weighted")  # the final test table's columns
 
 
 def round_line(store: StoreReader, phase: str, rnd: int, total: int) -> str:
@@ -90,6 +91,50 @@ def summary_table(store: StoreReader) -> str:
         ]
         if r["status"] not in ("ok", "running"):
             cells[2] += f" ({r['status']})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + final_test_table(store)
+
+
+def final_test_rows(store: StoreReader) -> list[dict]:
+    """The final model's scores at each site that holds a task's test images: site, task, test images and
+    the metrics (`TESTED`) it sent; then, per task over several sites, their image-weighted mean (the sites
+    keep their predictions, so pooled metrics cannot be computed here)."""
+    rows = []
+    for reply in store.replies(kind="test"):
+        metrics = reply["metrics"]
+        tasks = sorted({k[: -len("-num-examples")] for k in metrics if k.endswith("-num-examples")})
+        for task in tasks:
+            images = int(metrics[f"{task}-num-examples"])
+            if images:
+                shown = {m: metrics[f"{task}-{m}"] for m in TESTED if f"{task}-{m}" in metrics}
+                rows.append({"site": reply["site"], "task": task, "images": images} | shown)
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        if len(mine) > 1:
+            total = sum(r["images"] for r in mine)
+            mean = {
+                m: sum(r[m] * r["images"] for r in mine) / total
+                for m in TESTED
+                if all(m in r and not math.isnan(r[m]) for r in mine)
+            }
+            rows.append({"site": "image-weighted mean", "task": task, "images": total} | mean)
+    return rows
+
+
+def final_test_table(store: StoreReader) -> str:
+    """`final_test_rows` as markdown ("" when the run made no final test)."""
+    rows = final_test_rows(store)
+    if not rows:
+        return ""
+    header = ["site", "task", "test images", *TESTED]
+    lines = [
+        "\nThe final model on each site's held-out test patients (never trained on, never used to choose a "
+        "round):\n",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for r in rows:
+        cells = [r["site"], r["task"], str(r["images"]), *(_fmt(r.get(m)) for m in TESTED)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -236,6 +236,14 @@ class FederatedRun:
         save_weights(
             self.dir / "model.safetensors", _tensors(final), weights_meta(self.cfg, "task-model", tasks=tasks)
         )
+        self._final_test(tasks, total, final)
+
+    def _final_test(self, tasks: dict[str, int], total: int, final: Arrays) -> None:
+        """Every site that holds labels scores the final model on its own held-out test patients (never
+        trained on, never used to choose a round); the scores are stored and summarised per site."""
+        strategy = FedRetina(self.spec, FINETUNE, tasks, self.directory, Recorder(self.store, FINETUNE))
+        asked = list(strategy.configure_test(total, to_record(final), self.grid))
+        strategy.aggregate_test(total, stream_replies(self.grid, asked, self.cfg.federation.reply_timeout_s))
 
     def _run_phase(
         self, phase: str, tasks: dict[str, int], saved: Saved | None, pretrained: Arrays | None

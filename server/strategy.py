@@ -278,6 +278,20 @@ class FedRetina(Strategy):
         self.recorder.metrics(server_round, "federated-eval", merged)
         return MetricRecord(merged) if merged else None
 
+    def configure_test(self, rnd: int, arrays: ArrayRecord, grid: Grid) -> Iterable[Message]:
+        """The final model to every site that holds a task's labels (none sampled out), to score on its own
+        held-out test patients."""
+        self.sent = self.directory.wait(grid, self._eligible)
+        return self._messages(arrays, rnd, "evaluate", action=TEST)
+
+    def aggregate_test(self, rnd: int, replies: Iterable[Message]) -> None:
+        """Each site's test scores, as it sent them (pooling would need the predictions, which stay at the
+        sites): the summary and the dashboard show them per site, with their image-weighted mean."""
+        for msg, site in self._match(replies, rnd, TEST):
+            metrics = dict(msg.content[METRICS])
+            examples = sum(int(metrics.get(task_key(t, NUM_EXAMPLES), 0)) for t in self.tasks)
+            self.recorder.evaluated(rnd, site, metrics, examples, kind=TEST)
+
     def summary(self) -> None:
         f = self.federation
         work = f"{f.local_steps} local steps" if f.local_steps else f"{f.local_epochs} local epoch(s)"
@@ -295,15 +309,16 @@ class FedRetina(Strategy):
         return self.phase == PRETRAIN or any(t in site.labelled for t in self.tasks)
 
     def _messages(
-        self, arrays: ArrayRecord, rnd: int, kind: str, moments: Arrays | None = None
+        self, arrays: ArrayRecord, rnd: int, kind: str, moments: Arrays | None = None, action: str = ""
     ) -> list[Message]:
-        """One message per sent site; kept, since the grid gives each its id when it pushes it."""
+        """One message per sent site (`kind.action`, the phase by default); kept, since the grid gives each
+        its id when it pushes it."""
         spec = ConfigRecord(to_wire(RoundSpec(self.run, self.phase, rnd, self.tasks)))
         buffers, layouts = pack_records({k: v.numpy() for k, v in arrays.items()}, moments)
         packed = {name: ArrayRecord({PACKED: Array(buffer)}) for name, buffer in buffers.items()}
         content = RecordDict({**packed, LAYOUT: ConfigRecord(layouts), SPEC: spec})
         self.outbox = [
-            (Message(content, dst_node_id=s.node_id, message_type=f"{kind}.{self.phase}"), s)
+            (Message(content, dst_node_id=s.node_id, message_type=f"{kind}.{action or self.phase}"), s)
             for s in self.sent
         ]
         return [message for message, _ in self.outbox]
@@ -375,6 +390,7 @@ class FedRetina(Strategy):
                 self.recorder.failed(rnd, kind, site, reason, code)
 
 
+TEST = "test"  # the final evaluation's message action and replies' kind
 HALTED = "secure aggregation halted: fewer sites than its reconstruction threshold answered; no update used"
 DROPPED = "dropped out of the secure aggregation before sending its masked update"
 BROKEN_SUM = "the secure sum holds NaN or Inf (one site's update was broken; which one is hidden)"

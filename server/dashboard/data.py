@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.report import TESTED, final_test_rows
 from server.store import StoreError, StoreReader
 from shared.federation.wire import EPSILON, SECONDS, TRAIN_LOSS
 
@@ -116,6 +117,8 @@ def run_detail(store: Store) -> dict[str, Any]:
         "events": reader.events(),
         "probes": probes(store),
         "centralised": _centralised_curve(store, config),
+        "final_test": [{m: _num(r.get(m)) for m in TESTED} | _named(r) for r in final_test_rows(reader)],
+        "tested": TESTED,
     }
 
 
@@ -187,6 +190,11 @@ def _eta(rounds: list[dict], config: dict) -> float | None:
         return None
     done.sort()
     return done[len(done) // 2] * left
+
+
+def _named(row: dict) -> dict:
+    """A final test row's site, task and test images (its metrics apart)."""
+    return {k: row[k] for k in ("site", "task", "images")}
 
 
 def _num(value: Any) -> float | None:

@@ -10,7 +10,7 @@ from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from client.app import describe, evaluate, train, train_secure
+from client.app import describe, evaluate, final_test, train, train_secure
 
 DROPS = {"pretrain": {2}, "finetune": {1, 2}}
 
@@ -34,3 +34,4 @@ app.train("pretrain")(train)
 app.train("finetune")(train)
 app.train(mods=[secaggplus_mod, _drop])(train_secure)
 app.evaluate("finetune")(evaluate)
+app.evaluate("test")(final_test)

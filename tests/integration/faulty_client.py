@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import describe, evaluate, train
+from client.app import describe, evaluate, final_test, train
 from shared.federation.wire import LAYOUT, MOMENTS, PACKED, pack_records, unpacked
 
 PATIENT_PATH = "/hospital/Jane-Doe-1961-04-02/site.yaml"
@@ -53,3 +53,4 @@ app.query()(describe)
 app.train("pretrain")(train)
 app.train("finetune")(train)
 app.evaluate("finetune")(evaluate)
+app.evaluate("test")(final_test)

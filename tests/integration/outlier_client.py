@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import describe, evaluate, train
+from client.app import describe, evaluate, final_test, train
 from shared.federation.wire import LAYOUT, PACKED, pack_records, unpacked
 
 ATTACKER = 2  # the partition that lies
@@ -43,3 +43,4 @@ app.query()(describe)
 app.train("pretrain")(train)
 app.train("finetune")(train)
 app.evaluate("finetune")(evaluate)
+app.evaluate("test")(final_test)

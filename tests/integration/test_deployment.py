@@ -72,6 +72,10 @@ def test_two_sites_run_both_phases_over_tls_with_node_authentication(federation:
     trained = store(federation, "SELECT phase, site, metrics FROM replies WHERE kind = 'train'")
     devices = {(phase, site): json.loads(metrics)[DEVICES] for phase, site, metrics in trained}
     assert devices == {(p, s): 2 if s == "mmac" else 1 for p in PHASES for s in SITES}
+    # after phase 2 every site scored the final model on its held-out test patients, over the same wire
+    assert store(federation, "SELECT site FROM replies WHERE kind = 'test' ORDER BY site") == [
+        (s,) for s in sorted(SITES)
+    ]
     # node ids are the ones registration gave: a site keeps its identity across restarts
     joined = dict(store(federation, "SELECT site, node_id FROM sites"))
     assert {k: int(v) for k, v in joined.items()} == federation.nodes

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,9 @@ import pytest
 import torch
 import yaml
 
+from client.evaluate import evaluate_model
 from shared.config import load_config
+from shared.data.site import load_site
 from shared.models import TaskModel, nnmobilenet
 from shared.weights import load_weights
 from tests.conftest import FEDRETINA, ROOT, write_site
@@ -85,6 +88,24 @@ def test_two_virtual_sites_run_both_phases_through_flwr_run(
     assert "pretrain round 1/1: 2/2 sites, loss " in console and "finetune round 1/1: 2/2 sites" in console
     assert "Aggregated MetricRecord" not in console  # Flower's raw dumps stay out of the console
     assert "| pretrain | 1 | 2/2 |" in (fed / "summary.md").read_text()
+    _the_final_test_is_each_sites_own_scoring(run, tiny_sites)
+
+
+def _the_final_test_is_each_sites_own_scoring(run: Path, tiny_sites: dict[str, Path]) -> None:
+    """After phase 2 each site scores the final model on its held-out test patients: what it sends equals
+    `fedretina site evaluate`'s scores of the exported model at that site, and the summary shows it. The
+    MMAC-like site holds no test split: it replies with 0 images and gets no row."""
+    tested = dict(store_rows(run, "SELECT site, metrics FROM replies WHERE kind = 'test'"))
+    assert sorted(tested) == ["eyepacs", "mmac"]
+    sent = json.loads(tested["eyepacs"])
+    (score,) = evaluate_model(load_site(tiny_sites["eyepacs"]), run / "federation" / "model.safetensors")
+    assert score.task == "dr" and sent["dr-num-examples"] == score.images > 0
+    for key, value in score.metrics.items():
+        assert sent[f"dr-{key}"] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+    assert json.loads(tested["mmac"])["mmac-num-examples"] == 0
+    summary = (run / "federation" / "summary.md").read_text()
+    row = f"| eyepacs | dr | {score.images} | {score.metrics['referable_auc']:.4f} |"
+    assert "held-out test patients" in summary and row in summary and "| mmac |" not in summary
 
 
 # ---------------------------------------------------------------------------------------- one site holds all
