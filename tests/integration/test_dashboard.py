@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FEDRETINA
-from tests.integration.dashboard_store import REFUSED, REJECTED, record_round, start
+from tests.integration.dashboard_store import REFUSED, REJECTED, record_final_test, record_round, start
 from tests.integration.web import dashboard, screenshot
 
 pytestmark = pytest.mark.integration
@@ -39,6 +39,7 @@ def test_pages_show_the_stores_numbers_and_every_replys_fate(browser: object, tm
         store = start(runs, name, sites=5, rounds=4)
         for rnd in (1, 2, 3, 4):
             record_round(store, rnd, sites=5, pace=pace)
+        record_final_test(store, 4, {0: (30, 0.9), 4: (10, 0.7)})
         store.finish_run("completed")
     db = runs / "alpha" / "federation" / "store.sqlite"
     page = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
@@ -67,7 +68,7 @@ def test_pages_show_the_stores_numbers_and_every_replys_fate(browser: object, tm
         # the epsilon shown per site is its last reply's, as stored
         stored = {
             site: json.loads(m)["privacy-epsilon"]
-            for site, m in rows(db, "SELECT site, metrics FROM replies WHERE round = 4 ORDER BY site")
+            for site, m in rows(db, "SELECT site, metrics FROM replies WHERE round = 4 AND kind = 'train'")
             if m != "{}"
         }
         shown = dict(
@@ -83,6 +84,13 @@ def test_pages_show_the_stores_numbers_and_every_replys_fate(browser: object, tm
         assert slow.count() >= 3  # site 4 took 30 s more than the others every round it replied
         quick = page.locator("#stragglers tr", has_text="site-00").locator("td").first
         assert quick.inner_text() == "0.4"  # a sub-second round is not shown as 0
+        rows_shown = page.locator("#final-test tbody tr").all()
+        final = [[c.inner_text() for c in r.locator("td").all()] for r in rows_shown]
+        assert [r[:4] for r in final] == [
+            ["site-00", "dr", "30", "0.900"],
+            ["site-04", "dr", "10", "0.700"],
+            ["image-weighted mean", "dr", "40", "0.850"],  # (30 x 0.9 + 10 x 0.7) / 40
+        ]
         assert page.request.get(base + "/run/nope").status == 404
         assert page.request.get(base + "/run/alpha/probes/..%2F..%2Fstore.sqlite").status == 404
         csv = page.request.get(base + "/run/alpha/replies.csv").text()
