@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from shared.config import PROFILES, ConfigError, load_config, parse_overrides
-from tests.conftest import FEDRETINA
+from tests.conftest import FEDRETINA, ROOT
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -22,6 +22,15 @@ def test_every_profile_resolves_to_a_valid_config(profile: str) -> None:
     assert cfg.profile == profile
     assert cfg.data.image_size % 32 == 0
     assert cfg.pretrain.batch_size >= 2
+
+
+@pytest.mark.parametrize("study", sorted(p.name for p in (ROOT / "simulation" / "studies").glob("*.yaml")))
+def test_every_shipped_study_config_resolves(study: str) -> None:
+    """The study and comparison configs the docs tell people to run are valid as shipped; compare's name
+    only strategies they define."""
+    cfg = load_config(ROOT / "simulation" / "studies" / study)
+    for names in cfg.compare.scenarios.values():
+        assert set(names) <= set(cfg.compare.strategies)
 
 
 def test_profiles_differ_where_they_should() -> None:
