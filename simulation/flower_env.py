@@ -33,7 +33,10 @@ PROJECT_ROOT = APP_ROOT
 def flower_env(home: Path | None = None, ray_address: str | None = None) -> dict[str, str]:
     """Variables to export before any `flwr` command (only those; merge with `os.environ` yourself).
     `ray_address` (HOST:PORT) attaches the local SuperLink's simulations to a running Ray cluster: Flower's
-    Ray backend calls `ray.init()`, which joins the cluster `RAY_ADDRESS` names."""
+    Ray backend calls `ray.init()`, which joins the cluster `RAY_ADDRESS` names. Without it, `local`: a
+    bare `ray.init()` joins the last cluster any `ray start` on this machine left in
+    /tmp/ray/ray_current_cluster (someone else's, busy, or long dead), so a simulation always starts its
+    own unless told otherwise."""
     home = (home or PROJECT_ROOT / ".flwr").resolve()
     digest = int.from_bytes(hashlib.blake2b(str(home).encode(), digest_size=4).digest(), "little")
     # 20000..31998, even (control API on the next port): below Linux's ephemeral range (32768+), where any
@@ -47,7 +50,8 @@ def flower_env(home: Path | None = None, ray_address: str | None = None) -> dict
         "FLWR_TELEMETRY_ENABLED": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    } | ({"RAY_ADDRESS": ray_address} if ray_address else {})
+        "RAY_ADDRESS": ray_address or "local",
+    }
 
 
 def flwr_run_command(nodes: int, run_config: Mapping[str, object], cpus_per_node: int = 1) -> list[str]:

@@ -26,10 +26,11 @@ from tests.conftest import ROOT
 class Flower:
     home: Path
     app: Path  # the app directory `flwr run .` starts from (the project root, or a test app)
+    ray_address: str | None = None  # a running Ray cluster's head to run on (None: a fresh local instance)
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, **flower_env(self.home)}
+        return {**os.environ, **flower_env(self.home, self.ray_address)}
 
     def command(self, nodes: int, run_config: dict[str, object]) -> list[str]:
         return flwr_run_command(nodes, run_config)

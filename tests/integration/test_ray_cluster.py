@@ -6,8 +6,14 @@ the path, the server records only the error's class, and the run goes on with th
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
 import socket
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,31 +28,51 @@ from tests.integration.web import free_port
 pytestmark = pytest.mark.integration
 
 
-def _ray(*args: str) -> None:
-    subprocess.run([str(VENV_BIN / "ray"), *args], check=True, capture_output=True, timeout=180)
+def _ray_start(*args: str) -> int:
+    """`ray start ARGS` leading a process group of its own, which its daemons join: the group's id."""
+    process = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    if process.wait(timeout=180) != 0:
+        raise RuntimeError(f"ray start {' '.join(args)} failed")
+    return process.pid
 
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
+    """A head (no CPUs) and a worker node (2 CPUs) on this machine, in a temp dir of their own, so their
+    `ray_current_cluster` is not the machine's; stopped by their own process groups only (`ray stop` would
+    end every Ray process here, the other tests' simulations included)."""
     address = f"127.0.0.1:{free_port()}"
     port = address.rsplit(":", 1)[1]
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live below it
+    own, groups = f"--temp-dir={temp}", []
     try:
-        _ray("start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false")
-        _ray("start", f"--address={address}", "--num-cpus=2")
+        head = ("--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false")
+        groups.append(_ray_start(*head, own))
+        groups.append(_ray_start(f"--address={address}", "--num-cpus=2", own))
         yield address
     finally:
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True, timeout=180)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for group in groups:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, sig)
+            time.sleep(2)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_simulation_runs_on_the_worker_node_and_names_the_node_missing_a_site(
-    ray_cluster: str, tiny_sites: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_cluster: str, tiny_sites: dict[str, Path], tmp_path: Path
 ) -> None:
     missing, absent = tmp_path / "lost.yaml", tmp_path / "absent"
     missing.write_text(yaml.safe_dump({"name": "lost", "format": "eyepacs", "root": str(absent)}))
     plan = tmp_path / "two.yaml"
     plan.write_text(yaml.safe_dump({"name": "two", "sites": [str(tiny_sites["eyepacs"]), str(missing)]}))
-    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)  # what `eval "$(fedretina env --ray-address ...)"` exports
-    flower = Flower(tmp_path / "flwr-home", ROOT)
+    # the environment `eval "$(fedretina env --ray-address ...)"` exports
+    flower = Flower(tmp_path / "flwr-home", ROOT, ray_address=ray_cluster)
     runs = tmp_path / "runs"
     try:
         result = flower.run(
