@@ -146,9 +146,8 @@ def _train(
     _load_global(model, arrays, state, spec.round - 1)
     method = _method(model.to(device), data, spec, device)
     mime = MimeMoments(model, carried or {}) if plan.server_moments else None  # the server's, held fixed
-    scaffold = None
-    if plan.control_variates:  # the server's and the site's own, held fixed
-        scaffold = ControlVariates(model, carried or {}, state.controls_before())
+    own = state.controls_before() if plan.control_variates else {}  # SCAFFOLD: the site's own variates
+    scaffold = ControlVariates(model, carried or {}, own) if plan.control_variates else None  # held fixed
     hook = mime or scaffold
     chained = None if plan.server_state else carried  # the previous site's moments, along a chain
     result = run_phase(
@@ -170,8 +169,10 @@ def _train(
     if spec.phase != PRETRAIN:  # the encoder and the heads this site trained; other heads stay the server's
         weights = {k: v for k, v in weights.items() if k.startswith((ENCODER, *map(head_prefix, data)))}
     controls = scaffold.controls(weights) if scaffold is not None else None
-    if keeps:
-        state.after_round(model, result.optimizer, result.step, controls)
+    if keeps:  # every variate the site holds, this round's replacing the ones it steps
+        state.after_round(
+            model, result.optimizer, result.step, own | controls if controls is not None else None
+        )
     moments = None  # what travels back with the weights, if anything
     if keeps and scaffold is not None:
         moments = controls

@@ -97,16 +97,17 @@ class SiteState:
         step: int,
         controls: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Keep this round's optimiser state (and BatchNorm under FedBN, the control variates under
-        SCAFFOLD: the previous ones updated by this round's `controls`), and record the progress."""
+        """Keep this round's optimiser state (and BatchNorm under FedBN, under SCAFFOLD every control
+        variate the site holds, `controls`), and record the progress."""
         spec, rnd = self.spec, self.spec.round
         if self.fedbn:
             keys = bn_keys(model)
             tensors = {k: v for k, v in model.state_dict().items() if k in keys}
             save_weights(_state_file(self.dir, spec.phase, "bn", rnd), tensors, self._meta("site-batchnorm"))
         if controls is not None:
-            kept = self.controls_before() | controls
-            save_weights(_state_file(self.dir, spec.phase, "control", rnd), kept, self._meta("site-control"))
+            save_weights(
+                _state_file(self.dir, spec.phase, "control", rnd), controls, self._meta("site-control")
+            )
         save_checkpoint(
             _state_file(self.dir, spec.phase, "optimizer", rnd),
             self._meta("site-optimizer"),

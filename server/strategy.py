@@ -43,6 +43,7 @@ from shared.federation.aggregation import (
     Verdict,
     buffer_keys,
     check_moments,
+    check_scores,
     check_update,
     cycle_order,
     merge_metrics,
@@ -264,12 +265,7 @@ class FedRetina(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if not self.sent:
             return None
-        rows = []
-        for msg, site in self._match(replies, server_round, "evaluate"):
-            metrics = dict(msg.content[METRICS])
-            examples = sum(int(metrics.get(task_key(t, NUM_EXAMPLES), 0)) for t in self.tasks)
-            self.recorder.evaluated(server_round, site, metrics, examples)
-            rows.append(metrics)
+        rows = self._scores(replies, server_round, "evaluate")
         merged: dict[str, float] = {}
         for task in self.tasks:  # each task's metrics weighted by its own validation images
             weight = task_key(task, NUM_EXAMPLES)
@@ -287,10 +283,22 @@ class FedRetina(Strategy):
     def aggregate_test(self, rnd: int, replies: Iterable[Message]) -> None:
         """Each site's test scores, as it sent them (pooling would need the predictions, which stay at the
         sites): the summary and the dashboard show them per site, with their image-weighted mean."""
-        for msg, site in self._match(replies, rnd, TEST):
+        self._scores(replies, rnd, TEST)
+
+    def _scores(self, replies: Iterable[Message], rnd: int, kind: str) -> list[dict[str, float]]:
+        """Each site's evaluation metrics (`kind` evaluate or test), recorded as they come; a reply whose
+        counts or scores are malformed (`check_scores`) is recorded as failed, with why, and left out."""
+        out = []
+        for msg, site in self._match(replies, rnd, kind):
             metrics = dict(msg.content[METRICS])
+            wrong = check_scores(metrics, self.tasks)
+            if wrong is not None:
+                self.recorder.failed(rnd, kind, site, f"malformed evaluation metrics: {wrong}", None)
+                continue
             examples = sum(int(metrics.get(task_key(t, NUM_EXAMPLES), 0)) for t in self.tasks)
-            self.recorder.evaluated(rnd, site, metrics, examples, kind=TEST)
+            self.recorder.evaluated(rnd, site, metrics, examples, kind=kind)
+            out.append(metrics)
+        return out
 
     def summary(self) -> None:
         f = self.federation

@@ -193,6 +193,20 @@ def average(updates: Iterable[Update], reference: Mapping[str, np.ndarray]) -> A
     return running.result()
 
 
+def check_scores(metrics: Mapping[str, object], tasks: Iterable[str]) -> str | None:
+    """Why a site's evaluation reply (validation or final test) cannot be recorded, or None: each task's
+    image count must be 0 or a whole count below 2^26, and no score infinite (NaN is a task the site does
+    not hold)."""
+    for task in tasks:
+        count = metrics.get(task_key(task, NUM_EXAMPLES), 0)
+        if count != 0 and not _whole_count(count):
+            return f"{task_key(task, NUM_EXAMPLES)} is {count!r}, not a whole count of images below 2^26"
+    for key, value in metrics.items():
+        if not isinstance(value, int | float) or math.isinf(value):
+            return f"{key} is {value!r}, not a finite score"
+    return None
+
+
 def _whole_count(examples: object) -> bool:
     return (
         isinstance(examples, int | float)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from shared.errors import ConfigError
-from shared.training.moments import CONTROL, SEPARATOR, split
+from shared.training.moments import CONTROL, SEPARATOR, split, stepping
 
 
 class ControlVariates:
@@ -42,17 +42,14 @@ class ControlVariates:
         optimizer.register_step_pre_hook(self._before_step)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                name, grad = self.names[param], param.grad
-                self.sums.setdefault(name, torch.zeros_like(grad)).add_(grad)
-                self.counts[name] = self.counts.get(name, 0) + 1
-                if name in self.server:
-                    grad.add_(self.server[name].to(grad))
-                if name in self.own:
-                    grad.sub_(self.own[name].to(grad))
+        for param, grad in stepping(optimizer):
+            name = self.names[param]
+            self.sums.setdefault(name, torch.zeros_like(grad)).add_(grad)
+            self.counts[name] = self.counts.get(name, 0) + 1
+            if name in self.server:
+                grad.add_(self.server[name].to(grad))
+            if name in self.own:
+                grad.sub_(self.own[name].to(grad))
 
     def controls(self, names: Collection[str]) -> dict[str, torch.Tensor]:
         """The site's new control variate of every parameter in `names` that took a step this round

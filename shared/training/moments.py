@@ -9,7 +9,7 @@ on which task heads a site's model holds; names do not. Every tensor entry of a 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -21,6 +21,15 @@ SEPARATOR = "/"
 _ADAM = frozenset({"step", "exp_avg", "exp_avg_sq"})
 ENTRIES = {"adamw": _ADAM, "lamb": _ADAM, "sgd": frozenset({"momentum_buffer"})}  # per optimiser name
 CONTROL = "control"  # SCAFFOLD's one entry per parameter: a control variate (`shared/training/control.py`)
+
+
+def stepping(optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, its gradient) for each parameter the optimiser's coming step moves, in its groups'
+    order: what a step pre-hook (MimeLite's, SCAFFOLD's) works on."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                yield param, param.grad
 
 
 def state_entries(strategy: Strategy, optimizer: str) -> frozenset[str]:
@@ -101,23 +110,20 @@ class MimeMoments:
         optimizer.register_step_pre_hook(self._before_step)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                name, grad = self.names[param], param.grad.detach()
-                held = self.frozen.get(name)
-                if held is None:
-                    optimizer.state.pop(param, None)  # the optimiser starts it afresh, at every step
-                else:
-                    device = param.device  # a step count stays on the CPU, as torch keeps it
-                    optimizer.state[param] = {
-                        k: v.clone() if k == "step" else v.to(device, copy=True) for k, v in held.items()
-                    }
-                total, squares = self.sums.setdefault(name, (torch.zeros_like(grad), torch.zeros_like(grad)))
-                total.add_(grad)
-                squares.addcmul_(grad, grad)
-                self.counts[name] = self.counts.get(name, 0) + 1
+        for param, grad in stepping(optimizer):
+            name, grad = self.names[param], grad.detach()
+            held = self.frozen.get(name)
+            if held is None:
+                optimizer.state.pop(param, None)  # the optimiser starts it afresh, at every step
+            else:
+                device = param.device  # a step count stays on the CPU, as torch keeps it
+                optimizer.state[param] = {
+                    k: v.clone() if k == "step" else v.to(device, copy=True) for k, v in held.items()
+                }
+            total, squares = self.sums.setdefault(name, (torch.zeros_like(grad), torch.zeros_like(grad)))
+            total.add_(grad)
+            squares.addcmul_(grad, grad)
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def moments(self, names: Collection[str]) -> dict[str, torch.Tensor]:
         """The state the centralised optimiser would hold after this round's steps, for every parameter in

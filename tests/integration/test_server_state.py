@@ -17,6 +17,25 @@ from tests.integration.flower import Flower, assert_completed, iid_scenario, set
 pytestmark = pytest.mark.integration
 
 
+def _two_sites_two_rounds(
+    strategy: str, tiny_sites: dict[str, Path], tmp_path: Path, factory: pytest.TempPathFactory
+) -> Path:
+    """A completed tiny run of `strategy`: the APTOS-like site split IID in two, two rounds of each phase;
+    its run folder (`tmp_path/runs/<strategy>`)."""
+    plan = iid_scenario(tmp_path, tiny_sites["aptos"], 2)
+    fl = Flower(factory.mktemp(f"flwr-home-{strategy}"), ROOT)
+    settings = {"federation__strategy": strategy, "federation__rounds_pretrain": 2}
+    settings |= {"federation__rounds_finetune": 2, "federation__min_sites": 2}
+    config = {"profile": "tiny", "scenario": str(plan), "run-name": strategy}
+    try:
+        result = fl.run(2, config | {"set": sets(runs_dir=tmp_path / "runs", **settings)})
+    finally:
+        fl.stop()
+    run = tmp_path / "runs" / strategy
+    assert_completed(result, run, fl.home)
+    return run
+
+
 def test_the_servers_moments_travel_and_accumulate_over_rounds(
     tiny_sites: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -24,17 +43,7 @@ def test_the_servers_moments_travel_and_accumulate_over_rounds(
     the server's, so after round 2 the server's step count is twice round 1's (a site that restarted
     from its own or a fresh state would send K again), its second moments are positive where it
     trained, and a reply costs the weights plus two moments (about 3x FedAvg's bytes)."""
-    plan = iid_scenario(tmp_path, tiny_sites["aptos"], 2)
-    fl = Flower(tmp_path_factory.mktemp("flwr-home-mime"), ROOT)
-    settings = {"federation__strategy": "mime", "federation__rounds_pretrain": 2}
-    settings |= {"federation__rounds_finetune": 2, "federation__min_sites": 2}
-    config = {"profile": "tiny", "scenario": str(plan), "run-name": "mime"}
-    try:
-        result = fl.run(2, config | {"set": sets(runs_dir=tmp_path / "runs", **settings)})
-    finally:
-        fl.stop()
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = tmp_path / "runs" / "mime"
+    run = _two_sites_two_rounds("mime", tiny_sites, tmp_path, tmp_path_factory)
     assert store_rows(run, "SELECT DISTINCT accepted, aggregated FROM replies WHERE kind = 'train'") == [
         (1, 1)
     ]
@@ -60,17 +69,7 @@ def test_the_servers_control_variate_is_the_average_of_the_ones_its_sites_keep(
     """SCAFFOLD with two IID sites, two rounds of each phase: each site keeps its own control variates in
     its state folder, the server's after round 2 are the example-weighted average of the two sites' (the
     replies carry exactly what the sites keep), and a reply costs the weights plus one variate (2x)."""
-    plan = iid_scenario(tmp_path, tiny_sites["aptos"], 2)
-    fl = Flower(tmp_path_factory.mktemp("flwr-home-scaffold"), ROOT)
-    settings = {"federation__strategy": "scaffold", "federation__rounds_pretrain": 2}
-    settings |= {"federation__rounds_finetune": 2, "federation__min_sites": 2}
-    config = {"profile": "tiny", "scenario": str(plan), "run-name": "scaffold"}
-    try:
-        result = fl.run(2, config | {"set": sets(runs_dir=tmp_path / "runs", **settings)})
-    finally:
-        fl.stop()
-    run = tmp_path / "runs" / "scaffold"
-    assert_completed(result, run, fl.home)
+    run = _two_sites_two_rounds("scaffold", tiny_sites, tmp_path, tmp_path_factory)
     (uid,) = store_rows(run, "SELECT run_uid FROM runs")[0]
     saved = Checkpoints(run / "federation" / "checkpoints")
     for phase in ("pretrain", "finetune"):

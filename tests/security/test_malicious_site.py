@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from server.directory import SiteInfo
 from server.recorder import Recorder
@@ -18,7 +18,7 @@ from server.store import RunStore, StoreReader
 from server.strategy import FedRetina
 from shared.config import load_config
 from shared.federation.aggregation import average, check_update, site_update
-from shared.federation.wire import PRETRAIN, RunSpec
+from shared.federation.wire import FINETUNE, METRICS, PRETRAIN, RunSpec
 from tests.conftest import UID
 
 pytestmark = pytest.mark.security
@@ -87,3 +87,59 @@ def test_a_replayed_reply_or_one_to_another_round_counts_for_nothing(tmp_path: P
     assert matched == ["s1"]
     fates = [(r["site"], r["reason"]) for r in StoreReader(store.path).replies()]
     assert fates == [("s2", f"timed out: no reply within {cfg.federation.reply_timeout_s:g} s")]
+
+
+SCORES: dict[str, tuple[dict[str, float], str]] = {
+    "count NaN": ({"dr-num-examples": float("nan"), "dr-auc": 0.9}, "dr-num-examples is nan"),
+    "count of a billion": ({"dr-num-examples": 10**9, "dr-auc": 0.9}, "dr-num-examples is 1000000000"),
+    "count fractional": ({"dr-num-examples": 2.5, "dr-auc": 0.9}, "dr-num-examples is 2.5"),
+    "score infinite": ({"dr-num-examples": 10, "dr-auc": float("inf")}, "dr-auc is inf, not a finite score"),
+}
+
+
+@pytest.mark.parametrize("kind", ["evaluate", "test"])
+def test_malformed_evaluation_scores_are_recorded_as_failed_and_left_out(tmp_path: Path, kind: str) -> None:
+    """Validation and final-test replies carry counts and scores the server averages and shows: a site
+    sending a count that is no whole number of images, or an infinite score, is recorded as failed with
+    why (never a crash of the server, never in the average or the final test table); the honest site's
+    scores are what is kept."""
+    cfg = load_config(profile="tiny")
+    store = RunStore(tmp_path / "store.sqlite", "r")
+    store.start_run(UID, 1, "", "fedavg", {})
+    strategy = FedRetina(RunSpec(cfg, UID, ""), FINETUNE, {"dr": 5}, None, Recorder(store, FINETUNE))  # type: ignore[arg-type]
+    sites = [
+        SiteInfo(node_id=n, name=f"s{n}", partition=0, images=1, labelled={"dr": 5}, classes={})
+        for n in range(1, len(SCORES) + 2)
+    ]
+    action = "finetune" if kind == "evaluate" else kind
+    sent = [
+        Message(
+            RecordDict({}),
+            metadata=Metadata(1, f"m{s.node_id}", 0, s.node_id, "", "", 0.0, 60.0, f"evaluate.{action}"),
+        )
+        for s in sites
+    ]
+    strategy.outbox, strategy.sent = list(zip(sent, sites, strict=True)), sites
+    honest = {"dr-num-examples": 10, "dr-auc": 0.8}
+
+    def reply(site: SiteInfo, metrics: dict[str, float]) -> Message:
+        meta = Metadata(
+            1, f"r{site.node_id}", site.node_id, 0, f"m{site.node_id}", "", 0.0, 60.0, f"evaluate.{action}"
+        )
+        return Message(RecordDict({METRICS: MetricRecord(metrics)}), metadata=meta)
+
+    replies = [reply(sites[0], honest)] + [
+        reply(s, m) for s, (m, _) in zip(sites[1:], SCORES.values(), strict=True)
+    ]
+    if kind == "evaluate":
+        merged = strategy.aggregate_evaluate(1, replies)
+        assert merged is not None and merged["dr-auc"] == pytest.approx(0.8)
+    else:
+        strategy.aggregate_test(1, replies)
+    recorded = {r["site"]: r for r in StoreReader(store.path).replies(kind=kind)}
+    assert recorded["s1"]["accepted"] and recorded["s1"]["metrics"]["dr-auc"] == pytest.approx(0.8)
+    for site, (_, why) in zip(sites[1:], SCORES.values(), strict=True):
+        row = recorded[site.name]
+        assert (
+            not row["accepted"] and why in row["reason"] and "malformed evaluation metrics" in row["reason"]
+        )
