@@ -299,12 +299,18 @@ class StudyConfig(Strict):
     pretrain_sites: tuple[str, ...] = ()
     label_counts: tuple[int, ...] = (50, 200, 0)  # labelled images per arm, train + validation; 0 = all
     seeds: tuple[int, ...] = (0, 1, 2)
+    # pretraining: SparK once per seed (init `spark-seed<k>`, runs/NAME/spark-seed<k>/pretrain/), so the
+    # encoder's own variance counts; empty: once with the experiment's seed (`spark`, runs/NAME/pretrain/)
+    pretrain_seeds: tuple[int, ...] = ()
     probe_every: int = Field(2, ge=1)  # pretraining epochs between the probe curve's encoder snapshots
     # Further encoder exports to compare like `spark` (e.g. a federated SparK run's encoder.safetensors).
     encoders: dict[str, str] = Field(default_factory=dict)
     compare_to: str = "scratch"  # the init every difference is taken against
     # seed2: labelled sites scored only (a Messidor-2-like external test), never trained on
     external_sites: tuple[str, ...] = ()
+    # pretraining: held-out sites of the labelled sites' population (e.g. the synth plan eyepacs-test) whose
+    # test splits join the test split every arm is scored on, so its intervals narrow; never trained on
+    test_sites: tuple[str, ...] = ()
     # seed2: the architectures, each with its dotted overrides (e.g. resnet50: {data.image_size: 96})
     archs: dict[Literal["nnmobilenet", "resnet50"], dict[str, Any]] = Field(
         default_factory=lambda: {"nnmobilenet": {}, "resnet50": {}}
@@ -529,13 +535,12 @@ def _resolve_paths(user: dict[str, Any], base: Path) -> None:
             spec["weights"] = str((base / spec["weights"]).resolve())
     study = user.get("study")
     if isinstance(study, dict):
-        if isinstance(study.get("pretrain_sites"), list):
-            study["pretrain_sites"] = [str((base / s).resolve()) for s in study["pretrain_sites"]]
+        for key in ("pretrain_sites", "external_sites", "test_sites"):
+            if isinstance(study.get(key), list):
+                study[key] = [str((base / s).resolve()) for s in study[key]]
         for key in ("encoders", "imagenet"):
             if isinstance(study.get(key), dict):
                 study[key] = {k: str((base / v).resolve()) for k, v in study[key].items()}
-        if isinstance(study.get("external_sites"), list):
-            study["external_sites"] = [str((base / s).resolve()) for s in study["external_sites"]]
 
 
 def override(

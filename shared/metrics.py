@@ -153,21 +153,32 @@ def paired_difference_ci(
     *,
     rounds: int = 1000,
     seed: int = 0,
+    seeds_grid: tuple[int, int] | None = None,
 ) -> tuple[float, float, float]:
     """(difference, 2.5%, 97.5%) of mean_s metric(b_s) - metric(a_s) over paired runs s scored on the same
-    images: every resample draws the images once and re-scores every run on them, so the interval holds
-    the test set's sampling and the runs' spread together."""
+    images: every resample draws the images once and re-scores every run on them. With `seeds_grid`
+    (P, S), the runs are a P x S grid in row-major order (pretraining seed x fine-tuning seed) and each
+    resample also draws P rows and S columns with replacement, so the interval holds the spread of both
+    seeds beside the test set's sampling, not only the images'."""
+    grid = seeds_grid or (1, len(probs_a))
+    if grid[0] * grid[1] != len(probs_a):
+        raise ValueError(f"seeds_grid {grid} does not hold {len(probs_a)} runs")
 
-    def difference(idx: np.ndarray) -> float:
+    def differences(idx: np.ndarray) -> np.ndarray:
         y = np.asarray(y_true)[idx]
-        return float(
-            np.mean([metric(y, b[idx]) - metric(y, a[idx]) for a, b in zip(probs_a, probs_b, strict=True)])
-        )
+        pairs = zip(probs_a, probs_b, strict=True)
+        return np.array([metric(y, b[idx]) - metric(y, a[idx]) for a, b in pairs]).reshape(grid)
+
+    def drawn(rng: np.random.Generator) -> float:
+        d = differences(rng.integers(0, n, n))
+        if seeds_grid is not None:
+            d = d[np.ix_(rng.integers(0, grid[0], grid[0]), rng.integers(0, grid[1], grid[1]))]
+        return float(d.mean())
 
     rng = np.random.default_rng(seed)
     n = len(y_true)
-    values = [v for _ in range(rounds) if not math.isnan(v := difference(rng.integers(0, n, n)))]
-    point = difference(np.arange(n))
+    values = [v for _ in range(rounds) if not math.isnan(v := drawn(rng))]
+    point = float(differences(np.arange(n)).mean())
     if not values:
         return point, math.nan, math.nan
     low, high = np.percentile(values, [2.5, 97.5])

@@ -58,6 +58,7 @@ from shared.training.finetune import (
     predict,
     predict_logits,
     reestimate_batchnorm,
+    site_test_rows,
     softmax,
     task_weights,
 )
@@ -208,10 +209,14 @@ def run_arm(study: Study, arm: Arm) -> list[dict]:
 
 
 def cohort_of(
-    cfg: ExperimentConfig, external: tuple[str, ...] = (), sites: list[Site] | None = None
+    cfg: ExperimentConfig,
+    external: tuple[str, ...] = (),
+    sites: list[Site] | None = None,
+    held_out: tuple[str, ...] = (),
 ) -> Cohort:
-    """The labelled images of the configured sites (or of `sites`), and of the `external` site YAMLs
-    (scored only)."""
+    """The labelled images of the configured sites (or of `sites`), of the `external` site YAMLs (scored
+    only), and the test splits of the `held_out` site YAMLs (more patients of the same population, joined
+    to the test split so its intervals narrow; never trained on)."""
     task = cfg.finetune.task
     column = label_column(task)
     sites = {s.name: s for s in (sites or load_sites(cfg.sites)) if column in s.rows}
@@ -220,13 +225,18 @@ def cohort_of(
             f"finetune.task: no configured site holds labels for task {task!r} (column {column})"
         )
     outside = {s.name: s for s in load_sites(external)} if external else {}
-    if shared := sorted(set(outside) & set(sites)):
-        raise ConfigError(f"study.external_sites: {shared} also trains; an external site must be new")
-    for name, site in outside.items():
-        if column not in site.rows or not len(labelled(site.rows, task)):
-            raise ConfigError(f"study.external_sites: site {name} holds no {task!r} labels to score")
+    kept = {s.name: s for s in load_sites(held_out)} if held_out else {}
+    for key, extra_sites in (("external_sites", outside), ("test_sites", kept)):
+        if shared := sorted(set(extra_sites) & set(sites)):
+            raise ConfigError(f"study.{key}: {shared} also trains; a site scored only must be new")
+        for name, site in extra_sites.items():
+            if column not in site.rows or not len(labelled(site.rows, task)):
+                raise ConfigError(f"study.{key}: site {name} holds no {task!r} labels to score")
     data = pd.concat([_site_unique(labelled(s.rows, task), n) for n, s in sites.items()], ignore_index=True)
     dev, test = data[data["split"] != "test"], data[data["split"] == "test"]
+    if kept:
+        more = [_site_unique(site_test_rows(s, task), n) for n, s in kept.items()]
+        test = pd.concat([test, *more], ignore_index=True)
     scored = [_site_unique(labelled(s.rows, task), n) for n, s in outside.items()]
     extra = pd.concat(scored, ignore_index=True) if scored else data.iloc[0:0]
     log.info(
@@ -238,7 +248,7 @@ def cohort_of(
         ", ".join(sites),
     )
     return Cohort(
-        sites | outside,
+        sites | outside | kept,
         dev.reset_index(drop=True),
         test.reset_index(drop=True),
         column,

@@ -140,23 +140,59 @@ def differences(
     rows = []
     for amount in amounts:
         runs = {n: [predictions(out, seed, amount.arm(n), split) for seed in s.seeds] for n in inits}
-        y = runs[s.compare_to][0].y
         for name in inits:
-            if name == s.compare_to:
-                continue
-            row = {"labels": amount.key, "init": name, "versus": s.compare_to, "split": split}
-            for key, metric in metrics.items():
-                point, low, high = paired_difference_ci(
-                    y,
-                    runs[s.compare_to],
-                    runs[name],
-                    metric,
-                    rounds=cfg.finetune.bootstrap,
-                    seed=derive_seed(cfg.seed, "study-bootstrap", amount.key),
-                )
-                row |= {key: point, f"{key}_low": low, f"{key}_high": high}
-            rows.append(row | {"seeds": len(s.seeds)})
+            if name != s.compare_to:
+                rows.append(_difference(cfg, amount, name, runs[s.compare_to], runs[name], metrics, split))
     return pd.DataFrame(rows)
+
+
+def pooled_differences(
+    cfg: ExperimentConfig,
+    out: Path,
+    label: str,
+    inits: list[str],
+    amounts: list[Amount],
+    metrics: dict[str, Metric],
+    split: str = "test",
+) -> pd.DataFrame:
+    """Per amount: the mean of (init - study.compare_to) over `inits` (one per pretraining seed) and the
+    fine-tuning seeds, named `label`, its 95% CI drawn over the images, the pretraining seeds and the
+    fine-tuning seeds together (`paired_difference_ci`'s seeds grid): the encoder's own variance counts."""
+    s = cfg.study
+    rows = []
+    for amount in amounts:
+        reference = [predictions(out, seed, amount.arm(s.compare_to), split) for seed in s.seeds]
+        runs = [predictions(out, seed, amount.arm(n), split) for n in inits for seed in s.seeds]
+        grid = (len(inits), len(s.seeds))
+        row = _difference(cfg, amount, label, reference * len(inits), runs, metrics, split, grid)
+        rows.append(row | {"pretrain_seeds": len(inits)})
+    return pd.DataFrame(rows)
+
+
+def _difference(
+    cfg: ExperimentConfig,
+    amount: Amount,
+    name: str,
+    reference: list[Predictions],
+    runs: list[Predictions],
+    metrics: dict[str, Metric],
+    split: str,
+    grid: tuple[int, int] | None = None,
+) -> dict:
+    """One row of differences: each metric's mean paired difference with its bootstrap interval."""
+    row = {"labels": amount.key, "init": name, "versus": cfg.study.compare_to, "split": split}
+    for key, metric in metrics.items():
+        point, low, high = paired_difference_ci(
+            reference[0].y,
+            reference,
+            runs,
+            metric,
+            rounds=cfg.finetune.bootstrap,
+            seed=derive_seed(cfg.seed, "study-bootstrap", amount.key),
+            seeds_grid=grid,
+        )
+        row |= {key: point, f"{key}_low": low, f"{key}_high": high}
+    return row | {"seeds": len(cfg.study.seeds)}
 
 
 def predictions(out: Path, seed: int, arm: Arm, split: str) -> Predictions:

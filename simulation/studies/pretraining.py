@@ -7,9 +7,11 @@
 3. Fine-tuning of {scratch, spark, + `study.encoders`} x `study.label_counts` x `study.seeds` on the labelled
    `sites`, by `fedretina finetune`'s arm (CV fold 0 of each seed; the label subset, the heads' start and the
    batch order are the same for every init, so arms are paired), each scored on the labelled sites' own test
-   split (disjoint patients, the same images for every arm).
+   split plus the test splits of `study.test_sites` (disjoint patients, the same images for every arm).
 4. Per label count, each init minus `study.compare_to`: the seeds' mean difference of referable-DR AUC
-   (primary), kappa and macro AUC with a paired bootstrap 95% interval over the test images.
+   (primary), kappa and macro AUC with a paired bootstrap 95% interval over the test images. With
+   `study.pretrain_seeds`, SparK is pretrained once per seed (init `spark-seed<k>`) and one more row pools
+   them, its interval drawn over images, pretraining seeds and fine-tuning seeds.
 
 Writes runs/NAME/study/: arms.csv (one row per arm and split), probe.csv, differences.csv, table.md,
 summary.json, auc_vs_labels.png and probe.png; every arm's files under seed<k>/. Resumable: the pretraining
@@ -38,6 +40,7 @@ from simulation.studies.paired import (
     differences,
     differences_table,
     means_table,
+    pooled_differences,
     run_arms,
     study_metrics,
 )
@@ -60,24 +63,34 @@ def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> Rep
             f"{arms_csv} exists: pass --resume to finish that study, or pick another --name"
         )
     given = {n: InitConfig(kind="spark", weights=w) for n, w in s.encoders.items()}
-    if s.compare_to not in {"scratch", "spark", *given}:
-        raise ConfigError(f"study.compare_to: {s.compare_to!r} is not one of {['scratch', 'spark', *given]}")
+    sparks = _pretraining_runs(cfg)
+    if s.compare_to not in {"scratch", *sparks, *given}:
+        raise ConfigError(f"study.compare_to: {s.compare_to!r} is not one of {['scratch', *sparks, *given]}")
     for init in given.values():  # before the pretraining: a wrong file is found in seconds, not an hour
         check_init(init.kind, init.weights, cfg.model)
-    encoder = _pretrained(cfg, resume)
-    inits = {"scratch": InitConfig(), "spark": InitConfig(kind="spark", weights=str(encoder)), **given}
+    encoders = {name: _pretrained(pre, resume) for name, pre in sparks.items()}
+    inits = {
+        "scratch": InitConfig(),
+        **{n: InitConfig(kind="spark", weights=str(e)) for n, e in encoders.items()},
+        **given,
+    }
     cfg = cfg.model_copy(
         update={
             "finetune": cfg.finetune.model_copy(update={"protocol": "cv", "inits": inits, "run_folds": 1})
         }
     )
     out = start_run_dir(cfg, "study")
-    cohort = cohort_of(cfg)
-    probe = _probe_curve(cfg, cohort, encoder.parent / "encoders", out)
+    cohort = cohort_of(cfg, held_out=s.test_sites)
+    probe = _probe_curve(cfg, cohort, next(iter(encoders.values())).parent / "encoders", out)
     amounts = [Amount(count=c) for c in s.label_counts]
     arms = run_arms(cfg, cohort, inits, amounts, out, resume=resume)
-    diffs = differences(cfg, out, list(inits), amounts, study_metrics(cfg))
-    table = _table(arms, diffs, probe, cfg, amounts)
+    metrics = study_metrics(cfg)
+    diffs = differences(cfg, out, list(inits), amounts, metrics)
+    if len(encoders) > 1 and s.compare_to not in encoders:
+        label = f"spark ({len(encoders)} pretraining seeds)"
+        pooled = pooled_differences(cfg, out, label, list(encoders), amounts, metrics)
+        diffs = pd.concat([diffs, pooled], ignore_index=True)
+    table = _table(arms, diffs, probe, cfg, amounts, len(cohort.test))
     atomic_write_text(out / "differences.csv", diffs.to_csv(index=False))
     atomic_write_text(out / "table.md", table)
     summary = {"differences": diffs.to_dict("records"), "probe": probe.to_dict("records")}
@@ -87,8 +100,9 @@ def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> Rep
     return Report(out, table)
 
 
-def _pretrained(cfg: ExperimentConfig, resume: bool) -> Path:
-    """The SparK encoder of runs/NAME/pretrain/: trained here unless finished (continued on --resume)."""
+def _pretraining_runs(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
+    """The SparK pretraining runs by init name: `spark` in runs/NAME/pretrain/ with the experiment's seed,
+    or, per `study.pretrain_seeds` k, `spark-seed<k>` in runs/NAME/spark-seed<k>/pretrain/ with seed k."""
     pre = cfg.model_copy(
         update={
             "sites": cfg.study.pretrain_sites,
@@ -97,6 +111,17 @@ def _pretrained(cfg: ExperimentConfig, resume: bool) -> Path:
             ),
         }
     )
+    seeds = cfg.study.pretrain_seeds
+    if not seeds:
+        return {"spark": pre}
+    return {
+        f"spark-seed{k}": pre.model_copy(update={"seed": k, "name": f"{cfg.name}/spark-seed{k}"})
+        for k in seeds
+    }
+
+
+def _pretrained(pre: ExperimentConfig, resume: bool) -> Path:
+    """The encoder of the pretraining run `pre`: trained here unless finished (continued on --resume)."""
     encoder = run_dir(pre, "pretrain") / "encoder.safetensors"
     if encoder.exists():
         log.info("SparK encoder already pretrained: %s", encoder)
@@ -134,14 +159,24 @@ def _probe_curve(cfg: ExperimentConfig, cohort: Cohort, snapshots: Path, out: Pa
 
 
 def _table(
-    arms: pd.DataFrame, diffs: pd.DataFrame, probe: pd.DataFrame, cfg: ExperimentConfig, amounts: list[Amount]
+    arms: pd.DataFrame,
+    diffs: pd.DataFrame,
+    probe: pd.DataFrame,
+    cfg: ExperimentConfig,
+    amounts: list[Amount],
+    test_images: int,
 ) -> str:
-    """Means ± std over seeds per init and label count (test split), then the paired differences."""
+    """Means ± std over seeds per init and label count (test split), then the paired differences with the
+    test split's size and the intervals' median half-width (what the study can resolve)."""
     lines = means_table(arms, amounts, list(COMPARED))
+    half = ((diffs["referable_auc_high"] - diffs["referable_auc_low"]) / 2).median()
+    pooled = "; a pooled row's interval also redraws the pretraining and fine-tuning seeds" * (
+        "pretrain_seeds" in diffs
+    )
     lines += [
         "",
-        f"Paired differences versus {cfg.study.compare_to} (mean over seeds; "
-        "95% bootstrap CI over the test images):",
+        f"Paired differences versus {cfg.study.compare_to} (mean over seeds; 95% bootstrap CI over the "
+        f"{test_images} test images{pooled}; median half-width of the referable-AUC intervals ±{half:.3f}):",
         "",
         *differences_table(diffs, amounts, list(COMPARED)),
     ]

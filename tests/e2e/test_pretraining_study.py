@@ -7,9 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+import yaml
 
 from shared.config import load_config
+from shared.data.site import load_site
+from shared.training.finetune import site_test_rows
+from shared.weights import load_weights
 from simulation.studies.pretraining import run_pretraining_study
+from tests.conftest import write_site
 
 
 def test_study_pairs_arms_and_reports_differences_with_intervals(
@@ -50,3 +56,49 @@ def test_study_pairs_arms_and_reports_differences_with_intervals(
     run_pretraining_study(cfg, resume=True)  # nothing left to train: arms.csv is rewritten unchanged
     assert pd.read_csv(out / "arms.csv", dtype={"labels": str}).equals(arms)
     assert stamp <= (out / "arms.csv").stat().st_mtime_ns
+
+
+def test_pretraining_seeds_pool_into_one_difference_scored_on_held_out_patients_too(
+    eyepacs40: Path, tmp_path: Path, tiny_sites: dict[str, Path]
+) -> None:
+    """`study.pretrain_seeds`: one SparK per seed, each its own init; the pooled row is the mean of theirs,
+    its interval redrawn over the seeds too. `study.test_sites`: every arm scores their test images beside
+    the site's own."""
+    rendered = write_site(tmp_path / "held", "eyepacs", 12, seed=5, test_fraction=1.0, first_id=100_000)
+    held_out = tmp_path / "held-out.yaml"
+    held_out.write_text(
+        yaml.safe_dump(
+            yaml.safe_load(rendered.read_text()) | {"name": "held-out", "options": {"labels": None}}
+        )
+    )
+    cfg = load_config(
+        profile="tiny",
+        overrides={
+            "sites": [str(eyepacs40)],
+            "runs_dir": str(tmp_path / "runs"),
+            "name": "seeds",
+            "pretrain.epochs": 1,
+            "finetune.steps": 2,
+            "finetune.bootstrap": 20,
+            "study.pretrain_sites": [str(tiny_sites["ukb"])],
+            "study.pretrain_seeds": [0, 1],
+            "study.test_sites": [str(held_out)],
+            "study.label_counts": [10],
+            "study.seeds": [0, 1],
+        },
+    )
+    out = run_pretraining_study(cfg).directory
+    encoders = [tmp_path / f"runs/seeds/spark-seed{k}/pretrain/encoder.safetensors" for k in (0, 1)]
+    first, second = (load_weights(e)[0] for e in encoders)
+    assert any(not first[k].equal(second[k]) for k in first)  # two pretrainings, not one twice
+    with np.load(out / "seed0/predictions/test/spark-seed1_10img_fold0.npz") as saved:
+        scored = saved["y_true"]
+    own, more = (len(site_test_rows(load_site(p), "dr")) for p in (eyepacs40, held_out))
+    assert more > 0 and len(scored) == own + more  # the held-out site's test images beside the site's own
+    diff = pd.read_csv(out / "differences.csv", dtype={"labels": str}).set_index("init")
+    assert set(diff.index) == {"spark-seed0", "spark-seed1", "spark (2 pretraining seeds)"}
+    pooled = diff.loc["spark (2 pretraining seeds)"]
+    for key in ("referable_auc", "kappa"):  # the mean over the 2 x 2 grid is the mean of the two rows
+        assert pooled[key] == pytest.approx(diff.loc[["spark-seed0", "spark-seed1"], key].mean())
+    assert pooled["pretrain_seeds"] == 2 and pooled["referable_auc_low"] <= pooled["referable_auc_high"]
+    assert f"{own + more} test images; a pooled row's interval also redraws" in (out / "table.md").read_text()

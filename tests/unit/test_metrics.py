@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
 from shared.data.labels import referable_logit_probability, referable_probability
-from shared.metrics import bootstrap_ci, evaluate_predictions, mean_std, metric_keys
+from shared.metrics import bootstrap_ci, evaluate_predictions, mean_std, metric_keys, paired_difference_ci
 
 RNG = np.random.default_rng(0)
 
@@ -121,3 +121,24 @@ def test_referable_from_logits_is_a_softmax_over_the_two_sums(threshold: int) ->
     assert not np.allclose(got, referable_probability(probs, threshold))
     shifted = referable_logit_probability(logits + 1.0, threshold)
     assert not np.allclose(shifted, got)
+
+
+def test_a_seeds_grid_interval_holds_the_seeds_spread_that_an_images_only_interval_cannot() -> None:
+    """Runs whose difference is a constant per (pretraining seed, fine-tuning seed), whatever the images: an
+    interval over images alone is that mean exactly; the grid's redraws the seeds, so it spans their
+    spread, inside the smallest and largest constant."""
+    y = np.arange(50) % 2
+    base = np.random.default_rng(0).random(50)
+    shifts = np.array([[0.00, 0.02, 0.04], [0.10, 0.12, 0.14]])  # 2 pretraining x 3 fine-tuning seeds
+    runs = [base + c for c in shifts.ravel()]
+
+    def mean(_: np.ndarray, p: np.ndarray) -> float:
+        return float(p.mean())
+
+    point, low, high = paired_difference_ci(y, [base] * 6, runs, mean, rounds=300, seed=2)
+    assert point == pytest.approx(shifts.mean()) and low == pytest.approx(high) == pytest.approx(point)
+    point, low, high = paired_difference_ci(y, [base] * 6, runs, mean, rounds=300, seed=2, seeds_grid=(2, 3))
+    assert point == pytest.approx(shifts.mean())
+    assert shifts.min() <= low < point - 0.03 and point + 0.03 < high <= shifts.max()
+    with pytest.raises(ValueError, match=r"seeds_grid \(4, 3\) does not hold 6 runs"):
+        paired_difference_ci(y, [base] * 6, runs, mean, seeds_grid=(4, 3))
