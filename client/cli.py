@@ -104,6 +104,36 @@ def serve(
     )
 
 
+@app.command("doctor")
+def doctor(
+    site: Annotated[Path, typer.Argument(help="The site YAML it would serve.")],
+    superlink: Annotated[
+        str | None, typer.Option(help="The server's address for sites, HOST:PORT (as for `serve`).")
+    ] = None,
+    ca: Annotated[Path | None, typer.Option(help="The federation's CA certificate (ca.crt).")] = None,
+    key: Annotated[Path | None, typer.Option(help="The site's private key (default: `site keys`').")] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="The server runs without TLS (closed test networks).")
+    ] = False,
+) -> None:
+    """Can this site join the federation? One line per check, each OK or the problem and its fix.
+
+    The site YAML and its dataset (`site check`'s verdict), the state folder, disk space, the key pair and
+    its permissions, approved app versions, CPU/GPU/memory; then, with --superlink, DNS, a TCP connection,
+    the TLS handshake against --ca with the server's name checked against its certificate, the certificate's
+    expiry, the clock against the server's, and whether the server knows this site's key (a signed Fleet
+    call that leaves the node offline). Exit code 0 only when the site can join. Sends no data.
+
+    Example: fedretina site doctor eyepacs.yaml --superlink fl.hospital.org:9092 --ca ca.crt
+    """
+    from client.doctor import diagnose, report
+
+    text, ready = report(diagnose(site, superlink, ca, key, insecure))
+    typer.echo(text)
+    if not ready:
+        raise typer.Exit(1)
+
+
 @app.command("stop")
 def stop(site: Annotated[Path, typer.Argument(help="The site YAML it serves.")]) -> None:
     """Stop a site daemon started without --foreground.
