@@ -32,7 +32,7 @@ uv:  # bootstrap uv from pip when it is missing
 # PYTHONDONTWRITEBYTECODE is set (as on our development machine) none would ever find a .pyc (measured: 6.4 -> 3.4 s
 # of CPU per process importing torch, torchvision, flwr and ray; the compile costs 35 s once).
 sync: uv  ## install the locked environment into .venv
-	@$(UV) sync --locked --extra dev --quiet --compile-bytecode
+	@$(UV) sync --locked --extra dev --extra mlflow --quiet --compile-bytecode
 
 # The demo's fine-tuning: 16 rounds with class-weighted losses. The DR head sees only the EyePACS-like
 # site's images while the encoder is averaged with the MMAC site's each round; in 6 unweighted rounds it

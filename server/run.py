@@ -36,6 +36,7 @@ from server.report import round_line, summary_table
 from server.secure import secure_round
 from server.store import RunStore, StoreReader
 from server.strategy import FedRetina, to_record
+from server.tracking import LiveTracking
 from shared.config import ExperimentConfig, RunOptions
 from shared.data.scenario import load_scenario
 from shared.federation.aggregation import Arrays
@@ -140,6 +141,8 @@ class FederatedRun:
         self.store = RunStore(self.dir / "store.sqlite", options.run_name)
         self.reader = StoreReader(self.store.path)
         self.checkpoints = Checkpoints(self.dir / "checkpoints", cfg.federation.keep_checkpoints)
+        t = cfg.tracking
+        self.tracking = LiveTracking(t.mlflow_uri, t.experiment, Path(cfg.runs_dir), self.dir)
         self._probes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def execute(self) -> None:
@@ -167,10 +170,12 @@ class FederatedRun:
         except BaseException as exc:
             self.store.event("failed", f"{type(exc).__name__}: {exc}", "error")
             self.store.finish_run("failed")
+            self.tracking()
             raise
         table = summary_table(self.reader)
         atomic_write_text(self.dir / "summary.md", table)
         self.store.finish_run("completed")
+        self.tracking()
         log.info("federated run finished; run store %s\n%s", self.store.path, table)
 
     def _check_simulation_size(self) -> None:
@@ -268,6 +273,7 @@ class FederatedRun:
         for rnd in range(done + 1, total + 1):
             arrays = self._round(strategy, rnd, arrays)
             log.info(round_line(self.reader, phase, rnd, total))
+            self.tracking()
 
     def _round(self, strategy: FedRetina, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
         """One round: Flower's hooks in `Strategy.start`'s order, then the probe and the checkpoint."""

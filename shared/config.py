@@ -364,6 +364,27 @@ class CompareConfig(Strict):
         return self
 
 
+class TrackingConfig(Strict):
+    """Where a federated run's record is mirrored for the research group (docs/dashboard.md, "MLflow"): the
+    server logs its parameters, per-round metrics (global and per site), the final test and the model; the
+    sites send nothing new."""
+
+    # MLflow tracking URI: http(s)://host:port (a tracking server), sqlite:////abs/path.db, or a bare file
+    # name (a SQLite database under runs_dir, e.g. mlflow.db); empty: off. Credentials go in
+    # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, never in the URI (it is stored with the run).
+    mlflow_uri: str = ""
+    experiment: str = Field("fedretina", min_length=1, max_length=200)
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        if "@" in v.split("/")[2 if "://" in v else 0]:
+            raise ValueError(
+                "the URI carries credentials; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"
+            )
+        return v
+
+
 class ExperimentConfig(Strict):
     name: str = "run"
     profile: Literal["tiny", "cpu", "paper"] = "cpu"
@@ -383,6 +404,7 @@ class ExperimentConfig(Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     study: StudyConfig = StudyConfig()
     compare: CompareConfig = CompareConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("name")
     @classmethod

@@ -39,6 +39,8 @@ app.add_typer(certs_app, name="certs")
 study_app = typer.Typer(help="Studies that answer one question end to end.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
 app.add_typer(analyze_app, name="analyze")
+export_app = typer.Typer(help="Copy a finished run's record to other tools.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 
 @app.callback()
@@ -328,6 +330,43 @@ def dashboard(
     from server.dashboard.serve import serve
 
     serve(runs, host, port, token)
+
+
+@export_app.command("mlflow")
+def export_mlflow(
+    run: Annotated[Path, typer.Argument(help="The run's folder: runs/<run> (or runs/<run>/federation).")],
+    uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow tracking URI (default: the run's tracking.mlflow_uri): http://host:5000, "
+            "sqlite:////abs/mlflow.db, or a file name under the runs folder."
+        ),
+    ] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: the run's).")] = None,
+) -> None:
+    """Log a federated run to MLflow: its config as parameters, every round's global and per-site metrics
+    (step = round), the final test per site, summary.md and the model. What a live run (tracking.mlflow_uri)
+    already logged is not logged twice.
+
+    Example: fedretina export mlflow runs/demo --uri http://127.0.0.1:5000
+    """
+    import json
+
+    from server.store import StoreReader
+    from server.tracking import sync, tracking_uri
+    from shared.errors import ConfigError
+
+    folder = run / "federation" if (run / "federation" / "store.sqlite").exists() else run
+    if not (folder / "store.sqlite").exists():
+        raise ConfigError(f"{run}: no store.sqlite here or in federation/; give a federated run's folder")
+    info = StoreReader(folder / "store.sqlite").run() or {}
+    tracking = json.loads(info.get("config") or "{}").get("tracking", {})
+    chosen = uri or tracking.get("mlflow_uri") or ""
+    if not chosen:
+        raise ConfigError("--uri: the run names no tracking.mlflow_uri; give one, e.g. --uri mlflow.db")
+    target = tracking_uri(chosen, folder.parent.parent)
+    run_id = sync(folder, target, experiment or tracking.get("experiment") or "fedretina")
+    typer.echo(f"{folder.parent.name} -> MLflow run {run_id} at {target}")
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def test_two_virtual_sites_run_both_phases_through_flwr_run(
             "profile": "tiny",
             "scenario": str(plan),
             "run-name": "two",
-            "set": sets(runs_dir=runs, federation__min_sites=1),
+            "set": sets(runs_dir=runs, federation__min_sites=1, tracking__mlflow_uri="mlflow.db"),
         },
     )
     run = runs / "two"
@@ -89,6 +89,36 @@ def test_two_virtual_sites_run_both_phases_through_flwr_run(
     assert "Aggregated MetricRecord" not in console  # Flower's raw dumps stay out of the console
     assert "| pretrain | 1 | 2/2 |" in (fed / "summary.md").read_text()
     _the_final_test_is_each_sites_own_scoring(run, tiny_sites)
+    _mlflow_holds_the_stores_numbers(run, runs)
+
+
+def _mlflow_holds_the_stores_numbers(run: Path, runs: Path) -> None:
+    """The live server logged the run to MLflow (tracking.mlflow_uri, a SQLite store under runs_dir): read
+    back through MLflow's client, its parameters, per-round global and per-site metrics, the final test and
+    the model are the store's; `fedretina export mlflow` of the finished run logs the same numbers, and a
+    second export adds nothing."""
+    from mlflow.tracking import MlflowClient
+
+    live = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    (logged,) = live.search_runs([live.get_experiment_by_name("fedretina").experiment_id])
+    assert logged.info.run_name == "two" and logged.info.status == "FINISHED"
+    assert logged.data.params["federation.min_sites"] == "1" and logged.data.params["profile"] == "tiny"
+    ((auc,),) = store_rows(
+        run, "SELECT value FROM metrics WHERE source = 'federated-eval' AND key = 'dr-auc' AND round = 1"
+    )
+    history = live.get_metric_history(logged.info.run_id, "finetune/federated-eval/dr-auc")
+    assert [(m.step, m.value) for m in history] == [(1, pytest.approx(auc))]
+    (sent,) = store_rows(run, "SELECT metrics FROM replies WHERE kind = 'test' AND site = 'eyepacs'")
+    referable = json.loads(sent[0])["dr-referable_auc"]
+    assert logged.data.metrics["test/eyepacs/dr-referable_auc"] == pytest.approx(referable)
+    assert "pretrain/mmac/train/train-loss" in logged.data.metrics  # each site's own curve
+    assert {"model.safetensors", "summary.md"} <= {a.path for a in live.list_artifacts(logged.info.run_id)}
+    for _ in range(2):
+        cli("export", "mlflow", str(run), "--uri", "exported.db")
+    exported = MlflowClient(f"sqlite:///{runs / 'exported.db'}")
+    (again,) = exported.search_runs([exported.get_experiment_by_name("fedretina").experiment_id])
+    assert again.data.metrics == logged.data.metrics and again.data.params == logged.data.params
+    assert len(exported.get_metric_history(again.info.run_id, "finetune/federated-eval/dr-auc")) == 1
 
 
 def _the_final_test_is_each_sites_own_scoring(run: Path, tiny_sites: dict[str, Path]) -> None:

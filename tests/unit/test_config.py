@@ -143,3 +143,18 @@ def test_a_run_config_without_a_key_or_with_a_stray_one_is_refused() -> None:
         from_run_config({k: v for k, v in run_config.items() if k != "scenario"})
     with pytest.raises(ConfigError, match=r"unknown keys \['rounds'\]"):
         from_run_config(run_config | {"rounds": 3})
+
+
+def test_an_mlflow_uri_with_credentials_is_refused_and_a_bare_name_lives_under_runs_dir(
+    tmp_path: Path,
+) -> None:
+    """The URI is stored with the run (config.yaml, the run store): a password in it would be kept."""
+    from server.tracking import tracking_uri
+
+    with pytest.raises(
+        ConfigError, match=r"tracking.mlflow_uri: the URI carries credentials; set MLFLOW_TRACKING"
+    ):
+        load_config(profile="tiny", overrides={"tracking.mlflow_uri": "https://me:secret@mlflow.lab:5000"})
+    assert load_config(profile="tiny", overrides={"tracking.mlflow_uri": "https://mlflow.lab:5000"})
+    assert tracking_uri("mlflow.db", tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
