@@ -8,11 +8,12 @@ import math
 import statistics
 from collections import defaultdict
 
-from server.store import StoreReader
+from server.store import CROSS_KIND, StoreReader
 from shared.federation.wire import EPSILON, SECONDS, TRAIN_LOSS
 
 SHOWN = ("auc", "kappa")  # per task in the summary table; the console line adds accuracy
 TESTED = ("referable_auc", "auc", "kappa", "accuracy", "f1_weighted")  # the final test table's columns
+MEAN = "image-weighted mean"  # the final test table's row over several sites
 
 
 def round_line(store: StoreReader, phase: str, rnd: int, total: int) -> str:
@@ -92,15 +93,16 @@ def summary_table(store: StoreReader) -> str:
         if r["status"] not in ("ok", "running"):
             cells[2] += f" ({r['status']})"
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + final_test_table(store)
+    return "\n".join(lines) + "\n" + final_test_table(store) + cross_site_table(store)
 
 
-def final_test_rows(store: StoreReader) -> list[dict]:
+def final_test_rows(store: StoreReader, kind: str = "test") -> list[dict]:
     """The final model's scores at each site that holds a task's test images: site, task, test images and
     the metrics (`TESTED`) it sent; then, per task over several sites, their image-weighted mean (the sites
-    keep their predictions, so pooled metrics cannot be computed here)."""
+    keep their predictions, so pooled metrics cannot be computed here). `kind` "cross:<site>": the scores
+    of that site's local model instead."""
     rows = []
-    for reply in store.replies(kind="test"):
+    for reply in store.replies(kind=kind):
         metrics = reply["metrics"]
         tasks = sorted({k[: -len("-num-examples")] for k in metrics if k.endswith("-num-examples")})
         for task in tasks:
@@ -117,7 +119,7 @@ def final_test_rows(store: StoreReader) -> list[dict]:
                 for m in TESTED
                 if all(m in r and not math.isnan(r[m]) for r in mine)
             }
-            rows.append({"site": "image-weighted mean", "task": task, "images": total} | mean)
+            rows.append({"site": MEAN, "task": task, "images": total} | mean)
     return rows
 
 
@@ -137,6 +139,55 @@ def final_test_table(store: StoreReader) -> str:
         cells = [r["site"], r["task"], str(r["images"]), *(_fmt(r.get(m)) for m in TESTED)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+FEDERATED = "federated"  # the cross-site table's name for the final (global) model
+
+
+def cross_site_rows(store: StoreReader) -> list[dict]:
+    """The cross-site table's cells: each model (the federated one, then each site's own local model of the
+    last round) scored by each site on its own test patients: model, site, task, images, metrics."""
+    kinds = sorted({r["kind"] for r in store.replies(kind=CROSS_KIND + "%")})
+    if not kinds:
+        return []
+    rows = []
+    for kind in ["test", *kinds]:
+        model = FEDERATED if kind == "test" else kind.removeprefix(CROSS_KIND)
+        rows += [{"model": model} | r for r in final_test_rows(store, kind) if r["site"] != MEAN]
+    return rows
+
+
+def cross_site_matrices(store: StoreReader) -> list[dict]:
+    """Per task, the cross-site matrix of its headline metric (referable AUC for DR, else AUC): `sites`
+    (the columns: who scores), `rows` ({"model", "cells"}: the federated model first, then each site's
+    own), a cell None where that site holds no test image of the task."""
+    rows = cross_site_rows(store)
+    out = []
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        metric = "referable_auc" if any("referable_auc" in r for r in mine) else "auc"
+        sites = sorted({r["site"] for r in mine})
+        cell = {(r["model"], r["site"]): r.get(metric) for r in mine}
+        models = [FEDERATED, *sorted({r["model"] for r in mine} - {FEDERATED})]
+        matrix = [{"model": m, "cells": [cell.get((m, s)) for s in sites]} for m in models]
+        out.append({"task": task, "metric": metric, "sites": sites, "rows": matrix})
+    return out
+
+
+def cross_site_table(store: StoreReader) -> str:
+    """`cross_site_matrices` as markdown ("" when the run made none)."""
+    lines = []
+    for m in cross_site_matrices(store):
+        lines += [
+            f"\nCross-site {m['task']} {m['metric']} (row: the model, the federated one or a site's own "
+            "model of the last round; column: the site scoring it on its held-out test patients):\n",
+            "| model | " + " | ".join(m["sites"]) + " |",
+            "|" + "---|" * (len(m["sites"]) + 1),
+        ]
+        for row in m["rows"]:
+            shown = row["model"] if row["model"] == FEDERATED else f"trained at {row['model']}"
+            lines.append(f"| {shown} | " + " | ".join(_fmt(v) for v in row["cells"]) + " |")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def _fmt(value: float | None) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +36,7 @@ from server.replies import stream_replies
 from server.report import round_line, summary_table
 from server.secure import secure_round
 from server.store import RunStore, StoreReader
-from server.strategy import FedRetina, to_record
+from server.strategy import TEST, FedRetina, cross_site_kind, to_record
 from server.tracking import LiveTracking
 from shared.config import ExperimentConfig, RunOptions
 from shared.data.scenario import load_scenario
@@ -52,7 +53,7 @@ from shared.training.initialisation import (
     read_encoder_export,
 )
 from shared.training.pretrain import build_spark
-from shared.weights import check_meta, check_settings, load_into, save_weights, weights_meta
+from shared.weights import check_meta, check_settings, load_into, load_weights, save_weights, weights_meta
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "federated-checkpoint"
@@ -245,10 +246,22 @@ class FederatedRun:
 
     def _final_test(self, tasks: dict[str, int], total: int, final: Arrays) -> None:
         """Every site that holds labels scores the final model on its own held-out test patients (never
-        trained on, never used to choose a round); the scores are stored and summarised per site."""
+        trained on, never used to choose a round); the scores are stored and summarised per site. Under
+        `federation.cross_site`, every site then scores each site's last local model the same way."""
         strategy = FedRetina(self.spec, FINETUNE, tasks, self.directory, Recorder(self.store, FINETUNE))
-        asked = list(strategy.configure_test(total, to_record(final), self.grid))
-        strategy.aggregate_test(total, stream_replies(self.grid, asked, self.cfg.federation.reply_timeout_s))
+        models = {TEST: final}
+        if self.cfg.federation.cross_site:
+            for path in sorted(self.local_models.glob("*.safetensors")):
+                models[cross_site_kind(path.stem)] = {k: v.numpy() for k, v in load_weights(path)[0].items()}
+        timeout = self.cfg.federation.reply_timeout_s
+        for kind, model in models.items():
+            asked = list(strategy.configure_test(total, to_record(model), self.grid))
+            strategy.aggregate_test(total, stream_replies(self.grid, asked, timeout), kind)
+
+    @property
+    def local_models(self) -> Path:
+        """The sites' own models of phase 2's last round (`federation.cross_site`)."""
+        return self.dir / "local"
 
     def _run_phase(
         self, phase: str, tasks: dict[str, int], saved: Saved | None, pretrained: Arrays | None
@@ -271,6 +284,9 @@ class FederatedRun:
         if loss is not None:
             log.info("%s round 0/%d: probe %.4f (the starting model)", phase, total, loss)
         for rnd in range(done + 1, total + 1):
+            if phase == FINETUNE and rnd == total and self.cfg.federation.cross_site:
+                shutil.rmtree(self.local_models, ignore_errors=True)  # an earlier attempt's
+                strategy.local_models = self.local_models
             arrays = self._round(strategy, rnd, arrays)
             log.info(round_line(self.reader, phase, rnd, total))
             self.tracking()

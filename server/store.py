@@ -52,11 +52,14 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+CROSS_KIND = "cross:"  # + a site's name: the kind of replies scoring that site's local model (cross-site)
+
+
 @dataclass(frozen=True)
 class Reply:
     phase: str
     round: int
-    kind: str  # "train" or "evaluate"
+    kind: str  # "train", "evaluate", "test" (the final model) or CROSS_KIND + a site
     site: str
     node_id: int
     num_examples: int = 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from server.directory import SiteDirectory, SiteInfo, error_text, sample_sites
 from server.recorder import Recorder
 from server.replies import stream_replies
+from server.store import CROSS_KIND
 from shared.federation.aggregation import (
     Arrays,
     Chain,
@@ -79,8 +81,17 @@ from shared.federation.wire import (
 from shared.models import ENCODER, head_prefix
 from shared.seeding import derive_seed
 from shared.training.moments import state_entries
+from shared.weights import save_weights, weights_meta
 
 log = logging.getLogger(__name__)
+
+
+TEST = "test"  # the final evaluation's message action and replies' kind
+
+
+def cross_site_kind(site: str) -> str:
+    """The kind of the replies that score `site`'s local model (the cross-site table)."""
+    return CROSS_KIND + site
 
 
 class FedRetina(Strategy):
@@ -103,6 +114,7 @@ class FedRetina(Strategy):
         self.reference: Arrays = {}
         self.sent: list[SiteInfo] = []
         self.outbox: list[tuple[Message, SiteInfo]] = []
+        self.local_models: Path | None = None  # set: each accepted site's model is saved there (cross-site)
 
     # ------------------------------------------------------------------ training
     def configure_train(
@@ -137,6 +149,8 @@ class FedRetina(Strategy):
         for msg, site in self._match(replies, server_round, "train"):
             candidate, sketch = self._candidate(msg, site), None
             if candidate.verdict.reason is None:
+                if self.local_models is not None:
+                    self._keep_local(candidate)
                 update = candidate.update(self.tasks)
                 if plan.holds_replies:
                     held.append(update)
@@ -280,10 +294,19 @@ class FedRetina(Strategy):
         self.sent = self.directory.wait(grid, self._eligible, needed=0)
         return self._messages(arrays, rnd, "evaluate", action=TEST)
 
-    def aggregate_test(self, rnd: int, replies: Iterable[Message]) -> None:
+    def aggregate_test(self, rnd: int, replies: Iterable[Message], kind: str = TEST) -> None:
         """Each site's test scores, as it sent them (pooling would need the predictions, which stay at the
-        sites): the summary and the dashboard show them per site, with their image-weighted mean."""
-        self._scores(replies, rnd, TEST)
+        sites): the summary and the dashboard show them per site, with their image-weighted mean. `kind`
+        names the model scored: the final model (`test`) or one site's local model (`cross_site_kind`)."""
+        self._scores(replies, rnd, kind)
+
+    def _keep_local(self, candidate: Candidate) -> None:
+        """A site's own model of this round (its weights over the round's start, where it trained no head),
+        saved for the cross-site table as an export `fedretina site evaluate` reads."""
+        assert self.local_models is not None
+        model = {k: torch.from_numpy(np.array(v)) for k, v in {**self.reference, **candidate.arrays}.items()}
+        meta = weights_meta(self.run.config, "task-model", tasks=self.tasks, site=candidate.site.name)
+        save_weights(self.local_models / f"{candidate.site.name}.safetensors", model, meta)
 
     def _scores(self, replies: Iterable[Message], rnd: int, kind: str) -> list[dict[str, float]]:
         """Each site's evaluation metrics (`kind` evaluate or test), recorded as they come; a reply whose
@@ -398,7 +421,6 @@ class FedRetina(Strategy):
                 self.recorder.failed(rnd, kind, site, reason, code)
 
 
-TEST = "test"  # the final evaluation's message action and replies' kind
 HALTED = "secure aggregation halted: fewer sites than its reconstruction threshold answered; no update used"
 DROPPED = "dropped out of the secure aggregation before sending its masked update"
 BROKEN_SUM = "the secure sum holds NaN or Inf (one site's update was broken; which one is hidden)"

@@ -6,7 +6,8 @@ The run store stays the record; MLflow gets a copy, from the server only (sites 
 - per-round metrics, step = round: the global ones as `<phase>/<source>/<key>` (e.g. `finetune/global/
   dr_kappa`, `pretrain/server-probe/probe-loss`) and each site's as `<phase>/<site>/<kind>/<key>`;
 - the final test (each site's scores of the final model on its own held-out patients) as
-  `test/<site>/<key>` and the image-weighted `test/all/<key>`, and summary.md;
+  `test/<site>/<task>-<key>` and the image-weighted `test/all/...`; the cross-site table (each site's
+  local model scored by every site) as `cross/<model>/<site>/<task>-<key>`; and summary.md;
 - the exported model (model.safetensors, encoder.safetensors) once the run wrote it; the run's status.
 
 `sync` is one pass that adds what MLflow lacks (the rounds finished since the last pass, kept in
@@ -24,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.report import final_test_rows
+from server.report import MEAN, cross_site_rows, final_test_rows
 from server.store import StoreReader
 from shared.errors import ConfigError
 from shared.rundir import atomic_write_text
@@ -120,7 +121,7 @@ def _round_metrics(reader: StoreReader, rounds: set[tuple[str, int]]) -> Iterato
         if (m["phase"], m["round"]) in rounds and _finite(m["value"]):
             yield f"{m['phase']}/{m['source']}/{m['key']}", float(m["value"]), m["round"]
     for r in reader.replies():
-        if (r["phase"], r["round"]) not in rounds or r["kind"] == "test":
+        if (r["phase"], r["round"]) not in rounds or r["kind"] not in ("train", "evaluate"):
             continue
         for key, value in r["metrics"].items():
             if _finite(value):
@@ -131,10 +132,14 @@ def _test_metrics(reader: StoreReader) -> Iterator[tuple[str, float]]:
     """The final test: each site's scores per task and their image-weighted mean (`server/report.py`'s
     rows), as `test/<site>/<task>-<metric>` (the mean's site is `all`)."""
     for row in final_test_rows(reader):
-        site = "all" if row["site"] == "image-weighted mean" else row["site"]
+        site = "all" if row["site"] == MEAN else row["site"]
         for key, value in row.items():
             if key not in ("site", "task") and _finite(value):
                 yield f"test/{site}/{row['task']}-{key}", float(value)
+    for row in cross_site_rows(reader):  # the cross-site table: cross/<model>/<scoring site>/<task>-<metric>
+        for key, value in row.items():
+            if key not in ("model", "site", "task") and _finite(value):
+                yield f"cross/{row['model']}/{row['site']}/{row['task']}-{key}", float(value)
 
 
 def _flat(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:

@@ -220,6 +220,10 @@ class FederationConfig(Strict):
     secagg_clipping_range: float = Field(8.0, ge=1)  # >= 1: a site's weight entry is up to 1
     # Share of a site's neighbours whose key shares rebuild its masks when it drops out mid-round.
     secagg_threshold: float = Field(0.66, gt=0, le=1)
+    # After phase 2, each site also scores every other site's last local model (its weights of the last
+    # round) on its own test patients: the cross-site table (how a model trained without a site does on
+    # it). It shows each site's update to the others, so not under secure aggregation.
+    cross_site: bool = False
 
     @field_validator("strategy")
     @classmethod
@@ -232,6 +236,16 @@ class FederationConfig(Strict):
     def _strategy_settings(self) -> FederationConfig:
         for key, why in strategy_of(self.strategy).problems(self, private=False):
             raise ValueError(f"{key}: {why}")
+        if self.cross_site and self.secure_aggregation:
+            raise ValueError(
+                "cross_site: it sends each site's own model to the others, which secure aggregation hides; "
+                "set one of them to false"
+            )
+        if self.cross_site and strategy_of(self.strategy).sequential:
+            raise ValueError(
+                f"cross_site: strategy {self.strategy} chains the sites, so no model is one site's own; "
+                "use a parallel strategy"
+            )
         return self
 
 
@@ -380,7 +394,8 @@ class TrackingConfig(Strict):
     def _no_credentials(cls, v: str) -> str:
         if "@" in v.split("/")[2 if "://" in v else 0]:
             raise ValueError(
-                "the URI carries credentials; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"
+                "the URI carries credentials; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                "instead"
             )
         return v
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.report import TESTED, final_test_rows
+from server.report import TESTED, cross_site_matrices, final_test_rows
 from server.store import StoreError, StoreReader
 from shared.federation.wire import EPSILON, SECONDS, TRAIN_LOSS
 
@@ -119,6 +119,10 @@ def run_detail(store: Store) -> dict[str, Any]:
         "centralised": _centralised_curve(store, config),
         "final_test": [{m: _num(r.get(m)) for m in TESTED} | _named(r) for r in final_test_rows(reader)],
         "tested": TESTED,
+        "cross_site": [
+            m | {"rows": [r | {"cells": [_num(v) for v in r["cells"]]} for r in m["rows"]]}
+            for m in cross_site_matrices(reader)
+        ],
     }
 
 

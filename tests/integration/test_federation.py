@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from collections.abc import Iterator
@@ -49,27 +50,32 @@ def test_two_virtual_sites_run_both_phases_through_flwr_run(
     flower: Flower, tiny_sites: dict[str, Path], tmp_path: Path
 ) -> None:
     runs = tmp_path / "runs"
-    plan = scenario(tmp_path / "two.yaml", [tiny_sites["eyepacs"], tiny_sites["mmac"]])
+    plan = scenario(tmp_path / "two.yaml", [tiny_sites["eyepacs"], tiny_sites["mmac"], tiny_sites["aptos"]])
     result = flower.run(
-        2,
+        3,
         {
             "profile": "tiny",
             "scenario": str(plan),
             "run-name": "two",
-            "set": sets(runs_dir=runs, federation__min_sites=1, tracking__mlflow_uri="mlflow.db"),
+            "set": sets(
+                runs_dir=runs,
+                federation__min_sites=1,
+                federation__cross_site=True,
+                tracking__mlflow_uri="mlflow.db",
+            ),
         },
     )
     run = runs / "two"
     assert_completed(result, run, flower.home)
-    assert sorted(store_rows(run, "SELECT site FROM sites")) == [("eyepacs",), ("mmac",)]
+    assert sorted(store_rows(run, "SELECT site FROM sites")) == [("aptos",), ("eyepacs",), ("mmac",)]
     rounds = store_rows(run, "SELECT phase, round, sampled, accepted, status FROM rounds ORDER BY phase DESC")
-    assert rounds == [("pretrain", 1, 2, 2, "ok"), ("finetune", 1, 2, 2, "ok")]
+    assert rounds == [("pretrain", 1, 3, 3, "ok"), ("finetune", 1, 3, 3, "ok")]
     replies = store_rows(
         run,
         "SELECT phase, site, node_id, num_examples, bytes, update_norm, cosine, accepted "
         "FROM replies WHERE kind = 'train'",
     )
-    assert len(replies) == 4 and all(r[7] == 1 and r[4] > 0 and r[5] > 0 and -1 <= r[6] <= 1 for r in replies)
+    assert len(replies) == 6 and all(r[7] == 1 and r[4] > 0 and r[5] > 0 and -1 <= r[6] <= 1 for r in replies)
     assert all(isinstance(r[2], str) and int(r[2]) > 0 for r in replies)  # uint64 node ids kept as text
     keys = {k for (k,) in store_rows(run, "SELECT key FROM metrics WHERE source = 'federated-eval'")}
     assert {"dr-auc", "mmac-kappa"} <= keys
@@ -85,11 +91,34 @@ def test_two_virtual_sites_run_both_phases_through_flwr_run(
     assert meta["tasks"] == {"dr": 5, "mmac": 5} and "heads.mmac.1.weight" in model
     assert meta["settings"]["federation.rounds_finetune"] == 1
     console = result.stdout + result.stderr
-    assert "pretrain round 1/1: 2/2 sites, loss " in console and "finetune round 1/1: 2/2 sites" in console
+    assert "pretrain round 1/1: 3/3 sites, loss " in console and "finetune round 1/1: 3/3 sites" in console
     assert "Aggregated MetricRecord" not in console  # Flower's raw dumps stay out of the console
-    assert "| pretrain | 1 | 2/2 |" in (fed / "summary.md").read_text()
+    assert "| pretrain | 1 | 3/3 |" in (fed / "summary.md").read_text()
     _the_final_test_is_each_sites_own_scoring(run, tiny_sites)
+    _the_cross_site_table_is_each_sites_own_scoring(run, tiny_sites)
     _mlflow_holds_the_stores_numbers(run, runs)
+
+
+def _the_cross_site_table_is_each_sites_own_scoring(run: Path, tiny_sites: dict[str, Path]) -> None:
+    """`federation.cross_site`: every site scored each site's own model of the last round on its test
+    patients; each cell equals `fedretina site evaluate`'s scores of that saved model at that site, and the
+    summary shows the matrix."""
+    local = run / "federation" / "local"
+    assert sorted(p.stem for p in local.glob("*.safetensors")) == ["aptos", "eyepacs", "mmac"]
+    cells = store_rows(run, "SELECT kind, site, metrics FROM replies WHERE kind LIKE 'cross:%'")
+    assert {k for k, _, _ in cells} == {"cross:aptos", "cross:eyepacs", "cross:mmac"}
+    assert all(json.loads(m)["dr-num-examples"] == 0 for _, s, m in cells if s != "eyepacs")
+    for scorer in ("eyepacs",):  # the one site holding labelled DR test patients (APTOS's are unlabelled)
+        for model in ("aptos", "eyepacs", "mmac"):
+            (sent,) = [json.loads(m) for k, s, m in cells if k == f"cross:{model}" and s == scorer]
+            with one_thread():
+                (score,) = evaluate_model(load_site(tiny_sites[scorer]), local / f"{model}.safetensors")
+            assert sent["dr-num-examples"] == score.images > 0
+            for key, value in score.metrics.items():
+                assert sent[f"dr-{key}"] == pytest.approx(value, abs=1e-6, nan_ok=True), (scorer, model, key)
+    summary = (run / "federation" / "summary.md").read_text()
+    assert "Cross-site dr referable_auc" in summary and "| model | eyepacs |" in summary
+    assert "| trained at mmac |" in summary and "| federated |" in summary
 
 
 def _mlflow_holds_the_stores_numbers(run: Path, runs: Path) -> None:
@@ -112,6 +141,9 @@ def _mlflow_holds_the_stores_numbers(run: Path, runs: Path) -> None:
     referable = json.loads(sent[0])["dr-referable_auc"]
     assert logged.data.metrics["test/eyepacs/dr-referable_auc"] == pytest.approx(referable)
     assert "pretrain/mmac/train/train-loss" in logged.data.metrics  # each site's own curve
+    (cell,) = store_rows(run, "SELECT metrics FROM replies WHERE kind = 'cross:mmac' AND site = 'eyepacs'")
+    logged_cell = logged.data.metrics["cross/mmac/eyepacs/dr-kappa"]
+    assert logged_cell == pytest.approx(json.loads(cell[0])["dr-kappa"])
     assert {"model.safetensors", "summary.md"} <= {a.path for a in live.list_artifacts(logged.info.run_id)}
     for _ in range(2):
         cli("export", "mlflow", str(run), "--uri", "exported.db")
@@ -121,14 +153,27 @@ def _mlflow_holds_the_stores_numbers(run: Path, runs: Path) -> None:
     assert len(exported.get_metric_history(again.info.run_id, "finetune/federated-eval/dr-auc")) == 1
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Score as the simulation's sites do (Ray actors train and score on one torch thread): on 4 test
+    images a macro AUC moves a whole step when the summation order moves two nearly tied scores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _the_final_test_is_each_sites_own_scoring(run: Path, tiny_sites: dict[str, Path]) -> None:
     """After phase 2 each site scores the final model on its held-out test patients: what it sends equals
     `fedretina site evaluate`'s scores of the exported model at that site, and the summary shows it. The
     MMAC-like site holds no test split: it replies with 0 images and gets no row."""
     tested = dict(store_rows(run, "SELECT site, metrics FROM replies WHERE kind = 'test'"))
-    assert sorted(tested) == ["eyepacs", "mmac"]
+    assert sorted(tested) == ["aptos", "eyepacs", "mmac"]
     sent = json.loads(tested["eyepacs"])
-    (score,) = evaluate_model(load_site(tiny_sites["eyepacs"]), run / "federation" / "model.safetensors")
+    with one_thread():
+        (score,) = evaluate_model(load_site(tiny_sites["eyepacs"]), run / "federation" / "model.safetensors")
     assert score.task == "dr" and sent["dr-num-examples"] == score.images > 0
     for key, value in score.metrics.items():
         assert sent[f"dr-{key}"] == pytest.approx(value, abs=1e-6, nan_ok=True), key
