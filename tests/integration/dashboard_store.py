@@ -83,11 +83,13 @@ def record_round(store: RunStore, rnd: int, sites: int, pace: float = 1.0) -> No
     recorder.metrics(rnd, "server-probe", {"probe-loss": 1.0 - 0.01 * pace * rnd})
 
 
-def record_final_test(store: RunStore, rnd: int, scores: dict[int, tuple[int, float]]) -> None:
-    """The final test's replies: site i scored the final model on `images` test images of DR with
-    referable AUC `auc` (the other metrics derived from it)."""
+def record_final_test(
+    store: RunStore, rnd: int, scores: dict[int, tuple[int, float]], kind: str = "test"
+) -> None:
+    """The final test's replies: site i scored the final model (or, `kind` "cross:<site>", that site's own
+    model) on `images` test images of DR with referable AUC `auc` (the other metrics derived from it)."""
     recorder = Recorder(store, "finetune")
     for i, (images, auc) in scores.items():
         metrics = {"dr-num-examples": images, "dr-referable_auc": auc, "dr-auc": auc - 0.1}
         metrics["dr-kappa"] = auc / 2
-        recorder.evaluated(rnd, site(i), metrics, images, kind="test")
+        recorder.evaluated(rnd, site(i), metrics, images, kind=kind)

@@ -40,6 +40,7 @@ def test_pages_show_the_stores_numbers_and_every_replys_fate(browser: object, tm
         for rnd in (1, 2, 3, 4):
             record_round(store, rnd, sites=5, pace=pace)
         record_final_test(store, 4, {0: (30, 0.9), 4: (10, 0.7)})
+        record_final_test(store, 4, {0: (30, 0.8), 4: (10, 0.6)}, kind="cross:site-04")
         store.finish_run("completed")
     db = runs / "alpha" / "federation" / "store.sqlite"
     page = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
@@ -90,6 +91,11 @@ def test_pages_show_the_stores_numbers_and_every_replys_fate(browser: object, tm
             ["site-00", "dr", "30", "0.900"],
             ["site-04", "dr", "10", "0.700"],
             ["image-weighted mean", "dr", "40", "0.850"],  # (30 x 0.9 + 10 x 0.7) / 40
+        ]
+        cross = page.locator("#cross-site-dr tbody tr").all()
+        assert [[c.inner_text() for c in r.locator("th, td").all()] for r in cross] == [
+            ["federated", "0.900", "0.700"],  # the final model, as each site scored it
+            ["trained at site-04", "0.800", "0.600"],  # site-04's own model, scored by each site
         ]
         assert page.request.get(base + "/run/nope").status == 404
         assert page.request.get(base + "/run/alpha/probes/..%2F..%2Fstore.sqlite").status == 404
