@@ -158,3 +158,13 @@ def test_an_mlflow_uri_with_credentials_is_refused_and_a_bare_name_lives_under_r
     assert load_config(profile="tiny", overrides={"tracking.mlflow_uri": "https://mlflow.lab:5000"})
     assert tracking_uri("mlflow.db", tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert tracking_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_a_cross_site_table_is_refused_where_no_model_is_one_sites_own_or_it_would_expose_one() -> None:
+    for overrides, why in (
+        ({"federation.secure_aggregation": True}, "which secure aggregation hides"),
+        ({"federation.strategy": "cyclic"}, "strategy cyclic chains the sites"),
+    ):
+        with pytest.raises(ConfigError, match=f"federation: cross_site: .*{why}"):
+            load_config(profile="tiny", overrides={"federation.cross_site": True, **overrides})
+    assert load_config(profile="tiny", overrides={"federation.cross_site": True}).federation.cross_site
