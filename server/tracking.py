@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
-STATE = "mlflow.json"  # beside store.sqlite: the MLflow run this run is mirrored to, and what it holds
+STATE = "mlflow.json"  # beside store.sqlite: per tracking URI, the MLflow run it mirrors to and what it holds
 BATCH = 500  # metrics per log_batch call (MLflow's limit is 1,000)
 PARAM_CHARS = 500
 ARTIFACTS = ("summary.md", "model.safetensors", "encoder.safetensors")
@@ -59,10 +59,11 @@ def sync(run: Path, uri: str, experiment: str = "fedretina") -> str:
     if info is None:
         raise ConfigError(f"{run}: no federated run in its store.sqlite")
     state_path = run / STATE
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    mirrors = json.loads(state_path.read_text()) if state_path.exists() else {}  # per tracking URI
+    state = mirrors.get(uri, {})
     client = MlflowClient(tracking_uri=uri)
-    if state.get("uri") != uri or not state.get("run_id"):
-        state = {"uri": uri, "run_id": _new_run(client, uri, experiment, info["run_name"]), "rounds": []}
+    if not state.get("run_id"):
+        state = {"run_id": _new_run(client, uri, experiment, info["run_name"]), "rounds": []}
         config = json.loads(info["config"]) if isinstance(info["config"], str) else info["config"]
         params = [Param(k, v) for k, v in _flat(config)]
         for i in range(0, len(params), 100):
@@ -87,7 +88,7 @@ def sync(run: Path, uri: str, experiment: str = "fedretina") -> str:
         status = RunStatus.FINISHED if info["status"] == "completed" else RunStatus.FAILED
         client.set_terminated(run_id, RunStatus.to_string(status))
         state["final"] = True
-    atomic_write_text(state_path, json.dumps(state))
+    atomic_write_text(state_path, json.dumps(mirrors | {uri: state}))
     return run_id
 
 

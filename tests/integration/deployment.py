@@ -19,6 +19,7 @@ from client.approval import app_hash
 from shared.data.site import load_site
 from shared.operations.daemon import APP_ROOT
 from tests.conftest import FEDRETINA
+from tests.integration.slow_link import Bucket, slow_link
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,17 @@ class Federation:
     sites: dict[str, Path]  # name -> site YAML
     nodes: dict[str, int]  # name -> node id given at registration
     node_ports: dict[str, int]  # name -> the site's local Runtime API port
+    site_port: int = 0  # where the sites connect: `port`, or a slow link's relay in front of it
+    link: dict[str, Bucket] | None = None  # the slow link's two directions (bytes carried), if any
 
     def run(self, name: str, *flags: str, **federation: object) -> subprocess.CompletedProcess[str]:
         """`fedretina server run` of a tiny two-phase experiment with these federation settings."""
         return fedretina(*self.run_args(name, **federation), *flags, timeout=900)
 
-    def run_args(self, name: str, threads: int = 0, **federation: object) -> list[str]:
+    def run_args(self, name: str, threads: int = 0, profile: str = "tiny", **federation: object) -> list[str]:
         experiment = self.root / f"{name}.yaml"
         experiment.write_text(
-            yaml.safe_dump({"profile": "tiny", "threads": threads, "federation": federation})
+            yaml.safe_dump({"profile": profile, "threads": threads, "federation": federation})
         )
         return ["server", "run", "-c", str(experiment), "--state", str(self.state), "--name", name]
 
@@ -55,7 +58,8 @@ class Federation:
     def serve(self, name: str) -> None:
         """`fedretina site serve` of one site, detached (again, after a fault: same key, same port)."""
         tls = ["--ca", str(self.bundle / "ca.crt"), "--port", str(self.node_ports[name])]
-        ok(fedretina("site", "serve", str(self.sites[name]), "--superlink", f"127.0.0.1:{self.port}", *tls))
+        address = f"127.0.0.1:{self.site_port or self.port}"
+        ok(fedretina("site", "serve", str(self.sites[name]), "--superlink", address, *tls))
 
 
 def fedretina(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -78,19 +82,29 @@ def free_ports(n: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def deployed(root: Path, sites: dict[str, Path]) -> Iterator[Federation]:
-    """A TLS server with node authentication and one daemon per site, all stopped on exit."""
-    port, link, *node_ports = free_ports(2 + len(sites))
-    fed = Federation(
-        root,
-        root / "certs",
-        root / "server",
-        port,
-        link,
-        dict(sites),
-        {},
-        dict(zip(sites, node_ports, strict=True)),
-    )
+def deployed(root: Path, sites: dict[str, Path], link_rate: float = 0) -> Iterator[Federation]:
+    """A TLS server with node authentication and one daemon per site, all stopped on exit; with
+    `link_rate`, the sites reach the server through a link of that many bytes/s each way."""
+    with contextlib.ExitStack() as stack:
+        port, link, *node_ports = free_ports(2 + len(sites))
+        relay, buckets = stack.enter_context(slow_link(port, link_rate)) if link_rate else (port, None)
+        fed = Federation(
+            root,
+            root / "certs",
+            root / "server",
+            port,
+            link,
+            dict(sites),
+            {},
+            dict(zip(sites, node_ports, strict=True)),
+            relay,
+            buckets,
+        )
+        yield from _started(fed)
+
+
+def _started(fed: Federation) -> Iterator[Federation]:
+    sites = fed.sites
     ok(fedretina("certs", "create", "--out", str(fed.bundle), "--san", "localhost"))
     fed.start_server()
     this_app = app_hash(str(APP_ROOT))  # what `server run` will send, approved by hash at each site
