@@ -33,7 +33,7 @@ class Federation:
     nodes: dict[str, int]  # name -> node id given at registration
     node_ports: dict[str, int]  # name -> the site's local Runtime API port
     site_port: int = 0  # where the sites connect: `port`, or a slow link's relay in front of it
-    link: dict[str, Bucket] | None = None  # the slow link's two directions (bytes carried), if any
+    slow: dict[str, Bucket] | None = None  # the slow link's two directions (bytes carried), if any
 
     def run(self, name: str, *flags: str, **federation: object) -> subprocess.CompletedProcess[str]:
         """`fedretina server run` of a tiny two-phase experiment with these federation settings."""

@@ -52,7 +52,13 @@ def slow_link(target: int, rate: float) -> Iterator[tuple[int, dict[str, Bucket]
         except OSError:
             writer.close()
             return
-        await asyncio.gather(pipe(reader, up_writer, buckets["up"]), pipe(up_reader, writer, buckets["down"]))
+        try:
+            await asyncio.gather(
+                pipe(reader, up_writer, buckets["up"]), pipe(up_reader, writer, buckets["down"])
+            )
+        except asyncio.CancelledError:  # the link is taken down: close both ends, end quietly
+            writer.close()
+            up_writer.close()
 
     async def serve() -> None:
         server = await asyncio.start_server(relay, "127.0.0.1", 0)
@@ -60,11 +66,24 @@ def slow_link(target: int, rate: float) -> Iterator[tuple[int, dict[str, Bucket]
         async with server:
             await server.serve_forever()
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+    serving = asyncio.run_coroutine_threadsafe(serve(), loop)
     while not ready:
         time.sleep(0.01)
     try:
         yield ready[0], buckets
     finally:
+        asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(10)
+        serving.cancel()
         loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+async def _cancel_all() -> None:
+    """Every relay task of the loop but this one cancelled, and waited for (their sockets closed)."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -18,13 +18,13 @@ RATE = 2 << 20  # bytes/s each way
 def test_a_cpu_profile_round_completes_over_a_slow_link(tmp_path: Path, tiny_sites: dict[str, Path]) -> None:
     sites = {n: tiny_sites[n] for n in ("eyepacs", "mmac")}
     with deployed(tmp_path, sites, link_rate=RATE) as fed:
-        assert fed.link is not None
+        assert fed.slow is not None
         ok(fed.run("slow", profile="cpu", rounds_pretrain=1, rounds_finetune=1, local_steps=1, min_sites=2))
         rounds = fed.store("slow", "SELECT phase, finished - started, status FROM rounds ORDER BY phase DESC")
         replies = fed.store(
             "slow", "SELECT phase, bytes FROM replies WHERE kind = 'train' ORDER BY phase DESC"
         )
-        up, down = fed.link["up"].carried, fed.link["down"].carried
+        up, down = fed.slow["up"].carried, fed.slow["down"].carried
     assert [(phase, status) for phase, _, status in rounds] == [("pretrain", "ok"), ("finetune", "ok")]
     pretrain = [b for phase, b in replies if phase == "pretrain"]
     assert len(pretrain) == 2 and all(7_000_000 < b < 9_000_000 for b in pretrain)  # the cpu model
