@@ -58,7 +58,7 @@ system:  ## install the Debian packages the tests need (nginx, chromium), when m
 test: sync system  ## the test suite CI runs (all but the fault tests)
 	$(VENV)/pytest -q -m "not faults" -n 3 --dist loadfile
 
-test-faults: sync system  ## deployment fault tests: killed, stalled and restarted processes, (about 25 minutes) and a slow link (3.5 minutes)
+test-faults: sync system  ## deployment fault tests: killed, stalled and restarted processes (about 25 minutes) and a slow link (3.5 minutes)
 	$(VENV)/pytest -q -m faults
 
 test-security: sync system  ## the adversarial suite, all of it: hostile server, site, network and files (about 10 minutes)
