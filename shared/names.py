@@ -22,6 +22,8 @@ PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # one path component: no '/', never '
 RUN_NAME = re.compile(rf"{PART}(/{PART}){{0,5}}")  # a run, or a study's run below its own (seed2/arch/setup)
 RUN_UID = re.compile(r"[0-9a-f]{12}")  # server/run.py: uuid4().hex[:12], kept across resumes
 SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")  # a site YAML's `name:`
+# a site as its node reports it: a YAML's name, or a scenario's part of one (`eyepacs-camera1`)
+REPORTED_SITE = re.compile(r"[a-z0-9][a-z0-9_-]{0,79}")
 TASK_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # a fine-tuning task (dr, mmac, ad, pd)
 LABEL = re.compile(PART)  # a model's label in `--model NAME=PATH`
 
@@ -39,6 +41,13 @@ def check_run_name(value: str) -> str:
 def check_run_uid(value: str) -> str:
     if not isinstance(value, str) or not RUN_UID.fullmatch(value):
         raise ValueError(f"run uid {value!r}: expected 12 lower-case hex digits")
+    return value
+
+
+def check_reported_site(value: str) -> str:
+    """`value` if it can name a site on the server (its files, tables, MLflow keys); else ValueError."""
+    if not isinstance(value, str) or not REPORTED_SITE.fullmatch(value):
+        raise ValueError(f"site {value!r}: expected lower-case letters, digits, '-' or '_' (at most 80)")
     return value
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from shared.config import ExperimentConfig, validate
 from shared.errors import ConfigError
-from shared.names import check_run_uid, check_task
+from shared.names import check_reported_site, check_run_uid, check_task
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 PHASES = (PRETRAIN, FINETUNE)
@@ -123,6 +123,13 @@ class SiteReport:
     images: int
     labelled: dict[str, int]  # task -> labelled images
     classes: dict[str, int]  # task -> number of classes
+
+    def __post_init__(self) -> None:
+        """The server names files, tables and MLflow keys after a site (the cross-site table's local
+        models): the name and tasks a node reports are checked here, where they are parsed."""
+        _checked("site report: site", check_reported_site, self.site)
+        for task in (*self.labelled, *self.classes):
+            _checked("site report: task", check_task, task)
 
 
 Spec = RunSpec | RoundSpec | SiteReport

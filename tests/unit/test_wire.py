@@ -72,6 +72,11 @@ def test_a_spec_missing_a_key_or_with_a_bad_value_is_one_line() -> None:
     report = to_wire(SiteReport("eyepacs", 0, 480, {"dr": 480}, {"dr": 5}))
     with pytest.raises(ConfigError, match="site report: labelled: cannot read"):
         from_wire(SiteReport, report | {"labelled": "[480]"})  # a list where a mapping belongs
+    # the server files a site's local model under its reported name (the cross-site table)
+    with pytest.raises(ConfigError, match=r"site report: site: site '\.\./\.\./etc/x': expected lower-case"):
+        from_wire(SiteReport, report | {"site": "../../etc/x"})
+    with pytest.raises(ConfigError, match=r"site report: task: task 'DR/..': expected"):
+        from_wire(SiteReport, report | {"classes": '{"DR/..": 5}'})
 
 
 def test_weights_pack_into_one_buffer_and_back_bitwise() -> None:
