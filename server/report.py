@@ -8,7 +8,7 @@ import math
 import statistics
 from collections import defaultdict
 
-from server.store import CROSS_KIND, StoreReader
+from server.store import CROSS_KIND, TEST_KIND, StoreReader
 from shared.federation.wire import EPSILON, SECONDS, TRAIN_LOSS
 
 SHOWN = ("auc", "kappa")  # per task in the summary table; the console line adds accuracy
@@ -96,7 +96,7 @@ def summary_table(store: StoreReader) -> str:
     return "\n".join(lines) + "\n" + final_test_table(store) + cross_site_table(store)
 
 
-def final_test_rows(store: StoreReader, kind: str = "test") -> list[dict]:
+def final_test_rows(store: StoreReader, kind: str = TEST_KIND) -> list[dict]:
     """The final model's scores at each site that holds a task's test images: site, task, test images and
     the metrics (`TESTED`) it sent; then, per task over several sites, their image-weighted mean (the sites
     keep their predictions, so pooled metrics cannot be computed here). `kind` "cross:<site>": the scores
@@ -151,8 +151,8 @@ def cross_site_rows(store: StoreReader) -> list[dict]:
     if not kinds:
         return []
     rows = []
-    for kind in ["test", *kinds]:
-        model = FEDERATED if kind == "test" else kind.removeprefix(CROSS_KIND)
+    for kind in [TEST_KIND, *kinds]:
+        model = FEDERATED if kind == TEST_KIND else kind.removeprefix(CROSS_KIND)
         rows += [{"model": model} | r for r in final_test_rows(store, kind) if r["site"] != MEAN]
     return rows
 

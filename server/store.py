@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+TEST_KIND = "test"  # replies scoring the final model on each site's held-out test patients
 CROSS_KIND = "cross:"  # + a site's name: the kind of replies scoring that site's local model (cross-site)
 
 

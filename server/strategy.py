@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from server.directory import SiteDirectory, SiteInfo, error_text, sample_sites
 from server.recorder import Recorder
 from server.replies import stream_replies
-from server.store import CROSS_KIND
+from server.store import CROSS_KIND, TEST_KIND
 from shared.federation.aggregation import (
     Arrays,
     Chain,
@@ -86,7 +86,7 @@ from shared.weights import save_weights, weights_meta
 log = logging.getLogger(__name__)
 
 
-TEST = "test"  # the final evaluation's message action and replies' kind
+TEST = TEST_KIND  # the final evaluation's message action and replies' kind
 
 
 def cross_site_kind(site: str) -> str:

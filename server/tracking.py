@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,8 +159,6 @@ def _finite(value: object) -> bool:
 
 def _stamp(info: Mapping[str, Any]) -> int:
     """Milliseconds for MLflow's metric timestamps: the run's start (rounds are told apart by step)."""
-    import time
-
     return int(1000 * (info.get("started") or time.time()))
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from shared.config import load_config
+from shared.config import ExperimentConfig, load_config
 from shared.data.site import load_site
 from shared.training.finetune import site_test_rows
 from shared.weights import load_weights
@@ -18,23 +18,30 @@ from simulation.studies.pretraining import run_pretraining_study
 from tests.conftest import write_site
 
 
+def study_config(
+    eyepacs40: Path, tmp_path: Path, tiny_sites: dict[str, Path], name: str, **overrides: object
+) -> ExperimentConfig:
+    """A tiny study: the 40-image labelled site, SparK on the tiny UKB-like site, two fine-tuning seeds."""
+    base = {
+        "sites": [str(eyepacs40)],
+        "runs_dir": str(tmp_path / "runs"),
+        "name": name,
+        "finetune.bootstrap": 20,
+        "study.pretrain_sites": [str(tiny_sites["ukb"])],
+        "study.seeds": [0, 1],
+    }
+    return load_config(profile="tiny", overrides=base | overrides)
+
+
 def test_study_pairs_arms_and_reports_differences_with_intervals(
     eyepacs40: Path, tmp_path: Path, tiny_sites: dict[str, Path]
 ) -> None:
-    cfg = load_config(
-        profile="tiny",
-        overrides={
-            "sites": [str(eyepacs40)],
-            "runs_dir": str(tmp_path / "runs"),
-            "name": "study",
-            "pretrain.epochs": 2,
-            "finetune.steps": 4,
-            "finetune.bootstrap": 20,
-            "study.pretrain_sites": [str(tiny_sites["ukb"])],
-            "study.label_counts": [10, 0],
-            "study.seeds": [0, 1],
-            "study.probe_every": 1,
-        },
+    cfg = study_config(
+        eyepacs40,
+        tmp_path,
+        tiny_sites,
+        name="study",
+        **{"pretrain.epochs": 2, "finetune.steps": 4, "study.label_counts": [10, 0], "study.probe_every": 1},
     )
     out = run_pretraining_study(cfg).directory
     arms = pd.read_csv(out / "arms.csv", dtype={"labels": str})
@@ -71,20 +78,17 @@ def test_pretraining_seeds_pool_into_one_difference_scored_on_held_out_patients_
             yaml.safe_load(rendered.read_text()) | {"name": "held-out", "options": {"labels": None}}
         )
     )
-    cfg = load_config(
-        profile="tiny",
-        overrides={
-            "sites": [str(eyepacs40)],
-            "runs_dir": str(tmp_path / "runs"),
-            "name": "seeds",
+    cfg = study_config(
+        eyepacs40,
+        tmp_path,
+        tiny_sites,
+        name="seeds",
+        **{
             "pretrain.epochs": 1,
             "finetune.steps": 2,
-            "finetune.bootstrap": 20,
-            "study.pretrain_sites": [str(tiny_sites["ukb"])],
             "study.pretrain_seeds": [0, 1],
             "study.test_sites": [str(held_out)],
             "study.label_counts": [10],
-            "study.seeds": [0, 1],
         },
     )
     out = run_pretraining_study(cfg).directory

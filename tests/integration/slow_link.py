@@ -36,15 +36,12 @@ def slow_link(target: int, rate: float) -> Iterator[tuple[int, dict[str, Bucket]
     ready: list[int] = []
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bucket: Bucket) -> None:
-        try:
+        with contextlib.suppress(ConnectionError, OSError):  # a peer that hung up ends its direction
             while data := await reader.read(CHUNK):
                 await bucket.carry(len(data))
                 writer.write(data)
                 await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+        writer.close()
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
