@@ -319,6 +319,11 @@ class StudyConfig(Strict):
     probe_every: int = Field(2, ge=1)  # pretraining epochs between the probe curve's encoder snapshots
     # Further encoder exports to compare like `spark` (e.g. a federated SparK run's encoder.safetensors).
     encoders: dict[str, str] = Field(default_factory=dict)
+    # pretraining: federated SparK arms, name -> dotted overrides of a `flwr run .` simulation over
+    # `pretrain_sites` (one simulated site each), once per pretraining seed at the centralised run's
+    # sample-gradients, e.g. {spark-fedavg: {federation.rounds_pretrain: 48}}; each is paired with the
+    # centralised SparK of its seed (simulation/studies/federated_spark.py)
+    federated: dict[str, dict[str, Any]] = Field(default_factory=dict)
     compare_to: str = "scratch"  # the init every difference is taken against
     # seed2: labelled sites scored only (a Messidor-2-like external test), never trained on
     external_sites: tuple[str, ...] = ()

@@ -20,9 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +29,6 @@ import pandas as pd
 import torch
 
 from client.state import own_batchnorm, state_dir
-from server.directory import FederationError
 from server.store import StoreReader
 from shared.config import ExperimentConfig, InitConfig, dump_config, override
 from shared.data.labels import label_column
@@ -42,7 +38,6 @@ from shared.data.site import Site, load_site
 from shared.errors import ConfigError
 from shared.federation.strategies import strategy_of
 from shared.federation.wire import EPSILON, FINETUNE
-from shared.logs import progress_bar
 from shared.rundir import atomic_write_text, save_arrays
 from shared.training.data import site_images
 from shared.training.finetune import build_task_model, finetune_split, predict_logits, site_test_rows, softmax
@@ -50,7 +45,7 @@ from shared.training.initialisation import read_encoder_export
 from shared.weights import load_weights
 from simulation.centralised.finetune import run_finetuning
 from simulation.centralised.pretrain import run_pretraining
-from simulation.flower_env import PROJECT_ROOT, flower_env, flwr_run_command, stop_local_superlink
+from simulation.simulate import simulate
 
 log = logging.getLogger(__name__)
 CENTRALISED, LOCAL, FEDERATED = "centralised", "local", "federated"
@@ -265,57 +260,11 @@ def _start(cfg: ExperimentConfig, sites: list[Site]) -> InitConfig:
 
 
 def _federated(arm: CompareArm, nodes: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """The scenario simulated with real `flwr run .` under the arm's settings; a progress bar follows the
-    rounds in the run store."""
-    experiment = arm.folder / "experiment.yaml"
-    atomic_write_text(experiment, dump_config(arm.cfg))
-    home = Path(arm.cfg.runs_dir) / ".flwr-home"
-    stop_local_superlink(flower_env(home))  # an interrupted comparison's simulation may still be running
-    federation = arm.folder / "federation"
-    resume = any((federation / "checkpoints").glob("*.safetensors"))
-    if not resume:  # interrupted before its first checkpoint: nothing to keep
-        shutil.rmtree(federation, ignore_errors=True)
-    run_config = {
-        "config": str(experiment.resolve()),
-        "profile": arm.cfg.profile,
-        "scenario": str(scenario_path(arm.scenario).resolve()),
-        "run-name": arm.cfg.name,
-        "seed": arm.seed,
-        "resume": resume,
-        "set": "",
-    }
-    env = {**os.environ, **flower_env(home)}
-    total = arm.cfg.federation.rounds_pretrain + arm.cfg.federation.rounds_finetune
-    log_path = arm.folder / "flwr-run.log"
-    store = federation / "store.sqlite"
-    with (
-        log_path.open("a") as out,
-        progress_bar(f"{arm.scenario} seed {arm.seed} {arm.label}", total, "round") as bar,
-    ):
-        process = subprocess.Popen(
-            flwr_run_command(nodes, run_config),
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            while process.poll() is None:
-                time.sleep(2)
-                bar.update(_rounds_done(store) - bar.n)
-        finally:
-            if process.poll() is None:
-                process.terminate()
-            process.wait()
-            stop_local_superlink(flower_env(home))
-    status = _status(store)
-    if process.returncode != 0 or status != "completed":
-        raise FederationError(
-            f"{arm.label} ({arm.scenario}, seed {arm.seed}): the federated run ended {status!r} "
-            f"(flwr run exit {process.returncode}); its log: {log_path}"
-        )
+    """The scenario simulated with real `flwr run .` under the arm's settings."""
+    label = f"{arm.scenario} seed {arm.seed} {arm.label}"
+    federation = simulate(arm.cfg, scenario_path(arm.scenario), nodes, label)
     model, _ = load_weights(federation / "model.safetensors")
-    return model, _store_record(store)
+    return model, _store_record(federation / "store.sqlite")
 
 
 def _own_batchnorm(
@@ -336,15 +285,6 @@ def _own_batchnorm(
                 "%s: site %s kept no BatchNorm of its own; scoring it with the server's", arm.label, site.name
             )
     return own
-
-
-def _rounds_done(store: Path) -> int:
-    return len(StoreReader(store).rounds(finished=True)) if store.is_file() else 0
-
-
-def _status(store: Path) -> str:
-    run = StoreReader(store).run() if store.is_file() else None
-    return str(run["status"]) if run else "missing"
 
 
 def _store_record(store: Path) -> dict:

@@ -136,13 +136,25 @@ def differences(
     split: str = "test",
 ) -> pd.DataFrame:
     """Per amount and init: the seeds' mean of (init - study.compare_to) on `split`, paired 95% CI."""
-    s = cfg.study
+    pairs = [(name, cfg.study.compare_to) for name in inits if name != cfg.study.compare_to]
+    return differences_versus(cfg, out, pairs, amounts, metrics, split)
+
+
+def differences_versus(
+    cfg: ExperimentConfig,
+    out: Path,
+    pairs: list[tuple[str, str]],
+    amounts: list[Amount],
+    metrics: dict[str, Metric],
+    split: str = "test",
+) -> pd.DataFrame:
+    """Per amount and (init, reference) pair: the seeds' mean of (init - reference) on `split`, its 95% CI
+    drawn over the test images with the fine-tuning seeds paired."""
     rows = []
     for amount in amounts:
-        runs = {n: [predictions(out, seed, amount.arm(n), split) for seed in s.seeds] for n in inits}
-        for name in inits:
-            if name != s.compare_to:
-                rows.append(_difference(cfg, amount, name, runs[s.compare_to], runs[name], metrics, split))
+        for name, reference in pairs:
+            ref, runs = (_runs(cfg, out, amount, [n], split) for n in (reference, name))
+            rows.append(_difference(cfg, amount, name, reference, ref, runs, metrics, split))
     return pd.DataFrame(rows)
 
 
@@ -154,25 +166,36 @@ def pooled_differences(
     amounts: list[Amount],
     metrics: dict[str, Metric],
     split: str = "test",
+    references: list[str] | None = None,
+    versus: str | None = None,
 ) -> pd.DataFrame:
-    """Per amount: the mean of (init - study.compare_to) over `inits` (one per pretraining seed) and the
-    fine-tuning seeds, named `label`, its 95% CI drawn over the images, the pretraining seeds and the
+    """Per amount: the mean of (init - reference) over `inits` (one per pretraining seed, each paired with
+    the init of the same place in `references`, by default `study.compare_to`) and the fine-tuning seeds,
+    named `label` (versus `versus`), its 95% CI drawn over the images, the pretraining seeds and the
     fine-tuning seeds together (`paired_difference_ci`'s seeds grid): the encoder's own variance counts."""
     s = cfg.study
+    refs = references or [s.compare_to] * len(inits)
     rows = []
     for amount in amounts:
-        reference = [predictions(out, seed, amount.arm(s.compare_to), split) for seed in s.seeds]
-        runs = [predictions(out, seed, amount.arm(n), split) for n in inits for seed in s.seeds]
+        reference, runs = (_runs(cfg, out, amount, names, split) for names in (refs, inits))
         grid = (len(inits), len(s.seeds))
-        row = _difference(cfg, amount, label, reference * len(inits), runs, metrics, split, grid)
+        row = _difference(cfg, amount, label, versus or s.compare_to, reference, runs, metrics, split, grid)
         rows.append(row | {"pretrain_seeds": len(inits)})
     return pd.DataFrame(rows)
+
+
+def _runs(
+    cfg: ExperimentConfig, out: Path, amount: Amount, inits: list[str], split: str
+) -> list[Predictions]:
+    """The predictions of `inits` at `amount`, init-major, the fine-tuning seeds within."""
+    return [predictions(out, seed, amount.arm(n), split) for n in inits for seed in cfg.study.seeds]
 
 
 def _difference(
     cfg: ExperimentConfig,
     amount: Amount,
     name: str,
+    versus: str,
     reference: list[Predictions],
     runs: list[Predictions],
     metrics: dict[str, Metric],
@@ -180,7 +203,7 @@ def _difference(
     grid: tuple[int, int] | None = None,
 ) -> dict:
     """One row of differences: each metric's mean paired difference with its bootstrap interval."""
-    row = {"labels": amount.key, "init": name, "versus": cfg.study.compare_to, "split": split}
+    row = {"labels": amount.key, "init": name, "versus": versus, "split": split}
     for key, metric in metrics.items():
         point, low, high = paired_difference_ci(
             reference[0].y,

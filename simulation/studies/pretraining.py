@@ -35,10 +35,13 @@ from shared.training.initialisation import check_init
 from shared.training.linear_probe import probe_encoder
 from simulation.centralised.finetune import Cohort, Study, cohort_images, cohort_of, no_nan
 from simulation.centralised.pretrain import run_pretraining
+from simulation.studies.federated_spark import FederatedSpark, compute_line, federated_encoder, plan_federated
 from simulation.studies.paired import (
     Amount,
+    Metric,
     differences,
     differences_table,
+    differences_versus,
     means_table,
     pooled_differences,
     run_arms,
@@ -64,14 +67,17 @@ def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> Rep
         )
     given = {n: InitConfig(kind="spark", weights=w) for n, w in s.encoders.items()}
     sparks = _pretraining_runs(cfg)
-    if s.compare_to not in {"scratch", *sparks, *given}:
-        raise ConfigError(f"study.compare_to: {s.compare_to!r} is not one of {['scratch', *sparks, *given]}")
+    federated = plan_federated(cfg)
+    known = ["scratch", *sparks, *(f.init for f in federated), *given]
+    if s.compare_to not in known:
+        raise ConfigError(f"study.compare_to: {s.compare_to!r} is not one of {known}")
     for init in given.values():  # before the pretraining: a wrong file is found in seconds, not an hour
         check_init(init.kind, init.weights, cfg.model)
     encoders = {name: _pretrained(pre, resume) for name, pre in sparks.items()}
+    pretrained = encoders | {f.init: federated_encoder(f) for f in federated}
     inits = {
         "scratch": InitConfig(),
-        **{n: InitConfig(kind="spark", weights=str(e)) for n, e in encoders.items()},
+        **{n: InitConfig(kind="spark", weights=str(e)) for n, e in pretrained.items()},
         **given,
     }
     cfg = cfg.model_copy(
@@ -90,7 +96,10 @@ def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> Rep
         label = f"spark ({len(encoders)} pretraining seeds)"
         pooled = pooled_differences(cfg, out, label, list(encoders), amounts, metrics)
         diffs = pd.concat([diffs, pooled], ignore_index=True)
-    table = _table(arms, diffs, probe, cfg, amounts, len(cohort.test))
+    if federated:
+        versus = _federated_differences(cfg, out, federated, amounts, metrics)
+        diffs = pd.concat([diffs, versus], ignore_index=True)
+    table = _table(arms, diffs, probe, cfg, amounts, len(cohort.test), federated)
     atomic_write_text(out / "differences.csv", diffs.to_csv(index=False))
     atomic_write_text(out / "table.md", table)
     summary = {"differences": diffs.to_dict("records"), "probe": probe.to_dict("records")}
@@ -98,6 +107,27 @@ def run_pretraining_study(cfg: ExperimentConfig, *, resume: bool = False) -> Rep
     test = arms[arms["split"] == "test"]
     metric_vs_labels(out / "auc_vs_labels.png", test, "referable_auc", title="referable DR AUC (test split)")
     return Report(out, table)
+
+
+def _federated_differences(
+    cfg: ExperimentConfig,
+    out: Path,
+    federated: list[FederatedSpark],
+    amounts: list[Amount],
+    metrics: dict[str, Metric],
+) -> pd.DataFrame:
+    """Each federated encoder minus the centralised SparK of its pretraining seed and, per arm over more
+    than one seed, one pooled row whose interval redraws the pretraining seeds too."""
+    pairs = [(f.init, f.counterpart) for f in federated]
+    parts = [differences_versus(cfg, out, pairs, amounts, metrics)]
+    seeds = len(cfg.study.pretrain_seeds)
+    for name in cfg.study.federated if seeds > 1 else ():
+        mine = [f for f in federated if f.arm == name]
+        label = f"{name} ({seeds} pretraining seeds)"
+        inits, refs = [f.init for f in mine], [f.counterpart for f in mine]
+        pooled = pooled_differences(cfg, out, label, inits, amounts, metrics, references=refs, versus="spark")
+        parts.append(pooled)
+    return pd.concat(parts, ignore_index=True)
 
 
 def _pretraining_runs(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
@@ -165,6 +195,7 @@ def _table(
     cfg: ExperimentConfig,
     amounts: list[Amount],
     test_images: int,
+    federated: list[FederatedSpark],
 ) -> str:
     """Means ± std over seeds per init and label count (test split), then the paired differences with the
     test split's size and the intervals' median half-width (what the study can resolve)."""
@@ -180,6 +211,9 @@ def _table(
         "",
         *differences_table(diffs, amounts, list(COMPARED)),
     ]
+    if federated:
+        lines += ["", "Federated SparK (a `flwr run .` simulation, one site per unlabelled site):", ""]
+        lines += [f"- {compute_line(f)}" for f in federated]
     best = probe.loc[probe["referable_auc"].idxmax()]
     lines += [
         "",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from shared.config import ExperimentConfig, load_config
@@ -106,3 +107,38 @@ def test_pretraining_seeds_pool_into_one_difference_scored_on_held_out_patients_
         assert pooled[key] == pytest.approx(diff.loc[["spark-seed0", "spark-seed1"], key].mean())
     assert pooled["pretrain_seeds"] == 2 and pooled["referable_auc_low"] <= pooled["referable_auc_high"]
     assert f"{own + more} test images; a pooled row's interval also redraws" in (out / "table.md").read_text()
+
+
+@pytest.mark.integration
+def test_a_federated_arm_over_one_site_is_the_centralised_encoder_bit_for_bit(
+    eyepacs40: Path, tmp_path: Path, tiny_sites: dict[str, Path]
+) -> None:
+    """`study.federated`: SparK by a real `flwr run .` over the unlabelled sites, paired with the centralised
+    SparK of its seed. One site holding every image, a local epoch a round: the federation is the pooled run,
+    so the two encoders are equal bit for bit and the difference and both ends of its interval are 0."""
+    cfg = study_config(
+        eyepacs40,
+        tmp_path,
+        tiny_sites,
+        name="fed",
+        threads=1,  # the simulation's actors train on one thread: the same floats need the same sums
+        **{
+            "pretrain.epochs": 1,
+            "finetune.steps": 2,
+            "federation.min_sites": 1,
+            "study.label_counts": [10],
+            "study.federated": {"fedavg": {"federation.strategy": "fedavg"}},
+        },
+    )
+    out = run_pretraining_study(cfg).directory
+    central, _ = load_weights(tmp_path / "runs/fed/pretrain/encoder.safetensors")
+    federated, _ = load_weights(tmp_path / "runs/fed/fedavg/federation/encoder.safetensors")
+    assert central.keys() == federated.keys()
+    assert all(torch.equal(central[k], federated[k]) for k in central)
+    diff = pd.read_csv(out / "differences.csv", dtype={"labels": str}).set_index(["init", "versus"])
+    versus = diff.loc[("fedavg", "spark")]
+    assert (versus[["referable_auc", "referable_auc_low", "referable_auc_high", "kappa"]] == 0).all()
+    images = len(load_site(tiny_sites["ukb"]).rows)
+    table = (out / "table.md").read_text()
+    arm = f"fedavg: fedavg, 1 round of 1 local epoch, {images:,} sample-gradients (centralised {images:,})"
+    assert arm in table

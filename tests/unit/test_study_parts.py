@@ -1,7 +1,9 @@
 """The pretraining study's parts: lesion evidence visible at the cpu size, nested label-count subsets,
-BatchNorm re-estimation, and the linear probe's read-out."""
+BatchNorm re-estimation, the linear probe's read-out, and the federated arms' equal compute."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,11 +11,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from shared.config import load_config
+from shared.data.site import load_site
 from shared.data.splits import label_count_subset
 from shared.data.synth.evidence import grade_evidence
 from shared.models import TaskModel, nnmobilenet
 from shared.training.finetune import reestimate_batchnorm
 from shared.training.linear_probe import fit_probe
+from simulation.studies.federated_spark import plan_federated
 
 
 def test_every_referable_grade_shows_evidence_of_at_least_two_pixels_at_128() -> None:
@@ -81,3 +86,40 @@ def test_linear_probe_reads_separable_features_and_not_noise() -> None:
     assert good["auc"] > 0.95 and abs(bad["auc"] - 0.5) < 0.1
     missing = fit_probe(signal[:300][y[:300] < 4], y[:300][y[:300] < 4], signal[300:], y[300:], "dr", 5)
     assert np.isfinite(missing["auc"])  # class 4 never trained: probability 0, shapes still match
+
+
+def test_a_federated_spark_arm_of_more_rounds_takes_the_local_steps_that_keep_the_centralised_compute(
+    tiny_sites: dict[str, Path], tmp_path: Path
+) -> None:
+    """`study.federated`: rounds = epochs keep a local epoch a round (the same passes as centralised); more
+    rounds get pretrain.epochs x images / (rounds x sites x batch) local steps; a named local_steps stays."""
+    pretrain_sites = [str(tiny_sites["ukb"]), str(tiny_sites["mmac"])]
+    images = sum(len(load_site(p).rows) for p in pretrain_sites)
+    arms = {
+        "same": {},
+        "short": {"federation.rounds_pretrain": 8},
+        "given": {"federation.rounds_pretrain": 8, "federation.local_steps": 1},
+    }
+    cfg = load_config(
+        profile="tiny",
+        overrides={
+            "runs_dir": str(tmp_path),
+            "name": "study",
+            "pretrain.epochs": 2,
+            "study.pretrain_sites": pretrain_sites,
+            "study.pretrain_seeds": [0, 1],
+            "study.federated": arms,
+        },
+    )
+    plan = {(f.arm, f.cfg.seed): f for f in plan_federated(cfg)}
+    assert sorted(plan) == sorted((arm, k) for arm in arms for k in (0, 1))
+    same, short, given = (plan[arm, 1] for arm in arms)
+    assert (same.init, same.counterpart, same.cfg.name) == ("same-seed1", "spark-seed1", "same-seed1")
+    assert same.cfg.federation.tasks == () and same.cfg.federation.rounds_finetune == 0
+    assert same.cfg.federation.rounds_pretrain == 2 and same.cfg.federation.local_steps == 0
+    assert same.sample_gradients == same.centralised_sample_gradients == 2 * images
+    batch = cfg.pretrain.batch_size
+    assert short.cfg.federation.local_steps == round(2 * images / (8 * 2 * batch))
+    assert abs(short.sample_gradients - 2 * images) <= 8 * 2 * batch / 2  # within half a step per site-round
+    assert given.cfg.federation.local_steps == 1 and given.sample_gradients == 8 * 2 * batch
+    assert Path(same.cfg.runs_dir) == (tmp_path / "study").resolve()
