@@ -131,7 +131,8 @@ class FederatedRun:
         # Bad settings are refused before anything is written (the run folder, its store).
         if cfg.pretrain.method != "spark":
             raise FederationError(
-                "pretrain.method: federated phase 1 is SparK; MoCo pretraining is centralised"
+                f"pretrain.method: federated phase 1 is SparK; {cfg.pretrain.method} pretraining is "
+                "centralised (fedretina pretrain)"
             )
         f = cfg.federation
         self.expected = (

@@ -39,7 +39,8 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    arch: Literal["nnmobilenet", "resnet50"] = "nnmobilenet"
+    # vit_*: a ViT/16 (timm's; RETFound is vit_large), pretrained by MAE only (shared/models/vit.py)
+    arch: Literal["nnmobilenet", "resnet50", "vit_tiny", "vit_small", "vit_base", "vit_large"] = "nnmobilenet"
     # nn-MobileNet width multiplier: 3.0 is the paper's 30.9M-parameter encoder.
     width_mult: float = Field(3.0, gt=0)
     # "bn" = BatchNorm (SparK's sparse BN in pretraining); "gn" = per-sample masked GroupNorm (DP-ready).
@@ -70,7 +71,8 @@ class InitConfig(Strict):
     """Where the encoder starts: random, one of our SparK / MoCo / natural-photo exports, or local ImageNet
     weights."""
 
-    kind: Literal["scratch", "spark", "moco", "natural", "imagenet"] = "scratch"
+    # mae: our MAE export, or a ViT-MAE checkpoint in RETFound's published format (a .pth state dict)
+    kind: Literal["scratch", "spark", "moco", "natural", "imagenet", "mae"] = "scratch"
     weights: str | None = None  # a path (relative to the experiment YAML)
 
     @model_validator(mode="after")
@@ -83,8 +85,9 @@ class InitConfig(Strict):
 class PretrainConfig(Strict):
     # "spark": masked image modelling (the first seed); "moco": MoCo v2 contrastive (the second seed);
     # "natural": supervised classification of scikit-image's natural photographs, the offline stand-in for
-    # ImageNet weights (shared/data/photos.py); it reads no site.
-    method: Literal["spark", "moco", "natural"] = "spark"
+    # ImageNet weights (shared/data/photos.py); it reads no site. "mae": MAE (He et al. 2022) for a ViT
+    # (model.arch: vit_*; shared/training/mae.py), the first seed's ViT baseline.
+    method: Literal["spark", "moco", "natural", "mae"] = "spark"
     epochs: int = Field(1600, ge=1)
     batch_size: int = Field(64, ge=2)  # SE blocks hold BatchNorm on a (B, C, 1, 1) vector: B >= 2
     optimizer: Literal["lamb", "adamw"] = "lamb"
@@ -97,6 +100,7 @@ class PretrainConfig(Strict):
     clip_grad: float = Field(5.0, gt=0)
     mask_ratio: float = Field(0.6, gt=0, lt=1)
     decoder_width: int = Field(768, ge=8)
+    decoder_depth: int = Field(2, ge=1)  # MAE's transformer decoder blocks (SparK's decoder has its 5 scales)
     # "batch": SparK's mean over all masked patches of the batch; "sample": per-sample mean (needed under DP).
     loss_reduction: Literal["batch", "sample"] = "batch"
     preview_every: int = Field(1, ge=0)  # epochs between reconstruction PNGs; 0 = only at the end

@@ -9,6 +9,7 @@ from shared.config import ModelConfig
 from shared.models.heads import ENCODER, ClassifierHead, TaskModel, head_prefix
 from shared.models.nnmobilenet import NNMobileNet, nnmobilenet
 from shared.models.resnet import ResNetEncoder, resnet50
+from shared.models.vit import ViTEncoder
 
 __all__ = [
     "ENCODER",
@@ -16,6 +17,7 @@ __all__ = [
     "NNMobileNet",
     "ResNetEncoder",
     "TaskModel",
+    "ViTEncoder",
     "build_encoder",
     "head_prefix",
     "min_batch",
@@ -28,7 +30,9 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
     """The configured encoder, without a head."""
     if cfg.arch == "nnmobilenet":
         return nnmobilenet(cfg.width_mult, None, norm=cfg.norm, dropout2d=cfg.dropout2d)
-    return resnet50(None, norm=cfg.norm)
+    if cfg.arch == "resnet50":
+        return resnet50(None, norm=cfg.norm)
+    return ViTEncoder(cfg.arch)
 
 
 def min_batch(cfg: ModelConfig) -> int:

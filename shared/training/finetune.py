@@ -28,6 +28,7 @@ from shared.errors import DataError
 from shared.metrics import evaluate_predictions, metric_keys
 from shared.models import TaskModel, build_encoder, min_batch
 from shared.models.nnmobilenet import LAYERS
+from shared.models.vit import VIT_SIZES
 from shared.seeding import derive_seed
 from shared.training.data import site_images
 from shared.training.optim import Schedule, make_optimizer, optimizer_for, param_groups
@@ -45,7 +46,10 @@ def build_task_model(cfg: ExperimentConfig, tasks: dict[str, int]) -> TaskModel:
 # resolution stage, not per block (nn-MobileNet has 23 feature entries: decay 0.7 per entry would leave the
 # stem at 0.7^23 = 3e-4, frozen). nn-MobileNet: stem 0, its six block stages 1-6 (the 1x1 pen conv joins the
 # last), heads 7; ResNet50: stem 0, layer1-4 1-4, heads 5. The lr multiplier of id i is decay^(depth - i).
-STAGE_DEPTH = {"nnmobilenet": len(LAYERS) + 1, "resnet50": 5}
+# A ViT as BEiT and MAE decay it: embeddings 0, block i i + 1, the final norm and the heads depth + 1.
+STAGE_DEPTH = {"nnmobilenet": len(LAYERS) + 1, "resnet50": 5} | {
+    arch: depth + 1 for arch, (_, depth, _) in VIT_SIZES.items()
+}
 _BLOCK_STAGE = [k + 1 for k, n in enumerate(LAYERS) for _ in range(n)]  # block j -> its stage id
 _FIRST_BLOCK = 3  # nn-MobileNet's features: stem conv, norm, activation, then the blocks
 
@@ -60,6 +64,10 @@ def layer_id(name: str, arch: str) -> int:
         return 0 if block < 0 else _BLOCK_STAGE[min(block, len(_BLOCK_STAGE) - 1)]
     if m := re.match(r"encoder\.layer(\d)\.", name):
         return int(m.group(1))
+    if m := re.match(r"encoder\.blocks\.(\d+)\.", name):
+        return int(m.group(1)) + 1
+    if name.startswith("encoder.norm.") and arch in VIT_SIZES:
+        return depth
     return 0
 
 

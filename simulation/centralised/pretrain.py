@@ -30,6 +30,7 @@ from shared.spark.preview import save_preview
 from shared.training.checkpoint import export_encoder, load_checkpoint, save_checkpoint
 from shared.training.data import data_key, load_sites, pooled, site_images
 from shared.training.initialisation import check_init, pretraining_start
+from shared.training.mae import mae_method
 from shared.training.moco import check_queue, moco_method
 from shared.training.natural import natural_images, natural_method
 from shared.training.phase import EpochEnd, Span, run_phase
@@ -38,7 +39,12 @@ from shared.weights import check_settings, weights_meta
 
 log = logging.getLogger(__name__)
 PREVIEW_IMAGES = 6
-LOSS_NAMES = {"spark": "masked-patch loss", "moco": "InfoNCE loss", "natural": "cross-entropy"}
+LOSS_NAMES = {
+    "spark": "masked-patch loss",
+    "moco": "InfoNCE loss",
+    "natural": "cross-entropy",
+    "mae": "hidden-patch loss",
+}
 
 
 @dataclass
@@ -84,7 +90,7 @@ def run_pretraining(
         history, optimizer_state = _resumed(checkpoint, model, cfg)
         log.info("resuming %s after epoch %d", out, len(history.losses))
     spark = cfg.pretrain.method == "spark"
-    methods = {"spark": spark_method, "moco": moco_method, "natural": natural_method}
+    methods = {"spark": spark_method, "moco": moco_method, "natural": natural_method, "mae": mae_method}
     method = methods[cfg.pretrain.method](model, cfg, device)  # type: ignore[operator]
     key = "natural" if natural else data_key(sites)
     ledger = Ledger(out / LEDGER)
@@ -121,9 +127,9 @@ def run_pretraining(
 
 
 def _images(sites: list[Site], cfg: ExperimentConfig) -> Dataset:
-    spark = cfg.pretrain.method == "spark"
-    views = [site_images(s, cfg, cfg.data.image_size, "light" if spark else "moco") for s in sites]
-    return pooled(views if spark else [TwoViews(v) for v in views])
+    moco = cfg.pretrain.method == "moco"  # two views of each image; masked modelling sees one
+    views = [site_images(s, cfg, cfg.data.image_size, "moco" if moco else "light") for s in sites]
+    return pooled([TwoViews(v) for v in views] if moco else views)
 
 
 def _resumed(checkpoint: Path, model: nn.Module, cfg: ExperimentConfig) -> tuple[History, dict | None]:

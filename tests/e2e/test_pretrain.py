@@ -124,3 +124,27 @@ def test_moco_pretraining_runs_end_to_end_and_exports_an_encoder_finetuning_acce
     assert len(out.losses) == 2 and all(0 < x < 2 * math.log(cfg.pretrain.moco_queue + 1) for x in out.losses)
     encoder = nnmobilenet(cfg.model.width_mult)
     assert "moco encoder" in initialise(encoder, "moco", str(out.encoder), cfg.model)
+
+
+def test_mae_pretrains_a_vit_and_exports_an_encoder_finetuning_accepts(
+    tiny_sites: dict[str, Path], tmp_path: Path
+) -> None:
+    """The ViT baseline through `fedretina pretrain`'s own run: MAE's loss, the export of kind mae-encoder,
+    and a task model that starts from it (`init: {kind: mae}`)."""
+    from shared.models import build_encoder
+    from shared.training.initialisation import initialise
+
+    cfg = config(tmp_path, [tiny_sites["ukb"]], 2, "mae")
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"arch": "vit_tiny"}),
+            "pretrain": cfg.pretrain.model_copy(
+                update={"method": "mae", "mask_ratio": 0.75, "optimizer": "adamw"}
+            ),
+        }
+    )
+    out = run_pretraining(cfg)
+    assert len(out.losses) == 2 and all(0 < x < 10 for x in out.losses)
+    _, meta = load_weights(out.encoder)
+    assert meta["kind"] == "mae-encoder" and meta["arch"] == "vit_tiny"
+    assert "mae encoder" in initialise(build_encoder(cfg.model), "mae", str(out.encoder), cfg.model)

@@ -147,7 +147,7 @@ def test_an_encoder_export_is_read_with_its_kind_and_anything_else_is_refused(tm
     tensors, kind = read_encoder_export(tmp_path / "moco.safetensors", cfg.model)
     assert kind == "moco" and torch.equal(tensors["w"], state["w"])
     save_weights(tmp_path / "model.safetensors", state, weights_meta(cfg, "task-model"))
-    with pytest.raises(CheckpointError, match="not a SparK or MoCo encoder export"):
+    with pytest.raises(CheckpointError, match="not a SparK, MoCo or MAE encoder export"):
         read_encoder_export(tmp_path / "model.safetensors", cfg.model)
     wider = cfg.model.model_copy(update={"width_mult": 1.0})
     with pytest.raises(CheckpointError):

@@ -1,4 +1,4 @@
-"""The pretraining study's parts: lesion evidence visible at the cpu size, nested label-count subsets,
+"""The studies' parts: DR, myopic and AD/PD-like evidence visible at the cpu size, nested label-count subsets,
 BatchNorm re-estimation, the linear probe's read-out, and the federated arms' equal compute."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from shared.config import load_config
 from shared.data.site import load_site
 from shared.data.splits import label_count_subset
-from shared.data.synth.evidence import grade_evidence
+from shared.data.synth.evidence import neuro_vessel_table, sign_evidence
 from shared.models import TaskModel, nnmobilenet
 from shared.training.finetune import reestimate_batchnorm
 from shared.training.linear_probe import fit_probe
@@ -22,12 +22,30 @@ from simulation.studies.federated_spark import plan_federated
 
 
 def test_every_referable_grade_shows_evidence_of_at_least_two_pixels_at_128() -> None:
-    evidence = {g: grade_evidence(g, 128, eyes=4) for g in range(5)}
+    evidence = {g: sign_evidence("dr", g, 128, eyes=4) for g in range(5)}
     assert evidence[0].changed == 0.0
     assert evidence[1].changed > 0.001  # microaneurysms are visible (they were 0.06% before)
     for grade in (2, 3, 4):
         assert evidence[grade].diameter >= 2.0
         assert evidence[grade].changed > 5 * evidence[1].changed
+
+
+def test_myopic_grades_each_add_visible_evidence_over_the_grade_below_at_128() -> None:
+    """Grade 1 (tessellation, a paler fundus) changes most of the eye; each higher grade adds what tells it
+    from the grade below: diffuse atrophy a broad tint, patchy and macular atrophy regions of >= 2 px."""
+    assert sign_evidence("mm", 1, 128, eyes=4).changed > 0.5
+    steps = {g: sign_evidence("mm", g, 128, eyes=4, versus=g - 1) for g in (2, 3, 4)}
+    assert all(e.changed > 0.005 for e in steps.values())
+    assert steps[3].diameter >= 2.0 and steps[4].diameter >= 2.0
+
+
+def test_the_neuro_sign_widens_venules_narrows_arterioles_and_bends_and_prunes_the_tree() -> None:
+    """The AD/PD-like sign, the same patients with and without it: each vessel statistic moves the way the
+    renderer says, by at least half the controls' spread between patients, and visibly moves some pixels."""
+    table = neuro_vessel_table(size=128, eyes=16)
+    assert table["vein_px"][2] > 0.5 and table["artery_px"][2] < -0.5 and table["av_ratio"][2] < -0.5
+    assert table["tortuosity"][2] > 0.5 and table["branches"][2] < -0.5
+    assert 0.01 < sign_evidence("neuro", 1, 128, eyes=4).changed < 0.5
 
 
 def _rows(patients: int) -> pd.DataFrame:

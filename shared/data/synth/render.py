@@ -9,17 +9,27 @@ identical bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from shared.data.synth.anatomy import eye_layout, paint_background, paint_disc, paint_macula, patient_traits
+from shared.data.synth.anatomy import (
+    Layout,
+    Traits,
+    eye_layout,
+    paint_background,
+    paint_disc,
+    paint_macula,
+    patient_traits,
+)
 from shared.data.synth.camera import CAMERA_STYLES, CameraStyle, canvas_for, photograph
 from shared.data.synth.lesions import LESIONS, paint_lesions, venous_beading
 from shared.data.synth.mimics import paint_mimics
 from shared.data.synth.myopia import paint_myopia
-from shared.data.synth.vessels import grow_tree, paint_vessels, vasculature
+from shared.data.synth.raster import Canvas
+from shared.data.synth.vessels import Branch, Vasculature, grow_tree, paint_vessels, vasculature
 
 __all__ = ["CAMERA_STYLES", "MASK_KEYS", "CameraStyle", "FundusSpec", "Rendered", "render_fundus"]
 
@@ -63,18 +73,12 @@ def render_fundus(spec: FundusSpec, style: CameraStyle, height: int) -> Rendered
     if height < 16:
         raise ValueError(f"height must be at least 16 px, got {height}")
 
-    def stream(purpose: int) -> np.random.Generator:
-        return np.random.default_rng([spec.patient_seed, spec.eye_seed, int(spec.eye == "right"), purpose])
-
-    canvas = canvas_for(style, height, mirror=spec.eye == "right")
-    traits = patient_traits(np.random.default_rng([spec.patient_seed, _PATIENT]))
-    layout = eye_layout(traits, spec.mm_grade, stream(_LAYOUT))
+    stream = _streams(spec)
+    canvas, traits, layout, vasc, tree = eye_anatomy(spec, style, height)
     img = paint_background(canvas, traits, layout, stream(_TEXTURE))
     paint_macula(img, canvas, layout)
     paint_myopia(img, canvas, layout, spec.mm_grade, stream(_MYOPIA))
     disc = paint_disc(img, canvas, layout)
-    vasc = vasculature(traits, spec.neuro, spec.mm_grade)
-    tree = grow_tree(layout, vasc, int(stream(_VESSELS).integers(2**63)), canvas.r)
     lesion_rng = stream(_LESIONS)
     paint_vessels(img, canvas, tree, vasc, venous_beading(tree, spec.dr_grade, lesion_rng))
     paint_mimics(img, canvas, layout, stream(_MIMICS))
@@ -88,3 +92,26 @@ def render_fundus(spec: FundusSpec, style: CameraStyle, height: int) -> Rendered
         masks={key: masks[key] & inside for key in MASK_KEYS},
         fov=(canvas.cx, canvas.cy, canvas.r),
     )
+
+
+def eye_anatomy(
+    spec: FundusSpec, style: CameraStyle, height: int
+) -> tuple[Canvas, Traits, Layout, Vasculature, list[Branch]]:
+    """The eye `render_fundus` paints, before any paint: its canvas, the patient's traits, the eye's layout,
+    the vessel factors and the grown vessel tree (what `shared/data/synth/evidence.py` measures)."""
+    stream = _streams(spec)
+    canvas = canvas_for(style, height, mirror=spec.eye == "right")
+    traits = patient_traits(np.random.default_rng([spec.patient_seed, _PATIENT]))
+    layout = eye_layout(traits, spec.mm_grade, stream(_LAYOUT))
+    vasc = vasculature(traits, spec.neuro, spec.mm_grade)
+    tree = grow_tree(layout, vasc, int(stream(_VESSELS).integers(2**63)), canvas.r)
+    return canvas, traits, layout, vasc, tree
+
+
+def _streams(spec: FundusSpec) -> Callable[[int], np.random.Generator]:
+    """One generator per concern, keyed by (patient, eye, purpose)."""
+
+    def stream(purpose: int) -> np.random.Generator:
+        return np.random.default_rng([spec.patient_seed, spec.eye_seed, int(spec.eye == "right"), purpose])
+
+    return stream

@@ -207,6 +207,16 @@ def grow_tree(layout: Layout, vasc: Vasculature, seed: int, px_per_unit: float) 
     return tree
 
 
+def drawn(tree: list[Branch], vasc: Vasculature, px_per_unit: float) -> list[bool]:
+    """Which branches are painted: a fine branch is pruned unless its draw keeps it (the neuro sign drops
+    more), and a pruned branch takes its daughters with it."""
+    shown, fine = [True] * len(tree), _FINE * _finest(px_per_unit)
+    for i, b in enumerate(tree):
+        pruned = b.width[0] < fine and b.keep >= vasc.fine_keep
+        shown[i] = not pruned and (b.parent < 0 or shown[b.parent])
+    return shown
+
+
 def paint_vessels(
     img: np.ndarray, canvas: Canvas, tree: list[Branch], vasc: Vasculature, beads: list[tuple[int, int, int]]
 ) -> None:
@@ -215,10 +225,8 @@ def paint_vessels(
     `beads` lists (branch, first point, last point) stretches of vein drawn beaded (severe DR).
     """
     veins, arteries, reflex = Layer(canvas), Layer(canvas), Layer(canvas)
-    shown, fine = [True] * len(tree), _FINE * _finest(canvas.r)
+    shown = drawn(tree, vasc, canvas.r)
     for i, b in enumerate(tree):
-        pruned = b.width[0] < fine and b.keep >= vasc.fine_keep
-        shown[i] = not pruned and (b.parent < 0 or shown[b.parent])
         if not shown[i]:
             continue
         width = b.width * (vasc.vein_gain if b.vein else vasc.artery_gain)
