@@ -1,4 +1,5 @@
-"""Evaluation metrics, defined once on scikit-learn, with one fixed key schema for every task and site.
+"""Evaluation metrics, defined once (on scikit-learn, or equal to it where the bootstraps need speed: AUC and
+kappa), with one fixed key schema for every task and site.
 
 Every evaluation returns exactly `metric_keys(task)`; undefined values (AUC with one class present) are NaN,
 never missing keys, because Flower's FedAvg ends a run when sites report different metric keys.
@@ -19,14 +20,8 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    cohen_kappa_score,
-    f1_score,
-    log_loss,
-    recall_score,
-    roc_auc_score,
-)
+from scipy.stats import rankdata
+from sklearn.metrics import accuracy_score, f1_score, log_loss, recall_score
 
 from shared.data.labels import referable, referable_probability
 
@@ -39,23 +34,39 @@ def metric_keys(task: str) -> tuple[str, ...]:
 
 
 def auc_score(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Binary AUC on P(class 1), or macro one-vs-rest AUC; NaN when a class needed is absent."""
+    """Binary AUC on P(class 1), or macro one-vs-rest AUC over the classes present (scikit-learn's
+    `roc_auc_score(multi_class="ovr", average="macro")` when all are); NaN when fewer than two are present."""
     y_true = np.asarray(y_true)
-    k = probs.shape[1]
     present = np.unique(y_true)
     if len(present) < 2:
         return math.nan
-    if k == 2:
-        return float(roc_auc_score(y_true, probs[:, 1]))
-    if len(present) < k:  # sklearn's OvR needs every class: average over the classes present
-        return float(np.mean([roc_auc_score(y_true == c, probs[:, c]) for c in present]))
-    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro"))
+    if probs.shape[1] == 2:
+        return _binary_auc(y_true == 1, probs[:, 1])
+    return float(np.mean([_binary_auc(y_true == c, probs[:, c]) for c in present]))
+
+
+def _binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """The area under the ROC curve as the Mann-Whitney statistic (ties count a half, as the trapezoidal
+    ROC area does): equal to scikit-learn's, about 20x faster, which the paired bootstraps need (they score
+    every run on every resample)."""
+    ranks = rankdata(scores)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def quadratic_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Quadratic-weighted Cohen's kappa (scikit-learn's `cohen_kappa_score(weights="quadratic")`), from the
+    confusion matrix; NaN when only one grade occurs in truth and prediction together."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if len(np.unique(np.concatenate([y_true, y_pred]))) < 2:
         return math.nan
-    return float(cohen_kappa_score(y_true, y_pred, labels=list(range(num_classes)), weights="quadratic"))
+    k = num_classes
+    observed = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k).astype(np.float64)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / observed.sum()
+    grades = np.arange(k)
+    weights = (grades[:, None] - grades[None, :]) ** 2
+    return float(1 - (weights * observed).sum() / (weights * expected).sum())
 
 
 def sensitivity_specificity(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:

@@ -8,6 +8,7 @@ boundaries: the checkpoint holds the model, the optimiser and the record of ever
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from shared.privacy.ledger import Ledger
 from shared.rundir import atomic_write_text, run_dir, start_run_dir
 from shared.spark.preview import save_preview
 from shared.training.checkpoint import export_encoder, load_checkpoint, save_checkpoint
+from shared.training.cost import flops_per_image
 from shared.training.data import data_key, load_sites, pooled, site_images
 from shared.training.initialisation import check_init, pretraining_start
 from shared.training.mae import mae_method
@@ -97,12 +99,15 @@ def run_pretraining(
     plan = Span.epochs(cfg.pretrain.epochs).private_plan({"": len(data[""])}, cfg.pretrain.batch_size)
     sgd = private_sgd(cfg, ledger, "pretrain", plan, cfg.pretrain.batch_size)
     preview = _preview_batch(sites, cfg).to(device) if spark else None
+    build = methods[cfg.pretrain.method]
+    flops = flops_per_image(lambda m: build(m, cfg, device), model, data[""])  # type: ignore[operator]
     log.info(
-        "%s pretraining on %d images from %s, device %s",
+        "%s pretraining on %d images from %s, device %s, %.2f GFLOPs per image per step",
         cfg.pretrain.method,
         len(data[""]),
         key,
         device,
+        flops / 1e9,
     )
     run_phase(
         method,
@@ -122,6 +127,7 @@ def run_pretraining(
         privacy = {"epsilon": spent, "delta": cfg.privacy.delta, "privacy_unit": cfg.privacy.unit}
     export_encoder(encoder, model.encoder.state_dict(), cfg, epochs=len(history.losses), **privacy)
     _write_history(out, history, LOSS_NAMES[cfg.pretrain.method])
+    _write_cost(out, flops, len(data[""]), history)
     log.info("encoder exported to %s", encoder)
     return PretrainOutputs(encoder, history, out)
 
@@ -177,6 +183,20 @@ def _preview_batch(sites: list[Site], cfg: ExperimentConfig) -> torch.Tensor:
     rows = sites[0].rows.head(PREVIEW_IMAGES)
     data = site_images(sites[0], cfg, cfg.data.image_size, "none", rows=rows)
     return torch.stack([data[i]["image"] for i in range(len(data))])
+
+
+def _write_cost(out: Path, flops: float, images: int, history: History) -> None:
+    """cost.json: FLOPs per image per step, the images an epoch passes over, and the run's total FLOPs and
+    training seconds (all epochs, resumed ones included)."""
+    epochs = len(history.losses)
+    cost = {
+        "flops_per_image_step": flops,
+        "images_per_epoch": images,
+        "epochs": epochs,
+        "total_flops": flops * images * epochs,
+        "train_seconds": sum(history.seconds),
+    }
+    atomic_write_text(out / "cost.json", json.dumps(cost, indent=2))
 
 
 def _write_history(out: Path, history: History, label: str) -> None:

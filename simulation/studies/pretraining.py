@@ -117,7 +117,8 @@ def _federated_differences(
     metrics: dict[str, Metric],
 ) -> pd.DataFrame:
     """Each federated encoder minus the centralised SparK of its pretraining seed and, per arm over more
-    than one seed, one pooled row whose interval redraws the pretraining seeds too."""
+    than one seed, pooled rows (minus centralised SparK, minus `study.compare_to`) whose intervals redraw
+    the pretraining seeds too."""
     pairs = [(f.init, f.counterpart) for f in federated]
     parts = [differences_versus(cfg, out, pairs, amounts, metrics)]
     seeds = len(cfg.study.pretrain_seeds)
@@ -125,8 +126,11 @@ def _federated_differences(
         mine = [f for f in federated if f.arm == name]
         label = f"{name} ({seeds} pretraining seeds)"
         inits, refs = [f.init for f in mine], [f.counterpart for f in mine]
-        pooled = pooled_differences(cfg, out, label, inits, amounts, metrics, references=refs, versus="spark")
-        parts.append(pooled)
+        parts.append(
+            pooled_differences(cfg, out, label, inits, amounts, metrics, references=refs, versus="spark")
+        )
+        if cfg.study.compare_to not in refs:
+            parts.append(pooled_differences(cfg, out, label, inits, amounts, metrics))
     return pd.concat(parts, ignore_index=True)
 
 

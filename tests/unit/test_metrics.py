@@ -9,7 +9,15 @@ import pytest
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
 from shared.data.labels import referable_logit_probability, referable_probability
-from shared.metrics import bootstrap_ci, evaluate_predictions, mean_std, metric_keys, paired_difference_ci
+from shared.metrics import (
+    auc_score,
+    bootstrap_ci,
+    evaluate_predictions,
+    mean_std,
+    metric_keys,
+    paired_difference_ci,
+    quadratic_kappa,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -142,3 +150,25 @@ def test_a_seeds_grid_interval_holds_the_seeds_spread_that_an_images_only_interv
     assert shifts.min() <= low < point - 0.03 and point + 0.03 < high <= shifts.max()
     with pytest.raises(ValueError, match=r"seeds_grid \(4, 3\) does not hold 6 runs"):
         paired_difference_ci(y, [base] * 6, runs, mean, seeds_grid=(4, 3))
+
+
+def test_auc_and_kappa_equal_scikit_learns_with_ties_and_absent_grades() -> None:
+    """The bootstraps' fast AUC (Mann-Whitney, ties a half) and kappa (confusion matrix) equal
+    scikit-learn's."""
+    rng = np.random.default_rng(7)
+    for case in range(40):
+        n, k = int(rng.integers(6, 300)), int(rng.choice([2, 5]))
+        y = rng.integers(0, k - (case % 3 == 0), n)  # every third case lacks the top grade
+        probs = rng.dirichlet(np.ones(k), n).round(1 + case % 2)  # rounding makes ties
+        if len(np.unique(y)) < 2:
+            continue
+        present = np.unique(y)
+        expected = (
+            roc_auc_score(y, probs[:, 1])
+            if k == 2
+            else np.mean([roc_auc_score(y == c, probs[:, c]) for c in present])
+        )
+        assert auc_score(y, probs) == pytest.approx(expected, abs=1e-12)
+        pred = probs.argmax(axis=1)
+        kappa = cohen_kappa_score(y, pred, labels=list(range(k)), weights="quadratic")
+        assert quadratic_kappa(y, pred, k) == pytest.approx(kappa, abs=1e-12)
