@@ -55,8 +55,9 @@ system:  ## install the Debian packages the tests need (nginx, chromium), when m
 
 # Three workers on two cores, a test file each at a time: most integration tests wait on real processes
 # (Flower's polls, process starts), so they overlap; each worker computes on one thread (tests/conftest.py).
+# The 15 slowest tests are listed at the end: CI's 20-minute budget is watched where it is spent.
 test: sync system  ## the test suite CI runs (all but the fault tests)
-	$(VENV)/pytest -q -m "not faults" -n 3 --dist loadfile
+	$(VENV)/pytest -q -m "not faults" -n 3 --dist loadfile --durations=15
 
 test-faults: sync system  ## deployment fault tests: killed, stalled and restarted processes (about 25 minutes) and a slow link (3.5 minutes)
 	$(VENV)/pytest -q -m faults
