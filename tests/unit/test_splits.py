@@ -1,11 +1,16 @@
-"""Folds never split a patient; label fractions are nested and stratified."""
+"""Folds never split a patient (nor a UK Biobank participant's visits); label fractions are nested and
+stratified."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from shared.data.site import load_site
 from shared.data.splits import assign_folds, inner_split, label_subset
+from tests.conftest import write_site
 
 
 def two_eyes_per_patient(patients: int = 120, seed: int = 0) -> pd.DataFrame:
@@ -46,3 +51,20 @@ def test_label_fractions_are_nested_and_keep_every_stratum() -> None:
     tenth = label_subset(df, "label_dr", 0.1, seed=3)
     assert set(tenth.groupby("patient_id")["label_dr"].max()) == {0, 1, 2, 3, 4}
     assert subsets[0.1] == set(label_subset(df, "label_dr", 0.1, seed=3)["patient_id"])
+
+
+def test_ad_and_pd_folds_keep_every_visit_of_a_participant_together_and_are_stratified(
+    tmp_path: Path,
+) -> None:
+    """The first seed's AD and PD identification by 5-fold CV, on a UK Biobank-like site read through its
+    real layout (both eyes, repeat visits, an outcomes extract): no participant in two folds, and each fold
+    holds about the cohort's share of cases."""
+    rows = load_site(write_site(tmp_path, "ukb", 80, seed=4)).rows
+    assert rows.groupby("patient_id").size().max() >= 4  # a repeat visit: two eyes twice
+    for task in ("ad", "pd"):
+        column = f"label_{task}"
+        folds = assign_folds(rows, column, 5, seed=0)
+        assert (pd.Series(folds).groupby(rows["patient_id"].to_numpy()).nunique() == 1).all()
+        cases = pd.Series(rows[column].to_numpy() == 1).groupby(folds).mean()
+        assert len(cases) == 5 and cases.min() > 0
+        assert (cases - rows[column].eq(1).mean()).abs().max() < 0.12
