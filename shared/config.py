@@ -117,7 +117,11 @@ class PretrainConfig(Strict):
     moco_queue: int = Field(4096, ge=8)
     moco_momentum: float = Field(0.999, gt=0, lt=1)
     moco_temperature: float = Field(0.2, gt=0)
-    natural_crops: int = Field(2048, ge=16)  # "natural": random crops per epoch, spread over the photographs
+    natural_crops: int = Field(2048, ge=16)  # the photographs' random crops per epoch
+    # What spark, moco and mae pretrain on: the sites' fundus images, or (photos) the natural photographs
+    # `natural` classifies, as the non-retinal source of the first seed's domain-sensitivity question.
+    # `natural` always reads the photographs.
+    images: Literal["sites", "photos"] = "sites"
 
 
 class FinetuneConfig(Strict):
@@ -290,6 +294,11 @@ DP_REFUSED = (
     (
         "pretrain.method",
         lambda c: c.pretrain.method == "natural",
+        "the natural photographs are public: pretrain on them without DP (privacy.enabled=false)",
+    ),
+    (
+        "pretrain.images",
+        lambda c: c.pretrain.images == "photos",
         "the natural photographs are public: pretrain on them without DP (privacy.enabled=false)",
     ),
     (

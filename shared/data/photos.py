@@ -80,9 +80,10 @@ class NaturalCrops(Dataset):
         label = i % len(self.photos)
         params = T.draw("contrastive", self.source, self.size, generator(derive_seed(self.epoch_seed, i)))
         square = torch.ones(1, self.source, self.source, dtype=torch.bool)
-        image, _ = T.apply(self.photos[label], square, params, self.size)
+        image, inside = T.apply(self.photos[label], square, params, self.size)
         return {
             "image": T.normalise(image, IMAGENET_MEAN, IMAGENET_STD),
+            "fov": inside,  # all of a photograph is image: masked modelling scores every patch
             "label": torch.tensor(label),
             "index": torch.tensor(i),
         }

@@ -22,7 +22,7 @@ from shared.data.dataset import TwoViews
 from shared.data.site import Site
 from shared.data.transforms import FUNDUS_MEAN, FUNDUS_STD
 from shared.device import configure_torch
-from shared.errors import CheckpointError
+from shared.errors import CheckpointError, ConfigError
 from shared.plots import curve
 from shared.privacy.central import LEDGER, private_sgd, release
 from shared.privacy.ledger import Ledger
@@ -79,9 +79,13 @@ def run_pretraining(
             f"{checkpoint} exists: pass --resume to continue that run, or pick another --name"
         )
     check_init(cfg.pretrain.init.kind, cfg.pretrain.init.weights, cfg.model)
-    natural = cfg.pretrain.method == "natural"
-    sites = [] if natural else sites or load_sites(cfg.sites)
-    data = {"": natural_images(cfg) if natural else _images(sites, cfg)}
+    if cfg.pretrain.images == "photos" and cfg.pretrain.method == "moco":
+        raise ConfigError(
+            "pretrain.images: photos is for masked modelling (spark, mae); moco reads the sites"
+        )
+    photos = cfg.pretrain.method == "natural" or cfg.pretrain.images == "photos"
+    sites = [] if photos else sites or load_sites(cfg.sites)
+    data = {"": natural_images(cfg) if photos else _images(sites, cfg)}
     if cfg.pretrain.method == "moco":
         check_queue(cfg, len(data[""]))
     out = start_run_dir(cfg, "pretrain")
@@ -94,11 +98,11 @@ def run_pretraining(
     spark = cfg.pretrain.method == "spark"
     methods = {"spark": spark_method, "moco": moco_method, "natural": natural_method, "mae": mae_method}
     method = methods[cfg.pretrain.method](model, cfg, device)  # type: ignore[operator]
-    key = "natural" if natural else data_key(sites)
+    key = "natural" if photos else data_key(sites)
     ledger = Ledger(out / LEDGER)
     plan = Span.epochs(cfg.pretrain.epochs).private_plan({"": len(data[""])}, cfg.pretrain.batch_size)
     sgd = private_sgd(cfg, ledger, "pretrain", plan, cfg.pretrain.batch_size)
-    preview = _preview_batch(sites, cfg).to(device) if spark else None
+    preview = _preview_batch(sites, cfg).to(device) if spark and sites else None
     build = methods[cfg.pretrain.method]
     flops = flops_per_image(lambda m: build(m, cfg, device), model, data[""])  # type: ignore[operator]
     log.info(

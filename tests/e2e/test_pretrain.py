@@ -3,6 +3,7 @@ images, previews and exports are written, and a resumed run equals an uninterrup
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -148,3 +149,29 @@ def test_mae_pretrains_a_vit_and_exports_an_encoder_finetuning_accepts(
     _, meta = load_weights(out.encoder)
     assert meta["kind"] == "mae-encoder" and meta["arch"] == "vit_tiny"
     assert "mae encoder" in initialise(build_encoder(cfg.model), "mae", str(out.encoder), cfg.model)
+
+
+def test_spark_pretrains_on_the_natural_photographs_for_the_domain_question(tmp_path: Path) -> None:
+    """`pretrain.images: photos`: SparK on the non-retinal stand-in, no site read; the export is a SparK
+    encoder like any other, and MoCo on the photographs is refused in one line."""
+    from shared.errors import ConfigError
+
+    cfg = load_config(
+        profile="tiny",
+        overrides={
+            "runs_dir": str(tmp_path / "runs"),
+            "name": "spark-photos",
+            "pretrain.epochs": 1,
+            "pretrain.images": "photos",
+            "pretrain.natural_crops": 32,
+        },
+    )
+    out = run_pretraining(cfg)
+    assert len(out.losses) == 1 and 0 < out.losses[0] < 2
+    _, meta = load_weights(out.encoder)
+    assert meta["kind"] == "spark-encoder" and meta["settings"]["pretrain.images"] == "photos"
+    cost = json.loads((out.directory / "cost.json").read_text())
+    assert cost["images_per_epoch"] == 32 and cost["flops_per_image_step"] > 0  # the 32 crops, no site
+    moco = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"method": "moco"})})
+    with pytest.raises(ConfigError, match="photos is for masked modelling"):
+        run_pretraining(moco.model_copy(update={"name": "moco-photos"}))
