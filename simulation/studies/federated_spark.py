@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from server.store import StoreReader
 from shared.config import ExperimentConfig, override
 from shared.data.site import load_site
 from shared.rundir import atomic_write_text
@@ -119,14 +120,23 @@ def federated_encoder(run: FederatedSpark) -> Path:
 
 
 def compute_line(run: FederatedSpark) -> str:
-    """What the arm ran, for the study's table: rounds, local work, and its sample-gradients against the
-    centralised run's."""
+    """What the arm ran, for the study's table: rounds, local work, its sample-gradients against the
+    centralised run's, and (from its run store) the bytes the sites uploaded per round and its wall-clock."""
     f = run.cfg.federation
     local = _count(f.local_steps, "local step") if f.local_steps else _count(f.local_epochs, "local epoch")
-    return (
+    line = (
         f"{run.init}: {f.strategy}, {_count(f.rounds_pretrain, 'round')} of {local}, "
         f"{run.sample_gradients:,} sample-gradients (centralised {run.centralised_sample_gradients:,})"
     )
+    store = run.encoder.parent / "store.sqlite"
+    if not store.is_file():
+        return line
+    reader = StoreReader(store)
+    uploaded = sum(int(r["bytes"] or 0) for r in reader.replies(kind="train"))
+    rounds = max(1, len(reader.rounds(finished=True)))
+    times = reader.run() or {}
+    wall = (times.get("finished") or 0) - (times.get("started") or 0)
+    return f"{line}, {uploaded / rounds / 1e6:.1f} MB uploaded per round, {wall / 60:.1f} min"
 
 
 def _count(n: int, noun: str) -> str:
