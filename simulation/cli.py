@@ -175,10 +175,12 @@ def pretraining_study(
     resume: Annotated[bool, typer.Option(help="Continue the pretraining and skip finished arms.")] = False,
 ) -> None:
     """Does SparK pretraining on unlabelled images make a few labels go further? SparK on
-    study.pretrain_sites (with a linear-probe curve over its epochs), then {scratch, spark, study.encoders}
-    x study.label_counts x study.seeds fine-tuned on the labelled sites, paired, scored on their test split,
-    with paired bootstrap 95% intervals of each difference. Writes runs/NAME/study/ (table.md,
-    differences.csv, arms.csv, probe.csv, PNGs). docs/finetuning.md explains the protocol.
+    study.pretrain_sites (with a linear-probe curve over its epochs; once per study.pretrain_seeds), federated
+    SparK over the same sites as `flwr run .` simulations (study.federated, at equal compute), then {scratch,
+    spark, federated, study.encoders} x study.label_counts x study.seeds fine-tuned on the labelled sites,
+    paired, scored on their test split (and study.test_sites'), with paired bootstrap 95% intervals of each
+    difference. Writes runs/NAME/study/ (table.md, differences.csv, arms.csv, probe.csv, PNGs).
+    docs/finetuning.md explains the protocol.
 
     Example: fedretina study pretraining -c simulation/studies/pretraining.yaml --name pretraining-study
     """

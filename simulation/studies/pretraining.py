@@ -4,14 +4,17 @@
    (runs/NAME/pretrain/), with an encoder snapshot every `study.probe_every` epochs.
 2. The linear probe (frozen encoder, logistic regression) of a random encoder and of every snapshot: what
    pretraining put into the features, epoch by epoch, without any fine-tuning.
-3. Fine-tuning of {scratch, spark, + `study.encoders`} x `study.label_counts` x `study.seeds` on the labelled
-   `sites`, by `fedretina finetune`'s arm (CV fold 0 of each seed; the label subset, the heads' start and the
-   batch order are the same for every init, so arms are paired), each scored on the labelled sites' own test
-   split plus the test splits of `study.test_sites` (disjoint patients, the same images for every arm).
+3. Fine-tuning of {scratch, spark, federated SparK (`study.federated`: `flwr run .` simulations over the same
+   sites, simulation/studies/federated_spark.py), + `study.encoders`} x `study.label_counts` x `study.seeds`
+   on the labelled `sites`, by `fedretina finetune`'s arm (CV fold 0 of each seed; the label subset, the
+   heads' start and the batch order are the same for every init, so arms are paired), each scored on the
+   labelled sites' own test split plus the test splits of `study.test_sites` (disjoint patients, the same
+   images for every arm).
 4. Per label count, each init minus `study.compare_to`: the seeds' mean difference of referable-DR AUC
    (primary), kappa and macro AUC with a paired bootstrap 95% interval over the test images. With
    `study.pretrain_seeds`, SparK is pretrained once per seed (init `spark-seed<k>`) and one more row pools
-   them, its interval drawn over images, pretraining seeds and fine-tuning seeds.
+   them, its interval drawn over images, pretraining seeds and fine-tuning seeds; each federated encoder is
+   also paired with the centralised SparK of its seed, and pooled over seeds.
 
 Writes runs/NAME/study/: arms.csv (one row per arm and split), probe.csv, differences.csv, table.md,
 summary.json, auc_vs_labels.png and probe.png; every arm's files under seed<k>/. Resumable: the pretraining
