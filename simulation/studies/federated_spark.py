@@ -20,6 +20,7 @@ import yaml
 from server.store import StoreReader
 from shared.config import ExperimentConfig, override
 from shared.data.site import load_site
+from shared.errors import ConfigError
 from shared.rundir import atomic_write_text
 from simulation.simulate import simulate
 
@@ -53,6 +54,8 @@ def plan_federated(cfg: ExperimentConfig) -> list[FederatedSpark]:
     seeds = s.pretrain_seeds or (cfg.seed,)
     runs = []
     for name, overrides in s.federated.items():
+        if name.startswith(("scratch", "spark-seed")) or name in ("spark", *s.encoders):
+            raise ConfigError(f"study.federated.{name}: the name is taken; name the arm otherwise")
         for k in seeds:
             suffix = f"-seed{k}" if s.pretrain_seeds else ""
             run = _settings(cfg, f"{name}{suffix}", k, overrides, images, f"study.federated.{name}")

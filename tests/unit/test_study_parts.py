@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -15,6 +16,7 @@ from shared.config import load_config
 from shared.data.site import load_site
 from shared.data.splits import label_count_subset
 from shared.data.synth.evidence import neuro_vessel_table, sign_evidence
+from shared.errors import ConfigError
 from shared.models import TaskModel, nnmobilenet
 from shared.training.finetune import reestimate_batchnorm
 from shared.training.linear_probe import fit_probe
@@ -141,3 +143,6 @@ def test_a_federated_spark_arm_of_more_rounds_takes_the_local_steps_that_keep_th
     assert abs(short.sample_gradients - 2 * images) <= 8 * 2 * batch / 2  # within half a step per site-round
     assert given.cfg.federation.local_steps == 1 and given.sample_gradients == 8 * 2 * batch
     assert Path(same.cfg.runs_dir) == (tmp_path / "study").resolve()
+    taken = cfg.model_copy(update={"study": cfg.study.model_copy(update={"federated": {"spark": {}}})})
+    with pytest.raises(ConfigError, match=r"study\.federated\.spark: the name is taken"):
+        plan_federated(taken)
