@@ -226,9 +226,10 @@ def predictions(out: Path, seed: int, arm: Arm, split: str) -> Predictions:
 
 
 def means_table(arms: pd.DataFrame, amounts: list[Amount], keys: list[str], split: str = "test") -> list[str]:
-    """Markdown rows: mean ± std over seeds of `keys` per amount and init, on `split`."""
+    """Markdown rows: mean ± std over seeds of `keys` per amount and init, on `split` (only the amounts
+    asked: a resumed study may hold arms of label counts its config no longer lists)."""
     shown = {a.key: a.shown for a in amounts}
-    rows = arms[arms["split"] == split]
+    rows = arms[(arms["split"] == split) & arms["labels"].isin(list(shown))]
     lines = [
         "| labels | init | seeds | train images | " + " | ".join(keys) + " |",
         "|---|---|---|---|" + "---|" * len(keys),

@@ -64,6 +64,9 @@ def test_study_pairs_arms_and_reports_differences_with_intervals(
     run_pretraining_study(cfg, resume=True)  # nothing left to train: arms.csv is rewritten unchanged
     assert pd.read_csv(out / "arms.csv", dtype={"labels": str}).equals(arms)
     assert stamp <= (out / "arms.csv").stat().st_mtime_ns
+    fewer = cfg.model_copy(update={"study": cfg.study.model_copy(update={"label_counts": (10,)})})
+    table = run_pretraining_study(fewer, resume=True).table  # a resume asking for fewer label counts
+    assert table.count("| spark |") == 1 and "| all |" not in table
 
 
 def test_pretraining_seeds_pool_into_one_difference_scored_on_held_out_patients_too(
