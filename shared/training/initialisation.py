@@ -29,15 +29,17 @@ from shared.training.pretrain import build_spark
 from shared.weights import check_meta, load_into, load_weights, model_meta
 
 HEAD_PREFIXES = ("fc.", "output.", "out.", "classifier.")  # ImageNet classifiers' heads, left out
-IMAGENET_HINT = (
-    "download the ImageNet weights once (e.g. torchvision's resnet50 IMAGENET1K_V1 .pth) on a connected "
-    "machine and give their local path"
+IMAGENET = (
+    "ImageNet weights",
+    "download them once (e.g. torchvision's resnet50 IMAGENET1K_V1 .pth) on a connected machine and give "
+    "their local path",
 )
 # a ViT-MAE checkpoint's parts the encoder does not hold: MAE's decoder and mask token, a fine-tuned head
 MAE_ONLY = ("decoder_", "mask_token", "head.", "fc_norm.")
-MAE_HINT = (
-    "download the ViT-MAE checkpoint (e.g. RETFound's RETFound_cfp_weights.pth, a ViT-L/16: "
-    "model.arch vit_large) once on a connected machine and give its local path"
+MAE_CHECKPOINT = (
+    "ViT-MAE checkpoint",
+    "download it once (e.g. RETFound's RETFound_cfp_weights.pth, a ViT-L/16: model.arch vit_large) on a "
+    "connected machine and give its local path",
 )
 FINETUNE_SEED = "init-finetune"  # the heads of federated phase 2 and of the hold-out protocol start alike
 
@@ -57,7 +59,7 @@ def initialise(encoder: nn.Module, kind: str, weights: str | None, model_cfg: Mo
         raise CheckpointError(f"init {kind!r} needs a weights file (finetune.inits.<name>.weights)")
     path = Path(weights)
     if kind == "imagenet":
-        tensors = _torch_state(path, HEAD_PREFIXES, IMAGENET_HINT)
+        tensors = _torch_state(path, HEAD_PREFIXES, IMAGENET)
         load_into(encoder, tensors, path, strict=True)
         return f"ImageNet weights from {path}"
     if kind == "mae" and path.suffix != ".safetensors":
@@ -65,7 +67,7 @@ def initialise(encoder: nn.Module, kind: str, weights: str | None, model_cfg: Mo
             raise CheckpointError(
                 f"{path}: a ViT-MAE checkpoint needs model.arch vit_* (got {model_cfg.arch})"
             )
-        load_into(encoder, _torch_state(path, MAE_ONLY, MAE_HINT), path, strict=True)
+        load_into(encoder, _torch_state(path, MAE_ONLY, MAE_CHECKPOINT), path, strict=True)
         return f"ViT-MAE checkpoint {path}"
     tensors, meta = _our_export(path, kind, model_cfg)
     load_into(encoder, tensors, path, strict=True)
@@ -92,11 +94,13 @@ def _our_export(path: Path, kind: str | None, model_cfg: ModelConfig) -> tuple[d
     return tensors, meta
 
 
-def _torch_state(path: Path, dropped: tuple[str, ...], hint: str) -> dict[str, torch.Tensor]:
+def _torch_state(path: Path, dropped: tuple[str, ...], source: tuple[str, str]) -> dict[str, torch.Tensor]:
     """A tensors-only PyTorch state dict (unwrapped from `state_dict` / `model`, `module.` stripped), less
-    the keys starting with `dropped` (what the encoder does not hold: heads, MAE's decoder)."""
+    the keys starting with `dropped` (what the encoder does not hold: heads, MAE's decoder). `source`:
+    what the file is and how to get it, for the one line that says it is missing."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found; {hint}")
+        what, how = source
+        raise CheckpointError(f"{path}: {what} file not found; {how}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:

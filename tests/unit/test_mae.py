@@ -115,7 +115,7 @@ def test_a_vit_mae_checkpoint_loads_its_encoder_and_one_of_another_shape_is_refu
     with pytest.raises(CheckpointError) as refused:
         initialise(ViTEncoder("vit_small"), "mae", str(ckpt), small)
     assert "other shapes than the model's" in str(refused.value) and "\n" not in str(refused.value)
-    with pytest.raises(CheckpointError, match="file not found; download the ViT-MAE checkpoint"):
+    with pytest.raises(CheckpointError, match="ViT-MAE checkpoint file not found; download it once"):
         initialise(encoder, "mae", str(tmp_path / "absent.pth"), tiny)
 
 
