@@ -14,11 +14,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from shared.config import ExperimentConfig
-from shared.device import autocast
-from shared.models import build_encoder, min_batch
+from shared.models import build_encoder
 from shared.models.vit import PATCH, ViTEncoder
-from shared.training.phase import Method
-from shared.training.pretrain import PHASE, pretraining_method
 
 NORM_EPS = 1e-6  # MAE's: inside the per-patch variance's square root
 
@@ -78,9 +75,10 @@ class MAE(nn.Module):
         nn.init.trunc_normal_(self.decoder_pos, std=0.02)
 
     def forward(
-        self, images: torch.Tensor, generator: torch.Generator
+        self, images: torch.Tensor, generator: torch.Generator, fov: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, predicted patches (B, N, p * p * 3), mask (B, N), 1 = hidden)."""
+        """(loss, predicted patches (B, N, p * p * 3), mask (B, N), 1 = hidden). SparK's call shape, so
+        `spark_method` trains it too; `fov` is unused (MAE scores every hidden patch, as MAE does)."""
         b = images.shape[0]
         if (images.shape[-2] // PATCH) * (images.shape[-1] // PATCH) != self.patches:
             raise ValueError(f"MAE was built for {self.patches} patches; got images of {tuple(images.shape)}")
@@ -104,19 +102,3 @@ def build_mae(cfg: ExperimentConfig, encoder: nn.Module | None = None) -> MAE:
         p.decoder_width,
         p.decoder_depth,
     )
-
-
-def mae_method(model: MAE, cfg: ExperimentConfig, device: torch.device) -> Method:
-    """MAE's hidden-patch loss on every image of a batch, labelled or not."""
-
-    def loss(
-        batch: dict[str, torch.Tensor], g: torch.Generator, task: str
-    ) -> tuple[torch.Tensor, int] | None:
-        images = batch["image"].to(device, non_blocking=True)
-        if images.shape[0] < min_batch(cfg.model):
-            return None
-        with autocast(device, cfg.pretrain.amp):
-            value, _, _ = model(images, generator=g)
-        return value, images.shape[0]
-
-    return pretraining_method(PHASE, model, cfg, loss)

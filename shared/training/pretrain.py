@@ -48,8 +48,9 @@ def pretrain_schedule(cfg: ExperimentConfig, steps_per_epoch: int, total_steps: 
     )
 
 
-def spark_method(model: SparK, cfg: ExperimentConfig, device: torch.device) -> Method:
-    """SparK's masked-patch loss on every image of a batch, labelled or not."""
+def spark_method(model: SparK | torch.nn.Module, cfg: ExperimentConfig, device: torch.device) -> Method:
+    """SparK's masked-patch loss (or MAE's hidden-patch loss: `shared/training/mae.py:MAE` takes the same
+    call) on every image of a batch, labelled or not."""
     p = cfg.pretrain
 
     def loss(

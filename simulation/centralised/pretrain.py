@@ -32,7 +32,6 @@ from shared.training.checkpoint import export_encoder, load_checkpoint, save_che
 from shared.training.cost import flops_per_image
 from shared.training.data import data_key, load_sites, pooled, site_images
 from shared.training.initialisation import check_init, pretraining_start
-from shared.training.mae import mae_method
 from shared.training.moco import check_queue, moco_method
 from shared.training.natural import natural_images, natural_method
 from shared.training.phase import EpochEnd, Span, run_phase
@@ -96,7 +95,7 @@ def run_pretraining(
         history, optimizer_state = _resumed(checkpoint, model, cfg)
         log.info("resuming %s after epoch %d", out, len(history.losses))
     spark = cfg.pretrain.method == "spark"
-    methods = {"spark": spark_method, "moco": moco_method, "natural": natural_method, "mae": mae_method}
+    methods = {"spark": spark_method, "moco": moco_method, "natural": natural_method, "mae": spark_method}
     method = methods[cfg.pretrain.method](model, cfg, device)  # type: ignore[operator]
     key = "natural" if photos else data_key(sites)
     ledger = Ledger(out / LEDGER)

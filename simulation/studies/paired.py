@@ -152,9 +152,10 @@ def differences_versus(
     drawn over the test images with the fine-tuning seeds paired."""
     rows = []
     for amount in amounts:
-        for name, reference in pairs:
-            ref, runs = (_runs(cfg, out, amount, [n], split) for n in (reference, name))
-            rows.append(_difference(cfg, amount, name, reference, ref, runs, metrics, split))
+        named = dict.fromkeys(n for pair in pairs for n in pair)  # each init's predictions read once
+        runs = {n: _runs(cfg, out, amount, [n], split) for n in named}
+        for name, ref in pairs:
+            rows.append(_difference(cfg, amount, name, ref, runs[ref], runs[name], metrics, split))
     return pd.DataFrame(rows)
 
 

@@ -7,7 +7,6 @@ import torch
 from shared.config import load_config
 from shared.training.cost import flops_per_image
 from shared.training.initialisation import pretraining_start
-from shared.training.mae import mae_method
 from shared.training.pretrain import spark_method
 
 
@@ -28,7 +27,7 @@ def _mae_flops(mask_ratio: float) -> float:
         overrides={"model.arch": "vit_tiny", "pretrain.method": "mae", "pretrain.mask_ratio": mask_ratio},
     )
     model = pretraining_start(cfg)
-    return flops_per_image(lambda m: mae_method(m, cfg, torch.device("cpu")), model, Images(64))
+    return flops_per_image(lambda m: spark_method(m, cfg, torch.device("cpu")), model, Images(64))
 
 
 def test_mae_costs_less_the_more_it_hides_and_the_counted_model_is_left_untouched() -> None:
