@@ -12,7 +12,7 @@ from __future__ import annotations
 from shared.data.manifest import task_classes
 from shared.data.site import Site
 from shared.errors import ConfigError
-from shared.federation.wire import RoundSpec
+from shared.federation.wire import FINETUNE, PRETRAIN, RoundSpec
 
 
 def check_round(site: Site, spec: RoundSpec) -> None:
@@ -24,7 +24,7 @@ def check_round(site: Site, spec: RoundSpec) -> None:
         "width_mult": cfg.model.width_mult,
         "decoder_width": cfg.pretrain.decoder_width,
         "local_epochs": cfg.federation.local_epochs,
-        "local_steps": cfg.federation.local_steps,
+        "local_steps": max(cfg.federation.steps_in(p) for p in (PRETRAIN, FINETUNE)),
         "workers": cfg.data.workers,
         "threads": cfg.threads,
     }

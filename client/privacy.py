@@ -56,7 +56,7 @@ class SitePrivacy:
         """(q, steps) of round `rnd` of `phase` at this site."""
         f = self.cfg.federation
         rounds = f.rounds_pretrain if phase == PRETRAIN else f.rounds_finetune
-        span = Span.round(rnd, rounds, f.local_epochs, f.local_steps)
+        span = Span.round(rnd, rounds, f.local_epochs, f.steps_in(phase))
         return span.private_plan(*self._images(phase))
 
     def sigma(self) -> float | None:

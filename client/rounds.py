@@ -223,7 +223,7 @@ def refused_metrics(spec: RoundSpec, spent: float, seconds: float) -> dict[str, 
 def round_span(spec: RoundSpec) -> Span:
     """This round's part of the phase: the slicing a centralised run of all the rounds would do."""
     f = spec.config.federation
-    return Span.round(spec.round, spec.rounds, f.local_epochs, f.local_steps)
+    return Span.round(spec.round, spec.rounds, f.local_epochs, f.steps_in(spec.phase))
 
 
 def evaluate_round(site: Site, spec: RoundSpec, arrays: Tensors, test: bool = False) -> dict[str, float]:

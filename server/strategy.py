@@ -325,7 +325,8 @@ class FedRetina(Strategy):
 
     def summary(self) -> None:
         f = self.federation
-        work = f"{f.local_steps} local steps" if f.local_steps else f"{f.local_epochs} local epoch(s)"
+        steps = f.steps_in(self.phase)
+        work = f"{steps} local steps" if steps else f"{f.local_epochs} local epoch(s)"
         log.info("%s phase: %s, %s per round, min %d sites", self.phase, f.strategy, work, f.min_sites)
 
     # ------------------------------------------------------------------ helpers

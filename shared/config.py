@@ -191,6 +191,9 @@ class FederationConfig(Strict):
     local_epochs: int = Field(1, ge=1)
     # Local steps (batches) per round instead of epochs when > 0; sites continue their epochs across rounds.
     local_steps: int = Field(0, ge=0)
+    # Phase 2's own local steps when they differ from phase 1's (None: local_steps; 0: local epochs), so
+    # short pretraining rounds and epoch-long fine-tuning rounds can share a run (compare derives both).
+    local_steps_finetune: int | None = Field(None, ge=0)
     proximal_mu: float = Field(0.01, ge=0)
     # Phase 2's encoder when phase 1 does not run (rounds_pretrain 0): a SparK or MoCo encoder export read
     # by the server; empty = a seeded random encoder.
@@ -239,6 +242,12 @@ class FederationConfig(Strict):
         if v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r}; known strategies: {', '.join(STRATEGIES)}")
         return v
+
+    def steps_in(self, phase: str) -> int:
+        """Local steps per round in `phase` ("pretrain" or "finetune"); 0: `local_epochs` per round."""
+        if phase == "finetune" and self.local_steps_finetune is not None:
+            return self.local_steps_finetune
+        return self.local_steps
 
     @model_validator(mode="after")
     def _strategy_settings(self) -> FederationConfig:

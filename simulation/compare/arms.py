@@ -4,7 +4,7 @@ federated (a real `flwr run .` simulation of the scenario with one strategy's se
 Equal compute: a federated round is one local epoch at every site, so R rounds make R passes over the pooled
 training images; the centralised arm trains R epochs over them, and each local arm R epochs over its own
 (together the same sample-gradient steps as one pooled run). Pretraining, when compared, follows the same
-rule.
+rule. A strategy that names other rounds for a phase keeps that compute with local steps (`_equal_compute`).
 
 An arm's identity is a digest of everything that shapes it (its kind, the resolved settings, the scenario
 and its sites' YAMLs, the part a local arm holds), and its folder is `<runs_dir>/arms/<kind>-<digest>/`.
@@ -52,6 +52,7 @@ CENTRALISED, LOCAL, FEDERATED = "centralised", "local", "federated"
 ARM_JSON, TEST_NPZ = "arm.json", "test.npz"
 START = "start"  # the fine-tuning init's name in centralised and local runs
 CURVE_KEYS = ("referable_auc", "kappa", "auc")  # validation metrics per round / epoch
+STEP_KEYS = ("federation.local_steps", "federation.local_steps_finetune")  # compare derives them
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,9 @@ def plan_arms(cfg: ExperimentConfig) -> list[CompareArm]:
     c = cfg.compare
     if cfg.finetune.task != "dr":
         raise ConfigError(f"finetune.task: compare grades DR; set it to dr (got {cfg.finetune.task!r})")
-    if cfg.federation.local_steps:
-        raise ConfigError(
-            "federation.local_steps: compare matches compute by epochs; set it to 0 (one epoch per round)"
-        )
+    for key in STEP_KEYS:
+        if getattr(cfg.federation, key.split(".")[1]):
+            raise ConfigError(f"{key}: compare matches compute itself; leave it out and name the rounds")
     if c.encoder and c.pretrain:
         raise ConfigError("compare.encoder: a given encoder replaces pretraining; set compare.pretrain=false")
     arms = []
@@ -95,7 +95,7 @@ def plan_arms(cfg: ExperimentConfig) -> list[CompareArm]:
                     _arm(LOCAL, f"local:{name}", key, scenario, base, part) for part, name in labelled_parts
                 ]
             for name in names or tuple(c.strategies):
-                fed = override(base, c.strategies[name], f"compare.strategies.{name}")
+                fed = _equal_compute(base, c.strategies[name], scenario, f"compare.strategies.{name}")
                 arms.append(_arm(FEDERATED, name, key, scenario, fed))
     return arms
 
@@ -170,10 +170,50 @@ def _phases(cfg: ExperimentConfig) -> ExperimentConfig:
     )
 
 
+def _equal_compute(
+    base: ExperimentConfig, overrides: dict, scenario: Scenario, source: str
+) -> ExperimentConfig:
+    """A strategy's settings at the centralised arm's sample-gradients: a phase whose rounds (x local
+    epochs) the strategy changes takes epochs x pooled images / (rounds x sites x batch) local steps a
+    round, the rule the pretraining study's federated arms follow. Local steps named outright are refused:
+    they would leave the compute to chance."""
+    for key in STEP_KEYS:
+        if key in overrides:
+            raise ConfigError(f"{source}: {key} is derived from the rounds here; name the rounds instead")
+    fed = override(base, overrides, source)
+    f, b = fed.federation, base.federation
+    if f.rounds_pretrain and not b.rounds_pretrain:
+        raise ConfigError(f"{source}: federation.rounds_pretrain: compare.pretrain is off; set it to true")
+    pretrain = f.rounds_pretrain and f.rounds_pretrain * f.local_epochs != b.rounds_pretrain * b.local_epochs
+    finetune = f.rounds_finetune and f.rounds_finetune * f.local_epochs != b.rounds_finetune * b.local_epochs
+    if not (pretrain or finetune):
+        return fed
+    sites = scenario_sites(scenario, base.seed)
+    update: dict[str, int] = {}
+    if pretrain:
+        images = [len(s.rows) for s in sites]
+        steps = _steps(base.pretrain.epochs, images, f.rounds_pretrain, fed.pretrain.batch_size)
+        update["local_steps"] = steps
+    if finetune:
+        images = [n for n in _train_images(fed, sites).values() if n]
+        steps = _steps(base.finetune.epochs, images, f.rounds_finetune, fed.finetune.batch_size)
+        update["local_steps_finetune"] = steps
+    if "local_steps" in update and "local_steps_finetune" not in update:
+        update["local_steps_finetune"] = 0  # fine-tuning keeps its epoch-long rounds
+    return fed.model_copy(update={"federation": f.model_copy(update=update)})
+
+
+def _steps(epochs: int, images: list[int], rounds: int, batch: int) -> int:
+    """Local steps a round that make `rounds` rounds of every site's batches the centralised `epochs`."""
+    return max(1, round(epochs * sum(images) / (rounds * len(images) * batch)))
+
+
 def _arm(
     kind: str, label: str, key: str, scenario: Scenario, cfg: ExperimentConfig, part: int = -1
 ) -> CompareArm:
     settings = cfg.model_dump(mode="json", exclude={"name", "runs_dir", "compare", "study"})
+    if settings["federation"]["local_steps_finetune"] is None:  # added later: arms before it stay reusable
+        del settings["federation"]["local_steps_finetune"]
     identity = {
         "kind": kind,
         "part": part,

@@ -22,14 +22,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from shared.config import ExperimentConfig
+from shared.config import ExperimentConfig, FederationConfig
 from shared.data.scenario import load_scenario
 from shared.federation.strategies import strategy_of
+from shared.federation.wire import FINETUNE, PRETRAIN
 from shared.logs import progress_bar
 from shared.metrics import paired_difference_ci
 from shared.plots import curve_panels
 from shared.seeding import derive_seed
-from simulation.compare.arms import CENTRALISED, CURVE_KEYS, CompareArm, load_predictions
+from simulation.compare.arms import CENTRALISED, CURVE_KEYS, FEDERATED, CompareArm, load_predictions
 from simulation.studies.paired import Metric, Predictions, study_metrics
 
 METRICS = ("referable_auc", "kappa", "auc")
@@ -174,7 +175,8 @@ def write_report(
     results.to_csv(out / "results.csv", index=False)
     table, diffs = main_table(results), differences(cfg, arms, predictions)
     diffs.to_csv(out / "differences.csv", index=False)
-    blocks = _blocks(cfg, results, table, diffs, records, label_mix, out)
+    work = {arm.label: _work(arm) for arm in arms}
+    blocks = _blocks(cfg, results, table, diffs, records, label_mix, work, out)
     (out / "report.md").write_text(_markdown(blocks))
     (out / "report.html").write_text(_html(blocks))
     return results, table, diffs
@@ -188,6 +190,7 @@ def _blocks(
     diffs: pd.DataFrame,
     records: list[dict],
     label_mix: dict[str, pd.DataFrame],
+    work: dict[str, str],
     out: Path,
 ) -> list[Block]:
     c, f = cfg.compare, cfg.federation
@@ -241,7 +244,7 @@ def _blocks(
             Block(heading="### Label mix (training images per DR grade, first seed)"),
             Block(table=_frame_rows(label_mix[scenario])),
             Block(heading="### Cost"),
-            Block(table=_cost_rows(by_label[by_label["scenario"] == scenario])),
+            Block(table=_cost_rows(by_label[by_label["scenario"] == scenario], work)),
         ]
     blocks += [Block(heading="## Software and seeds"), Block(table=_versions(cfg))]
     return blocks
@@ -290,8 +293,30 @@ def _site_rows(results: pd.DataFrame, metric: str) -> tuple[tuple[str, ...], ...
     return (header, *body)
 
 
-def _cost_rows(records: pd.DataFrame) -> tuple[tuple[str, ...], ...]:
-    header = ("arm", "wall-clock per seed (s)", "uploads per round (MB)", "uploads in total (MB)", "epsilon")
+def _work(arm: CompareArm) -> str:
+    """What the arm trained: epochs, or rounds of local epochs or steps per phase."""
+    cfg, f = arm.cfg, arm.cfg.federation
+    if arm.kind != FEDERATED:
+        pretrain = f"{cfg.pretrain.epochs} pretraining + " if f.rounds_pretrain else ""
+        return f"{pretrain}{cfg.finetune.epochs} fine-tuning epochs"
+    phases = [(PRETRAIN, f.rounds_pretrain), (FINETUNE, f.rounds_finetune)]
+    return ", ".join(f"{phase} {rounds} x {_local(f, phase)}" for phase, rounds in phases if rounds)
+
+
+def _local(f: FederationConfig, phase: str) -> str:
+    steps = f.steps_in(phase)
+    return f"{steps} local steps" if steps else f"{f.local_epochs} local epoch(s)"
+
+
+def _cost_rows(records: pd.DataFrame, work: dict[str, str]) -> tuple[tuple[str, ...], ...]:
+    header = (
+        "arm",
+        "rounds x local work",
+        "wall-clock per seed (s)",
+        "uploads per round (MB)",
+        "uploads in total (MB)",
+        "epsilon",
+    )
     body = []
     for label, g in records.groupby("label", sort=False):
         uploads = [sum(b["bytes"] for b in r) for r in g["bytes_per_round"]]
@@ -300,6 +325,7 @@ def _cost_rows(records: pd.DataFrame) -> tuple[tuple[str, ...], ...]:
         body.append(
             (
                 str(label),
+                work.get(str(label), "-"),
                 f"{g['wall_s'].mean():.0f}",
                 f"{np.mean(per_round) / 1e6:.2f}" if per_round else "-",
                 f"{np.mean(uploads) / 1e6:.1f}" if per_round else "-",

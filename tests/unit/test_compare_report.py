@@ -14,9 +14,12 @@ import torch
 import yaml
 
 from shared.config import load_config
+from shared.data.scenario import load_scenario, scenario_sites
 from shared.errors import CheckpointError, ConfigError
+from shared.federation.wire import FINETUNE
 from shared.metrics import paired_difference_ci
 from shared.training.checkpoint import export_encoder
+from shared.training.finetune import finetune_split
 from shared.training.initialisation import read_encoder_export
 from shared.weights import save_weights, weights_meta
 from simulation.compare.arms import ARM_JSON, FEDERATED, CompareArm, plan_arms, run_compare_arm
@@ -35,7 +38,11 @@ def test_a_scenario_naming_an_undefined_strategy_is_refused_in_one_line() -> Non
     ("overrides", "message"),
     [
         ({"finetune.task": "mmac"}, "finetune.task: compare grades DR"),
-        ({"federation.local_steps": 5}, "federation.local_steps: compare matches compute by epochs"),
+        ({"federation.local_steps": 5}, "federation.local_steps: compare matches compute itself"),
+        (
+            {"compare.strategies": {"fedavg": {"federation.local_steps_finetune": 2}}},
+            r"compare.strategies.fedavg: federation.local_steps_finetune is derived from the rounds",
+        ),
         ({"compare.pretrain": True, "compare.encoder": "x.safetensors"}, "compare.encoder: a given encoder"),
     ],
 )
@@ -115,6 +122,51 @@ def test_an_arms_folder_is_named_by_its_settings_wherever_the_scenario_is_named_
     )
     monkeypatch.chdir(tmp_path)
     assert folders("iid2.yaml") == absolute  # the same data named from another folder
+
+
+def test_a_strategy_of_other_rounds_takes_the_local_steps_that_keep_the_centralised_compute(
+    tiny_sites: dict[str, Path], tmp_path: Path
+) -> None:
+    """Four times the fine-tuning rounds: each site takes the local steps that make the rounds' batches the
+    centralised epochs over the pooled images (to the nearest step); other rounds of pretraining leave
+    fine-tuning's rounds an epoch long; pretraining rounds without compared pretraining are refused."""
+    scenario = tmp_path / "iid2.yaml"
+    split = {"kind": "iid", "source": str(tiny_sites["eyepacs"]), "parts": 2}
+    scenario.write_text(yaml.safe_dump({"name": "iid2", "split": split}))
+    strategies = {
+        "short": {"federation.rounds_finetune": 16, "finetune.batch_size": 2},
+        "pre": {"federation.rounds_pretrain": 4, "pretrain.batch_size": 2},
+    }
+
+    def federated(**overrides: object) -> dict[str, CompareArm]:
+        settings = {
+            "runs_dir": str(tmp_path / "runs"),
+            "compare.local": False,
+            "federation.rounds_finetune": 8,
+            "compare.strategies": strategies,
+            "compare.scenarios": {str(scenario): list(overrides.pop("names"))},  # type: ignore[call-overload]
+        }
+        arms = plan_arms(load_config(profile="tiny", overrides=settings | overrides))
+        return {a.label: a for a in arms}
+
+    arms = federated(names=["short"])
+    short, centralised = arms["short"].cfg, arms["centralised"].cfg
+    sites = scenario_sites(load_scenario(str(scenario)), arms["short"].seed)
+    images = [len(finetune_split(s.rows, "dr", short)[0]) for s in sites]
+    batches = 16 * len(sites) * short.finetune.batch_size  # 16 rounds of every site's batch
+    steps = short.federation.local_steps_finetune
+    assert steps > 1 and abs(steps * batches - centralised.finetune.epochs * sum(images)) <= batches / 2
+    assert short.federation.local_steps == 0 and centralised.federation.steps_in(FINETUNE) == 0
+
+    pre = federated(names=["pre"], **{"compare.pretrain": True, "federation.rounds_pretrain": 2})["pre"].cfg
+    pooled = sum(len(s.rows) for s in sites)
+    batches = 4 * len(sites) * pre.pretrain.batch_size
+    assert abs(pre.federation.local_steps * batches - 2 * pooled) <= batches / 2
+    assert pre.federation.steps_in(FINETUNE) == 0  # fine-tuning keeps its epoch-long rounds
+    with pytest.raises(
+        ConfigError, match=r"compare\.strategies\.pre: federation\.rounds_pretrain: compare\.pretrain is off"
+    ):
+        federated(names=["pre"])
 
 
 def test_a_reused_arm_is_reported_under_this_comparisons_names(tmp_path: Path) -> None:

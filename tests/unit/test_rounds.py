@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.rounds import train_round
+from client.rounds import round_span, train_round
 from client.state import SiteState
 from shared.config import ExperimentConfig, load_config
 from shared.data.site import load_site
 from shared.federation.aggregation import bn_keys
-from shared.federation.wire import PRETRAIN, RoundSpec, RunSpec
+from shared.federation.wire import FINETUNE, PRETRAIN, RoundSpec, RunSpec
 from shared.training.initialisation import pretraining_start
 from shared.training.loop import proximal_penalty, step_plan
 from shared.training.phase import Piece, Span
@@ -50,6 +50,18 @@ def test_a_rounds_span_is_epochs_then_tasks_or_steps_per_task() -> None:
     ]
     assert steps.global_steps({"dr": 3, "mmac": 5}) == (8, 32)
     assert Span.epochs(8, start=3).pieces({"": 2}) == [Piece("", e, 0, 2) for e in range(3, 8)]
+
+
+def test_each_phase_takes_its_own_local_steps() -> None:
+    """Short pretraining rounds beside epoch-long fine-tuning rounds (what compare derives): the fine-tuning
+    phase reads local_steps_finetune, 0 meaning its epochs, and falls back to local_steps when unset."""
+    rounds = {"federation.rounds_pretrain": 4, "federation.rounds_finetune": 4}
+    short = rounds | {"federation.local_steps": 3, "federation.local_steps_finetune": 0}
+    cfg = load_config(profile="tiny", overrides=short)
+    assert round_span(spec(cfg, 2, "a")) == Span(3, 6, 12, steps=True)
+    assert round_span(spec(cfg, 2, "a", FINETUNE)) == Span(1, 2, 4)
+    both = load_config(profile="tiny", overrides=rounds | {"federation.local_steps": 3})
+    assert round_span(spec(both, 2, "a", FINETUNE)).steps
 
 
 @pytest.fixture
