@@ -212,8 +212,6 @@ def _arm(
     kind: str, label: str, key: str, scenario: Scenario, cfg: ExperimentConfig, part: int = -1
 ) -> CompareArm:
     settings = cfg.model_dump(mode="json", exclude={"name", "runs_dir", "compare", "study"})
-    if settings["federation"]["local_steps_finetune"] is None:  # added later: arms before it stay reusable
-        del settings["federation"]["local_steps_finetune"]
     identity = {
         "kind": kind,
         "part": part,
