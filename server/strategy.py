@@ -325,8 +325,7 @@ class FedRetina(Strategy):
 
     def summary(self) -> None:
         f = self.federation
-        steps = f.steps_in(self.phase)
-        work = f"{steps} local steps" if steps else f"{f.local_epochs} local epoch(s)"
+        work = f.local_work(self.phase)
         log.info("%s phase: %s, %s per round, min %d sites", self.phase, f.strategy, work, f.min_sites)
 
     # ------------------------------------------------------------------ helpers

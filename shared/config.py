@@ -249,6 +249,15 @@ class FederationConfig(Strict):
             return self.local_steps_finetune
         return self.local_steps
 
+    def local_work(self, phase: str) -> str:
+        """A round's work at a site in `phase`, in words: "9 local steps", "1 local epoch"."""
+        n, noun = (
+            (self.steps_in(phase), "local step")
+            if self.steps_in(phase)
+            else (self.local_epochs, "local epoch")
+        )
+        return f"{n} {noun}{'s' * (n != 1)}"
+
     @model_validator(mode="after")
     def _strategy_settings(self) -> FederationConfig:
         for key, why in strategy_of(self.strategy).problems(self, private=False):

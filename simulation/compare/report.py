@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from shared.config import ExperimentConfig, FederationConfig
+from shared.config import ExperimentConfig
 from shared.data.scenario import load_scenario
 from shared.federation.strategies import strategy_of
 from shared.federation.wire import FINETUNE, PRETRAIN
@@ -300,12 +300,7 @@ def _work(arm: CompareArm) -> str:
         pretrain = f"{cfg.pretrain.epochs} pretraining + " if f.rounds_pretrain else ""
         return f"{pretrain}{cfg.finetune.epochs} fine-tuning epochs"
     phases = [(PRETRAIN, f.rounds_pretrain), (FINETUNE, f.rounds_finetune)]
-    return ", ".join(f"{phase} {rounds} x {_local(f, phase)}" for phase, rounds in phases if rounds)
-
-
-def _local(f: FederationConfig, phase: str) -> str:
-    steps = f.steps_in(phase)
-    return f"{steps} local steps" if steps else f"{f.local_epochs} local epoch(s)"
+    return ", ".join(f"{phase} {rounds} x {f.local_work(phase)}" for phase, rounds in phases if rounds)
 
 
 def _cost_rows(records: pd.DataFrame, work: dict[str, str]) -> tuple[tuple[str, ...], ...]:

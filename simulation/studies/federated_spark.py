@@ -21,6 +21,7 @@ from server.store import StoreReader
 from shared.config import ExperimentConfig, override
 from shared.data.site import load_site
 from shared.errors import ConfigError
+from shared.federation.wire import PRETRAIN
 from shared.rundir import atomic_write_text
 from simulation.simulate import simulate
 
@@ -126,7 +127,7 @@ def compute_line(run: FederatedSpark) -> str:
     """What the arm ran, for the study's table: rounds, local work, its sample-gradients against the
     centralised run's, and (from its run store) the bytes the sites uploaded per round and its wall-clock."""
     f = run.cfg.federation
-    local = _count(f.local_steps, "local step") if f.local_steps else _count(f.local_epochs, "local epoch")
+    local = f.local_work(PRETRAIN)
     line = (
         f"{run.init}: {f.strategy}, {_count(f.rounds_pretrain, 'round')} of {local}, "
         f"{run.sample_gradients:,} sample-gradients (centralised {run.centralised_sample_gradients:,})"

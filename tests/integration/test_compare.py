@@ -222,7 +222,7 @@ def test_the_reports_numbers_equal_those_recomputed_from_results_csv(compared: d
     assert checked >= 7 * 3
     # the cost table says what each arm trained: the equal compute, phase by phase
     assert "| centralised | 1 pretraining + 2 fine-tuning epochs |" in report
-    assert "| fedavg | pretrain 1 x 1 local epoch(s), finetune 2 x 1 local epoch(s) |" in report
+    assert "| fedavg | pretrain 1 x 1 local epoch, finetune 2 x 1 local epoch |" in report
     assert (out / "report.html").read_text().count("<table>") == report.count("\n|---|")
     assert sorted(p.name for p in out.glob("curves_*.png")) == ["curves_iid2.png", "curves_single.png"]
 
