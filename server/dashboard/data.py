@@ -127,19 +127,26 @@ def run_detail(store: Store) -> dict[str, Any]:
 
 
 def _centralised_curve(store: Store, config: dict) -> dict[str, dict[int, float | None]]:
-    """{metric: {round: value}}: the centralised curve `fedretina compare` left beside the store, its epochs
-    put on the run's rounds (a round is `local_epochs` passes); empty when there is none."""
+    """{metric: {round: value}}: the centralised curve `fedretina compare` left beside the store, each epoch
+    put on the nearest round of the same compute (the curve's last epoch is the run's last fine-tuning round,
+    whatever the rounds' local epochs or steps); empty when there is none."""
     path = store.path.parent / CENTRALISED_CURVE
-    if not path.is_file():
+    rounds = config.get("federation", {}).get("rounds_finetune", 0)
+    if not path.is_file() or not rounds:
         return {}
-    per_round = config.get("federation", {}).get("local_epochs", 1)
+    points = json.loads(path.read_text())
+    total = max((p["epochs"] for p in points), default=0)
     out: dict[str, dict[int, float | None]] = {}
-    for point in json.loads(path.read_text()):
-        rnd = point["epochs"] / per_round
-        if rnd == int(rnd):
-            for key, value in point.items():
-                if key != "epochs":
-                    out.setdefault(key, {})[int(rnd)] = _num(value)
+    off: dict[int, float] = {}  # how far the epoch shown at each round lies from it, in rounds
+    for point in points if total else []:
+        at = point["epochs"] * rounds / total
+        rnd = round(at)
+        if rnd < 1 or abs(at - rnd) >= off.get(rnd, 1.0):
+            continue
+        off[rnd] = abs(at - rnd)
+        for key, value in point.items():
+            if key != "epochs":
+                out.setdefault(key, {})[rnd] = _num(value)
     return out
 
 
