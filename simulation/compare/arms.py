@@ -302,7 +302,8 @@ def _federated(arm: CompareArm, nodes: int) -> tuple[dict[str, torch.Tensor], di
     label = f"{arm.scenario} seed {arm.seed} {arm.label}"
     federation = simulate(arm.cfg, scenario_path(arm.scenario), nodes, label)
     model, _ = load_weights(federation / "model.safetensors")
-    return model, _store_record(federation / "store.sqlite")
+    passes = arm.cfg.finetune.epochs / arm.cfg.federation.rounds_finetune  # equal compute: per round
+    return model, _store_record(federation / "store.sqlite", passes)
 
 
 def _own_batchnorm(
@@ -325,16 +326,17 @@ def _own_batchnorm(
     return own
 
 
-def _store_record(store: Path) -> dict:
-    """The curve (validation metrics after every fine-tuning round, image-weighted over the sites), upload
-    bytes per round and each site's epsilon, from the run store."""
+def _store_record(store: Path, passes: float) -> dict:
+    """The curve (validation metrics after every fine-tuning round, image-weighted over the sites, at the
+    `passes` over the pooled training images each round pays for), upload bytes per round and each site's
+    epsilon, from the run store."""
     reader = StoreReader(store)
     keys = {f"dr-{k}": k for k in CURVE_KEYS}
     curve: dict[int, dict] = {}
     for row in reader.metrics(FINETUNE, "federated-eval"):
         if row["key"] in keys:
             rnd = int(row["round"])
-            curve.setdefault(rnd, {"epochs": float(rnd)})[keys[row["key"]]] = _num(row["value"])
+            curve.setdefault(rnd, {"epochs": rnd * passes})[keys[row["key"]]] = _num(row["value"])
     uploads: dict[tuple[str, int], int] = {}
     epsilon: dict[str, float] = {}
     for row in reader.replies(kind="train"):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from server.store import RunStore
 from shared.config import load_config
 from shared.data.scenario import load_scenario, scenario_sites
 from shared.errors import CheckpointError, ConfigError
@@ -22,7 +23,7 @@ from shared.training.checkpoint import export_encoder
 from shared.training.finetune import finetune_split
 from shared.training.initialisation import read_encoder_export
 from shared.weights import save_weights, weights_meta
-from simulation.compare.arms import ARM_JSON, FEDERATED, CompareArm, plan_arms, run_compare_arm
+from simulation.compare.arms import ARM_JSON, FEDERATED, CompareArm, _store_record, plan_arms, run_compare_arm
 from simulation.compare.report import INCONCLUSIVE, INFERIOR, NON_INFERIOR, mean_ci, verdict
 from simulation.studies.paired import Predictions, study_metrics
 
@@ -204,3 +205,14 @@ def test_an_encoder_export_is_read_with_its_kind_and_anything_else_is_refused(tm
     wider = cfg.model.model_copy(update={"width_mult": 1.0})
     with pytest.raises(CheckpointError):
         read_encoder_export(tmp_path / "moco.safetensors", wider)
+
+
+def test_a_federated_curve_is_drawn_at_the_passes_its_rounds_paid_for(tmp_path: Path) -> None:
+    """82 short rounds of 16 epochs' compute: round r sits at r x 16/82 passes, the last at 16, so the curve
+    lies on the centralised one's axis."""
+    store = RunStore(tmp_path / "store.sqlite", "arm")
+    for rnd in (1, 41, 82):
+        store.add_metrics(FINETUNE, rnd, "federated-eval", {"dr-referable_auc": rnd / 100})
+    curve = _store_record(tmp_path / "store.sqlite", 16 / 82)["curve"]
+    assert [p["epochs"] for p in curve] == pytest.approx([16 / 82, 8.0, 16.0])
+    assert [p["referable_auc"] for p in curve] == pytest.approx([0.01, 0.41, 0.82])
