@@ -81,6 +81,11 @@ def plan_arms(cfg: ExperimentConfig) -> list[CompareArm]:
     for key in STEP_KEYS:
         if getattr(cfg.federation, key.split(".")[1]):
             raise ConfigError(f"{key}: compare matches compute itself; leave it out and name the rounds")
+        for name, overrides in c.strategies.items():
+            if key in overrides:
+                raise ConfigError(
+                    f"compare.strategies.{name}: {key} is derived from the rounds; name the rounds instead"
+                )
     if c.encoder and c.pretrain:
         raise ConfigError("compare.encoder: a given encoder replaces pretraining; set compare.pretrain=false")
     arms = []
@@ -176,10 +181,7 @@ def _equal_compute(
     """A strategy's settings at the centralised arm's sample-gradients: a phase whose rounds (x local
     epochs) the strategy changes takes epochs x pooled images / (rounds x sites x batch) local steps a
     round, the rule the pretraining study's federated arms follow. Local steps named outright are refused:
-    they would leave the compute to chance."""
-    for key in STEP_KEYS:
-        if key in overrides:
-            raise ConfigError(f"{source}: {key} is derived from the rounds here; name the rounds instead")
+    they would leave the compute to chance (`plan_arms` refuses them)."""
     fed = override(base, overrides, source)
     f, b = fed.federation, base.federation
     if f.rounds_pretrain and not b.rounds_pretrain:

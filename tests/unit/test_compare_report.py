@@ -42,7 +42,7 @@ def test_a_scenario_naming_an_undefined_strategy_is_refused_in_one_line() -> Non
         ({"federation.local_steps": 5}, "federation.local_steps: compare matches compute itself"),
         (
             {"compare.strategies": {"fedavg": {"federation.local_steps_finetune": 2}}},
-            r"compare.strategies.fedavg: federation.local_steps_finetune is derived from the rounds",
+            r"compare.strategies.fedavg: federation.local_steps_finetune is derived from the rounds;",
         ),
         ({"compare.pretrain": True, "compare.encoder": "x.safetensors"}, "compare.encoder: a given encoder"),
     ],
