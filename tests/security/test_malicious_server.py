@@ -133,6 +133,10 @@ def _config_with(cfg: ExperimentConfig, **changes: object) -> str:
     return json.dumps(json.loads(cfg.model_dump_json()) | changes)
 
 
+def _federation(cfg: ExperimentConfig, **changes: object) -> dict:
+    return json.loads(cfg.federation.model_dump_json()) | changes
+
+
 def _layout(cfg: ExperimentConfig, rewrite: Callable[[list], list]) -> Content:
     parts = content(cfg)
     parts["layouts"] = {ARRAYS: json.dumps(rewrite(json.loads(parts["layouts"][ARRAYS])))}  # type: ignore[index]
@@ -187,6 +191,12 @@ CASES: dict[str, tuple[Callable[[Path, ExperimentConfig], Message], str]] = {
     "an image size beyond the site's limit": (
         lambda s, c: message(content(c, config=_config_with(c, data={"image_size": 4096, "cache": False}))),
         "ConfigError: site eyepacs: the server asks image_size 4096, above this site's limit 1024",
+    ),
+    "fine-tuning local steps beyond the site's limit": (
+        lambda s, c: message(
+            content(c, config=_config_with(c, federation=_federation(c, local_steps_finetune=10**9)))
+        ),
+        "the server asks local_steps 1000000000, above this site's limit 100000",
     ),
     "more threads than the site allows": (
         lambda s, c: message(content(c, config=_config_with(c, threads=100_000))),
