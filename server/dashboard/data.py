@@ -136,9 +136,11 @@ def _centralised_curve(store: Store, config: dict) -> dict[str, dict[int, float 
         return {}
     points = json.loads(path.read_text())
     total = max((p["epochs"] for p in points), default=0)
+    if not total:
+        return {}
     out: dict[str, dict[int, float | None]] = {}
     off: dict[int, float] = {}  # how far the epoch shown at each round lies from it, in rounds
-    for point in points if total else []:
+    for point in points:
         at = point["epochs"] * rounds / total
         rnd = round(at)
         if rnd < 1 or abs(at - rnd) >= off.get(rnd, 1.0):

@@ -79,6 +79,12 @@ class Span:
     def epochs(cls, total: int, start: int = 0) -> Span:
         return cls(start, total, total)
 
+    @staticmethod
+    def equal_compute_steps(epochs: int, images: list[int], rounds: int, batch: int) -> int:
+        """Local steps a round that make `rounds` rounds of every site's batches (sites holding `images`)
+        the sample-gradients of `epochs` centralised epochs over the pooled images, to the nearest step."""
+        return max(1, round(epochs * sum(images) / (rounds * len(images) * batch)))
+
     @classmethod
     def round(cls, rnd: int, rounds: int, local_epochs: int, local_steps: int) -> Span:
         """Round `rnd` (1-based) of `rounds`, each `local_steps` batches per task if set, else epochs."""

@@ -42,6 +42,7 @@ from shared.rundir import atomic_write_text, save_arrays
 from shared.training.data import site_images
 from shared.training.finetune import build_task_model, finetune_split, predict_logits, site_test_rows, softmax
 from shared.training.initialisation import read_encoder_export
+from shared.training.phase import Span
 from shared.weights import load_weights
 from simulation.centralised.finetune import run_finetuning
 from simulation.centralised.pretrain import run_pretraining
@@ -194,20 +195,19 @@ def _equal_compute(
     update: dict[str, int] = {}
     if pretrain:
         images = [len(s.rows) for s in sites]
-        steps = _steps(base.pretrain.epochs, images, f.rounds_pretrain, fed.pretrain.batch_size)
+        steps = Span.equal_compute_steps(
+            base.pretrain.epochs, images, f.rounds_pretrain, fed.pretrain.batch_size
+        )
         update["local_steps"] = steps
     if finetune:
         images = [n for n in _train_images(fed, sites).values() if n]
-        steps = _steps(base.finetune.epochs, images, f.rounds_finetune, fed.finetune.batch_size)
+        steps = Span.equal_compute_steps(
+            base.finetune.epochs, images, f.rounds_finetune, fed.finetune.batch_size
+        )
         update["local_steps_finetune"] = steps
     if "local_steps" in update and "local_steps_finetune" not in update:
         update["local_steps_finetune"] = 0  # fine-tuning keeps its epoch-long rounds
     return fed.model_copy(update={"federation": f.model_copy(update=update)})
-
-
-def _steps(epochs: int, images: list[int], rounds: int, batch: int) -> int:
-    """Local steps a round that make `rounds` rounds of every site's batches the centralised `epochs`."""
-    return max(1, round(epochs * sum(images) / (rounds * len(images) * batch)))
 
 
 def _arm(
@@ -304,7 +304,7 @@ def _federated(arm: CompareArm, nodes: int) -> tuple[dict[str, torch.Tensor], di
     label = f"{arm.scenario} seed {arm.seed} {arm.label}"
     federation = simulate(arm.cfg, scenario_path(arm.scenario), nodes, label)
     model, _ = load_weights(federation / "model.safetensors")
-    passes = arm.cfg.finetune.epochs / arm.cfg.federation.rounds_finetune  # equal compute: per round
+    passes = arm.cfg.finetune.epochs / max(1, arm.cfg.federation.rounds_finetune)  # equal compute, per round
     return model, _store_record(federation / "store.sqlite", passes)
 
 

@@ -23,6 +23,7 @@ from shared.data.site import load_site
 from shared.errors import ConfigError
 from shared.federation.wire import PRETRAIN
 from shared.rundir import atomic_write_text
+from shared.training.phase import Span
 from simulation.simulate import simulate
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def _settings(
     f = run.federation
     if "federation.local_steps" in overrides or f.rounds_pretrain * f.local_epochs == epochs:
         return run
-    steps = max(1, round(epochs * sum(images) / (f.rounds_pretrain * len(images) * run.pretrain.batch_size)))
+    steps = Span.equal_compute_steps(epochs, images, f.rounds_pretrain, run.pretrain.batch_size)
     return run.model_copy(update={"federation": f.model_copy(update={"local_steps": steps})})
 
 
